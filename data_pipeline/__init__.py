@@ -1,0 +1,1 @@
+"""Tokenisation to webdataset shards, streaming loading, mixtures and resumable state (to come)."""

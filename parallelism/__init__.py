@@ -1,0 +1,1 @@
+"""Topology, tensor/sequence parallelism, the circular pipeline, ZeRO and launch (to come)."""

@@ -1,0 +1,102 @@
+"""`pretrain` command line: train, params, generate.
+
+Configuration problems print one line naming the field and exit with status 2 (no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from pretrain.config import ConfigError, load_config
+
+EXIT_CONFIG = 2
+EXIT_DIVERGED = 3
+
+
+def _train(args: argparse.Namespace) -> int:
+    from pretrain.train import Trainer, TrainingDiverged
+
+    cfg = load_config(args.config, args.overrides)
+    trainer = Trainer(cfg)
+    m = cfg.model
+    print(f"looped LM: {m.num_layers} shared layers x {m.loops} loops, hidden {m.hidden_size}; "
+          f"{sum(p.numel() for p in trainer.model.parameters()):,} parameters; "
+          f"device {trainer.device}; {trainer.tokens_per_step:,} tokens/step")
+    try:
+        summary = trainer.fit()
+    except TrainingDiverged as e:
+        print(f"pretrain: error: {e}", file=sys.stderr)
+        return EXIT_DIVERGED
+    first = summary.history[0].loss
+    print(f"done: {summary.steps} steps, loss {first:.4f} -> {summary.final_loss:.4f}, "
+          f"{summary.skipped_steps} skipped")
+    print(f"TensorBoard logs: {summary.tensorboard_dir}  (tensorboard --logdir {summary.tensorboard_dir})")
+    print(f"checkpoint: {summary.checkpoint}")
+    return 0
+
+
+def _params(args: argparse.Namespace) -> int:
+    from pretrain.model.flops import count_parameters, flops_per_token
+
+    cfg = load_config(args.config, args.overrides)
+    report = count_parameters(cfg.model)
+    report["flops_per_token"] = flops_per_token(cfg.model, cfg.train.seq_len)
+    report["loops"] = cfg.model.loops
+    report["seq_len"] = cfg.train.seq_len
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from pretrain.checkpoint import load_model
+    from pretrain.data import ByteTokenizer
+    from pretrain.model.generate import generate
+
+    overrides = [f"model.loops={args.loops}"] if args.loops else []
+    cfg, model = load_model(args.checkpoint, overrides)
+    tok = ByteTokenizer()
+    prompt = torch.tensor([tok.encode(args.prompt)])
+    gen = generate(model, prompt, args.max_new_tokens, exit_threshold=args.exit_threshold,
+                   temperature=args.temperature, top_p=args.top_p,
+                   generator=torch.Generator().manual_seed(cfg.train.seed))
+    print(tok.decode(gen.tokens[0].tolist()))
+    print(f"average loops used per token: {gen.loops_used:.2f} of {cfg.model.loops}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pretrain", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, fn, helptext in (("train", _train, "train a looped LM"),
+                               ("params", _params, "print parameter and FLOP counts as JSON")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--config", required=True, help="YAML config file")
+        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.loops=2")
+        p.set_defaults(fn=fn)
+    g = sub.add_parser("generate", help="generate text from a checkpoint")
+    g.add_argument("--checkpoint", required=True)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--exit-threshold", type=float, default=1.0)
+    g.add_argument("--loops", type=int, default=0, help="loop count (default: the trained one)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.set_defaults(fn=_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except ConfigError as e:
+        print(f"pretrain: error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+if __name__ == "__main__":
+    sys.exit(main())

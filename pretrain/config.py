@@ -1,0 +1,258 @@
+"""Typed run configuration: a YAML file plus dotted overrides, validated before any work starts.
+
+Every problem raises `ConfigError` whose message is one line naming the field, so the CLI can
+print it and exit 2 without a traceback (a typo in a sweep must not cost a queued GPU job).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration; the message names the offending field."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 257
+    hidden_size: int = 64
+    num_layers: int = 2  # layers of the shared looped block
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    head_dim: int = 0  # 0: hidden_size // num_heads
+    ffn_hidden_size: int = 256
+    loops: int = 4  # R: how many times the shared block is applied
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    sandwich_norm: bool = True  # Ouro: RMSNorm before and after each sublayer
+    tie_embeddings: bool = False
+    prelude_layers: int = 0  # unshared layers run once before the loop (Huginn-style)
+    coda_layers: int = 0  # unshared layers run on every loop's output before the head
+    fully_looped: bool = False  # inter-loop signal fed to every layer (see model/looped.py)
+    attention_injection: bool = False  # loops t>1 also attend to loop 1's keys/values
+    dropout: float = 0.0
+    init_std: float = 0.02
+
+    @property
+    def kv_channels(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
+
+
+@dataclass
+class ObjectiveConfig:
+    kind: Literal["elbo", "adaptive_gate"] = "elbo"
+    beta: float = 0.1  # entropy weight of the ELBO (uniform prior over exit steps)
+    gate_k: float = 50.0  # adaptive gate: slope of the "another loop still helps" target
+    gate_gamma: float = 0.005  # adaptive gate: CE improvement that counts as helping
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping (the norm is still logged)
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = 0
+    decay_fraction: float = 0.2  # WSD: the final fraction of steps spent decaying to min_lr
+
+
+@dataclass
+class DataConfig:
+    source: Literal["text"] = "text"
+    paths: list[str] = field(default_factory=lambda: ["data/sample.txt"])
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 1234
+    max_steps: int = 100
+    micro_batch_size: int = 8
+    grad_accum_steps: int = 1
+    seq_len: int = 128
+    log_every: int = 10
+    out_dir: str = "runs/default"
+    max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    """Check `value` against the annotation `tp`; floats also accept ints and '3e-4' strings."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"{name}: expected {_type_name(tp)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping of fields, got {value!r}")
+        return _build(tp, value, name)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise bad
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise bad
+        return [_coerce(v, typing.get_args(tp)[0], f"{name}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise bad
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise bad from None
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    raise TypeError(f"unsupported config annotation {tp!r} for {name}")
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            where = f"{prefix}.{key}" if prefix else str(key)
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{where}: unknown key{hint}")
+    kwargs = {}
+    for name in names:
+        if name in raw:
+            full = f"{prefix}.{name}" if prefix else name
+            kwargs[name] = _coerce(raw[name], hints[name], full)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], override: str) -> None:
+    if "=" not in override:
+        raise ConfigError(f"override {override!r}: expected section.key=value")
+    key, _, text = override.partition("=")
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {override!r}: empty key component")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{key}: cannot parse value {text!r} ({e.__class__.__name__})") from None
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{key}: '{p}' is not a section")
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Read YAML at `path` (optional), apply `a.b=value` overrides, build and validate."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            line = getattr(getattr(e, "problem_mark", None), "line", None)
+            at = f" line {line + 1}" if line is not None else ""
+            raise ConfigError(f"{p}{at}: invalid YAML") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: top level must be a mapping of sections")
+        tree = loaded or {}
+    for o in overrides:
+        _set_dotted(tree, o)
+    cfg = _build(Config, tree, "")
+    validate(cfg)
+    return cfg
+
+
+def _require(cond: bool, field_name: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(f"{field_name}: {message}")
+
+
+def validate(cfg: Config) -> None:
+    """Semantic checks that types alone cannot express."""
+    m, t, o, ob = cfg.model, cfg.train, cfg.optim, cfg.objective
+    for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                 "ffn_hidden_size", "max_seq_len"):
+        _require(getattr(m, name) >= 1, f"model.{name}", f"must be >= 1, got {getattr(m, name)}")
+    _require(m.loops >= 1, "model.loops", f"must be >= 1, got {m.loops}")
+    _require(m.head_dim >= 0, "model.head_dim", f"must be >= 0, got {m.head_dim}")
+    if m.head_dim == 0:
+        _require(m.hidden_size % m.num_heads == 0, "model.num_heads",
+                 f"hidden_size {m.hidden_size} is not divisible by num_heads {m.num_heads}")
+    _require(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads",
+             f"num_heads {m.num_heads} is not divisible by num_kv_heads {m.num_kv_heads}")
+    _require(m.kv_channels % 2 == 0, "model.head_dim",
+             f"RoPE needs an even head dimension, got {m.kv_channels}")
+    _require(m.prelude_layers >= 0, "model.prelude_layers", "must be >= 0")
+    _require(m.coda_layers >= 0, "model.coda_layers", "must be >= 0")
+    _require(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
+    _require(m.rope_theta > 0, "model.rope_theta", "must be > 0")
+    _require(m.norm_eps > 0, "model.norm_eps", "must be > 0")
+    _require(m.init_std > 0, "model.init_std", "must be > 0")
+    _require(ob.beta >= 0, "objective.beta", f"must be >= 0, got {ob.beta}")
+    _require(ob.gate_k > 0, "objective.gate_k", "must be > 0")
+    if ob.kind == "adaptive_gate":
+        _require(m.loops >= 2, "objective.kind", "adaptive_gate needs model.loops >= 2")
+    _require(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
+    _require(0 <= o.min_lr <= o.lr, "optim.min_lr", f"must be in [0, lr={o.lr}], got {o.min_lr}")
+    _require(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    _require(0 <= o.beta1 < 1, "optim.beta1", "must be in [0, 1)")
+    _require(0 <= o.beta2 < 1, "optim.beta2", "must be in [0, 1)")
+    _require(o.eps > 0, "optim.eps", "must be > 0")
+    _require(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
+    _require(0 <= o.warmup_steps <= t.max_steps, "optim.warmup_steps",
+             f"must be in [0, train.max_steps={t.max_steps}], got {o.warmup_steps}")
+    _require(0 < o.decay_fraction <= 1, "optim.decay_fraction", "must be in (0, 1]")
+    _require(t.max_steps >= 1, "train.max_steps", f"must be >= 1, got {t.max_steps}")
+    for name in ("micro_batch_size", "grad_accum_steps", "seq_len", "log_every", "max_bad_steps"):
+        _require(getattr(t, name) >= 1, f"train.{name}", f"must be >= 1, got {getattr(t, name)}")
+    _require(t.seq_len <= m.max_seq_len, "train.seq_len",
+             f"{t.seq_len} exceeds model.max_seq_len {m.max_seq_len}")
+    _require(bool(t.out_dir), "train.out_dir", "must not be empty")
+    _require(len(cfg.data.paths) >= 1, "data.paths", "needs at least one path")
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,75 @@
+"""In-memory token source for single-process training on small text files (tiny runs, the demo).
+
+Order is a pure function of (seed, global sample index): sample i is window perm_e[i mod n] of
+epoch e = i // n, where perm_e is a permutation seeded by (seed, e). A run resumed at step k, or
+run with another batch split, sees the same samples. The streaming webdataset pipeline lives in
+`data_pipeline/`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from pretrain.config import ConfigError
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as ids 0..255 and EOS = 256: no files, no network, any text round-trips."""
+
+    vocab_size = 257
+    eos_id = 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids) -> str:
+        return bytes(int(i) for i in ids if int(i) < 256).decode("utf-8", errors="replace")
+
+
+def load_text_tokens(paths: list[str], tokenizer: ByteTokenizer) -> Tensor:
+    """Each file is one document followed by EOS. Errors name the config field and the file."""
+    ids: list[int] = []
+    for i, path in enumerate(paths):
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"data.paths[{i}]: file not found: {p}")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"data.paths[{i}]: {p} is not UTF-8 text (byte {e.start})") from None
+        if not text.strip():
+            raise ConfigError(f"data.paths[{i}]: {p} is empty")
+        ids.extend(tokenizer.encode(text))
+        ids.append(tokenizer.eos_id)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+class TokenWindows:
+    """Non-overlapping (seq_len + 1)-token windows of a token stream, shuffled per epoch."""
+
+    def __init__(self, tokens: Tensor, seq_len: int, seed: int):
+        self.tokens, self.seq_len, self.seed = tokens, seq_len, seed
+        self.num_windows = (len(tokens) - 1) // seq_len
+        if self.num_windows < 1:
+            raise ConfigError(f"train.seq_len: {seq_len} needs more than the {len(tokens)} "
+                              "tokens the data provides")
+        self._perm: tuple[int, Tensor] | None = None
+
+    def _order(self, epoch: int) -> Tensor:
+        if self._perm is None or self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm = (epoch, torch.randperm(self.num_windows, generator=g))
+        return self._perm[1]
+
+    def sample(self, index: int) -> Tensor:
+        epoch, j = divmod(index, self.num_windows)
+        start = int(self._order(epoch)[j]) * self.seq_len
+        return self.tokens[start : start + self.seq_len + 1]
+
+    def batch(self, first: int, size: int) -> tuple[Tensor, Tensor]:
+        """Samples first..first+size-1 as (input_ids, labels), each [size, seq_len]."""
+        rows = torch.stack([self.sample(first + k) for k in range(size)])
+        return rows[:, :-1], rows[:, 1:]

@@ -1,0 +1,50 @@
+"""Parameter and FLOP accounting for `pretrain params` (and, later, MFU and the planner).
+
+Parameters are counted on a meta-device instance of the real model, so the count cannot drift
+from the code and a 2.6B config costs no memory. FLOPs are analytic, per token, forward plus
+backward (= 3x forward): every matmul counts 2 FLOPs per multiply-add; attention scores and the
+weighted sum count 2 * 2 * seq_len * (heads * head_dim) per layer per loop (full sequence, the
+PaLM/Chinchilla convention), doubled on loops t > 1 with attention injection (twice the keys);
+the LM head and exit gate run on every loop step; the prelude runs once, the coda R times.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pretrain.config import ModelConfig
+from pretrain.model.looped import LoopedLM
+
+
+def count_parameters(cfg: ModelConfig) -> dict[str, int]:
+    with torch.device("meta"):
+        model = LoopedLM(cfg)
+    total = sum(p.numel() for p in model.parameters())  # tied weights are yielded once
+    embedding = model.embed.weight.numel()
+    if not cfg.tie_embeddings:
+        embedding += model.lm_head.weight.numel()
+    block = sum(p.numel() for p in model.block.parameters())
+    return {"total": total, "non_embedding": total - embedding, "embedding": embedding,
+            "looped_block": block}
+
+
+def layer_matmul_flops(cfg: ModelConfig) -> int:
+    """Forward FLOPs per token of one decoder layer's weight matmuls."""
+    h, f, d = cfg.hidden_size, cfg.ffn_hidden_size, cfg.kv_channels
+    attn = h * cfg.num_heads * d * 2 + h * cfg.num_kv_heads * d * 2  # q, o and k, v
+    return 2 * (attn + 3 * h * f)
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, loops: int | None = None) -> int:
+    """Training FLOPs (forward + backward) per token at context `seq_len`."""
+    r = loops or cfg.loops
+    layer = layer_matmul_flops(cfg)
+    attn = 2 * 2 * seq_len * cfg.num_heads * cfg.kv_channels
+    injected = (r - 1) * attn if cfg.attention_injection else 0
+    forward = (
+        cfg.prelude_layers * (layer + attn)
+        + r * cfg.num_layers * (layer + attn) + cfg.num_layers * injected
+        + r * cfg.coda_layers * (layer + attn)
+        + r * 2 * (cfg.hidden_size * cfg.vocab_size + cfg.hidden_size)  # LM head + gate
+    )
+    return 3 * forward

@@ -1,0 +1,105 @@
+"""Training objectives of a looped LM with an exit gate (Ouro, arXiv 2510.25741, Sec. 3).
+
+Exit distribution over the R loop steps, from the per-step gate lambda_t:
+    p_t = lambda_t * prod_{j<t} (1 - lambda_j)     t < R
+    p_R = prod_{j<R} (1 - lambda_j)                 (the remaining mass)
+Stage 1 (`elbo`): loss = sum_t p_t CE_t - beta * H(p), the entropy-regularised ELBO with a
+uniform prior over exit steps, averaged over tokens.
+Stage 2 (`adaptive_gate`): the LM is frozen; the gate learns to predict whether one more loop
+still lowers the CE. Target "continue" probability w_t = sigmoid(k (I_t - gamma)) with
+I_t = max(0, CE_t - CE_{t+1}) (detached); loss = BCE(lambda_t, 1 - w_t) over t < R.
+
+Everything is computed in log space (logsigmoid), so saturated gates give exact 0/1 masses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pretrain.config import ObjectiveConfig
+from pretrain.model.looped import LoopedOutput
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class ObjectiveOutput:
+    loss: Tensor  # scalar, differentiable
+    ce: Tensor  # [R] mean CE per loop step (detached)
+    exit_prob: Tensor  # [R] mean p_t (detached)
+    gate: Tensor  # [R] mean lambda_t (detached)
+    expected_loops: Tensor  # scalar: mean of sum_t t * p_t
+    entropy: Tensor  # scalar: mean H(p)
+    tokens: Tensor  # scalar: tokens that counted (labels != IGNORE_INDEX)
+
+
+def per_step_ce(logits: list[Tensor], labels: Tensor) -> Tensor:
+    """Token-level cross entropy of every loop step: [R, B, S] in float32, 0 where ignored."""
+    return torch.stack([
+        F.cross_entropy(_at_least_fp32(lg).flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+                        reduction="none").view_as(labels)
+        for lg in logits
+    ])
+
+
+def _at_least_fp32(x: Tensor) -> Tensor:
+    """bf16/fp16 activations are upcast; fp64 (gradcheck) is kept."""
+    return x.float() if x.element_size() < 4 else x
+
+
+def exit_log_probs(gate_logits: Tensor) -> Tensor:
+    """log p_t for the exit distribution, [R, ...] from gate logits [R, ...]."""
+    g = _at_least_fp32(gate_logits)
+    log_stay = F.logsigmoid(-g)  # log(1 - lambda)
+    survive = torch.cumsum(log_stay, 0) - log_stay  # sum_{j<t} log(1 - lambda_j)
+    log_p = F.logsigmoid(g) + survive
+    return torch.cat((log_p[:-1], survive[-1:]), 0)
+
+
+def _masked_mean(x: Tensor, mask: Tensor, count: Tensor) -> Tensor:
+    """Mean over the masked token dims of x [..., B, S] -> [...]."""
+    return (x * mask).sum(dim=(-2, -1)) / count
+
+
+def compute_objective(cfg: ObjectiveConfig, out: LoopedOutput, labels: Tensor) -> ObjectiveOutput:
+    mask = (labels != IGNORE_INDEX).float()
+    count = mask.sum().clamp_min(1)  # a tensor: no host sync on GPU
+    ce = per_step_ce(out.logits, labels)
+    if cfg.kind == "elbo":
+        loss = (elbo_per_token(ce, out.gate_logits, cfg.beta) * mask).sum() / count
+    else:
+        loss = adaptive_gate_loss(ce.detach(), out.gate_logits, cfg.gate_k, cfg.gate_gamma, mask)
+    with torch.no_grad():
+        log_p = exit_log_probs(out.gate_logits)
+        p = log_p.exp()
+        entropy = -(p * log_p).sum(0)
+        steps = torch.arange(1, p.shape[0] + 1, device=p.device, dtype=p.dtype)
+        return ObjectiveOutput(
+            loss=loss,
+            ce=_masked_mean(ce, mask, count),
+            exit_prob=_masked_mean(p, mask, count),
+            gate=_masked_mean(torch.sigmoid(_at_least_fp32(out.gate_logits)), mask, count),
+            expected_loops=_masked_mean((steps[:, None, None] * p).sum(0), mask, count),
+            entropy=_masked_mean(entropy, mask, count),
+            tokens=count,
+        )
+
+
+def adaptive_gate_loss(ce: Tensor, gate_logits: Tensor, k: float, gamma: float, mask: Tensor) -> Tensor:
+    """Stage-2 gate loss from detached per-step CE [R, B, S] (needs R >= 2)."""
+    improvement = (ce[:-1] - ce[1:]).clamp_min(0)
+    cont = torch.sigmoid(k * (improvement - gamma))
+    bce = F.binary_cross_entropy_with_logits(_at_least_fp32(gate_logits[:-1]), 1 - cont,
+                                             reduction="none")
+    return (bce * mask).sum() / (mask.sum().clamp_min(1) * bce.shape[0])
+
+
+def elbo_per_token(ce: Tensor, gate_logits: Tensor, beta: float) -> Tensor:
+    """Stage-1 loss per token, [B, S]: sum_t p_t CE_t - beta H(p), from [R, B, S] inputs."""
+    log_p = exit_log_probs(gate_logits)
+    p = log_p.exp()
+    return (p * ce).sum(0) + beta * (p * log_p).sum(0)

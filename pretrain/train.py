@@ -1,0 +1,179 @@
+"""Single-process trainer: AdamW, lr schedule, clipping, accumulation, NaN skipping, logging.
+
+The step loop is kept thin on purpose: everything per-step is tensors, and host syncs happen
+once per step (the finite check) and once per log interval, so the trainer costs little over a
+bare PyTorch loop (see bench/overhead.py).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pretrain.checkpoint import save_model
+from pretrain.config import Config, ConfigError, dump_config
+from pretrain.data import ByteTokenizer, TokenWindows, load_text_tokens
+from pretrain.model.looped import LoopedLM
+from pretrain.model.objective import compute_objective
+from pretrain.optim import build_optimizer, lr_at, set_lr
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+@dataclass
+class StepStats:
+    step: int
+    loss: float
+    ce: list[float]
+    exit_prob: list[float]
+    gate: list[float]
+    expected_loops: float
+    entropy: float
+    lr: float
+    grad_norm: float
+    tokens_per_s: float
+    skipped: int
+
+
+@dataclass
+class RunSummary:
+    steps: int
+    final_loss: float
+    skipped_steps: int
+    checkpoint: Path | None
+    tensorboard_dir: Path
+    history: list[StepStats] = field(default_factory=list)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device: 'cuda' requested but CUDA is not available")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def default_data(cfg: Config) -> TokenWindows:
+    tokenizer = ByteTokenizer()
+    if cfg.model.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the byte "
+                          f"tokenizer's {tokenizer.vocab_size}")
+    return TokenWindows(load_text_tokens(cfg.data.paths, tokenizer), cfg.train.seq_len,
+                        cfg.train.seed)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, model: nn.Module | None = None, data: TokenWindows | None = None,
+                 log: Callable[[str], None] = print, tensorboard: bool = True):
+        self.cfg, self.log = cfg, log
+        self.device = pick_device(cfg.train.device)
+        torch.manual_seed(cfg.train.seed)
+        self.model = (model if model is not None else LoopedLM(cfg.model)).to(self.device)
+        if cfg.objective.kind == "adaptive_gate":  # stage 2: LM frozen, only the gate learns
+            for name, p in self.model.named_parameters():
+                p.requires_grad_(name.startswith("gate."))
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.data = data if data is not None else default_data(cfg)
+        self.out_dir = Path(cfg.train.out_dir)
+        self.tb_dir = self.out_dir / "tensorboard"
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.tb_dir))
+        self.step = 0
+        self.skipped = 0
+        self.bad_streak = 0
+        cuda = self.device.type == "cuda"
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext)
+
+    @property
+    def tokens_per_step(self) -> int:
+        t = self.cfg.train
+        return t.micro_batch_size * t.grad_accum_steps * t.seq_len
+
+    def train_step(self):
+        """One optimizer step over grad_accum_steps micro-batches; returns the last objective
+        output, the summed loss and the grad norm (tensors), and whether the step was applied."""
+        t = self.cfg.train
+        lr = lr_at(self.cfg.optim, self.step, t.max_steps)
+        set_lr(self.optimizer, lr)
+        self.model.train()
+        total = torch.zeros((), device=self.device)
+        for micro in range(t.grad_accum_steps):
+            first = (self.step * t.grad_accum_steps + micro) * t.micro_batch_size
+            inputs, labels = (x.to(self.device) for x in self.data.batch(first, t.micro_batch_size))
+            with self.autocast():
+                out = compute_objective(self.cfg.objective, self.model(inputs), labels)
+            (out.loss / t.grad_accum_steps).backward()
+            total += out.loss.detach() / t.grad_accum_steps
+        clip = self.cfg.optim.grad_clip or math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+        ok = bool(torch.isfinite(total) & torch.isfinite(grad_norm))
+        if ok:
+            self.optimizer.step()
+            self.bad_streak = 0
+        else:
+            self.skipped += 1
+            self.bad_streak += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        if self.bad_streak >= t.max_bad_steps:
+            raise TrainingDiverged(f"train.max_bad_steps: {self.bad_streak} consecutive steps had "
+                                   f"a non-finite loss or gradient (last at step {self.step})")
+        return out, total, grad_norm, lr, ok
+
+    def _stats(self, out, total, grad_norm, lr, tokens_per_s) -> StepStats:
+        return StepStats(
+            step=self.step, loss=total.item(), ce=out.ce.tolist(), exit_prob=out.exit_prob.tolist(),
+            gate=out.gate.tolist(), expected_loops=out.expected_loops.item(),
+            entropy=out.entropy.item(), lr=lr, grad_norm=grad_norm.item(),
+            tokens_per_s=tokens_per_s, skipped=self.skipped)
+
+    def _report(self, s: StepStats) -> None:
+        ce = " ".join(f"{c:.3f}" for c in s.ce)
+        self.log(f"step {s.step:>6}/{self.cfg.train.max_steps} | loss {s.loss:.4f} | ce/loop {ce} "
+                 f"| E[loops] {s.expected_loops:.2f} | lr {s.lr:.2e} | gnorm {s.grad_norm:.3f} "
+                 f"| {s.tokens_per_s:,.0f} tok/s | skipped {s.skipped}")
+        if self.writer is None:
+            return
+        w, n = self.writer, s.step
+        for name in ("loss", "expected_loops", "lr", "grad_norm", "tokens_per_s"):
+            w.add_scalar(f"train/{name}", getattr(s, name), n)
+        w.add_scalar("train/gate_entropy", s.entropy, n)
+        w.add_scalar("train/skipped_steps", s.skipped, n)
+        for i, (c, p, g) in enumerate(zip(s.ce, s.exit_prob, s.gate, strict=True), start=1):
+            w.add_scalar(f"loop/ce_step{i}", c, n)
+            w.add_scalar(f"loop/exit_prob_step{i}", p, n)
+            w.add_scalar(f"loop/gate_step{i}", g, n)
+
+    def fit(self, save: bool = True) -> RunSummary:
+        t = self.cfg.train
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "config.yaml").write_text(dump_config(self.cfg))
+        history: list[StepStats] = []
+        tick, done = time.perf_counter(), 0
+        while self.step < t.max_steps:
+            out, total, grad_norm, lr, _ = self.train_step()
+            done += 1
+            if self.step % t.log_every == 0 or self.step == t.max_steps:
+                now = time.perf_counter()
+                stats = self._stats(out, total, grad_norm, lr,
+                                    done * self.tokens_per_step / max(now - tick, 1e-9))
+                history.append(stats)
+                self._report(stats)
+                tick, done = time.perf_counter(), 0
+        ckpt = save_model(self.out_dir / "checkpoints", self.step, self.model, self.cfg) if save else None
+        if self.writer is not None:
+            self.writer.close()
+        return RunSummary(self.step, history[-1].loss, self.skipped, ckpt, self.tb_dir, history)

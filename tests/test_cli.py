@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+import json
+
+from pretrain.cli import main
+from tests.conftest import ROOT
+
+
+def test_params_json_for_ouro(capsys):
+    assert main(["params", "--config", str(ROOT / "configs/ouro-1.4b.yaml")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["total"] == 1_434_652_673
+    assert report["non_embedding"] == report["total"] - 2 * 49152 * 2048
+    assert report["flops_per_token"] > 6 * report["non_embedding"] * report["loops"]
+
+
+def test_train_then_generate_end_to_end(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(ROOT / "configs/tiny.yaml"), "train.max_steps=30",
+                 "train.log_every=10", f"train.out_dir={out}",
+                 f"data.paths=[{ROOT / 'data/sample.txt'}]"]) == 0
+    text = capsys.readouterr().out
+    losses = [float(line.split("| loss ")[1].split()[0]) for line in text.splitlines()
+              if line.startswith("step")]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert f"TensorBoard logs: {out / 'tensorboard'}" in text
+    ckpt = out / "checkpoints/step_0000030"
+    assert f"checkpoint: {ckpt}" in text
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert main(["generate", "--checkpoint", str(ckpt), "--prompt", "The Fox",
+                 "--max-new-tokens", "8", "--exit-threshold", "0.5"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("The Fox")
+    assert lines[-1].startswith("average loops used per token:")

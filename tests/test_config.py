@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from pretrain.cli import main
+from pretrain.config import ConfigError, load_config
+from tests.conftest import ROOT, tiny_config
+
+TINY = str(ROOT / "configs/tiny.yaml")
+
+INVALID = [
+    (["model.hiden_size=64"], "model.hiden_size: unknown key (did you mean 'hidden_size'?)"),
+    (["modle.loops=2"], "modle: unknown key (did you mean 'model'?)"),
+    (["model.loops=0"], "model.loops: must be >= 1, got 0"),
+    (["model.hidden_size=abc"], "model.hidden_size: expected int, got 'abc'"),
+    (["model.hidden_size=65.5"], "model.hidden_size: expected int, got 65.5"),
+    (["model.num_heads=5"], "model.num_heads: hidden_size 64 is not divisible by num_heads 5"),
+    (["model.num_kv_heads=3"], "model.num_kv_heads: num_heads 4 is not divisible by num_kv_heads 3"),
+    (["model.sandwich_norm=maybe"], "model.sandwich_norm: expected bool, got 'maybe'"),
+    (["objective.kind=magic"], "objective.kind: expected one of 'elbo', 'adaptive_gate', got 'magic'"),
+    (["optim.lr=-1"], "optim.lr: must be > 0, got -1.0"),
+    (["optim.min_lr=1.0"], "optim.min_lr: must be in [0, lr=0.003], got 1.0"),
+    (["train.seq_len=4096"], "train.seq_len: 4096 exceeds model.max_seq_len 128"),
+    (["model.dropout=1.5"], "model.dropout: must be in [0, 1), got 1.5"),
+    (["train.micro_batch_size=0"], "train.micro_batch_size: must be >= 1, got 0"),
+    (["optim.warmup_steps=500"], "optim.warmup_steps: must be in [0, train.max_steps=300], got 500"),
+    (["model.head_dim=7"], "model.head_dim: RoPE needs an even head dimension, got 7"),
+    (["data.paths=[]"], "data.paths: needs at least one path"),
+    (["model.loops"], "override 'model.loops': expected section.key=value"),
+    (["model=3"], "model: expected a mapping of fields, got 3"),
+    (["objective.kind=adaptive_gate", "model.loops=1"],
+     "objective.kind: adaptive_gate needs model.loops >= 2"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", INVALID)
+def test_invalid_config_gives_one_line_error_and_exit_2(overrides, message, capsys):
+    assert main(["params", "--config", TINY, *overrides]) == 2
+    err = capsys.readouterr().err
+    assert err == f"pretrain: error: {message}\n"
+
+
+def test_bad_files(tmp_path, capsys):
+    assert main(["train", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "nope.yaml: config file not found" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  loops: [1,\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml line \d+: invalid YAML"):
+        load_config(bad)
+    missing = tmp_path / "missing.txt"
+    assert main(["train", "--config", TINY, f"data.paths=[{missing}]"]) == 2
+    assert f"data.paths[0]: file not found: {missing}" in capsys.readouterr().err
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("caf\xe9".encode("latin-1"))
+    assert main(["train", "--config", TINY, f"data.paths=[{latin}]",
+                 f"train.out_dir={tmp_path / 'r'}"]) == 2
+    assert "is not UTF-8 text (byte 3)" in capsys.readouterr().err
+
+
+def test_overrides_types_and_floats():
+    cfg = tiny_config("optim.lr=3e-4", "model.loops=5", "model.fully_looped=true")
+    assert cfg.optim.lr == 3e-4 and cfg.model.loops == 5 and cfg.model.fully_looped is True
+
+
+def test_console_script_prints_no_traceback():
+    script = ROOT / ".venv/bin/pretrain"
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "pretrain.cli"]
+    res = subprocess.run([*cmd, "train", "--config", TINY, "model.loops=-2"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 2
+    assert res.stderr == "pretrain: error: model.loops: must be >= 1, got -2\n"

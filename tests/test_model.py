@@ -1,0 +1,119 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pretrain.config import load_config
+from pretrain.model.flops import count_parameters, flops_per_token
+from pretrain.model.looped import LoopedLM
+from tests.conftest import ROOT, VARIANTS, tiny_config
+from tests.reference import reference_forward
+
+
+def _model(*overrides):
+    cfg = tiny_config(*overrides)
+    torch.manual_seed(cfg.train.seed)
+    return LoopedLM(cfg.model)
+
+
+def _ids(model, b=2, s=24):
+    return torch.randint(0, model.cfg.vocab_size, (b, s), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_r1_equals_plain_transformer(variant):
+    """R=1: the looped model is exactly a plain decoder-only transformer with the same weights."""
+    model = _model("model.loops=1", *VARIANTS[variant])
+    ids = _ids(model)
+    out = model(ids)
+    ref_logits, ref_gate = reference_forward(model, ids)
+    assert len(out.logits) == 1
+    torch.testing.assert_close(out.logits[0], ref_logits[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.gate_logits, ref_gate, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("loops", [2, 4])
+def test_every_loop_step_matches_reference(variant, loops):
+    """All R steps (fully-looped averaging and attention injection included) match the
+    equations written out independently in tests/reference.py."""
+    model = _model(f"model.loops={loops}", *VARIANTS[variant])
+    ids = _ids(model)
+    out = model(ids)
+    ref_logits, ref_gate = reference_forward(model, ids)
+    assert len(out.logits) == loops
+    for got, want in zip(out.logits, ref_logits, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.gate_logits, ref_gate, rtol=1e-5, atol=1e-5)
+
+
+def test_loop_steps_differ_and_variants_change_the_function():
+    base = _model("model.loops=3")
+    ids = _ids(base)
+    out = base(ids)
+    assert not torch.allclose(out.logits[0], out.logits[1])
+    fl = _model("model.loops=3", "model.fully_looped=true")
+    fl.load_state_dict(base.state_dict())
+    assert not torch.allclose(fl(ids).logits[2], out.logits[2])
+    inj = _model("model.loops=3", "model.attention_injection=true")
+    inj.load_state_dict(base.state_dict())
+    got = inj(ids).logits
+    torch.testing.assert_close(got[0], out.logits[0])  # loop 1 has nothing to inject
+    assert not torch.allclose(got[2], out.logits[2])
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_causal(variant):
+    model = _model(*VARIANTS[variant])
+    ids = _ids(model)
+    changed = ids.clone()
+    changed[:, 12:] = (changed[:, 12:] + 7) % model.cfg.vocab_size
+    a, b = model(ids), model(changed)
+    for la, lb in zip(a.logits, b.logits, strict=True):
+        torch.testing.assert_close(la[:, :12], lb[:, :12])
+        assert not torch.allclose(la[:, 12:], lb[:, 12:])
+
+
+def test_tied_embeddings_share_one_tensor():
+    model = _model("model.tie_embeddings=true")
+    assert model.lm_head.weight is model.embed.weight
+    untied = count_parameters(_model().cfg)
+    tied = count_parameters(model.cfg)
+    assert untied["total"] - tied["total"] == 257 * 64
+
+
+def _hand_count(m) -> int:
+    """Parameter count from the architecture's shapes, written out independently."""
+    d = m.kv_channels
+    attn = m.hidden_size * d * (2 * m.num_heads + 2 * m.num_kv_heads)
+    mlp = 3 * m.hidden_size * m.ffn_hidden_size
+    norms = (4 if m.sandwich_norm else 2) * m.hidden_size
+    layers = (m.num_layers + m.prelude_layers + m.coda_layers) * (attn + mlp + norms)
+    emb = m.vocab_size * m.hidden_size * (1 if m.tie_embeddings else 2)
+    return layers + emb + m.hidden_size + (m.hidden_size + 1)  # final norm, gate
+
+
+@pytest.mark.parametrize("name,nominal", [("ouro-1.4b", 1.4e9), ("ouro-2.6b", 2.6e9)])
+def test_ouro_parameter_counts(name, nominal):
+    """Counts of the published Ouro shapes. The released configs (untied 49152x2048 embeddings
+    and head) give 1.4347e9 and 2.6680e9, i.e. +2.5% / +2.6% over the marketing names."""
+    cfg = load_config(ROOT / f"configs/{name}.yaml")
+    counts = count_parameters(cfg.model)
+    assert counts["total"] == _hand_count(cfg.model)
+    assert abs(counts["total"] / nominal - 1) < 0.03
+    assert counts["non_embedding"] == counts["total"] - 2 * 49152 * 2048
+    assert counts["looped_block"] == cfg.model.num_layers * (
+        4 * 2048 * 2048 + 3 * 2048 * 5632 + 4 * 2048)
+
+
+def test_tiny_count_matches_module_and_flops_scale_with_loops():
+    for variant in VARIANTS.values():
+        model = _model(*variant)
+        assert count_parameters(model.cfg)["total"] == sum(p.numel() for p in model.parameters())
+        assert count_parameters(model.cfg)["total"] == _hand_count(model.cfg)
+    cfg = load_config(ROOT / "configs/ouro-1.4b.yaml").model
+    f4, f8 = flops_per_token(cfg, 4096, 4), flops_per_token(cfg, 4096, 8)
+    # 6 N_block per loop dominates: doubling R nearly doubles FLOPs (the embedding is free)
+    assert 1.95 < f8 / f4 <= 2.0
+    six_n = 6 * count_parameters(cfg)["non_embedding"] * 4
+    assert six_n < f4 < 1.5 * six_n

@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pretrain.config import ObjectiveConfig
+from pretrain.model.looped import LoopedOutput
+from pretrain.model.objective import (
+    IGNORE_INDEX,
+    adaptive_gate_loss,
+    compute_objective,
+    elbo_per_token,
+    exit_log_probs,
+)
+
+
+@pytest.mark.parametrize("loops", [1, 2, 5])
+def test_exit_distribution_sums_to_one(loops):
+    g = torch.randn(loops, 3, 7) * 4
+    p = exit_log_probs(g).exp()
+    torch.testing.assert_close(p.sum(0), torch.ones(3, 7))
+    assert (p >= 0).all()
+
+
+def test_exit_distribution_by_hand():
+    lam = torch.tensor([0.2, 0.5, 0.9])
+    p = exit_log_probs(torch.logit(lam)[:, None, None]).exp().flatten()
+    torch.testing.assert_close(p, torch.tensor([0.2, 0.8 * 0.5, 0.8 * 0.5]))
+
+
+def test_saturated_gates_select_one_step():
+    ce = torch.rand(4, 2, 5) * 3
+    never = torch.full((4, 2, 5), -1e4)  # lambda == 0: always run all loops
+    always = torch.full((4, 2, 5), 1e4)  # lambda == 1: exit after the first
+    for beta in (0.0, 0.1):
+        torch.testing.assert_close(elbo_per_token(ce, never, beta), ce[-1])
+        torch.testing.assert_close(elbo_per_token(ce, always, beta), ce[0])
+
+
+def test_elbo_by_hand():
+    ce = torch.tensor([1.0, 2.0, 3.0])[:, None, None]
+    g = torch.zeros(3, 1, 1)  # lambda = 0.5 -> p = (0.5, 0.25, 0.25)
+    entropy = -(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25))
+    want = 0.5 * 1 + 0.25 * 2 + 0.25 * 3 - 0.1 * entropy
+    assert elbo_per_token(ce, g, 0.1).item() == pytest.approx(want, rel=1e-6)
+
+
+def test_elbo_gradcheck():
+    ce = torch.rand(3, 2, 4, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(3, 2, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda c, x: elbo_per_token(c, x, 0.1), (ce, g))
+
+
+def test_compute_objective_masks_ignored_tokens_and_reports_stats():
+    torch.manual_seed(0)
+    logits = [torch.randn(2, 6, 11) for _ in range(3)]
+    labels = torch.randint(0, 11, (2, 6))
+    labels[1, 3:] = IGNORE_INDEX
+    out = compute_objective(ObjectiveConfig(), LoopedOutput(logits, torch.randn(3, 2, 6)), labels)
+    keep = labels != IGNORE_INDEX
+    want_ce = [torch.nn.functional.cross_entropy(lg[keep], labels[keep]).item() for lg in logits]
+    assert out.ce.tolist() == pytest.approx(want_ce, rel=1e-5)
+    assert out.exit_prob.sum().item() == pytest.approx(1.0, rel=1e-6)
+    assert 1.0 <= out.expected_loops.item() <= 3.0
+    assert out.tokens.item() == keep.sum().item()
+
+
+def test_adaptive_gate_targets_follow_improvement():
+    """Where another loop lowers CE a lot the gate should continue (lambda -> 0), where it does
+    not help the gate should exit (lambda -> 1)."""
+    mask = torch.ones(1, 1)
+    helps = torch.tensor([3.0, 1.0])[:, None, None]
+    useless = torch.tensor([1.0, 1.0])[:, None, None]
+    low, high = torch.full((2, 1, 1), -6.0), torch.full((2, 1, 1), 6.0)
+    def loss(ce, g):
+        return adaptive_gate_loss(ce, g, 50, 0.005, mask)
+
+    assert loss(helps, low) < loss(helps, high)
+    assert loss(useless, high) < loss(useless, low)
+
+
+def test_adaptive_gate_objective_does_not_reach_the_lm():
+    logits = [torch.randn(1, 4, 9, requires_grad=True) for _ in range(3)]
+    gates = torch.randn(3, 1, 4, requires_grad=True)
+    out = compute_objective(ObjectiveConfig(kind="adaptive_gate"), LoopedOutput(logits, gates),
+                            torch.randint(0, 9, (1, 4)))
+    out.loss.backward()
+    assert all(lg.grad is None for lg in logits)
+    assert gates.grad is not None and gates.grad[:-1].abs().sum() > 0

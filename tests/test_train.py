@@ -1,0 +1,154 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pretrain.checkpoint import load_model
+from pretrain.config import OptimConfig
+from pretrain.data import TokenWindows
+from pretrain.optim import lr_at
+from pretrain.train import Trainer, TrainingDiverged
+from tests.conftest import tiny_config
+
+
+class FixedBatch:
+    """Always the same batch: for the overfitting test."""
+
+    def __init__(self, inputs, labels):
+        self.inputs, self.labels = inputs, labels
+
+    def batch(self, first, size):
+        return self.inputs, self.labels
+
+
+def _trainer(tmp_path, *overrides, **kw):
+    cfg = tiny_config("optim.warmup_steps=0", *overrides, out_dir=tmp_path)
+    return Trainer(cfg, log=lambda _: None, **kw)
+
+
+def test_overfits_one_batch(tmp_path):
+    cfg = tiny_config("train.max_steps=300", "train.log_every=10", "optim.warmup_steps=10",
+                      "optim.weight_decay=0.0", "train.micro_batch_size=4", out_dir=tmp_path)
+    rows = torch.randint(0, 256, (4, 65), generator=torch.Generator().manual_seed(0))
+    trainer = Trainer(cfg, data=FixedBatch(rows[:, :-1], rows[:, 1:]), log=lambda _: None,
+                      tensorboard=False)
+    summary = trainer.fit(save=False)
+    reached = [s for s in summary.history if s.loss < 0.1 and max(s.ce) < 0.1]
+    assert reached, f"final loss {summary.final_loss:.3f}"
+    assert reached[0].step <= 300
+
+
+def _capture_grads(trainer):
+    """Record the gradients the optimizer is about to apply."""
+    seen, step = [], trainer.optimizer.step
+
+    def wrapped(*a, **k):
+        seen.append([p.grad.clone() for p in trainer.params])
+        return step(*a, **k)
+
+    trainer.optimizer.step = wrapped
+    return seen
+
+
+def test_gradient_accumulation_equals_the_big_batch(tmp_path):
+    big = _trainer(tmp_path / "a", "train.micro_batch_size=8", "train.max_steps=2",
+                   tensorboard=False)
+    acc = _trainer(tmp_path / "b", "train.micro_batch_size=4", "train.grad_accum_steps=2",
+                   "train.max_steps=2", tensorboard=False)
+    grads_big, grads_acc = _capture_grads(big), _capture_grads(acc)
+    for _ in range(2):
+        _, la, *_ = big.train_step()
+        _, lb, *_ = acc.train_step()
+        assert la.item() == pytest.approx(lb.item(), rel=1e-5)
+    for step_big, step_acc in zip(grads_big, grads_acc, strict=True):
+        for gb, ga in zip(step_big, step_acc, strict=True):
+            torch.testing.assert_close(gb, ga, rtol=1e-4, atol=1e-6)
+
+
+def test_same_seed_same_run_bit_identical(tmp_path):
+    runs = [_trainer(tmp_path / str(i), "train.max_steps=6", "train.log_every=1",
+                     tensorboard=False).fit(save=False) for i in range(2)]
+    assert [s.loss for s in runs[0].history] == [s.loss for s in runs[1].history]
+    other = _trainer(tmp_path / "x", "train.max_steps=6", "train.log_every=1", "train.seed=7",
+                     tensorboard=False).fit(save=False)
+    assert [s.loss for s in other.history] != [s.loss for s in runs[0].history]
+
+
+def test_non_finite_step_is_skipped_and_counted(tmp_path):
+    trainer = _trainer(tmp_path, "train.max_steps=4", "train.max_bad_steps=2", tensorboard=False)
+    trainer.train_step()
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    real = trainer.model.forward
+    poisoned = {"left": 1}
+
+    def forward(ids, loops=None):
+        out = real(ids, loops)
+        if poisoned["left"]:
+            poisoned["left"] -= 1
+            out.logits[-1] = out.logits[-1] * float("nan")
+        return out
+
+    trainer.model.forward = forward
+    *_, ok = trainer.train_step()
+    assert not ok and trainer.skipped == 1
+    for a, b in zip(before, trainer.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    *_, ok = trainer.train_step()
+    assert ok and trainer.bad_streak == 0
+    poisoned["left"] = 10
+    trainer.train_step()
+    with pytest.raises(TrainingDiverged, match="train.max_bad_steps"):
+        trainer.train_step()
+
+
+def test_adaptive_gate_stage_trains_only_the_gate(tmp_path):
+    trainer = _trainer(tmp_path, "objective.kind=adaptive_gate", "train.max_steps=3",
+                       tensorboard=False)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.fit(save=False)
+    for name, p in trainer.model.named_parameters():
+        assert torch.equal(before[name], p) != name.startswith("gate."), name
+
+
+def test_lr_schedules():
+    cos = OptimConfig(lr=1.0, min_lr=0.1, warmup_steps=10, schedule="cosine")
+    assert lr_at(cos, 0, 100) == pytest.approx(0.1)
+    assert lr_at(cos, 9, 100) == pytest.approx(1.0)
+    assert lr_at(cos, 99, 100) == pytest.approx(0.1)
+    assert lr_at(cos, 55, 101) == pytest.approx(0.55, abs=1e-9)
+    wsd = OptimConfig(lr=1.0, min_lr=0.0, warmup_steps=10, schedule="wsd", decay_fraction=0.2)
+    assert [lr_at(wsd, s, 100) for s in (10, 50, 79)] == [1.0, 1.0, 1.0]
+    assert lr_at(wsd, 89, 100) == pytest.approx(0.5)
+    assert lr_at(wsd, 99, 100) == pytest.approx(0.0)
+
+
+def test_fit_writes_tensorboard_and_a_loadable_checkpoint(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    trainer = _trainer(tmp_path, "train.max_steps=4", "train.log_every=2")
+    summary = trainer.fit()
+    events = EventAccumulator(str(summary.tensorboard_dir))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    loops = trainer.cfg.model.loops
+    want = {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s",
+            "train/expected_loops", "train/skipped_steps"}
+    want |= {f"loop/{k}_step{t}" for k in ("ce", "exit_prob", "gate") for t in range(1, loops + 1)}
+    assert want <= tags
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 4]
+    cfg, model = load_model(summary.checkpoint)
+    ids = torch.randint(0, 256, (1, 16))
+    trainer.model.eval()
+    torch.testing.assert_close(model(ids).logits[-1], trainer.model(ids).logits[-1])
+
+
+def test_data_order_depends_only_on_seed_and_index():
+    tokens = torch.arange(1000)
+    a, b = TokenWindows(tokens, 16, seed=1), TokenWindows(tokens, 16, seed=1)
+    x1, _ = a.batch(0, 8)
+    x2, _ = a.batch(8, 8)
+    both, _ = b.batch(0, 16)
+    assert torch.equal(torch.cat((x1, x2)), both)
+    epoch = torch.stack([a.sample(i)[0] for i in range(a.num_windows)])
+    assert sorted(epoch.tolist()) == [16 * k for k in range(a.num_windows)]
+    assert not torch.equal(TokenWindows(tokens, 16, seed=2).batch(0, 8)[0], x1)
