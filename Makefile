@@ -16,8 +16,18 @@ $(STAMP): setup.cfg pyproject.toml
 
 install: $(STAMP)
 
+# The demo: a byte-level BPE trained on the bundled text, webdataset shards, then training
+# with the streaming loader (2 workers).
 demo: install
-	$(VENV)/bin/pretrain train --config configs/tiny.yaml train.out_dir=$(DEMO_DIR)
+	rm -rf $(DEMO_DIR)
+	$(VENV)/bin/pretrain data train-tokenizer --input data/sample.txt --vocab-size 512 \
+		--output $(DEMO_DIR)/data/tokenizer.json
+	$(VENV)/bin/pretrain data tokenize --input data/sample.txt \
+		--tokenizer $(DEMO_DIR)/data/tokenizer.json --output $(DEMO_DIR)/data/shards \
+		--shard-tokens 2048 --chunk-tokens 256
+	$(VENV)/bin/pretrain train --config configs/tiny.yaml train.out_dir=$(DEMO_DIR) \
+		data.source=shards 'data.sources=[{path: $(DEMO_DIR)/data/shards}]' \
+		data.tokenizer=$(DEMO_DIR)/data/tokenizer.json model.vocab_size=512
 
 lint: install
 	$(PY) -m ruff check .
@@ -27,6 +37,7 @@ test: install lint
 
 bench: install
 	$(PY) bench/overhead.py
+	$(PY) bench/data_throughput.py
 
 clean:
 	rm -rf $(VENV) runs

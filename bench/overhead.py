@@ -44,7 +44,7 @@ def bare_loop(model, data, cfg, steps: int, first_step: int) -> float:
     for step in range(first_step, first_step + steps):
         for micro in range(t.grad_accum_steps):
             first = (step * t.grad_accum_steps + micro) * t.micro_batch_size
-            inputs, labels = data.batch(first, t.micro_batch_size)
+            inputs, labels = data.windows.batch(first, t.micro_batch_size)
             loss = compute_objective(cfg.objective, model(inputs), labels).loss
             (loss / t.grad_accum_steps).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)

@@ -1,4 +1,4 @@
-"""`pretrain` command line: train, params, generate.
+"""`pretrain` command line: train, params, generate, data tokenize / train-tokenizer.
 
 Configuration problems print one line naming the field and exit with status 2 (no traceback).
 """
@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 
+from data_pipeline.badinput import DataError
 from pretrain.config import ConfigError, load_config
 
 EXIT_CONFIG = 2
@@ -58,14 +59,65 @@ def _generate(args: argparse.Namespace) -> int:
 
     overrides = [f"model.loops={args.loops}"] if args.loops else []
     cfg, model = load_model(args.checkpoint, overrides)
-    tok = ByteTokenizer()
-    prompt = torch.tensor([tok.encode(args.prompt)])
+    if cfg.data.tokenizer:
+        from data_pipeline.tokenizer import load_tokenizer
+
+        hf = load_tokenizer(cfg.data.tokenizer)
+        encode, decode = (lambda s: hf.encode(s, add_special_tokens=False).ids), hf.decode
+    else:
+        encode, decode = ByteTokenizer().encode, ByteTokenizer().decode
+    prompt = torch.tensor([encode(args.prompt)])
     gen = generate(model, prompt, args.max_new_tokens, exit_threshold=args.exit_threshold,
                    temperature=args.temperature, top_p=args.top_p,
                    generator=torch.Generator().manual_seed(cfg.train.seed))
-    print(tok.decode(gen.tokens[0].tolist()))
+    print(decode(gen.tokens[0].tolist()))
     print(f"average loops used per token: {gen.loops_used:.2f} of {cfg.model.loops}")
     return 0
+
+
+def _tokenize(args: argparse.Namespace) -> int:
+    from data_pipeline.shards import tokenize_to_shards
+
+    m = tokenize_to_shards(args.input, args.output, args.tokenizer, shard_tokens=args.shard_tokens,
+                           chunk_tokens=args.chunk_tokens, workers=args.workers,
+                           text_field=args.text_field, eos_token=args.eos_token,
+                           on_error=args.on_error)
+    skipped = ", ".join(f"{n} {k}" for k, n in m.skipped.items()) or "none"
+    print(f"{m.documents:,} documents -> {m.total_tokens:,} tokens ({m.dtype}) in "
+          f"{len(m.shards)} shards at {args.output}; skipped: {skipped}")
+    return 0
+
+
+def _train_tokenizer(args: argparse.Namespace) -> int:
+    from data_pipeline.badinput import BadInput
+    from data_pipeline.documents import iter_documents
+    from data_pipeline.tokenizer import train_bpe
+
+    tok = train_bpe(iter_documents(args.input, BadInput(args.on_error), args.text_field),
+                    args.vocab_size, args.output, args.eos_token)
+    print(f"byte-level BPE with {tok.get_vocab_size()} tokens -> {args.output}")
+    return 0
+
+
+def _add_data_commands(sub) -> None:
+    from data_pipeline.tokenizer import EOS_TOKEN
+
+    data = sub.add_parser("data", help="tokenizers and webdataset shards").add_subparsers(
+        dest="data_command", required=True)
+    tok = data.add_parser("tokenize", help="tokenize text/jsonl(.gz/.zst) into webdataset shards")
+    tok.add_argument("--tokenizer", required=True, help="tokenizer.json")
+    tok.add_argument("--shard-tokens", type=int, default=1 << 26, help="tokens per shard")
+    tok.add_argument("--chunk-tokens", type=int, default=8192, help="tokens per tar member")
+    tok.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    bpe = data.add_parser("train-tokenizer", help="train a byte-level BPE on the inputs")
+    bpe.add_argument("--vocab-size", type=int, required=True)
+    for p, fn in ((tok, _tokenize), (bpe, _train_tokenizer)):
+        p.add_argument("--input", nargs="+", required=True, help="files or directories")
+        p.add_argument("--output", required=True)
+        p.add_argument("--text-field", default="text", help="JSON field holding the text")
+        p.add_argument("--eos-token", default=EOS_TOKEN)
+        p.add_argument("--on-error", choices=("raise", "skip"), default="raise")
+        p.set_defaults(fn=fn)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     g.add_argument("--top-p", type=float, default=1.0)
     g.set_defaults(fn=_generate)
+    _add_data_commands(sub)
     return parser
 
 
@@ -93,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except ConfigError as e:
+    except (ConfigError, DataError) as e:
         print(f"pretrain: error: {e}", file=sys.stderr)
         return EXIT_CONFIG
 

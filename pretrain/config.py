@@ -70,9 +70,26 @@ class OptimConfig:
 
 
 @dataclass
+class SourceConfig:
+    path: str = ""  # directory holding manifest.json (made by `pretrain data tokenize`)
+    weight: float = 1.0
+    # how to open a shard when it is not a local file next to the manifest, e.g.
+    # "pipe:aws s3 cp s3://bucket/corpus/{shard} -" ({shard}: its name, {dir}: path above)
+    url_template: str = ""
+
+
+@dataclass
 class DataConfig:
-    source: Literal["text"] = "text"
-    paths: list[str] = field(default_factory=lambda: ["data/sample.txt"])
+    source: Literal["text", "shards"] = "text"
+    paths: list[str] = field(default_factory=lambda: ["data/sample.txt"])  # source: text
+    sources: list[SourceConfig] = field(default_factory=list)  # source: shards
+    tokenizer: str = ""  # tokenizer.json whose hash every manifest must carry (optional)
+    shuffle: bool = True
+    shuffle_buffer: int = 1024  # windows shuffled together (bounded shuffle buffer)
+    mixture_window: int = 1000  # proportions of the sources are exact over every such window
+    num_workers: int = 2
+    prefetch: int = 4  # micro-batches in flight per worker
+    on_error: Literal["raise", "skip"] = "raise"
 
 
 @dataclass
@@ -251,7 +268,19 @@ def validate(cfg: Config) -> None:
     _require(t.seq_len <= m.max_seq_len, "train.seq_len",
              f"{t.seq_len} exceeds model.max_seq_len {m.max_seq_len}")
     _require(bool(t.out_dir), "train.out_dir", "must not be empty")
-    _require(len(cfg.data.paths) >= 1, "data.paths", "needs at least one path")
+    d = cfg.data
+    if d.source == "text":
+        _require(len(d.paths) >= 1, "data.paths", "needs at least one path")
+    else:
+        _require(len(d.sources) >= 1, "data.sources", "needs at least one {path, weight}")
+        for i, src in enumerate(d.sources):
+            _require(bool(src.path), f"data.sources[{i}].path", "must not be empty")
+            _require(src.weight > 0, f"data.sources[{i}].weight", f"must be > 0, got {src.weight}")
+        _require(d.mixture_window >= len(d.sources), "data.mixture_window",
+                 f"must be >= the number of sources ({len(d.sources)})")
+    _require(d.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
+    _require(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _require(d.prefetch >= 1, "data.prefetch", "must be >= 1")
 
 
 def dump_config(cfg: Config) -> str:

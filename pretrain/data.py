@@ -8,6 +8,7 @@ run with another batch split, sees the same samples. The streaming webdataset pi
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -73,3 +74,26 @@ class TokenWindows:
         """Samples first..first+size-1 as (input_ids, labels), each [size, seq_len]."""
         rows = torch.stack([self.sample(first + k) for k in range(size)])
         return rows[:, :-1], rows[:, 1:]
+
+
+class TextData:
+    """The trainer's view of a `TokenWindows` source: the same protocol as the streaming
+    loader (`batches()`, `state_dict()`, `skipped_samples`) for a single process."""
+
+    skipped_samples = 0
+
+    def __init__(self, windows: TokenWindows, micro_batch_size: int):
+        self.windows, self.micro_batch_size = windows, micro_batch_size
+        self.samples_consumed = 0
+
+    def batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        while True:
+            first = self.samples_consumed
+            self.samples_consumed += self.micro_batch_size
+            yield self.windows.batch(first, self.micro_batch_size)
+
+    def state_dict(self) -> dict:
+        return {"samples_consumed": self.samples_consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.samples_consumed = state["samples_consumed"]

@@ -19,7 +19,7 @@ from torch import nn
 
 from pretrain.checkpoint import save_model
 from pretrain.config import Config, ConfigError, dump_config
-from pretrain.data import ByteTokenizer, TokenWindows, load_text_tokens
+from pretrain.data import ByteTokenizer, TextData, TokenWindows, load_text_tokens
 from pretrain.model.looped import LoopedLM
 from pretrain.model.objective import compute_objective
 from pretrain.optim import build_optimizer, lr_at, set_lr
@@ -41,7 +41,8 @@ class StepStats:
     lr: float
     grad_norm: float
     tokens_per_s: float
-    skipped: int
+    skipped: int  # optimizer steps skipped for a non-finite loss or gradient
+    data_skips: int  # samples masked out because their shard was unreadable (on_error: skip)
 
 
 @dataclass
@@ -62,17 +63,23 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def default_data(cfg: Config) -> TokenWindows:
+def default_data(cfg: Config):
+    """The configured data source: bundled-text windows, or the streaming shard loader."""
+    if cfg.data.source == "shards":
+        from data_pipeline.loader import StreamingData
+
+        return StreamingData(cfg)
     tokenizer = ByteTokenizer()
     if cfg.model.vocab_size < tokenizer.vocab_size:
         raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the byte "
                           f"tokenizer's {tokenizer.vocab_size}")
-    return TokenWindows(load_text_tokens(cfg.data.paths, tokenizer), cfg.train.seq_len,
-                        cfg.train.seed)
+    windows = TokenWindows(load_text_tokens(cfg.data.paths, tokenizer), cfg.train.seq_len,
+                           cfg.train.seed)
+    return TextData(windows, cfg.train.micro_batch_size)
 
 
 class Trainer:
-    def __init__(self, cfg: Config, model: nn.Module | None = None, data: TokenWindows | None = None,
+    def __init__(self, cfg: Config, model: nn.Module | None = None, data=None,
                  log: Callable[[str], None] = print, tensorboard: bool = True):
         self.cfg, self.log = cfg, log
         self.device = pick_device(cfg.train.device)
@@ -84,6 +91,7 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.data = data if data is not None else default_data(cfg)
+        self._batches = None  # the data's micro-batch iterator, opened on the first step
         self.out_dir = Path(cfg.train.out_dir)
         self.tb_dir = self.out_dir / "tensorboard"
         self.writer = None
@@ -110,9 +118,10 @@ class Trainer:
         set_lr(self.optimizer, lr)
         self.model.train()
         total = torch.zeros((), device=self.device)
-        for micro in range(t.grad_accum_steps):
-            first = (self.step * t.grad_accum_steps + micro) * t.micro_batch_size
-            inputs, labels = (x.to(self.device) for x in self.data.batch(first, t.micro_batch_size))
+        if self._batches is None:
+            self._batches = self.data.batches()
+        for _ in range(t.grad_accum_steps):
+            inputs, labels = (x.to(self.device) for x in next(self._batches))
             with self.autocast():
                 out = compute_objective(self.cfg.objective, self.model(inputs), labels)
             (out.loss / t.grad_accum_steps).backward()
@@ -138,13 +147,14 @@ class Trainer:
             step=self.step, loss=total.item(), ce=out.ce.tolist(), exit_prob=out.exit_prob.tolist(),
             gate=out.gate.tolist(), expected_loops=out.expected_loops.item(),
             entropy=out.entropy.item(), lr=lr, grad_norm=grad_norm.item(),
-            tokens_per_s=tokens_per_s, skipped=self.skipped)
+            tokens_per_s=tokens_per_s, skipped=self.skipped,
+            data_skips=getattr(self.data, "skipped_samples", 0))
 
     def _report(self, s: StepStats) -> None:
         ce = " ".join(f"{c:.3f}" for c in s.ce)
         self.log(f"step {s.step:>6}/{self.cfg.train.max_steps} | loss {s.loss:.4f} | ce/loop {ce} "
                  f"| E[loops] {s.expected_loops:.2f} | lr {s.lr:.2e} | gnorm {s.grad_norm:.3f} "
-                 f"| {s.tokens_per_s:,.0f} tok/s | skipped {s.skipped}")
+                 f"| {s.tokens_per_s:,.0f} tok/s | skipped {s.skipped} steps {s.data_skips} samples")
         if self.writer is None:
             return
         w, n = self.writer, s.step
@@ -152,6 +162,7 @@ class Trainer:
             w.add_scalar(f"train/{name}", getattr(s, name), n)
         w.add_scalar("train/gate_entropy", s.entropy, n)
         w.add_scalar("train/skipped_steps", s.skipped, n)
+        w.add_scalar("data/skipped_samples", s.data_skips, n)
         for i, (c, p, g) in enumerate(zip(s.ce, s.exit_prob, s.gate, strict=True), start=1):
             w.add_scalar(f"loop/ce_step{i}", c, n)
             w.add_scalar(f"loop/exit_prob_step{i}", p, n)

@@ -32,3 +32,22 @@ def test_train_then_generate_end_to_end(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("The Fox")
     assert lines[-1].startswith("average loops used per token:")
+
+
+def test_data_commands_and_their_one_line_errors(tmp_path, capsys):
+    assert main(["data", "train-tokenizer", "--input", str(ROOT / "data/sample.txt"),
+                 "--vocab-size", "300", "--output", str(tmp_path / "tok.json")]) == 0
+    assert main(["data", "tokenize", "--input", str(ROOT / "data/sample.txt"), "--output",
+                 str(tmp_path / "shards"), "--tokenizer", str(tmp_path / "tok.json"),
+                 "--shard-tokens", "1024", "--chunk-tokens", "128", "--workers", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "1 documents ->" in out and "skipped: none" in out
+    assert main(["data", "tokenize", "--input", str(tmp_path / "nope.txt"), "--output",
+                 str(tmp_path / "x"), "--tokenizer", str(tmp_path / "tok.json")]) == 2
+    assert capsys.readouterr().err == f"pretrain: error: {tmp_path / 'nope.txt'}: input not found\n"
+    assert main(["data", "tokenize", "--input", str(ROOT / "data/sample.txt"), "--output",
+                 str(tmp_path / "shards"), "--tokenizer", str(tmp_path / "tok.json")]) == 2
+    assert "already holds a manifest.json" in capsys.readouterr().err
+    assert main(["data", "tokenize", "--input", str(ROOT / "data/sample.txt"), "--output",
+                 str(tmp_path / "y"), "--tokenizer", str(ROOT / "data/sample.txt")]) == 2
+    assert "not a tokenizer.json" in capsys.readouterr().err
