@@ -41,24 +41,27 @@ def _layer(sd, pre, x, cfg: ModelConfig, first=None):
     b, s, _ = x.shape
     hd, eps = cfg.kv_channels, cfg.norm_eps
     h = _rms(x, sd[pre + "attn_norm.weight"], eps)
-    q = (h @ sd[pre + "attn.q_proj.weight"].T).view(b, s, -1, hd).transpose(1, 2)
-    k = (h @ sd[pre + "attn.k_proj.weight"].T).view(b, s, -1, hd).transpose(1, 2)
-    v = (h @ sd[pre + "attn.v_proj.weight"].T).view(b, s, -1, hd).transpose(1, 2)
+    wq, wk, wv = sd[pre + "attn.qkv_proj.weight"].split(
+        [cfg.num_heads * hd, cfg.num_kv_heads * hd, cfg.num_kv_heads * hd])
+    q = (h @ wq.T).view(b, s, -1, hd).transpose(1, 2)
+    k = (h @ wk.T).view(b, s, -1, hd).transpose(1, 2)
+    v = (h @ wv.T).view(b, s, -1, hd).transpose(1, 2)
     q, k = _rope(q, cfg.rope_theta), _rope(k, cfg.rope_theta)
     a = _attend(q, k, v, first).transpose(1, 2).reshape(b, s, -1) @ sd[pre + "attn.o_proj.weight"].T
     if cfg.sandwich_norm:
         a = _rms(a, sd[pre + "attn_post_norm.weight"], eps)
     x = x + a
     h = _rms(x, sd[pre + "mlp_norm.weight"], eps)
-    m = (F.silu(h @ sd[pre + "mlp.gate_proj.weight"].T) * (h @ sd[pre + "mlp.up_proj.weight"].T)) \
-        @ sd[pre + "mlp.down_proj.weight"].T
+    wg, wu = sd[pre + "mlp.gate_up_proj.weight"].chunk(2)
+    m = (F.silu(h @ wg.T) * (h @ wu.T)) @ sd[pre + "mlp.down_proj.weight"].T
     if cfg.sandwich_norm:
         m = _rms(m, sd[pre + "mlp_post_norm.weight"], eps)
     return x + m, (k, v)
 
 
 def reference_forward(model, ids, loops=None):
-    """Returns ([logits_t], gate_logits [R, B, S]) computed from model.state_dict() alone."""
+    """Returns ([logits_t [S, B, V]], gate_logits [R, S, B]) (the model's sequence-first
+    layout), computed batch-first from model.state_dict() alone."""
     cfg: ModelConfig = model.cfg
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     loops = loops or cfg.loops
@@ -82,6 +85,6 @@ def reference_forward(model, ids, loops=None):
         for i in range(cfg.coda_layers):
             y, _ = _layer(sd, f"coda.{i}.", y, cfg)
         n = _rms(y, sd["norm.weight"], cfg.norm_eps)
-        logits.append(n @ head.T)
-        gates.append((n @ sd["gate.weight"].T).squeeze(-1) + sd["gate.bias"])
+        logits.append((n @ head.T).transpose(0, 1))
+        gates.append(((n @ sd["gate.weight"].T).squeeze(-1) + sd["gate.bias"]).t())
     return logits, torch.stack(gates)

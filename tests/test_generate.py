@@ -41,7 +41,7 @@ def test_kv_cache_equals_full_recompute(variant, loops):
     tokens = prompt
     with torch.no_grad():
         for i in range(12):
-            last = model(tokens).logits[-1][:, -1]
+            last = model(tokens).logits[-1][-1]
             torch.testing.assert_close(gen.logits[:, i], last, rtol=1e-5, atol=1e-5)
             tokens = torch.cat((tokens, last.argmax(-1, keepdim=True)), 1)
     assert torch.equal(gen.tokens, tokens)
@@ -79,7 +79,7 @@ def test_test_time_loops_can_exceed_training(trained):
     gen = generate(trained, _prompt(1, 5), 4, loops=5)
     assert gen.loops_used == 5
     with torch.no_grad():
-        want = trained(gen.tokens[:, :5], loops=5).logits[-1][:, -1]
+        want = trained(gen.tokens[:, :5], loops=5).logits[-1][-1]
     torch.testing.assert_close(gen.logits[:, 0], want, rtol=1e-5, atol=1e-5)
 
 

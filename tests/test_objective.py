@@ -55,12 +55,13 @@ def test_elbo_gradcheck():
 
 def test_compute_objective_masks_ignored_tokens_and_reports_stats():
     torch.manual_seed(0)
-    logits = [torch.randn(2, 6, 11) for _ in range(3)]
-    labels = torch.randint(0, 11, (2, 6))
+    logits = [torch.randn(6, 2, 11) for _ in range(3)]  # [S, B, V]
+    labels = torch.randint(0, 11, (2, 6))  # [B, S]
     labels[1, 3:] = IGNORE_INDEX
-    out = compute_objective(ObjectiveConfig(), LoopedOutput(logits, torch.randn(3, 2, 6)), labels)
+    out = compute_objective(ObjectiveConfig(), LoopedOutput(logits, torch.randn(3, 6, 2)), labels)
     keep = labels != IGNORE_INDEX
-    want_ce = [torch.nn.functional.cross_entropy(lg[keep], labels[keep]).item() for lg in logits]
+    want_ce = [torch.nn.functional.cross_entropy(lg.transpose(0, 1)[keep], labels[keep]).item()
+               for lg in logits]
     assert out.ce.tolist() == pytest.approx(want_ce, rel=1e-5)
     assert out.exit_prob.sum().item() == pytest.approx(1.0, rel=1e-6)
     assert 1.0 <= out.expected_loops.item() <= 3.0
@@ -82,8 +83,8 @@ def test_adaptive_gate_targets_follow_improvement():
 
 
 def test_adaptive_gate_objective_does_not_reach_the_lm():
-    logits = [torch.randn(1, 4, 9, requires_grad=True) for _ in range(3)]
-    gates = torch.randn(3, 1, 4, requires_grad=True)
+    logits = [torch.randn(4, 1, 9, requires_grad=True) for _ in range(3)]
+    gates = torch.randn(3, 4, 1, requires_grad=True)
     out = compute_objective(ObjectiveConfig(kind="adaptive_gate"), LoopedOutput(logits, gates),
                             torch.randint(0, 9, (1, 4)))
     out.loss.backward()

@@ -80,7 +80,7 @@ def forward_chunk(
                          f"{model.cfg.max_seq_len}")
     rope = model.rope(torch.arange(cache.length, cache.length + n, device=ids.device))
     cache.begin_chunk()
-    h, _ = model.run_layers("prelude", 0, model.embed(ids), rope, cache)
+    h, _ = model.run_layers("prelude", 0, model.embed(ids.t()), rope, cache)
     signals = None
     active = torch.ones(b, n, dtype=torch.bool, device=ids.device)
     log_survive = torch.zeros(b, n, device=ids.device)
@@ -93,6 +93,7 @@ def forward_chunk(
             continue
         h, signals = model.run_layers("block", t, h, rope, cache, signals)
         logits, gate = model.readout(h, t, rope, cache)
+        logits, gate = logits.transpose(0, 1), gate.t()  # to batch-first, like ids
         if t == loops - 1:
             stop = active
         else:

@@ -44,14 +44,18 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
-    """Causal grouped-query attention over `scaled_dot_product_attention`."""
+    """Causal grouped-query attention over `scaled_dot_product_attention`.
+
+    Activations are sequence-first, [S, B, H] (Megatron's layout, which sequence parallelism
+    shards along S). Q, K and V come from one fused projection, so tensor parallelism needs
+    one collective for all three; `n_heads`/`n_kv` are the heads held by this module (all of
+    them, or one tensor-parallel rank's share)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.kv_channels
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.hd, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=False)
+        self.qkv_proj = nn.Linear(cfg.hidden_size, (self.n_heads + 2 * self.n_kv) * self.hd,
+                                  bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=False)
 
     def forward(
@@ -63,18 +67,20 @@ class Attention(nn.Module):
         inject: KV | None = None,
         frozen: tuple[Tensor, Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """x: [B, n, H] at positions len(past)..len(past)+n-1.
+        """x: [n, B, H] at positions len(past)..len(past)+n-1.
 
         past:   keys/values of earlier positions (a KV cache), prepended.
         inject: keys/values of every position so far from the same layer on loop 1; queries
                 attend to them as well, causally (attention injection).
         frozen: (mask [B, n], k, v): tokens that already exited keep these keys/values.
-        Returns (output, keys, values) where keys/values cover past + new positions.
+        Returns (output [n, B, H], keys, values) with keys/values [B, heads, past + n, D].
         """
-        b, n, _ = x.shape
-        q = self.q_proj(x).view(b, n, self.n_heads, self.hd).transpose(1, 2)
-        k = self.k_proj(x).view(b, n, self.n_kv, self.hd).transpose(1, 2)
-        v = self.v_proj(x).view(b, n, self.n_kv, self.hd).transpose(1, 2)
+        qkv = self.qkv_proj(x)
+        n, b = qkv.shape[:2]
+        q, k, v = qkv.split([self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], -1)
+        q = q.view(n, b, self.n_heads, self.hd).permute(1, 2, 0, 3)
+        k = k.view(n, b, self.n_kv, self.hd).permute(1, 2, 0, 3)
+        v = v.view(n, b, self.n_kv, self.hd).permute(1, 2, 0, 3)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if frozen is not None:
             mask, fk, fv = frozen
@@ -94,19 +100,21 @@ class Attention(nn.Module):
                 k_pos = torch.cat((torch.arange(inject[0].shape[2], device=x.device), k_pos))
             allowed = k_pos[None, :] <= q_pos[:, None]
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True)
-        out = out.transpose(1, 2).reshape(b, n, self.n_heads * self.hd)
+        out = out.permute(2, 0, 1, 3).reshape(n, b, self.n_heads * self.hd)
         return self.o_proj(out), keys, values
 
 
 class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)), gate and up fused into one projection ([gate; up])."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.ffn_hidden_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.ffn_hidden_size, bias=False)
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.ffn_hidden_size, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):

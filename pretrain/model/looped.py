@@ -70,8 +70,10 @@ class LoopOneKV:
 
 @dataclass
 class LoopedOutput:
-    logits: list[Tensor]  # one [B, S, V] per loop step
-    gate_logits: Tensor  # [R, B, S]; lambda_t = sigmoid(gate_logits[t])
+    """Sequence-first, like the activations: labels [B, S] pair with logits[t].transpose(0, 1)."""
+
+    logits: list[Tensor]  # one [S, B, V] per loop step (V / tp under tensor parallelism)
+    gate_logits: Tensor  # [R, S, B]; lambda_t = sigmoid(gate_logits[t])
 
 
 class LoopedLM(nn.Module):
@@ -144,7 +146,7 @@ class LoopedLM(nn.Module):
         loops = loops or self.cfg.loops
         rope = self.rope(torch.arange(input_ids.shape[1], device=input_ids.device))
         store = LoopOneKV(self.cfg.attention_injection)
-        h, _ = self.run_layers("prelude", 0, self.embed(input_ids), rope, store)
+        h, _ = self.run_layers("prelude", 0, self.embed(input_ids.t()), rope, store)
         signals = None
         logits, gates = [], []
         for t in range(loops):

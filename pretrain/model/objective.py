@@ -37,13 +37,15 @@ class ObjectiveOutput:
     tokens: Tensor  # scalar: tokens that counted (labels != IGNORE_INDEX)
 
 
-def per_step_ce(logits: list[Tensor], labels: Tensor) -> Tensor:
-    """Token-level cross entropy of every loop step: [R, B, S] in float32, 0 where ignored."""
-    return torch.stack([
-        F.cross_entropy(_at_least_fp32(lg).flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
-                        reduction="none").view_as(labels)
-        for lg in logits
-    ])
+def token_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Cross entropy per token from logits [S, B, V] and labels [S, B]; 0 where ignored."""
+    return F.cross_entropy(_at_least_fp32(logits).flatten(0, 1), labels.flatten(),
+                           ignore_index=IGNORE_INDEX, reduction="none").view_as(labels)
+
+
+def per_step_ce(logits: list[Tensor], labels: Tensor, cross_entropy=token_cross_entropy) -> Tensor:
+    """Token-level cross entropy of every loop step: [R, S, B], 0 where ignored."""
+    return torch.stack([cross_entropy(lg, labels) for lg in logits])
 
 
 def _at_least_fp32(x: Tensor) -> Tensor:
@@ -61,14 +63,18 @@ def exit_log_probs(gate_logits: Tensor) -> Tensor:
 
 
 def _masked_mean(x: Tensor, mask: Tensor, count: Tensor) -> Tensor:
-    """Mean over the masked token dims of x [..., B, S] -> [...]."""
+    """Mean over the masked token dims of x [..., S, B] -> [...]."""
     return (x * mask).sum(dim=(-2, -1)) / count
 
 
-def compute_objective(cfg: ObjectiveConfig, out: LoopedOutput, labels: Tensor) -> ObjectiveOutput:
+def compute_objective(cfg: ObjectiveConfig, out: LoopedOutput, labels: Tensor,
+                      cross_entropy=token_cross_entropy) -> ObjectiveOutput:
+    """labels: [B, S] as the data gives them. `cross_entropy(logits [S, B, V'], labels [S, B])`
+    is swapped for the vocab-parallel one under tensor parallelism."""
+    labels = labels.t()
     mask = (labels != IGNORE_INDEX).float()
     count = mask.sum().clamp_min(1)  # a tensor: no host sync on GPU
-    ce = per_step_ce(out.logits, labels)
+    ce = per_step_ce(out.logits, labels, cross_entropy)
     if cfg.kind == "elbo":
         loss = (elbo_per_token(ce, out.gate_logits, cfg.beta) * mask).sum() / count
     else:
@@ -90,7 +96,7 @@ def compute_objective(cfg: ObjectiveConfig, out: LoopedOutput, labels: Tensor) -
 
 
 def adaptive_gate_loss(ce: Tensor, gate_logits: Tensor, k: float, gamma: float, mask: Tensor) -> Tensor:
-    """Stage-2 gate loss from detached per-step CE [R, B, S] (needs R >= 2)."""
+    """Stage-2 gate loss from detached per-step CE [R, S, B] (needs R >= 2)."""
     improvement = (ce[:-1] - ce[1:]).clamp_min(0)
     cont = torch.sigmoid(k * (improvement - gamma))
     bce = F.binary_cross_entropy_with_logits(_at_least_fp32(gate_logits[:-1]), 1 - cont,
@@ -99,7 +105,7 @@ def adaptive_gate_loss(ce: Tensor, gate_logits: Tensor, k: float, gamma: float, 
 
 
 def elbo_per_token(ce: Tensor, gate_logits: Tensor, beta: float) -> Tensor:
-    """Stage-1 loss per token, [B, S]: sum_t p_t CE_t - beta H(p), from [R, B, S] inputs."""
+    """Stage-1 loss per token: sum_t p_t CE_t - beta H(p), from [R, ...] inputs."""
     log_p = exit_log_probs(gate_logits)
     p = log_p.exp()
     return (p * ce).sum(0) + beta * (p * log_p).sum(0)
