@@ -16,8 +16,8 @@ $(STAMP): setup.cfg pyproject.toml
 
 install: $(STAMP)
 
-# The demo: a byte-level BPE trained on the bundled text, webdataset shards, then training
-# with the streaming loader (2 workers).
+# The demo: a byte-level BPE trained on the bundled text, webdataset shards, then training on
+# 2 ranks (megatron-core tensor + sequence parallelism, gloo on CPU) with the streaming loader.
 demo: install
 	rm -rf $(DEMO_DIR)
 	$(VENV)/bin/pretrain data train-tokenizer --input data/sample.txt --vocab-size 512 \
@@ -25,7 +25,9 @@ demo: install
 	$(VENV)/bin/pretrain data tokenize --input data/sample.txt \
 		--tokenizer $(DEMO_DIR)/data/tokenizer.json --output $(DEMO_DIR)/data/shards \
 		--shard-tokens 2048 --chunk-tokens 256
-	$(VENV)/bin/pretrain train --config configs/tiny.yaml train.out_dir=$(DEMO_DIR) \
+	OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore $(VENV)/bin/torchrun --nproc_per_node=2 \
+		--master_port=$${DEMO_PORT:-29500} -m pretrain.cli train --config configs/tiny.yaml \
+		train.out_dir=$(DEMO_DIR) parallel.tensor=2 parallel.sequence_parallel=true \
 		data.source=shards 'data.sources=[{path: $(DEMO_DIR)/data/shards}]' \
 		data.tokenizer=$(DEMO_DIR)/data/tokenizer.json model.vocab_size=512
 
@@ -38,6 +40,7 @@ test: install lint
 bench: install
 	$(PY) bench/overhead.py
 	$(PY) bench/data_throughput.py
+	$(PY) bench/comm_volume.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -43,6 +43,13 @@ class RankSpec:
     def global_batch(self) -> int:
         return self.per_rank * self.dp_size
 
+    def samples(self, start: int, k: int) -> range:
+        """Global sample indices of this rank's k-th micro-batch counted from sample `start`."""
+        step, micro = divmod(k, self.grad_accum_steps)
+        first = (start + step * self.global_batch + self.dp_rank * self.per_rank
+                 + micro * self.micro_batch_size)
+        return range(first, first + self.micro_batch_size)
+
 
 def open_sources(data, seq_len: int, seed: int, bad: BadInput) -> tuple[list[ShardSource], Mixture]:
     sources = [ShardSource(s.path, seq_len, seed, i, data.shuffle, data.shuffle_buffer, bad,
@@ -56,14 +63,6 @@ class RankBatches(IterableDataset):
     def __init__(self, data, seq_len: int, seed: int, spec: RankSpec, start: int):
         self.data, self.seq_len, self.seed, self.spec, self.start = data, seq_len, seed, spec, start
 
-    def micro_batch_samples(self, k: int) -> range:
-        """Global sample indices of this rank's k-th micro-batch counted from `start`."""
-        s = self.spec
-        step, micro = divmod(k, s.grad_accum_steps)
-        first = (self.start + step * s.global_batch + s.dp_rank * s.per_rank
-                 + micro * s.micro_batch_size)
-        return range(first, first + s.micro_batch_size)
-
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor] | str]:
         """Yields micro-batches; a DataError ends the stream with its message instead."""
         info = get_worker_info()
@@ -74,7 +73,7 @@ class RankBatches(IterableDataset):
         while True:
             try:
                 rows = [sources[i].sample(idx) for i, idx in
-                        map(mixture.locate, self.micro_batch_samples(k))]
+                        map(mixture.locate, self.spec.samples(self.start, k))]
             except DataError as e:  # handed to the main process as a message: one clean line
                 yield str(e)
                 return

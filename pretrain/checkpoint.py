@@ -11,18 +11,18 @@ import shutil
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from pretrain.config import Config, ConfigError, dump_config, load_config
 from pretrain.model.looped import LoopedLM
 
 
-def save_model(root: str | Path, step: int, model: nn.Module, cfg: Config) -> Path:
+def save_model(root: str | Path, step: int, state: dict[str, torch.Tensor], cfg: Config) -> Path:
+    """Write the full (TP=1) model state of `step`."""
     final = Path(root) / f"step_{step:07d}"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    torch.save(model.state_dict(), tmp / "model.pt")
+    torch.save(state, tmp / "model.pt")
     (tmp / "config.yaml").write_text(dump_config(cfg))
     for f in tmp.iterdir():
         with open(f, "rb") as fh:

@@ -106,12 +106,27 @@ class TrainConfig:
 
 
 @dataclass
+class ParallelConfig:
+    tensor: int = 1  # TP: megatron-core tensor parallelism
+    pipeline: int = 1  # PP: the circular pipeline over the looped block
+    data: int = 1  # DP
+    sequence_parallel: bool = False  # shard norms/residuals along the sequence within TP
+    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl with CUDA, else gloo
+    timeout_minutes: float = 10.0  # process-group timeout
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor * self.pipeline * self.data
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -281,6 +296,39 @@ def validate(cfg: Config) -> None:
     _require(d.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
     _require(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     _require(d.prefetch >= 1, "data.prefetch", "must be >= 1")
+    validate_parallel(cfg)
+
+
+def validate_parallel(cfg: Config) -> None:
+    """Layout checks that need no process group (so they fail before any is created)."""
+    p, m = cfg.parallel, cfg.model
+    for name in ("tensor", "pipeline", "data"):
+        _require(getattr(p, name) >= 1, f"parallel.{name}", f"must be >= 1, got {getattr(p, name)}")
+    _require(p.timeout_minutes > 0, "parallel.timeout_minutes", "must be > 0")
+    tp = p.tensor
+    if tp > 1:
+        for name in ("hidden_size", "num_heads", "ffn_hidden_size", "vocab_size"):
+            value = getattr(m, name)
+            _require(value % tp == 0, f"model.{name}",
+                     f"{value} is not divisible by parallel.tensor {tp}")
+        _require(m.num_kv_heads % tp == 0, "model.num_kv_heads",
+                 f"{m.num_kv_heads} KV heads cannot be split over parallel.tensor {tp} "
+                 "(needs num_kv_heads % tensor == 0)")
+        _require(m.dropout == 0 or _cuda_available(), "model.dropout",
+                 "dropout > 0 with parallel.tensor > 1 needs CUDA (megatron's RNG tracker)")
+    if p.sequence_parallel:
+        _require(tp > 1, "parallel.sequence_parallel", "needs parallel.tensor > 1")
+        _require(cfg.train.seq_len % tp == 0, "train.seq_len",
+                 f"{cfg.train.seq_len} is not divisible by parallel.tensor {tp} "
+                 "(sequence parallelism)")
+    _require(p.pipeline == 1, "parallel.pipeline",
+             "pipeline parallelism is not available yet (the circular pipeline issue)")
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def dump_config(cfg: Config) -> str:

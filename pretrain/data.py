@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from data_pipeline.loader import RankSpec
 from pretrain.config import ConfigError
 
 
@@ -77,20 +78,23 @@ class TokenWindows:
 
 
 class TextData:
-    """The trainer's view of a `TokenWindows` source: the same protocol as the streaming
-    loader (`batches()`, `state_dict()`, `skipped_samples`) for a single process."""
+    """The trainer's view of a `TokenWindows` source, with the streaming loader's protocol
+    (`batches()`, `state_dict()`, `skipped_samples`) and its rank split (`RankSpec`)."""
 
     skipped_samples = 0
 
-    def __init__(self, windows: TokenWindows, micro_batch_size: int):
-        self.windows, self.micro_batch_size = windows, micro_batch_size
+    def __init__(self, windows: TokenWindows, spec: RankSpec):
+        self.windows, self.spec = windows, spec
         self.samples_consumed = 0
 
     def batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        start, k = self.samples_consumed, 0
         while True:
-            first = self.samples_consumed
-            self.samples_consumed += self.micro_batch_size
-            yield self.windows.batch(first, self.micro_batch_size)
+            rows = self.spec.samples(start, k)
+            k += 1
+            if k % self.spec.grad_accum_steps == 0:
+                self.samples_consumed += self.spec.global_batch
+            yield self.windows.batch(rows.start, len(rows))
 
     def state_dict(self) -> dict:
         return {"samples_consumed": self.samples_consumed}

@@ -7,7 +7,6 @@ bare PyTorch loop (see bench/overhead.py).
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -17,11 +16,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from data_pipeline.loader import RankSpec, StreamingData
+from parallelism.grads import all_ranks_agree, dp_mean, finalize_grads, global_grad_norm
+from parallelism.tensor_parallel import full_state_dict, parallelize_tensor, vocab_parallel_token_ce
+from parallelism.topology import Topology, init_topology
 from pretrain.checkpoint import save_model
 from pretrain.config import Config, ConfigError, dump_config
 from pretrain.data import ByteTokenizer, TextData, TokenWindows, load_text_tokens
 from pretrain.model.looped import LoopedLM
-from pretrain.model.objective import compute_objective
+from pretrain.model.objective import compute_objective, token_cross_entropy
 from pretrain.optim import build_optimizer, lr_at, set_lr
 
 
@@ -55,47 +58,51 @@ class RunSummary:
     history: list[StepStats] = field(default_factory=list)
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device: 'cuda' requested but CUDA is not available")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
-def default_data(cfg: Config):
-    """The configured data source: bundled-text windows, or the streaming shard loader."""
+def default_data(cfg: Config, topo: Topology | None = None):
+    """The configured data source for this data-parallel rank: bundled-text windows, or the
+    streaming shard loader."""
+    topo = topo or Topology()
+    spec = RankSpec(cfg.train.micro_batch_size, cfg.train.grad_accum_steps, topo.dp_rank, topo.dp)
     if cfg.data.source == "shards":
-        from data_pipeline.loader import StreamingData
-
-        return StreamingData(cfg)
+        return StreamingData(cfg, topo.dp_rank, topo.dp)
     tokenizer = ByteTokenizer()
     if cfg.model.vocab_size < tokenizer.vocab_size:
         raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the byte "
                           f"tokenizer's {tokenizer.vocab_size}")
     windows = TokenWindows(load_text_tokens(cfg.data.paths, tokenizer), cfg.train.seq_len,
                            cfg.train.seed)
-    return TextData(windows, cfg.train.micro_batch_size)
+    return TextData(windows, spec)
 
 
 class Trainer:
+    """Trains on this process's share of the layout: TP shards by construction
+    (`parallelize_tensor`), DP ranks on their slice of every global batch."""
+
     def __init__(self, cfg: Config, model: nn.Module | None = None, data=None,
-                 log: Callable[[str], None] = print, tensorboard: bool = True):
-        self.cfg, self.log = cfg, log
-        self.device = pick_device(cfg.train.device)
+                 log: Callable[[str], None] = print, tensorboard: bool = True,
+                 topology: Topology | None = None):
+        self.cfg = cfg
+        self.topo = topology or init_topology(cfg)
+        self.log = log if self.topo.is_main else (lambda _: None)
+        self.device = self.topo.device
         torch.manual_seed(cfg.train.seed)
-        self.model = (model if model is not None else LoopedLM(cfg.model)).to(self.device)
+        model = model if model is not None else LoopedLM(cfg.model)
+        self.cross_entropy = token_cross_entropy
+        if self.topo.tp > 1:
+            parallelize_tensor(model, self.topo, cfg.parallel.sequence_parallel)
+            self.cross_entropy = vocab_parallel_token_ce
+        self.model = model.to(self.device)
         if cfg.objective.kind == "adaptive_gate":  # stage 2: LM frozen, only the gate learns
             for name, p in self.model.named_parameters():
                 p.requires_grad_(name.startswith("gate."))
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.data = data if data is not None else default_data(cfg)
+        self.data = data if data is not None else default_data(cfg, self.topo)
         self._batches = None  # the data's micro-batch iterator, opened on the first step
         self.out_dir = Path(cfg.train.out_dir)
         self.tb_dir = self.out_dir / "tensorboard"
         self.writer = None
-        if tensorboard:
+        if tensorboard and self.topo.is_main:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(self.tb_dir))
@@ -107,8 +114,9 @@ class Trainer:
 
     @property
     def tokens_per_step(self) -> int:
+        """Tokens of one global batch (all data-parallel ranks)."""
         t = self.cfg.train
-        return t.micro_batch_size * t.grad_accum_steps * t.seq_len
+        return t.micro_batch_size * t.grad_accum_steps * t.seq_len * self.topo.dp
 
     def train_step(self):
         """One optimizer step over grad_accum_steps micro-batches; returns the last objective
@@ -123,13 +131,18 @@ class Trainer:
         for _ in range(t.grad_accum_steps):
             inputs, labels = (x.to(self.device) for x in next(self._batches))
             with self.autocast():
-                out = compute_objective(self.cfg.objective, self.model(inputs), labels)
+                out = compute_objective(self.cfg.objective, self.model(inputs), labels,
+                                        self.cross_entropy)
             (out.loss / t.grad_accum_steps).backward()
             total += out.loss.detach() / t.grad_accum_steps
-        clip = self.cfg.optim.grad_clip or math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
-        ok = bool(torch.isfinite(total) & torch.isfinite(grad_norm))
+        finalize_grads(self.model, self.topo)
+        grad_norm = global_grad_norm(self.params, self.topo)
+        ok = all_ranks_agree(bool(torch.isfinite(total) & torch.isfinite(grad_norm)), self.topo,
+                             self.device)
         if ok:
+            if self.cfg.optim.grad_clip:
+                torch.nn.utils.clip_grads_with_norm_(self.params, self.cfg.optim.grad_clip,
+                                                     grad_norm)
             self.optimizer.step()
             self.bad_streak = 0
         else:
@@ -143,10 +156,16 @@ class Trainer:
         return out, total, grad_norm, lr, ok
 
     def _stats(self, out, total, grad_norm, lr, tokens_per_s) -> StepStats:
+        """Statistics of the step, averaged over data-parallel ranks."""
+        r = out.ce.numel()
+        packed = dp_mean(torch.cat((total.view(1), out.ce, out.exit_prob, out.gate,
+                                    out.expected_loops.view(1), out.entropy.view(1))), self.topo)
+        loss, ce, exit_prob, gate = packed[0], packed[1:1 + r], packed[1 + r:1 + 2 * r], \
+            packed[1 + 2 * r:1 + 3 * r]
         return StepStats(
-            step=self.step, loss=total.item(), ce=out.ce.tolist(), exit_prob=out.exit_prob.tolist(),
-            gate=out.gate.tolist(), expected_loops=out.expected_loops.item(),
-            entropy=out.entropy.item(), lr=lr, grad_norm=grad_norm.item(),
+            step=self.step, loss=loss.item(), ce=ce.tolist(), exit_prob=exit_prob.tolist(),
+            gate=gate.tolist(), expected_loops=packed[-2].item(),
+            entropy=packed[-1].item(), lr=lr, grad_norm=grad_norm.item(),
             tokens_per_s=tokens_per_s, skipped=self.skipped,
             data_skips=getattr(self.data, "skipped_samples", 0))
 
@@ -170,8 +189,9 @@ class Trainer:
 
     def fit(self, save: bool = True) -> RunSummary:
         t = self.cfg.train
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "config.yaml").write_text(dump_config(self.cfg))
+        if self.topo.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.yaml").write_text(dump_config(self.cfg))
         history: list[StepStats] = []
         tick, done = time.perf_counter(), 0
         while self.step < t.max_steps:
@@ -184,7 +204,12 @@ class Trainer:
                 history.append(stats)
                 self._report(stats)
                 tick, done = time.perf_counter(), 0
-        ckpt = save_model(self.out_dir / "checkpoints", self.step, self.model, self.cfg) if save else None
+        ckpt = None
+        if save:
+            state = (full_state_dict(self.model, self.topo) if self.topo.tp > 1
+                     else self.model.state_dict())
+            if self.topo.is_main:
+                ckpt = save_model(self.out_dir / "checkpoints", self.step, state, self.cfg)
         if self.writer is not None:
             self.writer.close()
         return RunSummary(self.step, history[-1].loss, self.skipped, ckpt, self.tb_dir, history)

@@ -14,7 +14,7 @@ import zstandard
 
 from data_pipeline.badinput import BadInput, DataError
 from data_pipeline.documents import iter_documents
-from data_pipeline.loader import IGNORE_INDEX, RankBatches, StreamingData
+from data_pipeline.loader import IGNORE_INDEX, StreamingData
 from data_pipeline.mixture import Mixture
 from data_pipeline.shards import Manifest, tokenize_to_shards
 from data_pipeline.tokenizer import load_tokenizer, train_bpe
@@ -64,11 +64,11 @@ def _global_batches(corpus, steps, dp, workers, *overrides, state=None, micro=No
         data = StreamingData(cfg, dp_rank=rank, dp_size=dp)
         if state:
             data.load_state_dict(state)
-        ref = RankBatches(cfg.data, 31, cfg.train.seed, data.spec, data.samples_consumed)
+        start = data.samples_consumed
         it = data.batches()
         for k in range(steps * 2):
             inputs, labels = next(it)
-            for g, x, y in zip(ref.micro_batch_samples(k), inputs, labels, strict=True):
+            for g, x, y in zip(data.spec.samples(start, k), inputs, labels, strict=True):
                 out[k // 2][g] = torch.cat((x[:1], y)).tolist() if y[0] != IGNORE_INDEX else None
         datas.append(data)
     return out, datas

@@ -1,0 +1,66 @@
+"""Gradient communication after backward, kept apart from the trainer's step logic.
+
+- sequence-parallel replicated weights: summed over TP (tensor_parallel.py);
+- data parallelism: gradients averaged over the DP group (one coalesced all-reduce);
+- the global gradient norm counts every parameter once: TP-sharded parameters (those with a
+  `tp_split`) on every TP rank, replicated ones on TP rank 0 only, summed over the TP group.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from parallelism.tensor_parallel import sync_sequence_parallel_grads
+from parallelism.topology import Topology
+
+
+def _all_reduce_coalesced(grads: list[Tensor], group, scale: float = 1.0) -> None:
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat, group=group)
+    if scale != 1.0:
+        flat.mul_(scale)
+    for g, new in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+        g.copy_(new.view_as(g))
+
+
+def finalize_grads(model: nn.Module, topo: Topology) -> None:
+    if topo.tp > 1:
+        sync_sequence_parallel_grads(model, topo)
+    if topo.dp > 1:
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        _all_reduce_coalesced(grads, topo.dp_group, 1.0 / topo.dp)
+
+
+def global_grad_norm(params: list[nn.Parameter], topo: Topology) -> Tensor:
+    grads = [p.grad for p in params if p.grad is not None]
+    if topo.tp == 1:
+        return torch.nn.utils.get_total_norm(grads)
+    sharded = [p.grad for p in params if p.grad is not None and hasattr(p, "tp_split")]
+    replicated = [p.grad for p in params if p.grad is not None and not hasattr(p, "tp_split")]
+    sq = torch.zeros((), dtype=torch.float64, device=grads[0].device)
+    if sharded:
+        sq += torch.nn.utils.get_total_norm(sharded).double() ** 2
+    if replicated and topo.tp_rank == 0:
+        sq += torch.nn.utils.get_total_norm(replicated).double() ** 2
+    dist.all_reduce(sq, group=topo.tp_group)
+    return sq.sqrt().float()
+
+
+def all_ranks_agree(ok: bool, topo: Topology, device: torch.device) -> bool:
+    """True only if `ok` holds on every rank (so every rank skips a bad step together)."""
+    if topo.world == 1:
+        return ok
+    flag = torch.tensor(0.0 if ok else 1.0, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() == 0.0
+
+
+def dp_mean(values: Tensor, topo: Topology) -> Tensor:
+    """Average a small tensor of statistics over data-parallel ranks (for logging)."""
+    if topo.dp == 1:
+        return values
+    values = values.clone()
+    dist.all_reduce(values, group=topo.dp_group)
+    return values / topo.dp

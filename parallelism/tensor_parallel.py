@@ -1,0 +1,179 @@
+"""Tensor and sequence parallelism with megatron-core, applied by construction.
+
+`parallelize_tensor(model, topo)` takes a full `LoopedLM` (initialised from the seed exactly as
+on one process) and swaps its layers for megatron-core's, each holding this rank's shard of the
+full weights; a TP=k model from seed s therefore holds exactly the shards of the TP=1 model from
+seed s. The model code itself never learns about process groups.
+
+  qkv_proj, gate_up_proj  -> ColumnParallelLinear (fused blocks split per block: each rank holds
+                             its heads' q, k, v and its share of gate and up)
+  o_proj, down_proj       -> RowParallelLinear
+  embed                   -> VocabParallelEmbedding, lm_head -> ColumnParallelLinear (vocab),
+                             and every loop step's CE is megatron's vocab_parallel_cross_entropy
+  gate, norms             -> replicated: with TP alone every rank computes the same values
+
+With sequence parallelism the residual stream between TP regions is sharded along the sequence
+(megatron's all-gather / reduce-scatter replace the all-reduces); the exit gate's logits are
+all-gathered so every rank holds all of them, and the replicated norm and gate weights, which
+now see only a slice of the sequence, get their gradients summed over the TP group
+(`sync_sequence_parallel_grads`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from parallelism.topology import Topology
+from pretrain.model.looped import LoopedLM
+from pretrain.model.objective import IGNORE_INDEX
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # "Transformer Engine and Apex are not installed"
+    from megatron.core import tensor_parallel as mtp
+    from megatron.core.model_parallel_config import ModelParallelConfig
+
+
+@dataclass(frozen=True)
+class Split:
+    """How a full weight is cut over TP ranks: along `dim`, each fused block in `parts` split
+    evenly, a rank's pieces concatenated. Stored on each sharded parameter as `tp_split`."""
+
+    dim: int
+    parts: tuple[int, ...]
+
+    def shard(self, full: Tensor, rank: int, size: int) -> Tensor:
+        blocks = full.split(list(self.parts), dim=self.dim)
+        return torch.cat([b.chunk(size, dim=self.dim)[rank] for b in blocks], dim=self.dim)
+
+    def unshard(self, shards: list[Tensor]) -> Tensor:
+        local = [p // len(shards) for p in self.parts]
+        pieces = [s.split(local, dim=self.dim) for s in shards]
+        return torch.cat([torch.cat([p[i] for p in pieces], dim=self.dim)
+                          for i in range(len(self.parts))], dim=self.dim)
+
+
+class _Column(mtp.ColumnParallelLinear):
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x)[0]
+
+
+class _Row(mtp.RowParallelLinear):
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x)[0]
+
+
+class _TiedHead(mtp.ColumnParallelLinear):
+    """Vocab-parallel LM head reusing the (vocab-parallel) embedding's weight shard."""
+
+    def __init__(self, embed: nn.Module, *args, **kwargs):
+        super().__init__(*args, skip_weight_param_allocation=True, **kwargs)
+        object.__setattr__(self, "_embed", embed)  # not a submodule: no duplicate parameter
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x, weight=self._embed.weight)[0]
+
+
+class _Embedding(mtp.VocabParallelEmbedding):
+    """Takes sequence-first ids [S, B] like nn.Embedding in the model; megatron's reduce-scatter
+    path expects [B, S] and transposes itself."""
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return super().forward(ids.t() if self.reduce_scatter_embeddings else ids)
+
+
+class _GatheredGate(nn.Linear):
+    """The replicated exit gate on a sequence shard, its logits all-gathered along S."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return mtp.gather_from_sequence_parallel_region(super().forward(x),
+                                                        tensor_parallel_output_grad=False)
+
+
+def vocab_parallel_token_ce(logits: Tensor, labels: Tensor) -> Tensor:
+    """Per-token CE from this rank's vocab shard of logits [S, B, V/tp]; 0 where ignored.
+    (megatron's kernel normalises the logits in place: they are consumed.)"""
+    keep = labels != IGNORE_INDEX
+    logits = logits.float() if logits.element_size() < 4 else logits
+    return mtp.vocab_parallel_cross_entropy(logits, labels.clamp_min(0).contiguous()) * keep
+
+
+def _load(layer: nn.Module, full: Tensor, split: Split, topo: Topology) -> nn.Module:
+    with torch.no_grad():
+        layer.weight.copy_(split.shard(full.detach(), topo.tp_rank, topo.tp))
+    layer.weight.tp_split = split
+    return layer
+
+
+def parallelize_tensor(model: LoopedLM, topo: Topology, sequence_parallel: bool = False) -> None:
+    cfg = model.cfg
+    mcfg = ModelParallelConfig(tensor_model_parallel_size=topo.tp,
+                               sequence_parallel=sequence_parallel, use_cpu_initialization=True,
+                               perform_initialization=False, gradient_accumulation_fusion=False)
+    kw = {"config": mcfg, "init_method": nn.init.zeros_, "bias": False}
+    h, f, d = cfg.hidden_size, cfg.ffn_hidden_size, cfg.kv_channels
+    qkv = (cfg.num_heads * d, cfg.num_kv_heads * d, cfg.num_kv_heads * d)
+    for layer in (*model.prelude, *model.block, *model.coda):
+        a, m = layer.attn, layer.mlp
+        a.qkv_proj = _load(_Column(h, sum(qkv), gather_output=False, **kw), a.qkv_proj.weight,
+                           Split(0, qkv), topo)
+        a.o_proj = _load(_Row(qkv[0], h, input_is_parallel=True, skip_bias_add=False, **kw),
+                         a.o_proj.weight, Split(1, (qkv[0],)), topo)
+        a.n_heads, a.n_kv = a.n_heads // topo.tp, a.n_kv // topo.tp
+        m.gate_up_proj = _load(_Column(h, 2 * f, gather_output=False, **kw),
+                               m.gate_up_proj.weight, Split(0, (f, f)), topo)
+        m.down_proj = _load(_Row(f, h, input_is_parallel=True, skip_bias_add=False, **kw),
+                            m.down_proj.weight, Split(1, (f,)), topo)
+    vocab = Split(0, (cfg.vocab_size,))
+    embed = _Embedding(cfg.vocab_size, h, init_method=nn.init.zeros_,
+                       reduce_scatter_embeddings=sequence_parallel, config=mcfg)
+    full_head = model.lm_head.weight
+    model.embed = _load(embed, model.embed.weight, vocab, topo)
+    if cfg.tie_embeddings:
+        model.lm_head = _TiedHead(model.embed, h, cfg.vocab_size, gather_output=False, **kw)
+    else:
+        model.lm_head = _load(_Column(h, cfg.vocab_size, gather_output=False, **kw), full_head,
+                              vocab, topo)
+    if sequence_parallel:
+        gate = _GatheredGate(h, 1)
+        gate.load_state_dict(model.gate.state_dict())
+        model.gate = gate
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.startswith("gate."):
+                p.sequence_parallel = True
+
+
+def sync_sequence_parallel_grads(model: nn.Module, topo: Topology) -> None:
+    """Sum over the TP group the gradients of replicated weights that saw a sequence shard."""
+    grads = [p.grad for p in model.parameters()
+             if getattr(p, "sequence_parallel", False) and p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat, group=topo.tp_group)
+    for g, new in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+        g.copy_(new.view_as(g))
+
+
+def gather_full(tensor: Tensor, split: Split | None, topo: Topology) -> Tensor:
+    """The full (TP=1) tensor from every TP rank's shard; replicated tensors as they are."""
+    if split is None or topo.tp == 1:
+        return tensor
+    shards = [torch.empty_like(tensor) for _ in range(topo.tp)]
+    dist.all_gather(shards, tensor.contiguous(), group=topo.tp_group)
+    return split.unshard(shards)
+
+
+def full_state_dict(model: nn.Module, topo: Topology) -> dict[str, Tensor]:
+    """The TP=1 state dict (same names) gathered from the shards, on every TP rank."""
+    params = dict(model.named_parameters())
+    out = {}
+    for name, value in model.state_dict().items():
+        out[name] = gather_full(value, getattr(params.get(name), "tp_split", None), topo)
+    if getattr(model.cfg, "tie_embeddings", False):
+        out["lm_head.weight"] = out["embed.weight"]
+    return out

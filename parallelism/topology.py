@@ -1,0 +1,86 @@
+"""Who am I: rank, world, the TP x PP x DP process groups and the device, in one place.
+
+Groups come from megatron-core's `parallel_state.initialize_model_parallel` (rank order
+tp-cp-ep-dp-pp) on top of torch.distributed: NCCL with CUDA, gloo on CPU. The layout is checked
+against the launched world before any process group exists, so a wrong layout costs one line.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from pretrain.config import Config, ConfigError
+
+
+@dataclass
+class Topology:
+    world: int = 1
+    rank: int = 0
+    local_rank: int = 0
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    tp_rank: int = 0
+    pp_rank: int = 0
+    dp_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    tp_group: dist.ProcessGroup | None = None
+    dp_group: dist.ProcessGroup | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device: 'cuda' requested but CUDA is not available")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name, local_rank) if name == "cuda" else torch.device(name)
+
+
+def _cpu_collectives_shim() -> None:
+    """megatron-core's sequence-parallel collectives allocate their output buffers on
+    `torch.cuda.current_device()`; on a CPU-only build that is the CPU. Gloo does the rest."""
+    if not torch.cuda.is_available():
+        torch.cuda.current_device = lambda: "cpu"
+
+
+def init_topology(cfg: Config) -> Topology:
+    """Join the launched job (torchrun's env://) and build the groups; a single process with a
+    1x1x1 layout needs no process group at all."""
+    p = cfg.parallel
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != p.world_size:
+        raise ConfigError(f"parallel: tensor {p.tensor} x pipeline {p.pipeline} x data {p.data} = "
+                          f"{p.world_size} processes, but {world} were launched")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(cfg.train.device, local_rank)
+    if world == 1:
+        return Topology(device=device)
+    backend = p.backend if p.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=timedelta(minutes=p.timeout_minutes))
+    _cpu_collectives_shim()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Transformer Engine and Apex are not installed"
+        from megatron.core import parallel_state as ps
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(tensor_model_parallel_size=p.tensor,
+                                     pipeline_model_parallel_size=p.pipeline,
+                                     distributed_timeout_minutes=int(max(p.timeout_minutes, 1)))
+    return Topology(
+        world=world, rank=dist.get_rank(), local_rank=local_rank, tp=p.tensor, pp=p.pipeline,
+        dp=p.data, tp_rank=ps.get_tensor_model_parallel_rank(),
+        pp_rank=ps.get_pipeline_model_parallel_rank(), dp_rank=ps.get_data_parallel_rank(),
+        device=device, tp_group=ps.get_tensor_model_parallel_group(),
+        dp_group=ps.get_data_parallel_group())

@@ -1,0 +1,97 @@
+"""Tensor and sequence parallelism (megatron-core on gloo) against the single-process model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pretrain.cli import main
+from tests.conftest import ROOT
+from tests.distributed import torchrun
+
+CASES = [f"R{r}-{v}-sp{sp}" for r in (1, 3) for v in ("plain", "fully_looped") for sp in (0, 1)]
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=["tp2", "tp4"])
+def results(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tp") / "results.json"
+    torchrun(request.param, "-m", "tests.dist.tp_equivalence", "--out", str(out))
+    return request.param, json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_forward_backward_equal_single_process(results, case):
+    tp, res = results
+    r = res[case]
+    assert r["logits"] < 1e-5 and r["gate"] < 1e-5 and r["loss"] < 1e-5, r
+    assert r["grad"] < 1e-5, f"{r['grad_param']}: {r['grad']}"
+    assert r["state_exact"]  # TP shards gathered == the TP=1 model from the same seed
+    assert r["stream_rows"] == (16 // tp if case.endswith("sp1") else 16)
+
+
+@pytest.mark.parametrize("sp", [0, 1])
+def test_five_optimizer_steps_match(results, sp):
+    _, res = results
+    r = res[f"train-sp{sp}"]
+    for a, b in zip(r["losses_par"], r["losses_ref"], strict=True):
+        assert a == pytest.approx(b, rel=1e-5)
+    for a, b in zip(r["gnorm_par"], r["gnorm_ref"], strict=True):
+        assert a == pytest.approx(b, rel=1e-5)
+
+
+def _run(tmp_path, name, nproc, *overrides):
+    out = tmp_path / name
+    args = ["train", "--config", str(ROOT / "configs/tiny.yaml"), "model.vocab_size=260",
+            "train.max_steps=4", "train.log_every=2", "optim.warmup_steps=0",
+            f"data.paths=[{ROOT / 'data/sample.txt'}]", f"train.out_dir={out}", *overrides]
+    if nproc == 1:
+        assert main(args) == 0
+        text = ""
+    else:
+        text = torchrun(nproc, "-m", "pretrain.cli", *args).stdout
+    state = torch.load(out / "checkpoints/step_0000004/model.pt", weights_only=True)
+    return text, state
+
+
+def test_pretrain_train_under_torchrun_tp_and_dp(tmp_path):
+    """`pretrain train` under torchrun: TP=2 (+SP) and DP=2 reach the single-process weights."""
+    _, ref = _run(tmp_path, "ref", 1, "train.micro_batch_size=16")
+    text, tp = _run(tmp_path, "tp", 2, "parallel.tensor=2", "parallel.sequence_parallel=true",
+                    "train.micro_batch_size=16")
+    assert text.count("step      4/4") == 1  # only rank 0 reports
+    _, dp = _run(tmp_path, "dp", 2, "parallel.data=2", "train.micro_batch_size=8")
+    for name, want in ref.items():
+        torch.testing.assert_close(tp[name], want, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(dp[name], want, rtol=1e-4, atol=1e-5)
+
+
+BAD_LAYOUTS = [
+    (["parallel.tensor=3"], "model.hidden_size: 64 is not divisible by parallel.tensor 3"),
+    (["parallel.tensor=4", "model.num_heads=2", "model.num_kv_heads=2", "model.vocab_size=260"],
+     "model.num_heads: 2 is not divisible by parallel.tensor 4"),
+    (["parallel.tensor=2", "model.num_kv_heads=1", "model.vocab_size=260"],
+     "model.num_kv_heads: 1 KV heads cannot be split over parallel.tensor 2 "
+     "(needs num_kv_heads % tensor == 0)"),
+    (["parallel.tensor=2"], "model.vocab_size: 257 is not divisible by parallel.tensor 2"),
+    (["parallel.tensor=2", "model.vocab_size=260"],
+     "parallel: tensor 2 x pipeline 1 x data 1 = 2 processes, but 1 were launched"),
+    (["parallel.sequence_parallel=true"], "parallel.sequence_parallel: needs parallel.tensor > 1"),
+    (["parallel.tensor=2", "model.vocab_size=260", "model.dropout=0.1"],
+     "model.dropout: dropout > 0 with parallel.tensor > 1 needs CUDA (megatron's RNG tracker)"),
+    (["parallel.tensor=2", "model.vocab_size=260", "parallel.sequence_parallel=true",
+      "train.seq_len=63"], "train.seq_len: 63 is not divisible by parallel.tensor 2 "
+     "(sequence parallelism)"),
+    (["parallel.data=0"], "parallel.data: must be >= 1, got 0"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD_LAYOUTS)
+def test_bad_layouts_fail_before_any_process_group(overrides, message, capsys, tmp_path):
+    import torch.distributed as dist
+
+    assert main(["train", "--config", str(ROOT / "configs/tiny.yaml"),
+                 f"train.out_dir={tmp_path}", *overrides]) == 2
+    assert capsys.readouterr().err == f"pretrain: error: {message}\n"
+    assert not dist.is_initialized()
