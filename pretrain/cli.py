@@ -17,24 +17,27 @@ EXIT_DIVERGED = 3
 
 
 def _train(args: argparse.Namespace) -> int:
+    from pretrain.model.flops import count_parameters
     from pretrain.train import Trainer, TrainingDiverged
 
     cfg = load_config(args.config, args.overrides)
     trainer = Trainer(cfg)
+    say = print if trainer.topo.is_main else (lambda *a, **k: None)
     m = cfg.model
-    print(f"looped LM: {m.num_layers} shared layers x {m.loops} loops, hidden {m.hidden_size}; "
-          f"{sum(p.numel() for p in trainer.model.parameters()):,} parameters; "
-          f"device {trainer.device}; {trainer.tokens_per_step:,} tokens/step")
+    say(f"looped LM: {m.num_layers} shared layers x {m.loops} loops, hidden {m.hidden_size}; "
+          f"{count_parameters(m)['total']:,} parameters; "
+          f"device {trainer.device}; {trainer.tokens_per_step:,} tokens/step; layout tensor "
+          f"{trainer.topo.tp} x pipeline {trainer.topo.pp} x data {trainer.topo.dp}")
     try:
         summary = trainer.fit()
     except TrainingDiverged as e:
         print(f"pretrain: error: {e}", file=sys.stderr)
         return EXIT_DIVERGED
     first = summary.history[0].loss
-    print(f"done: {summary.steps} steps, loss {first:.4f} -> {summary.final_loss:.4f}, "
-          f"{summary.skipped_steps} skipped")
-    print(f"TensorBoard logs: {summary.tensorboard_dir}  (tensorboard --logdir {summary.tensorboard_dir})")
-    print(f"checkpoint: {summary.checkpoint}")
+    say(f"done: {summary.steps} steps, loss {first:.4f} -> {summary.final_loss:.4f}, "
+        f"{summary.skipped_steps} skipped")
+    say(f"TensorBoard logs: {summary.tensorboard_dir}  (tensorboard --logdir {summary.tensorboard_dir})")
+    say(f"checkpoint: {summary.checkpoint}")
     return 0
 
 

@@ -17,7 +17,7 @@ CASES = [f"R{r}-{v}-sp{sp}" for r in (1, 3) for v in ("plain", "fully_looped") f
 @pytest.fixture(scope="module", params=[2, 4], ids=["tp2", "tp4"])
 def results(request, tmp_path_factory):
     out = tmp_path_factory.mktemp("tp") / "results.json"
-    torchrun(request.param, "-m", "tests.dist.tp_equivalence", "--out", str(out))
+    torchrun(request.param, "-m", "tests.multiproc.tp_equivalence", "--out", str(out))
     return request.param, json.loads(out.read_text())
 
 
@@ -60,7 +60,7 @@ def test_pretrain_train_under_torchrun_tp_and_dp(tmp_path):
     _, ref = _run(tmp_path, "ref", 1, "train.micro_batch_size=16")
     text, tp = _run(tmp_path, "tp", 2, "parallel.tensor=2", "parallel.sequence_parallel=true",
                     "train.micro_batch_size=16")
-    assert text.count("step      4/4") == 1  # only rank 0 reports
+    assert text.count("step      4/4") == 1 and text.count("checkpoint: ") == 1  # rank 0 reports
     _, dp = _run(tmp_path, "dp", 2, "parallel.data=2", "train.micro_batch_size=8")
     for name, want in ref.items():
         torch.testing.assert_close(tp[name], want, rtol=1e-4, atol=1e-5)
