@@ -3,7 +3,8 @@
 - sequence-parallel replicated weights: summed over TP (tensor_parallel.py);
 - data parallelism: gradients averaged over the DP group (one coalesced all-reduce);
 - the global gradient norm counts every parameter once: TP-sharded parameters (those with a
-  `tp_split`) on every TP rank, replicated ones on TP rank 0 only, summed over the TP group.
+  `tp_split`) on every TP rank, replicated ones on TP rank 0 only, summed over the model-parallel
+  (TP x PP) group, since each pipeline stage holds its own parameters.
 """
 
 from __future__ import annotations
@@ -34,17 +35,18 @@ def finalize_grads(model: nn.Module, topo: Topology) -> None:
 
 
 def global_grad_norm(params: list[nn.Parameter], topo: Topology) -> Tensor:
+    """The gradient norm of the whole model; every pipeline stage holds distinct parameters."""
     grads = [p.grad for p in params if p.grad is not None]
-    if topo.tp == 1:
+    if topo.tp == 1 and topo.pp == 1:
         return torch.nn.utils.get_total_norm(grads)
     sharded = [p.grad for p in params if p.grad is not None and hasattr(p, "tp_split")]
     replicated = [p.grad for p in params if p.grad is not None and not hasattr(p, "tp_split")]
-    sq = torch.zeros((), dtype=torch.float64, device=grads[0].device)
+    sq = torch.zeros((), dtype=torch.float64, device=topo.device)
     if sharded:
         sq += torch.nn.utils.get_total_norm(sharded).double() ** 2
     if replicated and topo.tp_rank == 0:
         sq += torch.nn.utils.get_total_norm(replicated).double() ** 2
-    dist.all_reduce(sq, group=topo.tp_group)
+    dist.all_reduce(sq, group=topo.mp_group)
     return sq.sqrt().float()
 
 
@@ -57,10 +59,13 @@ def all_ranks_agree(ok: bool, topo: Topology, device: torch.device) -> bool:
     return flag.item() == 0.0
 
 
-def dp_mean(values: Tensor, topo: Topology) -> Tensor:
-    """Average a small tensor of statistics over data-parallel ranks (for logging)."""
-    if topo.dp == 1:
-        return values
-    values = values.clone()
-    dist.all_reduce(values, group=topo.dp_group)
-    return values / topo.dp
+def replica_stats(values: Tensor | None, size: int, topo: Topology) -> Tensor:
+    """A small vector of statistics as every rank sees it: taken from the last pipeline stage
+    (others pass None) and averaged over data-parallel ranks (for logging)."""
+    values = torch.zeros(size, device=topo.device) if values is None else values.clone()
+    if topo.pp > 1:
+        dist.all_reduce(values, group=topo.pp_group)
+    if topo.dp > 1:
+        dist.all_reduce(values, group=topo.dp_group)
+        values /= topo.dp
+    return values

@@ -32,6 +32,10 @@ class Topology:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     tp_group: dist.ProcessGroup | None = None
     dp_group: dist.ProcessGroup | None = None
+    mp_group: dist.ProcessGroup | None = None  # tensor x pipeline (one model replica)
+    pp_group: dist.ProcessGroup | None = None
+    pp_next: int = 0  # global rank of the next pipeline stage (the ring wraps around)
+    pp_prev: int = 0
 
     @property
     def is_main(self) -> bool:
@@ -83,4 +87,7 @@ def init_topology(cfg: Config) -> Topology:
         dp=p.data, tp_rank=ps.get_tensor_model_parallel_rank(),
         pp_rank=ps.get_pipeline_model_parallel_rank(), dp_rank=ps.get_data_parallel_rank(),
         device=device, tp_group=ps.get_tensor_model_parallel_group(),
-        dp_group=ps.get_data_parallel_group())
+        dp_group=ps.get_data_parallel_group(), mp_group=ps.get_model_parallel_group(),
+        pp_group=ps.get_pipeline_model_parallel_group(),
+        pp_next=ps.get_pipeline_model_parallel_next_rank(),
+        pp_prev=ps.get_pipeline_model_parallel_prev_rank())

@@ -111,6 +111,8 @@ class ParallelConfig:
     pipeline: int = 1  # PP: the circular pipeline over the looped block
     data: int = 1  # DP
     sequence_parallel: bool = False  # shard norms/residuals along the sequence within TP
+    pipeline_schedule: Literal["1f1b", "gpipe"] = "1f1b"  # interleaved 1F1B over the R laps
+    pipeline_split: list[int] = field(default_factory=list)  # block layers per stage; []: auto
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl with CUDA, else gloo
     timeout_minutes: float = 10.0  # process-group timeout
 
@@ -321,8 +323,24 @@ def validate_parallel(cfg: Config) -> None:
         _require(cfg.train.seq_len % tp == 0, "train.seq_len",
                  f"{cfg.train.seq_len} is not divisible by parallel.tensor {tp} "
                  "(sequence parallelism)")
-    _require(p.pipeline == 1, "parallel.pipeline",
-             "pipeline parallelism is not available yet (the circular pipeline issue)")
+    if p.pipeline > 1:
+        _require(m.num_layers >= p.pipeline, "parallel.pipeline",
+                 f"{p.pipeline} stages need at least as many shared layers, got {m.num_layers}")
+        _require(not m.tie_embeddings, "model.tie_embeddings",
+                 "tied embeddings live on the first and last stage; not supported with pipeline > 1")
+        if p.pipeline_split:
+            _require(len(p.pipeline_split) == p.pipeline and min(p.pipeline_split) >= 1
+                     and sum(p.pipeline_split) == m.num_layers, "parallel.pipeline_split",
+                     f"{p.pipeline_split} must be {p.pipeline} positive layer counts summing to "
+                     f"model.num_layers {m.num_layers}")
+        m_count = cfg.train.grad_accum_steps
+        if p.pipeline_schedule == "1f1b" and m.loops > 1:
+            _require(m_count % p.pipeline == 0, "train.grad_accum_steps",
+                     f"{m_count} microbatches do not fit the interleaved 1F1B schedule over "
+                     f"{m.loops} laps: need a multiple of parallel.pipeline {p.pipeline} "
+                     "(or parallel.pipeline_schedule=gpipe)")
+    else:
+        _require(not p.pipeline_split, "parallel.pipeline_split", "needs parallel.pipeline > 1")
 
 
 def _cuda_available() -> bool:

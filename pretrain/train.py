@@ -17,7 +17,9 @@ import torch
 from torch import nn
 
 from data_pipeline.loader import RankSpec, StreamingData
-from parallelism.grads import all_ranks_agree, dp_mean, finalize_grads, global_grad_norm
+from parallelism.grads import all_ranks_agree, finalize_grads, global_grad_norm, replica_stats
+from parallelism.pipeline import PipelineStage, gather_stages, keep_stage
+from parallelism.pipeline_balance import describe, resolve_split
 from parallelism.tensor_parallel import full_state_dict, parallelize_tensor, vocab_parallel_token_ce
 from parallelism.topology import Topology, init_topology
 from pretrain.checkpoint import save_model
@@ -91,6 +93,13 @@ class Trainer:
         if self.topo.tp > 1:
             parallelize_tensor(model, self.topo, cfg.parallel.sequence_parallel)
             self.cross_entropy = vocab_parallel_token_ce
+        self.pipeline = None
+        if self.topo.pp > 1:
+            split = resolve_split(cfg)
+            keep_stage(model, split, self.topo.pp_rank)
+            self.pipeline = PipelineStage(model, self.topo, cfg, self.cross_entropy)
+            self.log(f"pipeline split ({'explicit' if cfg.parallel.pipeline_split else 'auto'}): "
+                     f"{describe(cfg, split)}")
         self.model = model.to(self.device)
         if cfg.objective.kind == "adaptive_gate":  # stage 2: LM frozen, only the gate learns
             for name, p in self.model.named_parameters():
@@ -128,13 +137,21 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         if self._batches is None:
             self._batches = self.data.batches()
-        for _ in range(t.grad_accum_steps):
-            inputs, labels = (x.to(self.device) for x in next(self._batches))
+        if self.pipeline is not None:
+            batches = [tuple(x.to(self.device) for x in next(self._batches))
+                       for _ in range(t.grad_accum_steps)]
             with self.autocast():
-                out = compute_objective(self.cfg.objective, self.model(inputs), labels,
-                                        self.cross_entropy)
-            (out.loss / t.grad_accum_steps).backward()
-            total += out.loss.detach() / t.grad_accum_steps
+                out = self.pipeline.run(batches, self.cfg.parallel.pipeline_schedule)
+            if out is not None:
+                total = out.loss
+        else:
+            for _ in range(t.grad_accum_steps):
+                inputs, labels = (x.to(self.device) for x in next(self._batches))
+                with self.autocast():
+                    out = compute_objective(self.cfg.objective, self.model(inputs), labels,
+                                            self.cross_entropy)
+                (out.loss / t.grad_accum_steps).backward()
+                total += out.loss.detach() / t.grad_accum_steps
         finalize_grads(self.model, self.topo)
         grad_norm = global_grad_norm(self.params, self.topo)
         ok = all_ranks_agree(bool(torch.isfinite(total) & torch.isfinite(grad_norm)), self.topo,
@@ -156,10 +173,12 @@ class Trainer:
         return out, total, grad_norm, lr, ok
 
     def _stats(self, out, total, grad_norm, lr, tokens_per_s) -> StepStats:
-        """Statistics of the step, averaged over data-parallel ranks."""
-        r = out.ce.numel()
-        packed = dp_mean(torch.cat((total.view(1), out.ce, out.exit_prob, out.gate,
-                                    out.expected_loops.view(1), out.entropy.view(1))), self.topo)
+        """Statistics of the step (from the last pipeline stage), averaged over DP ranks."""
+        r = self.cfg.model.loops
+        mine = None if out is None else torch.cat((
+            total.view(1), out.ce, out.exit_prob, out.gate, out.expected_loops.view(1),
+            out.entropy.view(1)))
+        packed = replica_stats(mine, 3 * r + 3, self.topo)
         loss, ce, exit_prob, gate = packed[0], packed[1:1 + r], packed[1 + r:1 + 2 * r], \
             packed[1 + 2 * r:1 + 3 * r]
         return StepStats(
@@ -208,6 +227,8 @@ class Trainer:
         if save:
             state = (full_state_dict(self.model, self.topo) if self.topo.tp > 1
                      else self.model.state_dict())
+            if self.pipeline is not None:
+                state = gather_stages(self.model, state, self.topo)
             if self.topo.is_main:
                 ckpt = save_model(self.out_dir / "checkpoints", self.step, state, self.cfg)
         if self.writer is not None:

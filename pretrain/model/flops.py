@@ -35,16 +35,27 @@ def layer_matmul_flops(cfg: ModelConfig) -> int:
     return 2 * (attn + 3 * h * f)
 
 
+def attention_flops(cfg: ModelConfig, seq_len: int) -> int:
+    """Forward FLOPs per token of one layer's scores and weighted sum (one loop, no injection)."""
+    return 2 * 2 * seq_len * cfg.num_heads * cfg.kv_channels
+
+
+def readout_flops(cfg: ModelConfig) -> int:
+    """Forward FLOPs per token of one loop step's LM head and exit gate."""
+    return 2 * (cfg.hidden_size * cfg.vocab_size + cfg.hidden_size)
+
+
+def block_layer_flops(cfg: ModelConfig, seq_len: int, loops: int) -> int:
+    """Forward FLOPs per token of one shared-block layer over all `loops` applications."""
+    attn = attention_flops(cfg, seq_len)
+    injected = (loops - 1) * attn if cfg.attention_injection else 0
+    return loops * (layer_matmul_flops(cfg) + attn) + injected
+
+
 def flops_per_token(cfg: ModelConfig, seq_len: int, loops: int | None = None) -> int:
     """Training FLOPs (forward + backward) per token at context `seq_len`."""
     r = loops or cfg.loops
-    layer = layer_matmul_flops(cfg)
-    attn = 2 * 2 * seq_len * cfg.num_heads * cfg.kv_channels
-    injected = (r - 1) * attn if cfg.attention_injection else 0
-    forward = (
-        cfg.prelude_layers * (layer + attn)
-        + r * cfg.num_layers * (layer + attn) + cfg.num_layers * injected
-        + r * cfg.coda_layers * (layer + attn)
-        + r * 2 * (cfg.hidden_size * cfg.vocab_size + cfg.hidden_size)  # LM head + gate
-    )
+    unshared = layer_matmul_flops(cfg) + attention_flops(cfg, seq_len)
+    forward = (cfg.prelude_layers * unshared + cfg.num_layers * block_layer_flops(cfg, seq_len, r)
+               + r * (cfg.coda_layers * unshared + readout_flops(cfg)))
     return 3 * forward

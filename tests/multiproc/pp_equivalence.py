@@ -1,0 +1,135 @@
+"""Run under torchrun: the circular pipeline (PP = 2, optionally x TP = 2) against the
+single-process model on the same microbatches. Every rank builds the single-process model from
+the seed as its reference; rank 0 writes the worst relative errors per case to --out."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+
+import torch
+import torch.distributed as dist
+
+from parallelism.grads import finalize_grads
+from parallelism.pipeline import PipelineStage, global_name, keep_stage
+from parallelism.pipeline_schedule import schedule, warmup_count
+from parallelism.tensor_parallel import gather_full, parallelize_tensor, vocab_parallel_token_ce
+from parallelism.topology import Topology, init_topology
+from pretrain.config import ConfigError
+from pretrain.model.looped import LoopedLM
+from pretrain.model.objective import compute_objective
+from pretrain.train import Trainer
+from tests.conftest import tiny_config
+from tests.multiproc.compare import close_to, rel
+
+SHAPES = ["model.vocab_size=260", "model.num_kv_heads=4", "model.num_layers=3", "train.seq_len=16"]
+VARIANTS = {"plain": [], "fully_looped": ["model.fully_looped=true",
+                                          "model.attention_injection=true"]}
+
+
+def one_case(topo, loops, m, kind, variant, split, sp) -> dict:
+    try:
+        cfg = tiny_config(*SHAPES, f"model.loops={loops}", *VARIANTS[variant],
+                          f"parallel.pipeline={topo.pp}", f"parallel.tensor={topo.tp}",
+                          f"parallel.sequence_parallel={str(sp).lower()}",
+                          f"parallel.pipeline_schedule={kind}", f"train.grad_accum_steps={m}",
+                          f"parallel.pipeline_split=[{','.join(map(str, split))}]")
+    except ConfigError as e:
+        return {"config_error": str(e)}
+    torch.manual_seed(cfg.train.seed)
+    ref = LoopedLM(cfg.model)
+    g = torch.Generator().manual_seed(7)
+    batches = []
+    for _ in range(m):
+        ids = torch.randint(0, 257, (2, 16), generator=g)
+        labels = torch.randint(0, 257, (2, 16), generator=g)
+        labels[0, :2] = -100
+        batches.append((ids, labels))
+    stage = copy.deepcopy(ref)
+    ce = None
+    if topo.tp > 1:
+        parallelize_tensor(stage, topo, sp)
+        ce = vocab_parallel_token_ce
+    keep_stage(stage, split, topo.pp_rank)
+    pipe = PipelineStage(stage, topo, cfg, ce or _default_ce())
+    out = pipe.run(batches, kind)
+    finalize_grads(stage, topo)
+    total = sum(compute_objective(cfg.objective, ref(ids), labels).loss for ids, labels in batches) / m
+    total.backward()
+    ref_grads = {n: p.grad for n, p in ref.named_parameters()}
+    worst, worst_name, close = 0.0, "", True
+    for name, p in stage.named_parameters():
+        got = gather_full(p.grad, getattr(p, "tp_split", None), topo)
+        want = ref_grads[global_name(stage, name)]
+        close &= close_to(got, want)
+        e = rel(got, want)
+        if e > worst:
+            worst, worst_name = e, global_name(stage, name)
+    res = {"grad": worst, "grad_param": worst_name, "grad_close": close, "peak_live": pipe.peak_live,
+           "bound": warmup_count(topo.pp, loops, m, topo.pp_rank) + 1,
+           "planned_peak": _planned(kind, topo, loops, m)}
+    if out is not None:
+        res["loss"] = rel(out.loss, total.detach())
+    return res
+
+
+def _planned(kind, topo, loops, m):
+    from parallelism.pipeline_schedule import peak_live
+
+    return peak_live(schedule(kind, topo.pp, loops, m, topo.pp_rank))
+
+
+def _default_ce():
+    from pretrain.model.objective import token_cross_entropy
+
+    return token_cross_entropy
+
+
+def training_case(topo, loops: int) -> dict:
+    base = [*SHAPES, f"model.loops={loops}", "train.max_steps=10", "train.log_every=1",
+            "optim.warmup_steps=0", "train.grad_accum_steps=2", "train.micro_batch_size=4",
+            f"train.out_dir=/tmp/pp-train-{os.getpid()}"]
+    par = Trainer(tiny_config(*base, f"parallel.pipeline={topo.pp}", f"parallel.tensor={topo.tp}"),
+                  topology=topo, log=lambda _: None, tensorboard=False).fit(save=False)
+    ref = Trainer(tiny_config(*base), topology=Topology(), log=lambda _: None,
+                  tensorboard=False).fit(save=False)
+    return {"losses_par": [s.loss for s in par.history],
+            "losses_ref": [s.loss for s in ref.history]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--tp", type=int, default=1)
+    args = ap.parse_args()
+    world = int(os.environ["WORLD_SIZE"])
+    pp = world // args.tp
+    topo = init_topology(tiny_config(*SHAPES, f"parallel.pipeline={pp}", f"parallel.tensor={args.tp}",
+                                     "train.grad_accum_steps=2"))
+    results = {}
+    small = args.tp > 1
+    for loops in ((1, 2) if small else (1, 2, 4)):
+        for m in ((2, 4) if small else (1, 2, 4, 8)):
+            for kind in ("1f1b", "gpipe"):
+                for variant in VARIANTS:
+                    for split in ([2, 1], [1, 2]):
+                        if small and split == [1, 2]:
+                            continue
+                        key = f"R{loops}-m{m}-{kind}-{variant}-{split[0]}{split[1]}"
+                        results[key] = one_case(topo, loops, m, kind, variant, split,
+                                                sp=small)
+    for loops in (1, 3):
+        results[f"train-R{loops}"] = training_case(topo, loops)
+    gathered = [None] * world
+    dist.all_gather_object(gathered, results)
+    if topo.rank == 0:
+        with open(args.out, "w") as fh:
+            json.dump(gathered, fh, indent=1)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""The circular pipeline (PP = 2, and PP = 2 x TP = 2 with sequence parallelism) against the
+single-process model, plus its schedules, balancing and layout errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from parallelism.pipeline_balance import auto_split, stage_costs
+from parallelism.pipeline_schedule import Piece, peak_live, schedule, warmup_count
+from pretrain.cli import main
+from tests.conftest import ROOT, tiny_config
+from tests.distributed import torchrun
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["pp2", "pp2xtp2"])
+def results(request, tmp_path_factory):
+    tp = request.param
+    out = tmp_path_factory.mktemp("pp") / "results.json"
+    torchrun(2 * tp, "-m", "tests.multiproc.pp_equivalence", "--tp", str(tp), "--out", str(out))
+    return tp, json.loads(out.read_text())
+
+
+def test_gradients_and_loss_equal_single_process(results):
+    """Every case (R in {1,2,4}, m in {1,2,4,8}, 1F1B and GPipe, plain and fully-looped,
+    splits [2,1] and [1,2]) on every rank: each parameter's gradient and the loss match."""
+    tp, ranks = results
+    checked = 0
+    for rank, res in enumerate(ranks):
+        for case, r in res.items():
+            if case.startswith("train") or "config_error" in r:
+                continue
+            assert r["grad_close"], f"rank {rank} {case}: {r['grad_param']} {r['grad']}"
+            if "loss" in r:
+                assert r["loss"] < 1e-5, f"rank {rank} {case}"
+            checked += 1
+    assert checked == len(ranks) * (16 if tp > 1 else 88)
+
+
+def test_1f1b_memory_bound_and_gpipe_growth(results):
+    _, ranks = results
+    for res in ranks:
+        for case, r in res.items():
+            if case.startswith("train") or "config_error" in r:
+                continue
+            assert r["peak_live"] == r["planned_peak"]
+            if "-1f1b-" in case:
+                assert r["peak_live"] <= r["bound"], case
+    gpipe = {c: r["peak_live"] for c, r in ranks[0].items() if "-gpipe-plain-21" in c}
+    assert gpipe["R2-m4-gpipe-plain-21"] > gpipe["R2-m2-gpipe-plain-21"] > 0  # grows with m
+
+
+def test_incompatible_microbatches_are_rejected(results):
+    tp, ranks = results
+    errors = {c: r["config_error"] for c, r in ranks[0].items() if "config_error" in r}
+    if tp > 1:  # that run uses m in {2, 4} only
+        assert not errors
+        return
+    assert sorted(errors) == sorted(f"R{r}-m1-1f1b-{v}-{s}" for r in (2, 4)
+                                    for v in ("plain", "fully_looped") for s in ("21", "12"))
+    for err in errors.values():
+        assert err.startswith("train.grad_accum_steps: 1 microbatches do not fit the interleaved")
+
+
+def test_ten_optimizer_steps_reproduce_the_loss_curve(results):
+    _, ranks = results
+    for loops in (1, 3):
+        r = ranks[0][f"train-R{loops}"]
+        assert len(r["losses_par"]) == 10
+        for a, b in zip(r["losses_par"], r["losses_ref"], strict=True):
+            assert a == pytest.approx(b, rel=1e-5)
+
+
+def test_schedule_structure():
+    for rank in (0, 1):
+        for loops, m in ((1, 4), (2, 4), (4, 8)):
+            pieces = schedule("1f1b", 2, loops, m, rank)
+            fwd = [p for p in pieces if p.kind == "F"]
+            bwd = [p for p in pieces if p.kind == "B"]
+            assert sorted(fwd) == sorted(Piece("F", i, t) for i in range(m) for t in range(loops))
+            assert len(bwd) == len(fwd)
+            for p in bwd:  # a microbatch's laps go backward in reverse order, after its forward
+                assert pieces.index(Piece("F", p.mb, p.lap)) < pieces.index(p)
+                if p.lap + 1 < loops:
+                    assert pieces.index(Piece("B", p.mb, p.lap + 1)) < pieces.index(p)
+            assert peak_live(pieces) <= warmup_count(2, loops, m, rank) + 1
+            assert peak_live(schedule("gpipe", 2, loops, m, rank)) == m * loops
+
+
+def test_auto_split_is_loop_aware():
+    """The last stage pays R x (LM head + gate): auto gives it fewer layers, more so for a
+    bigger vocabulary, and never does worse than the even split."""
+    cfg = tiny_config("model.num_layers=8", "model.vocab_size=32000", "model.loops=4",
+                      "parallel.pipeline=2", "train.grad_accum_steps=2")
+    split = auto_split(cfg, 2)
+    assert sum(split) == 8 and split[1] < split[0]
+    assert max(stage_costs(cfg, split)) <= max(stage_costs(cfg, [4, 4]))
+    small = tiny_config("model.num_layers=8", "model.vocab_size=260", "model.loops=4",
+                        "parallel.pipeline=2", "train.grad_accum_steps=2")
+    assert auto_split(small, 2) == [4, 4]
+
+
+BAD = [
+    (["parallel.pipeline=4", "model.num_layers=2"],
+     "parallel.pipeline: 4 stages need at least as many shared layers, got 2"),
+    (["parallel.pipeline=2", "parallel.pipeline_split=[2,1]", "train.grad_accum_steps=2"],
+     "parallel.pipeline_split: [2, 1] must be 2 positive layer counts summing to "
+     "model.num_layers 2"),
+    (["parallel.pipeline=2", "parallel.pipeline_split=[2,0]", "model.num_layers=2",
+      "train.grad_accum_steps=2"],
+     "parallel.pipeline_split: [2, 0] must be 2 positive layer counts summing to "
+     "model.num_layers 2"),
+    (["parallel.pipeline=2", "train.grad_accum_steps=3"],
+     "train.grad_accum_steps: 3 microbatches do not fit the interleaved 1F1B schedule over 3 "
+     "laps: need a multiple of parallel.pipeline 2 (or parallel.pipeline_schedule=gpipe)"),
+    (["parallel.pipeline=2", "train.grad_accum_steps=2", "model.tie_embeddings=true"],
+     "model.tie_embeddings: tied embeddings live on the first and last stage; not supported "
+     "with pipeline > 1"),
+    (["parallel.pipeline_split=[1,1]"], "parallel.pipeline_split: needs parallel.pipeline > 1"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD)
+def test_bad_pipeline_layouts(overrides, message, capsys, tmp_path):
+    assert main(["train", "--config", str(ROOT / "configs/tiny.yaml"),
+                 f"train.out_dir={tmp_path}", *overrides]) == 2
+    assert capsys.readouterr().err == f"pretrain: error: {message}\n"
