@@ -25,6 +25,7 @@ all-reduce across stages).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -35,6 +36,8 @@ from parallelism.pipeline_schedule import Piece, schedule
 from parallelism.topology import Topology
 from pretrain.model.looped import LoopedLM, LoopedOutput
 from pretrain.model.objective import ObjectiveOutput, compute_objective
+
+RECV_AHEAD = 2  # pieces whose inputs are received ahead, overlapping transfers with compute
 
 
 def keep_stage(model: LoopedLM, split: list[int], stage: int) -> None:
@@ -117,6 +120,7 @@ class PipelineStage:
         self.first, self.last = self.rank == 0, self.rank == topo.pp - 1
         self.loops = cfg.model.loops
         self.peak_live = 0  # most pieces alive at once in the last step (stashed activations)
+        self.busy_s = self.wait_s = self.wall_s = 0.0  # compute / blocked in recv / wall, last step
 
     # -- one piece ---------------------------------------------------------------------------
     def _forward(self, mb: _Microbatch, lap: int, h_in: Tensor | None, scale: float) -> dict:
@@ -183,28 +187,35 @@ class PipelineStage:
         pending: list[dist.Work] = []
         total = torch.zeros((), device=device)
         live = self.peak_live = 0
-        for piece in schedule(kind, self.stages, self.loops, m, self.rank):
+        self.busy_s, self.wait_s, start = 0.0, 0.0, time.perf_counter()
+        pieces = schedule(kind, self.stages, self.loops, m, self.rank)
+        posted: dict[Piece, tuple[Tensor, dist.Work]] = {}
+        for i, piece in enumerate(pieces):
+            for ahead in pieces[i:i + RECV_AHEAD + 1]:  # receives run while this piece computes
+                if ahead not in posted and self._needs_recv(ahead):
+                    posted[ahead] = self._post_recv(shape, device, ahead)
             mb = mbs[piece.mb]
+            received = self._wait(*posted.pop(piece)) if piece in posted else None
+            t0 = time.perf_counter()
             if piece.kind == "F":
-                h_in = None
-                if not (self.first and piece.lap == 0):
-                    h_in = self._recv(shape, device, piece, grad=False).requires_grad_()
+                h_in = None if received is None else received.requires_grad_()
                 mb.pieces[piece.lap] = saved = self._forward(mb, piece.lap, h_in, 1.0 / m)
                 if "h_out" in saved:
                     pending.append(self._send(saved["h_out"].detach(), piece, grad=False))
                 live += 1
             else:
                 saved = mb.pieces.pop(piece.lap)
-                grad_out = self._recv(shape, device, piece, grad=True) if "h_out" in saved else None
-                grad_in = self._backward(saved, grad_out)
+                grad_in = self._backward(saved, received)
                 if grad_in is not None:
                     pending.append(self._send(grad_in, piece, grad=True))
                 if "loss" in saved:
                     total += mb.result.loss.detach() / m
                 live -= 1
+            self.busy_s += time.perf_counter() - t0
             self.peak_live = max(self.peak_live, live)
         for work in pending:
             work.wait()
+        self.wall_s = time.perf_counter() - start
         if not self.last:
             return None
         result = mbs[-1].result
@@ -223,8 +234,19 @@ class PipelineStage:
         peer = self.topo.pp_prev if grad else self.topo.pp_next
         return dist.isend(t.contiguous(), peer, tag=self._tag(piece.mb, to, grad))
 
-    def _recv(self, shape, device, piece: Piece, grad: bool) -> Tensor:
+    def _needs_recv(self, piece: Piece) -> bool:
+        if piece.kind == "F":
+            return not (self.first and piece.lap == 0)
+        return not (self.last and piece.lap == self.loops - 1)
+
+    def _post_recv(self, shape, device, piece: Piece) -> tuple[Tensor, dist.Work]:
+        grad = piece.kind == "B"
         t = torch.empty(shape, device=device)
         peer = self.topo.pp_next if grad else self.topo.pp_prev
-        dist.irecv(t, peer, tag=self._tag(piece.mb, self._virtual(piece), grad)).wait()
+        return t, dist.irecv(t, peer, tag=self._tag(piece.mb, self._virtual(piece), grad))
+
+    def _wait(self, t: Tensor, work: dist.Work) -> Tensor:
+        t0 = time.perf_counter()
+        work.wait()
+        self.wait_s += time.perf_counter() - t0
         return t
