@@ -201,6 +201,8 @@ class Trainer:
         w.add_scalar("train/gate_entropy", s.entropy, n)
         w.add_scalar("train/skipped_steps", s.skipped, n)
         w.add_scalar("data/skipped_samples", s.data_skips, n)
+        if self.pipeline is not None and self.pipeline.wall_s > 0:  # this rank's idle share
+            w.add_scalar("pipeline/idle_fraction", 1 - self.pipeline.busy_s / self.pipeline.wall_s, n)
         for i, (c, p, g) in enumerate(zip(s.ce, s.exit_prob, s.gate, strict=True), start=1):
             w.add_scalar(f"loop/ce_step{i}", c, n)
             w.add_scalar(f"loop/exit_prob_step{i}", p, n)
