@@ -1,5 +1,6 @@
 """Who am I: rank, world, the TP x PP x DP process groups and the device, in one place.
 
+Ranks come from whichever launcher started us (launch.py: torchrun, srun, mpirun).
 Groups come from megatron-core's `parallel_state.initialize_model_parallel` (rank order
 tp-cp-ep-dp-pp) on top of torch.distributed: NCCL with CUDA, gloo on CPU. The layout is checked
 against the launched world before any process group exists, so a wrong layout costs one line.
@@ -7,7 +8,6 @@ against the launched world before any process group exists, so a wrong layout co
 
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -15,6 +15,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from parallelism.launch import discover, export
+from parallelism.watchdog import Watchdog
 from pretrain.config import Config, ConfigError
 
 
@@ -36,6 +38,7 @@ class Topology:
     pp_group: dist.ProcessGroup | None = None
     pp_next: int = 0  # global rank of the next pipeline stage (the ring wraps around)
     pp_prev: int = 0
+    watchdog: Watchdog | None = None  # names a rank that died; see watchdog.py
 
     @property
     def is_main(self) -> bool:
@@ -61,11 +64,14 @@ def init_topology(cfg: Config) -> Topology:
     """Join the launched job (torchrun's env://) and build the groups; a single process with a
     1x1x1 layout needs no process group at all."""
     p = cfg.parallel
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    launch = discover()
+    if launch.source != "single":
+        export(launch)
+    world = launch.world
     if world != p.world_size:
         raise ConfigError(f"parallel: tensor {p.tensor} x pipeline {p.pipeline} x data {p.data} = "
                           f"{p.world_size} processes, but {world} were launched")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_rank = launch.local_rank
     device = pick_device(cfg.train.device, local_rank)
     if world == 1:
         return Topology(device=device)
@@ -90,4 +96,5 @@ def init_topology(cfg: Config) -> Topology:
         dp_group=ps.get_data_parallel_group(), mp_group=ps.get_model_parallel_group(),
         pp_group=ps.get_pipeline_model_parallel_group(),
         pp_next=ps.get_pipeline_model_parallel_next_rank(),
-        pp_prev=ps.get_pipeline_model_parallel_prev_rank())
+        pp_prev=ps.get_pipeline_model_parallel_prev_rank(),
+        watchdog=Watchdog(dist.get_rank(), world, grace=p.peer_timeout_s))

@@ -1,6 +1,7 @@
 """`pretrain` command line: train, params, generate, data tokenize / train-tokenizer.
 
-Configuration problems print one line naming the field and exit with status 2 (no traceback).
+Configuration problems print one line naming the field and exit with status 2 (no traceback);
+a run whose loss diverges exits 3; a rank whose peer died exits 4, naming the dead rank.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import json
 import sys
 
 from data_pipeline.badinput import DataError
+from parallelism.watchdog import EXIT_PEER_LOST
 from pretrain.config import ConfigError, load_config
 
 EXIT_CONFIG = 2
@@ -33,6 +35,13 @@ def _train(args: argparse.Namespace) -> int:
     except TrainingDiverged as e:
         print(f"pretrain: error: {e}", file=sys.stderr)
         return EXIT_DIVERGED
+    except RuntimeError:  # a collective failed: was it a dead peer?
+        watchdog = trainer.topo.watchdog
+        why = watchdog.diagnose() if watchdog is not None else None
+        if why is None:
+            raise
+        print(f"pretrain: error: {why}", file=sys.stderr)
+        return EXIT_PEER_LOST
     first = summary.history[0].loss
     say(f"done: {summary.steps} steps, loss {first:.4f} -> {summary.final_loss:.4f}, "
         f"{summary.skipped_steps} skipped")

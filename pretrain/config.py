@@ -115,6 +115,7 @@ class ParallelConfig:
     pipeline_split: list[int] = field(default_factory=list)  # block layers per stage; []: auto
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl with CUDA, else gloo
     timeout_minutes: float = 10.0  # process-group timeout
+    peer_timeout_s: float = 15.0  # a rank without heartbeat this long is declared dead
 
     @property
     def world_size(self) -> int:
@@ -307,6 +308,7 @@ def validate_parallel(cfg: Config) -> None:
     for name in ("tensor", "pipeline", "data"):
         _require(getattr(p, name) >= 1, f"parallel.{name}", f"must be >= 1, got {getattr(p, name)}")
     _require(p.timeout_minutes > 0, "parallel.timeout_minutes", "must be > 0")
+    _require(p.peer_timeout_s > 0, "parallel.peer_timeout_s", "must be > 0")
     tp = p.tensor
     if tp > 1:
         for name in ("hidden_size", "num_heads", "ffn_hidden_size", "vocab_size"):
