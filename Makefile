@@ -41,6 +41,8 @@ bench: install
 	$(PY) bench/overhead.py
 	$(PY) bench/data_throughput.py
 	$(PY) bench/comm_volume.py
+	$(PY) bench/pipeline_bubble.py
+	$(PY) bench/zero_memory.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -97,7 +97,6 @@ def worker() -> None:
 if __name__ == "__main__":
     if "RANK" in os.environ:
         worker()
-        dist.destroy_process_group()
     else:
         sys.exit(subprocess.call([sys.executable, "-m", "torch.distributed.run",
                                   f"--nproc_per_node={P}", "--master_port=29741", __file__],

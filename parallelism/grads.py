@@ -1,6 +1,6 @@
 """Gradient communication after backward, kept apart from the trainer's step logic.
 
-- sequence-parallel replicated weights: summed over TP (tensor_parallel.py);
+- sequence-parallel replicated weights: summed over TP by gradient hooks (tensor_parallel.py);
 - data parallelism: gradients averaged over the DP group (one coalesced all-reduce);
 - the global gradient norm counts every parameter once: TP-sharded parameters (those with a
   `tp_split`) on every TP rank, replicated ones on TP rank 0 only, summed over the model-parallel
@@ -13,7 +13,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from parallelism.tensor_parallel import sync_sequence_parallel_grads
 from parallelism.topology import Topology
 
 
@@ -27,8 +26,7 @@ def _all_reduce_coalesced(grads: list[Tensor], group, scale: float = 1.0) -> Non
 
 
 def finalize_grads(model: nn.Module, topo: Topology) -> None:
-    if topo.tp > 1:
-        sync_sequence_parallel_grads(model, topo)
+    """Average gradients over data-parallel ranks (without ZeRO; DeepSpeed does its own)."""
     if topo.dp > 1:
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         _all_reduce_coalesced(grads, topo.dp_group, 1.0 / topo.dp)

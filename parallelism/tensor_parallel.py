@@ -15,8 +15,8 @@ seed s. The model code itself never learns about process groups.
 With sequence parallelism the residual stream between TP regions is sharded along the sequence
 (megatron's all-gather / reduce-scatter replace the all-reduces); the exit gate's logits are
 all-gathered so every rank holds all of them, and the replicated norm and gate weights, which
-now see only a slice of the sequence, get their gradients summed over the TP group
-(`sync_sequence_parallel_grads`).
+now see only a slice of the sequence, get their gradients summed over the TP group by a
+gradient hook.
 """
 
 from __future__ import annotations
@@ -106,7 +106,17 @@ def _load(layer: nn.Module, full: Tensor, split: Split, topo: Topology) -> nn.Mo
     with torch.no_grad():
         layer.weight.copy_(split.shard(full.detach(), topo.tp_rank, topo.tp))
     layer.weight.tp_split = split
+    # the attributes megatron (and DeepSpeed's gradient norm) read to tell sharded weights
+    mtp.set_tensor_model_parallel_attributes(layer.weight, True, split.dim, 1)
     return layer
+
+
+def _sum_over_tp(group):
+    def hook(grad: Tensor) -> Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad, group=group)
+        return grad
+    return hook
 
 
 def parallelize_tensor(model: LoopedLM, topo: Topology, sequence_parallel: bool = False) -> None:
@@ -145,18 +155,9 @@ def parallelize_tensor(model: LoopedLM, topo: Topology, sequence_parallel: bool 
         for name, p in model.named_parameters():
             if name.endswith("norm.weight") or name.startswith("gate."):
                 p.sequence_parallel = True
-
-
-def sync_sequence_parallel_grads(model: nn.Module, topo: Topology) -> None:
-    """Sum over the TP group the gradients of replicated weights that saw a sequence shard."""
-    grads = [p.grad for p in model.parameters()
-             if getattr(p, "sequence_parallel", False) and p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.flatten() for g in grads])
-    dist.all_reduce(flat, group=topo.tp_group)
-    for g, new in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
-        g.copy_(new.view_as(g))
+                # summed over TP as autograd produces it, before it reaches .grad: every
+                # backward pattern (pipeline pieces) and optimizer (ZeRO hooks) sees the sum
+                p.register_hook(_sum_over_tp(topo.tp_group))
 
 
 def gather_full(tensor: Tensor, split: Split | None, topo: Topology) -> Tensor:

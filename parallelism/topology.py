@@ -98,3 +98,11 @@ def init_topology(cfg: Config) -> Topology:
         pp_next=ps.get_pipeline_model_parallel_next_rank(),
         pp_prev=ps.get_pipeline_model_parallel_prev_rank(),
         watchdog=Watchdog(dist.get_rank(), world, grace=p.peer_timeout_s))
+
+
+def shutdown(topo: Topology) -> None:
+    """Leave the job cleanly: stop the heartbeat, then the process groups."""
+    if topo.watchdog is not None:
+        topo.watchdog.stop()
+    if dist.is_initialized():
+        dist.destroy_process_group()

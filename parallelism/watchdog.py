@@ -10,6 +10,7 @@ with EXIT_PEER_LOST within grace + a few seconds, naming the rank.
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 import threading
@@ -30,7 +31,14 @@ class Watchdog:
         self.beats = 0
         self.lock = threading.Lock()
         self.store_lost = False
-        threading.Thread(target=self._run, name="pretrain-watchdog", daemon=True).start()
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="pretrain-watchdog", daemon=True)
+        self.thread.start()
+        atexit.register(self.stop)  # never left inside a store call while the process ends
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=5 * self.interval)
 
     def _beat_and_look(self) -> list[int]:
         self.beats += 1
@@ -50,15 +58,17 @@ class Watchdog:
         return lost
 
     def _run(self) -> None:
-        while True:
+        while not self.stopping.is_set():
             try:
                 lost = self._beat_and_look()
             except Exception:  # the store's host (rank 0 or the launcher) is gone
+                if self.stopping.is_set():
+                    return
                 self.store_lost = True
                 self._exit(STORE_LOST)
-            if lost:
+            if lost and not self.stopping.is_set():
                 self._exit(self.describe(lost))
-            time.sleep(self.interval)
+            self.stopping.wait(self.interval)
 
     def describe(self, lost: list[int]) -> str:
         names = ", ".join(str(r) for r in lost)

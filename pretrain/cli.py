@@ -19,6 +19,7 @@ EXIT_DIVERGED = 3
 
 
 def _train(args: argparse.Namespace) -> int:
+    from parallelism.topology import shutdown
     from pretrain.model.flops import count_parameters
     from pretrain.train import Trainer, TrainingDiverged
 
@@ -42,6 +43,7 @@ def _train(args: argparse.Namespace) -> int:
             raise
         print(f"pretrain: error: {why}", file=sys.stderr)
         return EXIT_PEER_LOST
+    shutdown(trainer.topo)
     first = summary.history[0].loss
     say(f"done: {summary.steps} steps, loss {first:.4f} -> {summary.final_loss:.4f}, "
         f"{summary.skipped_steps} skipped")

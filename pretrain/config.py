@@ -116,6 +116,7 @@ class ParallelConfig:
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl with CUDA, else gloo
     timeout_minutes: float = 10.0  # process-group timeout
     peer_timeout_s: float = 15.0  # a rank without heartbeat this long is declared dead
+    zero_stage: int = 0  # 0: plain data parallelism; 1, 2: DeepSpeed ZeRO over the DP group
 
     @property
     def world_size(self) -> int:
@@ -309,6 +310,10 @@ def validate_parallel(cfg: Config) -> None:
         _require(getattr(p, name) >= 1, f"parallel.{name}", f"must be >= 1, got {getattr(p, name)}")
     _require(p.timeout_minutes > 0, "parallel.timeout_minutes", "must be > 0")
     _require(p.peer_timeout_s > 0, "parallel.peer_timeout_s", "must be > 0")
+    _require(p.zero_stage in (0, 1, 2), "parallel.zero_stage", f"must be 0, 1 or 2, got {p.zero_stage}")
+    _require(p.zero_stage < 2 or p.pipeline == 1, "parallel.zero_stage",
+             "ZeRO-2 does not compose with the circular pipeline (DeepSpeed reduces a gradient "
+             "partition once per step; the laps produce it several times): use zero_stage 1")
     tp = p.tensor
     if tp > 1:
         for name in ("hidden_size", "num_heads", "ffn_hidden_size", "vocab_size"):

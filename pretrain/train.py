@@ -22,12 +22,13 @@ from parallelism.pipeline import PipelineStage, gather_stages, keep_stage
 from parallelism.pipeline_balance import describe, resolve_split
 from parallelism.tensor_parallel import full_state_dict, parallelize_tensor, vocab_parallel_token_ce
 from parallelism.topology import Topology, init_topology
+from parallelism.zero import build_zero_engine
 from pretrain.checkpoint import save_model
 from pretrain.config import Config, ConfigError, dump_config
 from pretrain.data import ByteTokenizer, TextData, TokenWindows, load_text_tokens
 from pretrain.model.looped import LoopedLM
 from pretrain.model.objective import compute_objective, token_cross_entropy
-from pretrain.optim import build_optimizer, lr_at, set_lr
+from pretrain.optim import build_optimizer, lr_at, param_groups, set_lr
 
 
 class TrainingDiverged(RuntimeError):
@@ -105,7 +106,13 @@ class Trainer:
             for name, p in self.model.named_parameters():
                 p.requires_grad_(name.startswith("gate."))
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.engine = None  # DeepSpeed ZeRO: it reduces, clips and steps
+        if cfg.parallel.zero_stage:
+            self.engine = build_zero_engine(self.model, param_groups(self.model, cfg.optim), cfg,
+                                            self.topo, pipeline=self.pipeline is not None)
+            self.optimizer = self.engine.optimizer
+        else:
+            self.optimizer = build_optimizer(self.model, cfg.optim)
         self.data = data if data is not None else default_data(cfg, self.topo)
         self._batches = None  # the data's micro-batch iterator, opened on the first step
         self.out_dir = Path(cfg.train.out_dir)
@@ -150,8 +157,14 @@ class Trainer:
                 with self.autocast():
                     out = compute_objective(self.cfg.objective, self.model(inputs), labels,
                                             self.cross_entropy)
-                (out.loss / t.grad_accum_steps).backward()
+                if self.engine is not None:
+                    self.engine.backward(out.loss)  # scales by 1 / grad_accum_steps itself
+                    self.engine.step()  # updates at the last micro-batch only
+                else:
+                    (out.loss / t.grad_accum_steps).backward()
                 total += out.loss.detach() / t.grad_accum_steps
+        if self.engine is not None:
+            return self._zero_step(out, total, lr)
         finalize_grads(self.model, self.topo)
         grad_norm = global_grad_norm(self.params, self.topo)
         ok = all_ranks_agree(bool(torch.isfinite(total) & torch.isfinite(grad_norm)), self.topo,
@@ -161,16 +174,32 @@ class Trainer:
                 torch.nn.utils.clip_grads_with_norm_(self.params, self.cfg.optim.grad_clip,
                                                      grad_norm)
             self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._after_step(ok)
+        return out, total, grad_norm, lr, ok
+
+    def _zero_step(self, out, total, lr):
+        """The end of a step under ZeRO: DeepSpeed reduced, clipped and stepped (or skipped a
+        step whose gradients were not finite)."""
+        if self.pipeline is not None:
+            self.engine.allreduce_gradients()
+            self.engine.step()
+        ok = self.engine.was_step_applied()
+        norm = self.engine.get_global_grad_norm()
+        grad_norm = torch.as_tensor(float("nan") if norm is None or not ok else float(norm))
+        self._after_step(ok)
+        return out, total, grad_norm, lr, ok
+
+    def _after_step(self, ok: bool) -> None:
+        if ok:
             self.bad_streak = 0
         else:
             self.skipped += 1
             self.bad_streak += 1
-        self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        if self.bad_streak >= t.max_bad_steps:
+        if self.bad_streak >= self.cfg.train.max_bad_steps:
             raise TrainingDiverged(f"train.max_bad_steps: {self.bad_streak} consecutive steps had "
                                    f"a non-finite loss or gradient (last at step {self.step})")
-        return out, total, grad_norm, lr, ok
 
     def _stats(self, out, total, grad_norm, lr, tokens_per_s) -> StepStats:
         """Statistics of the step (from the last pipeline stage), averaged over DP ranks."""

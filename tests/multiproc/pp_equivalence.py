@@ -16,7 +16,7 @@ from parallelism.grads import finalize_grads
 from parallelism.pipeline import PipelineStage, global_name, keep_stage
 from parallelism.pipeline_schedule import schedule, warmup_count
 from parallelism.tensor_parallel import gather_full, parallelize_tensor, vocab_parallel_token_ce
-from parallelism.topology import Topology, init_topology
+from parallelism.topology import Topology, init_topology, shutdown
 from pretrain.config import ConfigError
 from pretrain.model.looped import LoopedLM
 from pretrain.model.objective import compute_objective
@@ -128,7 +128,7 @@ def main() -> None:
         with open(args.out, "w") as fh:
             json.dump(gathered, fh, indent=1)
     dist.barrier()
-    dist.destroy_process_group()
+    shutdown(topo)
 
 
 if __name__ == "__main__":

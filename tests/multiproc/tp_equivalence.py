@@ -19,7 +19,7 @@ from parallelism.tensor_parallel import (
     parallelize_tensor,
     vocab_parallel_token_ce,
 )
-from parallelism.topology import Topology, init_topology
+from parallelism.topology import Topology, init_topology, shutdown
 from pretrain.model.looped import LoopedLM
 from pretrain.model.objective import compute_objective
 from pretrain.train import Trainer
@@ -102,7 +102,7 @@ def main() -> None:
         with open(args.out, "w") as fh:
             json.dump(results, fh, indent=1)
     dist.barrier()
-    dist.destroy_process_group()
+    shutdown(topo)
 
 
 if __name__ == "__main__":

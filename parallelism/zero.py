@@ -1,0 +1,109 @@
+"""ZeRO optimizer sharding through DeepSpeed, over the data-parallel group only.
+
+DeepSpeed gets our topology as its `mpu`: it shards optimizer states (stage 1) and gradients
+(stage 2) across DP ranks and reduces gradients across DP only; its gradient norm sums
+TP-sharded weights (megatron's `tensor_model_parallel` attribute) on every TP rank and the rest
+on TP rank 0, over the TP x PP group -- every parameter counted once. Clipping and the update
+happen once per step; a step whose gradients are not finite is skipped by DeepSpeed itself.
+
+With the circular pipeline only stage 1 composes: the laps produce a weight's gradient in
+several backward calls per step, and ZeRO-2 reduces a gradient partition as soon as it is
+ready and refuses a second gradient for it in the same step ("Gradient computed twice for this
+partition", deepspeed/runtime/zero/stage_1_and_2.py) -- which is also why DeepSpeed's own
+PipelineEngine allows only ZeRO-1. Stage 1 reduces once, after the last piece.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import warnings
+
+import torch
+from torch import nn
+
+from parallelism.topology import Topology
+from pretrain.config import Config
+
+
+class TopologyMpu:
+    """The `mpu` interface DeepSpeed reads (megatron's names; model parallel = TP x PP)."""
+
+    def __init__(self, topo: Topology):
+        self.topo = topo
+
+    def get_model_parallel_rank(self) -> int:
+        return self.topo.tp_rank
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.topo.tp
+
+    def get_model_parallel_group(self):
+        return self.topo.mp_group
+
+    def get_data_parallel_rank(self) -> int:
+        return self.topo.dp_rank
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.topo.dp
+
+    def get_data_parallel_group(self):
+        return self.topo.dp_group
+
+
+def _deepspeed():
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import deepspeed
+        import deepspeed.comm.torch as ds_comm
+        from deepspeed.utils import logger
+    logger.setLevel(logging.WARNING)
+    # on CPU DeepSpeed JIT-compiles a shared-memory all-reduce at start-up that only its
+    # inference path uses: skip the compile (seconds to minutes on a fresh machine)
+    ds_comm.build_shm_op = lambda: None
+    return deepspeed
+
+
+def build_zero_engine(model: nn.Module, groups: list[dict], cfg: Config, topo: Topology,
+                      pipeline: bool):
+    """A DeepSpeed engine around `model` with AdamW over `groups` (our decay/no-decay split).
+
+    Without the pipeline, DeepSpeed sees grad_accum_steps micro-batches per step
+    (engine.backward + engine.step each); with it, one backward-less micro-step per step."""
+    o = cfg.optim
+    config = {
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": 1 if pipeline else cfg.train.grad_accum_steps,
+        "zero_optimization": {"stage": cfg.parallel.zero_stage,
+                              "contiguous_gradients": not pipeline},
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps, "torch_adam": True}},
+        "gradient_clipping": o.grad_clip,
+        "bf16": {"enabled": topo.device.type == "cuda"},
+        "steps_per_print": 1 << 62,
+        "wall_clock_breakdown": False,
+    }
+    single = topo.world == 1
+    if single:  # DeepSpeed needs a process group even for one process
+        for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
+                           ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port()))):
+            os.environ.setdefault(key, value)
+    engine, *_ = _deepspeed().initialize(model=model, model_parameters=groups, config=config,
+                                         mpu=None if single else TopologyMpu(topo),
+                                         dist_init_required=single)
+    return engine
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def optimizer_state_bytes(engine) -> int:
+    """Bytes of optimizer state held by this rank (ZeRO: its partition only)."""
+    inner = engine.optimizer.optimizer if hasattr(engine.optimizer, "optimizer") else engine.optimizer
+    return sum(t.numel() * t.element_size() for state in inner.state.values()
+               for t in state.values() if torch.is_tensor(t) and t.dim() > 0)

@@ -1,0 +1,76 @@
+"""Run under torchrun: DeepSpeed ZeRO-1/2 over the DP group (with TP or the pipeline when the
+world allows) against the single-process trainer with unsharded AdamW; rank 0 writes JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+import torch.distributed as dist
+
+from parallelism.pipeline import gather_stages
+from parallelism.tensor_parallel import full_state_dict
+from parallelism.topology import Topology, init_topology, shutdown
+from parallelism.zero import optimizer_state_bytes
+from pretrain.train import Trainer
+from tests.conftest import tiny_config
+
+# lr 3e-4: Adam moves an element whose gradient is ~eps by up to lr on a last-bit difference
+# in its sum (reduce-scatter vs one process); at 3e-4 five steps still move the weights by
+# ~1e-3 (so a wrong update fails the 1e-5 check) while that amplification stays ~1e-6
+BASE = ["model.vocab_size=260", "model.num_kv_heads=4", "train.seq_len=16",
+        "train.max_steps=5", "train.log_every=1", "optim.warmup_steps=0", "optim.lr=3e-4",
+        "optim.min_lr=3e-5",
+        "train.micro_batch_size=4", "train.grad_accum_steps=2"]
+
+
+def run(topo, layout: list[str], stage: int) -> dict:
+    out = f"/tmp/zero-{os.getpid()}"
+    dp = topo.dp
+    par_cfg = tiny_config(*BASE, *layout, f"parallel.zero_stage={stage}",
+                          f"train.micro_batch_size={4 // dp}", f"train.out_dir={out}")
+    par = Trainer(par_cfg, topology=topo, log=lambda _: None, tensorboard=False)
+    hist = par.fit(save=False).history
+    ref = Trainer(tiny_config(*BASE, f"train.out_dir={out}-ref"), topology=Topology(),
+                  log=lambda _: None, tensorboard=False)
+    ref.initial = {k: v.clone() for k, v in ref.model.state_dict().items()}
+    ref_hist = ref.fit(save=False).history
+    state = full_state_dict(par.model, topo) if topo.tp > 1 else par.model.state_dict()
+    if par.pipeline is not None:
+        state = gather_stages(par.model, state, topo)
+    want = ref.model.state_dict()
+    param_err = max((state[k] - v).abs().max().item() for k, v in want.items())
+    moved = max((v - ref.initial[k]).abs().max().item() for k, v in want.items())
+    local = sum(p.numel() for p in par.model.parameters())
+    return {"losses": [s.loss for s in hist], "ref_losses": [s.loss for s in ref_hist],
+            "param_abs_err": param_err, "param_moved": moved,
+            "state_bytes": optimizer_state_bytes(par.engine),
+            "unsharded_bytes": 2 * 4 * local, "dp": dp,
+            "gnorm": [s.grad_norm for s in hist], "ref_gnorm": [s.grad_norm for s in ref_hist]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--layout", default="dp", choices=["dp", "tp", "pp"])
+    args = ap.parse_args()
+    world = int(os.environ["WORLD_SIZE"])
+    layout = {"dp": [f"parallel.data={world}"],
+              "tp": ["parallel.tensor=2", f"parallel.data={world // 2}",
+                     "parallel.sequence_parallel=true"],
+              "pp": ["parallel.pipeline=2", f"parallel.data={world // 2}"]}[args.layout]
+    topo = init_topology(tiny_config(*BASE, *layout))
+    stages = (1,) if args.layout == "pp" else (1, 2)
+    results = {f"zero{s}": run(topo, layout, s) for s in stages}
+    if topo.rank == 0:
+        with open(args.out, "w") as fh:
+            json.dump(results, fh, indent=1)
+    dist.barrier()
+    shutdown(topo)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main()
