@@ -24,7 +24,6 @@ Goal: measured / analytic = 1.00.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import tempfile
 from collections import Counter
@@ -32,6 +31,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.torchrun_self import torchrun_self  # noqa: E402
 
 SHAPE = ["model.hidden_size=256", "model.num_layers=2", "model.num_heads=4",
          "model.num_kv_heads=4", "model.ffn_hidden_size=704", "model.vocab_size=1024",
@@ -121,7 +122,4 @@ if __name__ == "__main__":
     if "RANK" in os.environ:
         worker()
     else:
-        sys.exit(subprocess.call([sys.executable, "-m", "torch.distributed.run",
-                                  "--nproc_per_node=2", "--master_port=29731", __file__],
-                                 env={**os.environ, "OMP_NUM_THREADS": "1",
-                                      "PYTHONWARNINGS": "ignore"}))
+        sys.exit(torchrun_self(__file__, 2, 29731))

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -28,6 +27,8 @@ import torch.distributed as dist
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.torchrun_self import torchrun_self  # noqa: E402
 
 LAYERS, P = 4, 2
 SHAPE = ["model.hidden_size=256", "model.num_heads=4", "model.num_kv_heads=4",
@@ -98,7 +99,4 @@ if __name__ == "__main__":
     if "RANK" in os.environ:
         worker()
     else:
-        sys.exit(subprocess.call([sys.executable, "-m", "torch.distributed.run",
-                                  f"--nproc_per_node={P}", "--master_port=29741", __file__],
-                                 env={**os.environ, "OMP_NUM_THREADS": "1",
-                                      "PYTHONWARNINGS": "ignore"}))
+        sys.exit(torchrun_self(__file__, P, 29741))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -22,6 +21,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.torchrun_self import torchrun_self  # noqa: E402
 
 SHAPE = ["model.hidden_size=256", "model.num_layers=4", "model.num_heads=4",
          "model.num_kv_heads=4", "model.ffn_hidden_size=704", "model.vocab_size=512",
@@ -80,10 +81,7 @@ def worker() -> None:
 def main() -> None:
     results = []
     for dp in (1, 2, 4):
-        out = subprocess.run([sys.executable, "-m", "torch.distributed.run",
-                              f"--nproc_per_node={dp}", f"--master_port={29760 + dp}", __file__],
-                             capture_output=True, text=True, env={
-                                 **os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+        out = torchrun_self(__file__, dp, 29760 + dp, capture=True)
         line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
         if out.returncode or not line:
             sys.exit(f"dp={dp} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")

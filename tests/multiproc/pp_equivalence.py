@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 
 import torch
@@ -14,15 +13,15 @@ import torch.distributed as dist
 
 from parallelism.grads import finalize_grads
 from parallelism.pipeline import PipelineStage, global_name, keep_stage
-from parallelism.pipeline_schedule import schedule, warmup_count
+from parallelism.pipeline_schedule import peak_live, schedule, warmup_count
 from parallelism.tensor_parallel import gather_full, parallelize_tensor, vocab_parallel_token_ce
-from parallelism.topology import Topology, init_topology, shutdown
+from parallelism.topology import Topology, init_topology
 from pretrain.config import ConfigError
 from pretrain.model.looped import LoopedLM
-from pretrain.model.objective import compute_objective
+from pretrain.model.objective import compute_objective, token_cross_entropy
 from pretrain.train import Trainer
 from tests.conftest import tiny_config
-from tests.multiproc.compare import close_to, rel
+from tests.multiproc.compare import close_to, finish, rel
 
 SHAPES = ["model.vocab_size=260", "model.num_kv_heads=4", "model.num_layers=3", "train.seq_len=16"]
 VARIANTS = {"plain": [], "fully_looped": ["model.fully_looped=true",
@@ -53,7 +52,7 @@ def one_case(topo, loops, m, kind, variant, split, sp) -> dict:
         parallelize_tensor(stage, topo, sp)
         ce = vocab_parallel_token_ce
     keep_stage(stage, split, topo.pp_rank)
-    pipe = PipelineStage(stage, topo, cfg, ce or _default_ce())
+    pipe = PipelineStage(stage, topo, cfg, ce or token_cross_entropy)
     out = pipe.run(batches, kind)
     finalize_grads(stage, topo)
     total = sum(compute_objective(cfg.objective, ref(ids), labels).loss for ids, labels in batches) / m
@@ -69,22 +68,10 @@ def one_case(topo, loops, m, kind, variant, split, sp) -> dict:
             worst, worst_name = e, global_name(stage, name)
     res = {"grad": worst, "grad_param": worst_name, "grad_close": close, "peak_live": pipe.peak_live,
            "bound": warmup_count(topo.pp, loops, m, topo.pp_rank) + 1,
-           "planned_peak": _planned(kind, topo, loops, m)}
+           "planned_peak": peak_live(schedule(kind, topo.pp, loops, m, topo.pp_rank))}
     if out is not None:
         res["loss"] = rel(out.loss, total.detach())
     return res
-
-
-def _planned(kind, topo, loops, m):
-    from parallelism.pipeline_schedule import peak_live
-
-    return peak_live(schedule(kind, topo.pp, loops, m, topo.pp_rank))
-
-
-def _default_ce():
-    from pretrain.model.objective import token_cross_entropy
-
-    return token_cross_entropy
 
 
 def training_case(topo, loops: int) -> dict:
@@ -124,11 +111,7 @@ def main() -> None:
         results[f"train-R{loops}"] = training_case(topo, loops)
     gathered = [None] * world
     dist.all_gather_object(gathered, results)
-    if topo.rank == 0:
-        with open(args.out, "w") as fh:
-            json.dump(gathered, fh, indent=1)
-    dist.barrier()
-    shutdown(topo)
+    finish(topo, gathered, args.out)
 
 
 if __name__ == "__main__":

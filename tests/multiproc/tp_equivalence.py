@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 
 import torch
-import torch.distributed as dist
 
 from parallelism.grads import finalize_grads
 from parallelism.tensor_parallel import (
@@ -19,12 +17,12 @@ from parallelism.tensor_parallel import (
     parallelize_tensor,
     vocab_parallel_token_ce,
 )
-from parallelism.topology import Topology, init_topology, shutdown
+from parallelism.topology import Topology, init_topology
 from pretrain.model.looped import LoopedLM
 from pretrain.model.objective import compute_objective
 from pretrain.train import Trainer
 from tests.conftest import tiny_config
-from tests.multiproc.compare import close_to, rel
+from tests.multiproc.compare import close_to, finish, rel
 
 TP_SHAPES = ["model.vocab_size=260", "model.num_kv_heads=4", "train.seq_len=16"]
 VARIANTS = {"plain": [], "fully_looped": ["model.fully_looped=true",
@@ -98,11 +96,7 @@ def main() -> None:
                 results[f"R{loops}-{variant}-sp{int(sp)}"] = one_case(topo, loops, variant, sp)
     for sp in (False, True):
         results[f"train-sp{int(sp)}"] = training_case(topo, sp)
-    if topo.rank == 0:
-        with open(args.out, "w") as fh:
-            json.dump(results, fh, indent=1)
-    dist.barrier()
-    shutdown(topo)
+    finish(topo, results, args.out)
 
 
 if __name__ == "__main__":

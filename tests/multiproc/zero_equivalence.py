@@ -4,18 +4,17 @@ world allows) against the single-process trainer with unsharded AdamW; rank 0 wr
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 import torch
-import torch.distributed as dist
 
 from parallelism.pipeline import gather_stages
 from parallelism.tensor_parallel import full_state_dict
-from parallelism.topology import Topology, init_topology, shutdown
+from parallelism.topology import Topology, init_topology
 from parallelism.zero import optimizer_state_bytes
 from pretrain.train import Trainer
 from tests.conftest import tiny_config
+from tests.multiproc.compare import finish
 
 # lr 3e-4: Adam moves an element whose gradient is ~eps by up to lr on a last-bit difference
 # in its sum (reduce-scatter vs one process); at 3e-4 five steps still move the weights by
@@ -64,11 +63,7 @@ def main() -> None:
     topo = init_topology(tiny_config(*BASE, *layout))
     stages = (1,) if args.layout == "pp" else (1, 2)
     results = {f"zero{s}": run(topo, layout, s) for s in stages}
-    if topo.rank == 0:
-        with open(args.out, "w") as fh:
-            json.dump(results, fh, indent=1)
-    dist.barrier()
-    shutdown(topo)
+    finish(topo, results, args.out)
 
 
 if __name__ == "__main__":
