@@ -8,9 +8,11 @@ happen once per step; a step whose gradients are not finite is skipped by DeepSp
 
 With the circular pipeline only stage 1 composes: the laps produce a weight's gradient in
 several backward calls per step, and ZeRO-2 reduces a gradient partition as soon as it is
-ready and refuses a second gradient for it in the same step ("Gradient computed twice for this
-partition", deepspeed/runtime/zero/stage_1_and_2.py) -- which is also why DeepSpeed's own
-PipelineEngine allows only ZeRO-1. Stage 1 reduces once, after the last piece.
+ready and refuses a second gradient for it in the same step (measured, forcing stage 2 under
+PP=2: "The parameter gate.bias has already been reduced. Gradient computed twice for this
+partition. Multiple gradient reduction is currently not supported",
+deepspeed/runtime/zero/stage_1_and_2.py) -- which is also why DeepSpeed's own PipelineEngine
+allows only ZeRO-1. Stage 1 reduces once, after the last piece.
 """
 
 from __future__ import annotations
