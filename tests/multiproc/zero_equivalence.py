@@ -7,6 +7,7 @@ import argparse
 import os
 
 import torch
+import torch.distributed as dist
 
 from parallelism.pipeline import gather_stages
 from parallelism.tensor_parallel import full_state_dict
@@ -50,12 +51,46 @@ def run(topo, layout: list[str], stage: int) -> dict:
             "gnorm": [s.grad_norm for s in hist], "ref_gnorm": [s.grad_norm for s in ref_hist]}
 
 
+def nan_case(topo, stage: int) -> dict:
+    """Step 2 sees a NaN loss on DP rank 1 only."""
+    cfg = tiny_config(*BASE, f"parallel.data={topo.dp}", f"parallel.zero_stage={stage}",
+                      f"train.micro_batch_size={4 // topo.dp}", f"train.out_dir=/tmp/nan-{os.getpid()}")
+    trainer = Trainer(cfg, topology=topo, log=lambda _: None, tensorboard=False)
+    trainer.train_step()
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    real = trainer.model.forward
+
+    def poisoned(ids, loops=None):
+        out = real(ids, loops)
+        if topo.dp_rank == 1:
+            out.logits[-1] = out.logits[-1] * float("nan")
+        return out
+
+    trainer.model.forward = poisoned
+    *_, ok = trainer.train_step()
+    unchanged = all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters(),
+                                                       strict=True))
+    trainer.model.forward = real
+    *_, next_ok = trainer.train_step()
+    moved = not all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters(),
+                                                       strict=True))
+    return {"skipped_ok": ok, "skipped": trainer.skipped, "unchanged": unchanged,
+            "next_ok": next_ok, "moved": moved}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    ap.add_argument("--layout", default="dp", choices=["dp", "tp", "pp"])
+    ap.add_argument("--layout", default="dp", choices=["dp", "tp", "pp", "nan"])
+    ap.add_argument("--stage", type=int, default=1)
     args = ap.parse_args()
     world = int(os.environ["WORLD_SIZE"])
+    if args.layout == "nan":
+        topo = init_topology(tiny_config(*BASE, f"parallel.data={world}"))
+        results = [None] * world
+        dist.all_gather_object(results, nan_case(topo, args.stage))
+        finish(topo, results, args.out)
+        return
     layout = {"dp": [f"parallel.data={world}"],
               "tp": ["parallel.tensor=2", f"parallel.data={world // 2}",
                      "parallel.sequence_parallel=true"],
