@@ -43,6 +43,7 @@ bench: install
 	$(PY) bench/comm_volume.py
 	$(PY) bench/pipeline_bubble.py
 	$(PY) bench/zero_memory.py
+	$(PY) bench/checkpoint_io.py
 
 clean:
 	rm -rf $(VENV) runs

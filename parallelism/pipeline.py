@@ -57,7 +57,7 @@ def global_name(model: LoopedLM, name: str) -> str:
     """A stage's parameter name in the single-process model ('block.0' -> 'block.offset')."""
     if name.startswith("block."):
         i, rest = name[len("block."):].split(".", 1)
-        return f"block.{int(i) + model.layer_offset}.{rest}"
+        return f"block.{int(i) + getattr(model, 'layer_offset', 0)}.{rest}"
     return name
 
 

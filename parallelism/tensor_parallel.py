@@ -57,6 +57,22 @@ class Split:
                           for i in range(len(self.parts))], dim=self.dim)
 
 
+# the named blocks of fused weights (layout-free checkpoint keys, HF export names)
+FUSED_BLOCKS = {"qkv_proj": ("q", "k", "v"), "gate_up_proj": ("gate", "up")}
+
+
+def split_for(cfg, name: str) -> Split | None:
+    """How the weight `name` (single-process naming) is cut over TP ranks; None: replicated.
+    One table for parallelize_tensor and the layout-free checkpoint."""
+    f, d = cfg.ffn_hidden_size, cfg.kv_channels
+    q, kv = cfg.num_heads * d, cfg.num_kv_heads * d
+    if name in ("embed.weight", "lm_head.weight"):
+        return Split(0, (cfg.vocab_size,))
+    return {"attn.qkv_proj.weight": Split(0, (q, kv, kv)), "attn.o_proj.weight": Split(1, (q,)),
+            "mlp.gate_up_proj.weight": Split(0, (f, f)),
+            "mlp.down_proj.weight": Split(1, (f,))}.get(name.split(".", 2)[-1])
+
+
 class _Column(mtp.ColumnParallelLinear):
     def forward(self, x: Tensor) -> Tensor:
         return super().forward(x)[0]
@@ -125,20 +141,23 @@ def parallelize_tensor(model: LoopedLM, topo: Topology, sequence_parallel: bool 
                                sequence_parallel=sequence_parallel, use_cpu_initialization=True,
                                perform_initialization=False, gradient_accumulation_fusion=False)
     kw = {"config": mcfg, "init_method": nn.init.zeros_, "bias": False}
-    h, f, d = cfg.hidden_size, cfg.ffn_hidden_size, cfg.kv_channels
-    qkv = (cfg.num_heads * d, cfg.num_kv_heads * d, cfg.num_kv_heads * d)
+    h, f = cfg.hidden_size, cfg.ffn_hidden_size
+    q = cfg.num_heads * cfg.kv_channels
+    split = {k: split_for(cfg, f"block.0.{k}.weight") for k in
+             ("attn.qkv_proj", "attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")}
+    qkv = sum(split["attn.qkv_proj"].parts)
     for layer in (*model.prelude, *model.block, *model.coda):
         a, m = layer.attn, layer.mlp
-        a.qkv_proj = _load(_Column(h, sum(qkv), gather_output=False, **kw), a.qkv_proj.weight,
-                           Split(0, qkv), topo)
-        a.o_proj = _load(_Row(qkv[0], h, input_is_parallel=True, skip_bias_add=False, **kw),
-                         a.o_proj.weight, Split(1, (qkv[0],)), topo)
+        a.qkv_proj = _load(_Column(h, qkv, gather_output=False, **kw), a.qkv_proj.weight,
+                           split["attn.qkv_proj"], topo)
+        a.o_proj = _load(_Row(q, h, input_is_parallel=True, skip_bias_add=False, **kw),
+                         a.o_proj.weight, split["attn.o_proj"], topo)
         a.n_heads, a.n_kv = a.n_heads // topo.tp, a.n_kv // topo.tp
-        m.gate_up_proj = _load(_Column(h, 2 * f, gather_output=False, **kw),
-                               m.gate_up_proj.weight, Split(0, (f, f)), topo)
+        m.gate_up_proj = _load(_Column(h, 2 * f, gather_output=False, **kw), m.gate_up_proj.weight,
+                               split["mlp.gate_up_proj"], topo)
         m.down_proj = _load(_Row(f, h, input_is_parallel=True, skip_bias_add=False, **kw),
-                            m.down_proj.weight, Split(1, (f,)), topo)
-    vocab = Split(0, (cfg.vocab_size,))
+                            m.down_proj.weight, split["mlp.down_proj"], topo)
+    vocab = split_for(cfg, "embed.weight")
     embed = _Embedding(cfg.vocab_size, h, init_method=nn.init.zeros_,
                        reduce_scatter_embeddings=sequence_parallel, config=mcfg)
     full_head = model.lm_head.weight

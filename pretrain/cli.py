@@ -1,18 +1,23 @@
-"""`pretrain` command line: train, params, generate, data tokenize / train-tokenizer.
+"""`pretrain` command line: train, params, generate, data; run tools in cli_ops.py.
 
-Configuration problems print one line naming the field and exit with status 2 (no traceback);
-a run whose loss diverges exits 3; a rank whose peer died exits 4, naming the dead rank.
+Exit status: 2 a configuration, data or checkpoint problem (one line naming the field, file or
+shard; no traceback); 3 the loss diverged; 4 a peer rank died (named); 75 preempted by
+SIGTERM/SIGUSR1 after a checkpoint was sealed (requeue and `--resume auto`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from data_pipeline.badinput import DataError
 from parallelism.watchdog import EXIT_PEER_LOST
+from pretrain.checkpoint import CheckpointError
+from pretrain.cli_ops import add_run_commands
 from pretrain.config import ConfigError, load_config
+from pretrain.preemption import EXIT_PREEMPTED, Preempted
 
 EXIT_CONFIG = 2
 EXIT_DIVERGED = 3
@@ -27,15 +32,25 @@ def _train(args: argparse.Namespace) -> int:
     trainer = Trainer(cfg)
     say = print if trainer.topo.is_main else (lambda *a, **k: None)
     m = cfg.model
+    if "SLURM_JOB_ID" in os.environ:
+        say(f"slurm job {os.environ['SLURM_JOB_ID']}, restart "
+            f"{os.environ.get('SLURM_RESTART_COUNT', '0')}")
     say(f"looped LM: {m.num_layers} shared layers x {m.loops} loops, hidden {m.hidden_size}; "
           f"{count_parameters(m)['total']:,} parameters; "
           f"device {trainer.device}; {trainer.tokens_per_step:,} tokens/step; layout tensor "
           f"{trainer.topo.tp} x pipeline {trainer.topo.pp} x data {trainer.topo.dp}")
+    resume = args.resume or ("auto" if "SLURM_JOB_ID" in os.environ else "none")
     try:
+        if resume != "none":
+            trainer.resume(resume)
         summary = trainer.fit()
     except TrainingDiverged as e:
         print(f"pretrain: error: {e}", file=sys.stderr)
         return EXIT_DIVERGED
+    except Preempted as e:
+        shutdown(trainer.topo)
+        say(f"pretrain: {e}; exit {EXIT_PREEMPTED} (requeue, then --resume auto)")
+        return EXIT_PREEMPTED
     except RuntimeError:  # a collective failed: was it a dead peer?
         watchdog = trainer.topo.watchdog
         why = watchdog.diagnose() if watchdog is not None else None
@@ -44,7 +59,7 @@ def _train(args: argparse.Namespace) -> int:
         print(f"pretrain: error: {why}", file=sys.stderr)
         return EXIT_PEER_LOST
     shutdown(trainer.topo)
-    first = summary.history[0].loss
+    first = summary.history[0].loss if summary.history else float("nan")
     say(f"done: {summary.steps} steps, loss {first:.4f} -> {summary.final_loss:.4f}, "
         f"{summary.skipped_steps} skipped")
     say(f"TensorBoard logs: {summary.tensorboard_dir}  (tensorboard --logdir {summary.tensorboard_dir})")
@@ -67,7 +82,7 @@ def _params(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
-    from pretrain.checkpoint import load_model
+    from pretrain.checkpoint.offline import load_model
     from pretrain.data import ByteTokenizer
     from pretrain.model.generate import generate
 
@@ -143,6 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", required=True, help="YAML config file")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.loops=2")
         p.set_defaults(fn=fn)
+        if name == "train":
+            p.add_argument("--resume", default=None,
+                           help="auto (newest complete checkpoint of train.out_dir), a checkpoint "
+                                "or run directory, or none; default: auto under SLURM, else none")
     g = sub.add_parser("generate", help="generate text from a checkpoint")
     g.add_argument("--checkpoint", required=True)
     g.add_argument("--prompt", required=True)
@@ -152,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     g.add_argument("--top-p", type=float, default=1.0)
     g.set_defaults(fn=_generate)
+    add_run_commands(sub)
     _add_data_commands(sub)
     return parser
 
@@ -160,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, CheckpointError) as e:
         print(f"pretrain: error: {e}", file=sys.stderr)
         return EXIT_CONFIG
 

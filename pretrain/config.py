@@ -103,6 +103,10 @@ class TrainConfig:
     out_dir: str = "runs/default"
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    checkpoint_every: int = 0  # steps between sharded checkpoints; 0: only at the end
+    keep_last: int = 3  # complete checkpoints kept on disk; 0: all
+    async_checkpoint: bool = False  # write checkpoints in the background while training goes on
+    peak_flops: float = 0.0  # per device, for MFU; 0: the GPU table, or measured on a CPU
 
 
 @dataclass
@@ -287,6 +291,8 @@ def validate(cfg: Config) -> None:
     _require(t.seq_len <= m.max_seq_len, "train.seq_len",
              f"{t.seq_len} exceeds model.max_seq_len {m.max_seq_len}")
     _require(bool(t.out_dir), "train.out_dir", "must not be empty")
+    for name in ("checkpoint_every", "keep_last"):
+        _require(getattr(t, name) >= 0, f"train.{name}", f"must be >= 0, got {getattr(t, name)}")
     d = cfg.data
     if d.source == "text":
         _require(len(d.paths) >= 1, "data.paths", "needs at least one path")
@@ -354,6 +360,18 @@ def _cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def absolute_paths(cfg: Config) -> None:
+    """Resolve the config's relative file paths against the current directory, for runs that
+    start elsewhere (a SLURM job in its run directory, a sweep point)."""
+    cfg.train.out_dir = str(Path(cfg.train.out_dir).resolve())
+    cfg.data.paths = [str(Path(p).resolve()) for p in cfg.data.paths]
+    for src in cfg.data.sources:
+        if "://" not in src.path and not src.path.startswith("pipe:"):
+            src.path = str(Path(src.path).resolve())
+    if cfg.data.tokenizer:
+        cfg.data.tokenizer = str(Path(cfg.data.tokenizer).resolve())
 
 
 def dump_config(cfg: Config) -> str:

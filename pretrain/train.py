@@ -7,28 +7,39 @@ bare PyTorch loop (see bench/overhead.py).
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from data_pipeline.loader import RankSpec, StreamingData
 from parallelism.grads import all_ranks_agree, finalize_grads, global_grad_norm, replica_stats
-from parallelism.pipeline import PipelineStage, gather_stages, keep_stage
+from parallelism.pipeline import PipelineStage, keep_stage
 from parallelism.pipeline_balance import describe, resolve_split
-from parallelism.tensor_parallel import full_state_dict, parallelize_tensor, vocab_parallel_token_ce
+from parallelism.sharded_state import ShardedState
+from parallelism.tensor_parallel import parallelize_tensor, vocab_parallel_token_ce
 from parallelism.topology import Topology, init_topology
 from parallelism.zero import build_zero_engine
-from pretrain.checkpoint import save_model
-from pretrain.config import Config, ConfigError, dump_config
+from pretrain import __version__
+from pretrain.checkpoint import store
+from pretrain.checkpoint.checkpointer import Checkpointer
+from pretrain.checkpoint.compat import incompatibility
+from pretrain.checkpoint.offline import saved_tensors
+from pretrain.config import Config, ConfigError, dump_config, load_config
 from pretrain.data import ByteTokenizer, TextData, TokenWindows, load_text_tokens
+from pretrain.hardware import peak_flops, peak_memory_bytes
+from pretrain.model.flops import flops_per_token
 from pretrain.model.looped import LoopedLM
 from pretrain.model.objective import compute_objective, token_cross_entropy
 from pretrain.optim import build_optimizer, lr_at, param_groups, set_lr
+from pretrain.preemption import Preempted, PreemptionSignal
 
 
 class TrainingDiverged(RuntimeError):
@@ -49,6 +60,8 @@ class StepStats:
     tokens_per_s: float
     skipped: int  # optimizer steps skipped for a non-finite loss or gradient
     data_skips: int  # samples masked out because their shard was unreadable (on_error: skip)
+    mfu: float = 0.0  # model FLOPs / (time x peak FLOP/s of every device)
+    peak_memory_gb: float = 0.0  # the largest peak over all ranks
 
 
 @dataclass
@@ -59,6 +72,22 @@ class RunSummary:
     checkpoint: Path | None
     tensorboard_dir: Path
     history: list[StepStats] = field(default_factory=list)
+
+
+def summary_table(history: list[StepStats], tokens_per_step: int) -> str:
+    """The end-of-run table: what the run did, on average and at its end."""
+    last = history[-1]
+    n = len(history)
+    rows = [("steps", f"{last.step:,}"), ("tokens", f"{last.step * tokens_per_step:,}"),
+            ("final loss", f"{last.loss:.4f}"),
+            ("CE per loop step", " ".join(f"{c:.3f}" for c in last.ce)),
+            ("E[loops]", f"{last.expected_loops:.2f}"),
+            ("tokens/s (mean)", f"{sum(s.tokens_per_s for s in history) / n:,.0f}"),
+            ("MFU (mean)", f"{100 * sum(s.mfu for s in history) / n:.1f}%"),
+            ("peak memory / rank", f"{max(s.peak_memory_gb for s in history):.2f} GB"),
+            ("skipped steps", str(last.skipped)), ("skipped samples", str(last.data_skips))]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(["summary"] + [f"  {k:<{width}}  {v}" for k, v in rows])
 
 
 def default_data(cfg: Config, topo: Topology | None = None):
@@ -114,6 +143,9 @@ class Trainer:
         else:
             self.optimizer = build_optimizer(self.model, cfg.optim)
         self.data = data if data is not None else default_data(cfg, self.topo)
+        self.split = resolve_split(cfg) if self.topo.pp > 1 else []
+        self.state = ShardedState(self.model, self.topo,
+                                  None if self.engine else self.optimizer, self.engine)
         self._batches = None  # the data's micro-batch iterator, opened on the first step
         self.out_dir = Path(cfg.train.out_dir)
         self.tb_dir = self.out_dir / "tensorboard"
@@ -122,6 +154,12 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(self.tb_dir))
+        self.checkpointer = Checkpointer(self.out_dir / "checkpoints", self.topo,
+                                         cfg.train.keep_last, cfg.train.async_checkpoint, self.log)
+        self.saved_step = -1
+        self.preemption = PreemptionSignal()
+        self.flops_per_token = flops_per_token(cfg.model, cfg.train.seq_len)
+        self.peak_flops = peak_flops(self.device, cfg.train.peak_flops) * self.topo.world
         self.step = 0
         self.skipped = 0
         self.bad_streak = 0
@@ -210,22 +248,32 @@ class Trainer:
         packed = replica_stats(mine, 3 * r + 3, self.topo)
         loss, ce, exit_prob, gate = packed[0], packed[1:1 + r], packed[1 + r:1 + 2 * r], \
             packed[1 + 2 * r:1 + 3 * r]
+        memory = torch.tensor([float(peak_memory_bytes(self.device))], device=self.device)
+        if self.topo.world > 1:
+            dist.all_reduce(memory, op=dist.ReduceOp.MAX)
         return StepStats(
             step=self.step, loss=loss.item(), ce=ce.tolist(), exit_prob=exit_prob.tolist(),
             gate=gate.tolist(), expected_loops=packed[-2].item(),
             entropy=packed[-1].item(), lr=lr, grad_norm=grad_norm.item(),
             tokens_per_s=tokens_per_s, skipped=self.skipped,
-            data_skips=getattr(self.data, "skipped_samples", 0))
+            data_skips=getattr(self.data, "skipped_samples", 0),
+            mfu=self.flops_per_token * tokens_per_s / self.peak_flops,
+            peak_memory_gb=memory.item() / 2**30)
 
     def _report(self, s: StepStats) -> None:
+        if self.topo.is_main:  # the machine-readable log (`pretrain status`, resume tests)
+            with open(self.out_dir / "metrics.jsonl", "a") as fh:
+                fh.write(json.dumps({**asdict(s), "time": time.time()}) + "\n")
         ce = " ".join(f"{c:.3f}" for c in s.ce)
         self.log(f"step {s.step:>6}/{self.cfg.train.max_steps} | loss {s.loss:.4f} | ce/loop {ce} "
                  f"| E[loops] {s.expected_loops:.2f} | lr {s.lr:.2e} | gnorm {s.grad_norm:.3f} "
-                 f"| {s.tokens_per_s:,.0f} tok/s | skipped {s.skipped} steps {s.data_skips} samples")
+                 f"| {s.tokens_per_s:,.0f} tok/s | MFU {100 * s.mfu:.1f}% | mem {s.peak_memory_gb:.2f} GB "
+                 f"| skipped {s.skipped} steps {s.data_skips} samples")
         if self.writer is None:
             return
         w, n = self.writer, s.step
-        for name in ("loss", "expected_loops", "lr", "grad_norm", "tokens_per_s"):
+        for name in ("loss", "expected_loops", "lr", "grad_norm", "tokens_per_s", "mfu",
+                     "peak_memory_gb"):
             w.add_scalar(f"train/{name}", getattr(s, name), n)
         w.add_scalar("train/gate_entropy", s.entropy, n)
         w.add_scalar("train/skipped_steps", s.skipped, n)
@@ -237,6 +285,50 @@ class Trainer:
             w.add_scalar(f"loop/exit_prob_step{i}", p, n)
             w.add_scalar(f"loop/gate_step{i}", g, n)
 
+    def _meta(self) -> dict:
+        """The global record of a checkpoint (what no tensor holds)."""
+        c, t = self.cfg, self.topo
+        data = self.data.state_dict()
+        return {"format": 1, "step": self.step, "data": data,
+                "tokens": data.get("samples_consumed", 0) * c.train.seq_len,
+                "trainer": {"skipped": self.skipped, "bad_streak": self.bad_streak},
+                "layout": {"tensor": t.tp, "pipeline": t.pp, "data": t.dp,
+                           "zero_stage": c.parallel.zero_stage, "pipeline_split": self.split},
+                "seed": c.train.seed, "lr": lr_at(c.optim, self.step, c.train.max_steps),
+                "code_version": __version__, "torch": torch.__version__, "time": time.time(),
+                "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT", 0))}
+
+    def save_checkpoint(self) -> None:
+        """A sharded checkpoint of this step (in the background with train.async_checkpoint)."""
+        self.checkpointer.save(self.step, self.state.state_dict(), self._meta(),
+                               dump_config(self.cfg))
+        self.saved_step = self.step
+
+    def resume(self, where: str) -> Path | None:
+        """Continue from a checkpoint: 'auto' (this run's newest complete one, if any) or a
+        path. Any saved layout loads; the RNG state only under the same layout."""
+        path = store.newest(self.checkpointer.root) if where == "auto" else store.resolve(where)
+        if path is not None:
+            why = incompatibility(load_config(path / "config.yaml"), self.cfg)
+            if why:
+                raise store.CheckpointError(f"{path}: incompatible checkpoint: {why}")
+            meta = store.read_meta(path)
+            groups = self.state.targets(saved_tensors(path))
+            self.checkpointer.load(path, {k: v for g in groups.values() for k, v in g.items()})
+            lay = meta["layout"]
+            same = (lay["tensor"], lay["pipeline"], lay["data"]) == (self.topo.tp, self.topo.pp,
+                                                                    self.topo.dp)
+            self.state.load(groups, same_layout=same)
+            self.step = self.saved_step = meta["step"]
+            self.checkpointer.last = path
+            self.skipped, self.bad_streak = meta["trainer"]["skipped"], meta["trainer"]["bad_streak"]
+            self.data.load_state_dict(meta["data"])
+            self._batches = None
+            self.log(f"resumed from {path} at step {self.step} (saved under tensor {lay['tensor']} "
+                     f"x pipeline {lay['pipeline']} x data {lay['data']})")
+        self.checkpointer.clean_incomplete()
+        return path
+
     def fit(self, save: bool = True) -> RunSummary:
         t = self.cfg.train
         if self.topo.is_main:
@@ -244,24 +336,35 @@ class Trainer:
             (self.out_dir / "config.yaml").write_text(dump_config(self.cfg))
         history: list[StepStats] = []
         tick, done = time.perf_counter(), 0
-        while self.step < t.max_steps:
-            out, total, grad_norm, lr, _ = self.train_step()
-            done += 1
-            if self.step % t.log_every == 0 or self.step == t.max_steps:
-                now = time.perf_counter()
-                stats = self._stats(out, total, grad_norm, lr,
-                                    done * self.tokens_per_step / max(now - tick, 1e-9))
-                history.append(stats)
-                self._report(stats)
-                tick, done = time.perf_counter(), 0
-        ckpt = None
-        if save:
-            state = (full_state_dict(self.model, self.topo) if self.topo.tp > 1
-                     else self.model.state_dict())
-            if self.pipeline is not None:
-                state = gather_stages(self.model, state, self.topo)
-            if self.topo.is_main:
-                ckpt = save_model(self.out_dir / "checkpoints", self.step, state, self.cfg)
-        if self.writer is not None:
-            self.writer.close()
-        return RunSummary(self.step, history[-1].loss, self.skipped, ckpt, self.tb_dir, history)
+        self.preemption.install()
+        try:
+            while self.step < t.max_steps:
+                out, total, grad_norm, lr, _ = self.train_step()
+                done += 1
+                if self.step % t.log_every == 0 or self.step == t.max_steps:
+                    now = time.perf_counter()
+                    stats = self._stats(out, total, grad_norm, lr,
+                                        done * self.tokens_per_step / max(now - tick, 1e-9))
+                    history.append(stats)
+                    self._report(stats)
+                    tick, done = time.perf_counter(), 0
+                if self.preemption.agreed(self.device):
+                    self.save_checkpoint()
+                    where = self.checkpointer.wait()
+                    raise Preempted(f"preempted (signal {self.preemption.received or 'on a peer'})"
+                                    f": checkpoint {where} at step {self.step}")
+                if save and t.checkpoint_every and self.step % t.checkpoint_every == 0 \
+                        and self.step < t.max_steps:
+                    self.save_checkpoint()
+            if save and self.saved_step != self.step:
+                self.save_checkpoint()
+            ckpt = self.checkpointer.wait() if save else None
+        finally:
+            self.preemption.uninstall()
+            self.checkpointer.close()
+            if self.writer is not None:
+                self.writer.close()
+        final = history[-1].loss if history else float("nan")
+        if history:
+            self.log(summary_table(history, self.tokens_per_step))
+        return RunSummary(self.step, final, self.skipped, ckpt, self.tb_dir, history)

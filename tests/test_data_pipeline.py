@@ -289,7 +289,9 @@ def test_trainer_on_shards_logs_data_skips(corpus, tmp_path):
     lines = []
     summary = Trainer(cfg, log=lines.append).fit(save=False)
     assert summary.history[-1].data_skips > 0
-    assert f"{summary.history[-1].data_skips} samples" in lines[-1]
+    step_lines = [line for line in lines if line.startswith("step")]
+    assert f"{summary.history[-1].data_skips} samples" in step_lines[-1]
+    assert f"skipped samples     {summary.history[-1].data_skips}" in lines[-1]  # the summary
     events = EventAccumulator(str(summary.tensorboard_dir))
     events.Reload()
     assert events.Scalars("data/skipped_samples")[-1].value == summary.history[-1].data_skips

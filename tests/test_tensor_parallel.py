@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from pretrain.checkpoint.offline import load_model
 from pretrain.cli import main
 from tests.conftest import ROOT
 from tests.distributed import torchrun
@@ -51,8 +52,7 @@ def _run(tmp_path, name, nproc, *overrides):
         text = ""
     else:
         text = torchrun(nproc, "-m", "pretrain.cli", *args).stdout
-    state = torch.load(out / "checkpoints/step_0000004/model.pt", weights_only=True)
-    return text, state
+    return text, load_model(out / "checkpoints/step_0000004")[1].state_dict()
 
 
 def test_pretrain_train_under_torchrun_tp_and_dp(tmp_path):
@@ -61,7 +61,7 @@ def test_pretrain_train_under_torchrun_tp_and_dp(tmp_path):
     _, ref = _run(tmp_path, "ref", 1, "train.micro_batch_size=16")
     text, tp = _run(tmp_path, "tp", 2, "parallel.tensor=2", "parallel.sequence_parallel=true",
                     "train.micro_batch_size=16")
-    assert text.count("step      4/4") == 1 and text.count("checkpoint: ") == 1  # rank 0 reports
+    assert text.count("step      4/4") == 1 and text.count("checkpoint: saved") == 1  # rank 0
     _, dp = _run(tmp_path, "dp", 2, "parallel.data=2", "train.micro_batch_size=8")
     text, pp = _run(tmp_path, "pp", 2, "parallel.pipeline=2", "train.grad_accum_steps=2",
                     "train.micro_batch_size=8")

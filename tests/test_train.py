@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pretrain.checkpoint import load_model
+from pretrain.checkpoint.offline import load_model
 from pretrain.config import OptimConfig
 from pretrain.data import TokenWindows
 from pretrain.optim import lr_at

@@ -1,0 +1,84 @@
+"""Single-process use of sharded checkpoints: the full model for generation, consolidation.
+
+The entries are layout-free (see parallelism/sharded_state.py), so one process reads any
+checkpoint into full tensors; DCP assembles the TP shards and PP stages it overlaps.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from parallelism.sharded_state import ShardedState
+from parallelism.topology import Topology
+from pretrain.checkpoint import store
+from pretrain.checkpoint.checkpointer import Checkpointer
+from pretrain.config import Config, dump_config, load_config
+from pretrain.model.looped import LoopedLM
+
+
+def saved_metadata(path: Path) -> dict[str, TensorStorageMetadata]:
+    """Name -> global shape and dtype of every tensor entry in a checkpoint."""
+    try:
+        md = dcp.FileSystemReader(path).read_metadata()
+    except Exception as e:
+        raise store.CheckpointError(f"{path / '.metadata'}: unreadable ({e})") from None
+    return {k: v for k, v in md.state_dict_metadata.items()
+            if isinstance(v, TensorStorageMetadata)}
+
+
+def saved_tensors(path: Path) -> dict[str, torch.Size]:
+    return {k: v.size for k, v in saved_metadata(path).items()}
+
+
+def load_model(where: str | Path, overrides: list[str] = ()) -> tuple[Config, LoopedLM]:
+    """The full model of a checkpoint (any layout); `overrides` may change e.g. model.loops."""
+    path = store.resolve(where)
+    cfg = load_config(path / "config.yaml", overrides)
+    model = LoopedLM(cfg.model)
+    state = ShardedState(model, Topology())
+    groups = state.targets(saved_tensors(path), optimizer=False)
+    Checkpointer(path.parent, Topology(), local=True).load(path, {k: v for g in groups.values()
+                                                       for k, v in g.items()})
+    state.load(groups, same_layout=False)
+    return cfg, model
+
+
+def consolidate(where: str | Path, out_root: str | Path) -> Path:
+    """Rewrite a checkpoint as one file of full tensors (layout tp=1, pp=1, dp=1): model,
+    optimizer state and record; per-rank RNG states are dropped (they belong to a layout)."""
+    path = store.resolve(where)
+    entries = {k: torch.empty(v.size, dtype=v.properties.dtype)
+               for k, v in saved_metadata(path).items() if not k.startswith("rng/")}
+    meta = store.read_meta(path)
+    Checkpointer(path.parent, Topology(), local=True).load(path, entries)
+    meta["layout"] = {**meta.get("layout", {}), "tensor": 1, "pipeline": 1, "data": 1}
+    root = Path(out_root)
+    step = meta["step"]
+    tmp = store.step_dir(root, step).with_name(f"step_{step:07d}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shutil.copy(path / "config.yaml", tmp / "config.yaml")
+    dcp.save(entries, storage_writer=dcp.FileSystemWriter(tmp), no_dist=True)
+    meta["files"] = {f.name: store.describe(f) for f in tmp.iterdir()
+                     if f.name.endswith(".distcp") or f.name == ".metadata"}
+    return store.seal(tmp, meta)
+
+
+def save_full_model(cfg: Config, model: LoopedLM, root: Path, step: int = 0) -> Path:
+    """A model-only checkpoint of a full model (e.g. imported weights): resuming it continues
+    from `step` with a fresh optimizer and the data from its start."""
+    entries = {k: v for k, v in ShardedState(model, Topology()).state_dict().items()
+               if k.startswith("model/")}
+    meta = {"format": 1, "step": step, "tokens": 0, "seed": cfg.train.seed,
+            "data": {"samples_consumed": 0, "skipped_samples": 0, "fingerprint": {}},
+            "trainer": {"skipped": 0, "bad_streak": 0},
+            "layout": {"tensor": 1, "pipeline": 1, "data": 1, "zero_stage": 0,
+                       "pipeline_split": []}}
+    Checkpointer(root, Topology(), local=True, log=lambda _: None).save(
+        step, entries, meta, dump_config(cfg))
+    return store.step_dir(root, step)

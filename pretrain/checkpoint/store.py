@@ -1,0 +1,136 @@
+"""Checkpoint directories on disk: naming, atomic sealing, `latest`, pruning, verification.
+
+A checkpoint is `step_XXXXXXX/` holding DCP shard files (`__<rank>_0.distcp`, `.metadata`),
+`config.yaml` and `meta.json` (the global record, with every file's size and CRC-32). It is
+written as `step_XXXXXXX.tmp/`; once every rank's shards are on disk, rank 0 writes
+`meta.json`, fsyncs, renames the directory and then replaces `latest` -- so a crash at any
+point leaves the previous checkpoint complete and the partial one recognisably incomplete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import zlib
+from pathlib import Path
+
+META = "meta.json"
+LATEST = "latest"
+_STEP = re.compile(r"^step_(\d{7,})$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: missing, incomplete, corrupt or incompatible."""
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"step_{step:07d}"
+
+
+def is_complete(d: Path) -> bool:
+    return bool(_STEP.match(d.name)) and (d / META).is_file() and (d / ".metadata").is_file()
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Sealed checkpoints under `root`, oldest first."""
+    if not root.is_dir():
+        return []
+    return sorted((d for d in root.iterdir() if is_complete(d)),
+                  key=lambda d: int(_STEP.match(d.name).group(1)))
+
+
+def incomplete(root: Path) -> list[Path]:
+    """Directories a crash left behind mid-save."""
+    if not root.is_dir():
+        return []
+    return [d for d in root.iterdir() if d.is_dir() and d.name.startswith("step_")
+            and not is_complete(d)]
+
+
+def resolve(where: str | Path) -> Path:
+    """A sealed checkpoint from a checkpoint directory, a checkpoints root or a run directory
+    (the newest complete one; incomplete ones are skipped)."""
+    p = Path(where)
+    if _STEP.match(p.name.removesuffix(".tmp")) and p.is_dir():
+        if not is_complete(p):
+            raise CheckpointError(f"{p}: incomplete checkpoint (no {META} or .metadata: the save "
+                                  "did not finish)")
+        return p
+    for root in (p / "checkpoints", p):
+        found = complete_checkpoints(root)
+        if found:
+            return found[-1]
+    raise CheckpointError(f"{p}: no complete checkpoint found")
+
+
+def newest(root: Path) -> Path | None:
+    found = complete_checkpoints(root)
+    return found[-1] if found else None
+
+
+def describe(path: Path) -> dict:
+    """Size and CRC-32 of a file (read back from the page cache right after writing)."""
+    crc = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return {"bytes": path.stat().st_size, "crc32": crc}
+
+
+def verify(d: Path, files: dict[str, dict]) -> list[str]:
+    """One message per listed file that is missing or differs from its record."""
+    errors = []
+    for name, want in files.items():
+        f = d / name
+        if not f.is_file():
+            errors.append(f"{f}: shard file missing")
+        elif f.stat().st_size != want["bytes"]:
+            errors.append(f"{f}: shard file has {f.stat().st_size} bytes, the checkpoint "
+                          f"recorded {want['bytes']} (truncated or overwritten)")
+        elif describe(f)["crc32"] != want["crc32"]:
+            errors.append(f"{f}: shard file is corrupt (CRC-32 mismatch)")
+    return errors
+
+
+def read_meta(d: Path) -> dict:
+    try:
+        return json.loads((d / META).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{d / META}: unreadable checkpoint record ({e})") from None
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def seal(tmp: Path, meta: dict) -> Path:
+    """Write the record, make everything durable, rename `tmp` to its final name, then point
+    `latest` at it (each step atomic)."""
+    (tmp / META).write_text(json.dumps(meta, indent=1, sort_keys=True))
+    for f in tmp.iterdir():
+        _fsync(f)
+    _fsync(tmp)
+    final = tmp.with_name(tmp.name.removesuffix(".tmp"))
+    if final.exists():  # a re-run of the same step (resumed from an older checkpoint)
+        shutil.rmtree(final)
+    tmp.rename(final)
+    link = final.parent / (LATEST + ".tmp")
+    link.write_text(final.name + "\n")
+    os.replace(link, final.parent / LATEST)
+    _fsync(final.parent)
+    return final
+
+
+def prune(root: Path, keep_last: int) -> list[Path]:
+    """Remove all but the newest `keep_last` complete checkpoints (0: keep all)."""
+    found = complete_checkpoints(root)
+    doomed = found[:-keep_last] if keep_last else []
+    for d in doomed:
+        shutil.rmtree(d, ignore_errors=True)
+    return doomed

@@ -1,0 +1,170 @@
+"""Throughput model: per-GPU memory, step time and MFU of a TP x PP x DP layout, and a ranking.
+
+Everything is computed from the config's shapes and the accelerator table (hardware.py); the
+efficiency constants below are stated once, from public figures, and are not fitted to any
+run. Per token (per GPU: divided by TP; per step: times the GPU's tokens):
+
+  GEMMs       2 x 3 x (matmul FLOPs) at GEMM_EFFICIENCY x peak, lower for narrow GEMMs
+              (width w per TP rank: x w / (w + NARROW_GEMM))
+  attention   causal FlashAttention: half the counted score/value FLOPs, at ATTENTION_EFFICIENCY
+  elementwise norms, rotary, residual adds, SwiGLU, loss: bytes at ELEMENTWISE_BANDWIDTH x HBM
+  TP          4 collectives of s x b x h bf16 per layer per loop (2 forward, 2 backward),
+              ring cost 2 (t-1)/t over NVLink, not overlapped
+  DP          gradient reduce-scatter + parameter all-gather (fp32 grads, bf16 params), ring
+              cost over InfiniBand once DP leaves the node; overlapped with the backward of the
+              last microbatch (Megatron's --overlap-grad-reduce), the rest exposed
+  PP          the circular pipeline's bubble: (p-1)/(R m + p-1) of the step; p2p overlapped
+  optimizer   Adam over this rank's shard: ~32 bytes per parameter through HBM
+Memory: bf16 weights 2 B + fp32 grads 4 B + fp32 master and Adam moments 12 B per parameter
+(the 12 B divided over DP with ZeRO-1 / a distributed optimizer); activations with selective
+recompute of attention (Korthikanti et al. 2022): 34 s b h bytes per layer per loop, / t with
+sequence parallelism, kept for R laps of up to p in-flight microbatches, plus the fp32 logits.
+MFU counts model FLOPs (flops_per_token: full attention scores, as Megatron counts them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from pretrain.config import Config
+from pretrain.hardware import Accelerator
+from pretrain.model.flops import count_parameters, flops_per_token
+
+GEMM_EFFICIENCY = 0.80  # large bf16 GEMMs reach ~80% of the dense peak (cuBLAS, Hopper)
+NARROW_GEMM = 512  # efficiency halves at a GEMM width this small (tile quantisation, waves)
+ATTENTION_EFFICIENCY = 0.50  # FlashAttention-2 forward + backward, fraction of peak
+ELEMENTWISE_BANDWIDTH = 0.80  # memory-bound kernels, fraction of HBM bandwidth
+COLLECTIVE_EFFICIENCY = 0.80  # NCCL ring bus bandwidth, fraction of the link
+MEMORY_HEADROOM = 0.90  # usable fraction of device memory (allocator, CUDA context)
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int
+    pp: int
+    dp: int
+    micro_batch: int
+    microbatches: int  # per step and DP rank (gradient accumulation / pipeline microbatches)
+    zero: bool = True  # optimizer states sharded over DP
+
+
+@dataclass
+class Estimate:
+    layout: Layout
+    memory_gb: dict[str, float]
+    time_s: dict[str, float]
+    step_s: float
+    mfu: float
+    tokens_per_s: float
+    feasible: bool
+    why: str = ""
+
+
+def _gemm_time(flops: float, width: float, gpu: Accelerator) -> float:
+    eff = GEMM_EFFICIENCY * width / (width + NARROW_GEMM)
+    return flops / (gpu.peak_flops * eff)
+
+
+def _ring(bytes_: float, n: int, bw: float) -> float:
+    return 0.0 if n == 1 else 2 * (n - 1) / n * bytes_ / (bw * COLLECTIVE_EFFICIENCY)
+
+
+def check(cfg: Config, lay: Layout, gpu: Accelerator, global_batch: int) -> str:
+    """Why a layout cannot run ('' if it can)."""
+    m = cfg.model
+    if lay.tp > gpu.per_node:
+        return f"TP {lay.tp} spans nodes (> {gpu.per_node} GPUs per node)"
+    for name in ("num_heads", "num_kv_heads", "ffn_hidden_size", "vocab_size"):
+        if getattr(m, name) % lay.tp:
+            return f"model.{name} {getattr(m, name)} not divisible by TP {lay.tp}"
+    if lay.pp > m.num_layers:
+        return f"PP {lay.pp} > {m.num_layers} shared layers"
+    if lay.dp * lay.micro_batch * lay.microbatches != global_batch:
+        return f"global batch {global_batch} != DP x micro-batch x microbatches"
+    if lay.pp > 1 and m.loops > 1 and lay.microbatches % lay.pp:
+        return f"{lay.microbatches} microbatches not a multiple of PP {lay.pp} (interleaved 1F1B)"
+    return ""
+
+
+def estimate(cfg: Config, lay: Layout, gpu: Accelerator, global_batch: int) -> Estimate:
+    m, s = cfg.model, cfg.train.seq_len
+    h, f, r = m.hidden_size, m.ffn_hidden_size, m.loops
+    t, p, d = lay.tp, lay.pp, lay.dp
+    params = count_parameters(m)
+    per_gpu_params = params["total"] / (t * p)
+    tokens = lay.micro_batch * lay.microbatches * s  # per DP rank per step
+    # -- compute (one model replica of t x p GPUs processes `tokens`) --
+    q, kv = m.num_heads * m.kv_channels, m.num_kv_heads * m.kv_channels
+    layer_gemm = 2 * h * (q + 2 * kv) + 2 * q * h + 2 * 3 * h * f  # forward matmul FLOPs / token
+    layer_passes = m.num_layers * r + m.prelude_layers + m.coda_layers * r
+    gemm = 3 * tokens * layer_gemm * layer_passes / t
+    head = 3 * tokens * 2 * h * m.vocab_size * r / t
+    attn = 3 * tokens * 2 * s * q * layer_passes / t  # causal: half of 2 x 2 s q
+    t_gemm = (_gemm_time(gemm, min(h, f / t, q / t), gpu)
+              + _gemm_time(head, min(h, m.vocab_size / t), gpu))
+    t_attn = attn / (gpu.peak_flops * ATTENTION_EFFICIENCY)
+    elementwise_bytes = tokens * layer_passes * 3 * (12 * h + 3 * f) * 2 / t \
+        + tokens * r * 3 * 2 * m.vocab_size / t
+    t_elem = elementwise_bytes / (gpu.hbm_bw * ELEMENTWISE_BANDWIDTH)
+    compute = (t_gemm + t_attn + t_elem) / p  # each stage does 1/p of the layers
+    # -- communication --
+    act_bytes = lay.micro_batch * s * h * 2
+    t_tp = _ring(act_bytes, t, gpu.intra_node_bw) * 4 * layer_passes / p * lay.microbatches
+    dp_bw = gpu.intra_node_bw if t * p * d <= gpu.per_node else gpu.inter_node_bw
+    grad_sync = _ring(per_gpu_params * 4, d, dp_bw) / 2 + _ring(per_gpu_params * 2, d, dp_bw) / 2
+    last_backward = compute / lay.microbatches * 2 / 3
+    t_dp = max(0.0, grad_sync - last_backward)
+    bubble = (p - 1) / (r * lay.microbatches + p - 1) if p > 1 else 0.0
+    shard = d if lay.zero else 1
+    t_opt = per_gpu_params / shard * 32 / gpu.hbm_bw
+    busy = compute + t_tp
+    t_bubble = busy / (1 - bubble) - busy
+    step = busy + t_bubble + t_dp + t_opt
+    flops = flops_per_token(m, s) * tokens * d
+    mfu = flops / (step * t * p * d * gpu.peak_flops)
+    # -- memory --
+    live = min(p, lay.microbatches) * r
+    act = 34 * s * lay.micro_batch * h / t * (m.num_layers / p) * live
+    logits = s * lay.micro_batch * m.vocab_size / t * 4 * r
+    mem = {"weights": per_gpu_params * 2, "grads": per_gpu_params * 4,
+           "optimizer": per_gpu_params * 12 / shard, "activations": act + logits}
+    mem = {k: v / 2**30 for k, v in mem.items()}
+    mem["total"] = sum(mem.values())
+    why = check(cfg, lay, gpu, global_batch)
+    if not why and mem["total"] > gpu.memory_gb * MEMORY_HEADROOM:
+        why = f"needs {mem['total']:.1f} GiB of {gpu.memory_gb:.0f} GB per GPU"
+    return Estimate(lay, mem, {"compute": compute, "tp_comm": t_tp, "bubble": t_bubble,
+                               "dp_comm_exposed": t_dp, "optimizer": t_opt},
+                    step, mfu, tokens * d / step, not why, why)
+
+
+def layouts(cfg: Config, gpus: int, global_batch: int) -> list[Layout]:
+    out = []
+    for tp in (1, 2, 4, 8):
+        for pp in [x for x in range(1, cfg.model.num_layers + 1) if gpus % (tp * x) == 0]:
+            dp = gpus // (tp * pp)
+            if dp < 1 or global_batch % dp:
+                continue
+            for mb in (1, 2, 4, 8):
+                if (global_batch // dp) % mb == 0:
+                    out.append(Layout(tp, pp, dp, mb, global_batch // (dp * mb)))
+    return out
+
+
+def plan(cfg: Config, gpus: int, gpu: Accelerator, global_batch: int) -> list[Estimate]:
+    """Every candidate layout, feasible ones first, by predicted MFU."""
+    ests = [estimate(cfg, lay, gpu, global_batch) for lay in layouts(cfg, gpus, global_batch)]
+    return sorted(ests, key=lambda e: (not e.feasible, -e.mfu))
+
+
+def megatron_gpt_1p7b(base: Config) -> Config:
+    """Megatron-LM's smallest weak-scaling GPT (README, H100): vocabulary 131,072, sequence
+    4096, hidden 2048, 24 layers, 16 heads, untied embeddings (1.74B parameters). Its GeLU MLP
+    of 4h is matched in FLOPs and parameters by SwiGLU of 8h/3."""
+    model = dataclasses.replace(base.model, vocab_size=131072, hidden_size=2048, num_layers=24,
+                                num_heads=16, num_kv_heads=16, head_dim=0,
+                                ffn_hidden_size=8 * 2048 // 3, loops=1, max_seq_len=4096,
+                                tie_embeddings=False, prelude_layers=0, coda_layers=0)
+    return dataclasses.replace(base, model=model,
+                               train=dataclasses.replace(base.train, seq_len=4096))

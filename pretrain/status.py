@@ -1,0 +1,39 @@
+"""`pretrain status RUN_DIR`: where a run stands, from its files and SLURM."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pretrain.checkpoint import store
+
+
+def last_metrics(run_dir: Path) -> dict | None:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    lines = [line for line in path.read_text().splitlines() if line.endswith("}")]
+    return json.loads(lines[-1]) if lines else None
+
+
+def run_status(run_dir: Path) -> str:
+    if not run_dir.is_dir():
+        raise store.CheckpointError(f"{run_dir}: no such run directory")
+    out = [f"run: {run_dir}"]
+    m = last_metrics(run_dir)
+    out.append(f"step: {m['step']}  loss {m['loss']:.4f}  {m['tokens_per_s']:,.0f} tok/s"
+               if m else "step: none logged yet")
+    ckpt = store.newest(run_dir / "checkpoints")
+    if ckpt is not None:
+        meta = store.read_meta(ckpt)
+        out.append(f"tokens: {meta.get('tokens', 0):,} (at the last checkpoint)")
+        out.append(f"last checkpoint: {ckpt} (step {meta['step']})")
+    else:
+        out.append("last checkpoint: none")
+    job_file = run_dir / "slurm_job_id"
+    if job_file.is_file():
+        from slurm.submit import job_state
+
+        job = job_file.read_text().strip()
+        out.append(f"slurm job: {job} {job_state(job) or 'unknown to SLURM'}")
+    return "\n".join(out)

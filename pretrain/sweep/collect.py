@@ -1,0 +1,62 @@
+"""Gather each sweep point's result into one CSV: size, tokens, FLOPs, losses."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from pretrain.checkpoint import store
+from pretrain.config import ConfigError
+
+COLUMNS = ["point", "hidden_size", "num_layers", "loops", "lr", "params", "non_embedding_params",
+           "tokens", "flops", "steps", "train_loss", "eval_loss", "eval_ce_final", "run_dir"]
+
+
+def collect(sweep_dir: Path, log=print) -> Path:
+    """Evaluate every finished point's last checkpoint (eval_batches micro-batches, another
+    sample order than training); points without a checkpoint are listed as missing."""
+    from pretrain.checkpoint.offline import load_model
+    from pretrain.evaluate import evaluate
+    from pretrain.model.flops import count_parameters, flops_per_token
+    from pretrain.status import last_metrics
+
+    index = sweep_dir / "points.json"
+    if not index.is_file():
+        raise ConfigError(f"{index}: not a sweep directory (run `pretrain sweep --spec ...`)")
+    sweep = json.loads(index.read_text())
+    rows, missing = [], []
+    for pt in sweep["points"]:
+        run_dir = Path(pt["run_dir"])
+        ckpt = store.newest(run_dir / "checkpoints")
+        if ckpt is None:
+            missing.append(pt["index"])
+            continue
+        cfg, model = load_model(ckpt)
+        meta = store.read_meta(ckpt)
+        ev = evaluate(cfg, model, sweep["eval_batches"])
+        params = count_parameters(cfg.model)
+        metrics = last_metrics(run_dir) or {}
+        rows.append({"point": pt["index"], "hidden_size": cfg.model.hidden_size,
+                     "num_layers": cfg.model.num_layers, "loops": cfg.model.loops,
+                     "lr": cfg.optim.lr, "params": params["total"],
+                     "non_embedding_params": params["non_embedding"], "tokens": meta["tokens"],
+                     "flops": flops_per_token(cfg.model, cfg.train.seq_len) * meta["tokens"],
+                     "steps": meta["step"], "train_loss": metrics.get("loss", float("nan")),
+                     "eval_loss": ev["loss"], "eval_ce_final": ev["ce_final"],
+                     "run_dir": str(run_dir)})
+    if missing:
+        log(f"sweep collect: {len(missing)} point(s) without a checkpoint: {missing}")
+    out = sweep_dir / "results.csv"
+    with open(out, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    log(f"sweep collect: {len(rows)} point(s) -> {out}")
+    return out
+
+
+def read_results(path: Path) -> list[dict]:
+    with open(path) as fh:
+        return [{k: (v if k == "run_dir" else float(v)) for k, v in row.items()}
+                for row in csv.DictReader(fh)]

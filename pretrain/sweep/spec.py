@@ -1,0 +1,110 @@
+"""A sweep spec (YAML) and its expansion into one validated config per point.
+
+    base: ../tiny.yaml            # run config, relative to the spec
+    out_dir: runs/sweeps/tiny-cpu # points land in out_dir/points/<i>/
+    overrides: [train.log_every=50]
+    grid: {model.hidden_size: [32, 64], train.max_steps: [100, 200]}   # cartesian product
+    list: [{model.loops: 1}, {model.loops: 2}]   # or / and explicit points (crossed with grid)
+    eval_batches: 8
+    slurm: {time: "00:20:00", concurrent: 2, cpus_per_task: 1, partition: "", account: ""}
+
+Every point's config is validated before anything runs or is submitted, so a typo costs one
+line, not a queued job array.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from pretrain.config import Config, ConfigError, absolute_paths, dump_config, load_config
+
+
+@dataclass
+class SweepSpec:
+    path: Path
+    base: Path
+    out_dir: Path
+    overrides: list[str] = field(default_factory=list)
+    grid: dict[str, list] = field(default_factory=dict)
+    points: list[dict] = field(default_factory=list)
+    eval_batches: int = 8
+    slurm: dict = field(default_factory=dict)
+
+
+@dataclass
+class Point:
+    index: int
+    settings: dict  # what varies, e.g. {"model.hidden_size": 64, "model.loops": 2}
+    run_dir: Path
+    cfg: Config
+
+
+def load_spec(path: str | Path) -> SweepSpec:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: sweep spec not found")
+    try:
+        tree = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError:
+        raise ConfigError(f"{p}: invalid YAML") from None
+    unknown = set(tree) - {"base", "out_dir", "overrides", "grid", "list", "eval_batches", "slurm"}
+    if unknown:
+        raise ConfigError(f"{p}: unknown key(s) {sorted(unknown)}")
+    if "base" not in tree or "out_dir" not in tree:
+        raise ConfigError(f"{p}: 'base' and 'out_dir' are required")
+    grid = tree.get("grid") or {}
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{p}: grid.{key}: must be a non-empty list")
+    points = tree.get("list") or []
+    if not all(isinstance(x, dict) for x in points):
+        raise ConfigError(f"{p}: list: every point must be a mapping of dotted keys")
+    return SweepSpec(path=p, base=(p.parent / tree["base"]).resolve(),
+                     out_dir=Path(tree["out_dir"]).resolve(), overrides=list(tree.get("overrides") or []),
+                     grid=grid, points=points, eval_batches=int(tree.get("eval_batches", 8)),
+                     slurm=dict(tree.get("slurm") or {}))
+
+
+def _override(key: str, value) -> str:
+    return f"{key}={json.dumps(value) if not isinstance(value, str) else value}"
+
+
+def expand(spec: SweepSpec) -> list[Point]:
+    """One validated config per point (grid x list), each with its own run directory."""
+    keys = list(spec.grid)
+    combos = [dict(zip(keys, vals, strict=True)) for vals in itertools.product(*spec.grid.values())]
+    settings = [{**c, **extra} for c in combos for extra in (spec.points or [{}])]
+    out = []
+    for i, s in enumerate(settings):
+        run_dir = spec.out_dir / "points" / str(i)
+        overrides = [*spec.overrides, *(_override(k, v) for k, v in s.items()),
+                     f"train.out_dir={run_dir}"]
+        try:
+            cfg = load_config(spec.base, overrides)
+        except ConfigError as e:
+            raise ConfigError(f"{spec.path}: point {i} {s}: {e}") from None
+        absolute_paths(cfg)  # points run in their own directories
+        out.append(Point(i, s, run_dir, cfg))
+    worlds = {pt.cfg.parallel.world_size for pt in out}
+    if len(worlds) > 1:
+        raise ConfigError(f"{spec.path}: points need different process counts {sorted(worlds)}; "
+                          "one job array runs one layout size")
+    return out
+
+
+def write_points(spec: SweepSpec, points: list[Point]) -> Path:
+    """Each point's config.yaml plus the sweep's index (points.json)."""
+    for pt in points:
+        pt.run_dir.mkdir(parents=True, exist_ok=True)
+        (pt.run_dir / "config.yaml").write_text(dump_config(pt.cfg))
+    index = spec.out_dir / "points.json"
+    index.write_text(json.dumps({"spec": str(spec.path), "eval_batches": spec.eval_batches,
+                                 "points": [{"index": pt.index, "settings": pt.settings,
+                                             "run_dir": str(pt.run_dir)} for pt in points]},
+                                indent=1))
+    return index

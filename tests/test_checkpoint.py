@@ -1,0 +1,275 @@
+"""Sharded checkpoints: exact resume (in-process, after kill -9, after a signal), resharding
+across TP/PP/DP/ZeRO layouts, crash-safe sealing, corruption and compatibility errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretrain.checkpoint import CheckpointError, store
+from pretrain.checkpoint.offline import load_model
+from pretrain.cli import main
+from pretrain.preemption import EXIT_PREEMPTED
+from pretrain.train import Trainer
+from tests.conftest import ROOT, tiny_config
+from tests.distributed import free_port, torchrun
+
+# 8 steps, checkpoints at 4 and 8; vocab 260 so TP=2 splits it
+SHORT = ["model.vocab_size=260", "train.max_steps=8", "optim.warmup_steps=2",
+         "train.checkpoint_every=4", "train.log_every=1", "train.seq_len=32"]
+
+
+def _trainer(out: Path, *overrides: str) -> Trainer:
+    return Trainer(tiny_config(*SHORT, *overrides, out_dir=out), log=lambda _: None,
+                   tensorboard=False)
+
+
+def _losses(summary) -> dict[int, float]:
+    return {s.step: s.loss for s in summary.history}
+
+
+@pytest.mark.parametrize("extra", [[], ["train.async_checkpoint=true"], ["parallel.zero_stage=1"]],
+                         ids=["sync", "async", "zero1"])
+def test_resume_in_process_is_bit_identical(tmp_path, extra):
+    full = _losses(_trainer(tmp_path / "a", *extra).fit())
+    ckpt = tmp_path / "a/checkpoints/step_0000004"
+    assert store.is_complete(ckpt) and store.resolve(tmp_path / "a").name == "step_0000008"
+    resumed = _trainer(tmp_path / "b", *extra)
+    resumed.resume(str(ckpt))
+    assert resumed.step == 4 and resumed.data.samples_consumed == 4 * 16
+    again = _losses(resumed.fit())
+    assert again == {k: v for k, v in full.items() if k > 4}  # exact floats
+
+
+def test_incompatible_config_is_refused_naming_the_field(tmp_path):
+    _trainer(tmp_path / "a", "train.max_steps=4").fit()
+    other = _trainer(tmp_path / "b", "model.ffn_hidden_size=128")
+    with pytest.raises(CheckpointError, match=r"incompatible checkpoint: model.ffn_hidden_size: "
+                                              r"the checkpoint has 176, this run 128"):
+        other.resume(str(tmp_path / "a"))
+
+
+def _train_cli(out: Path, *extra: str) -> list[str]:
+    return ["train", "--config", str(ROOT / "configs/tiny.yaml"), *SHORT,
+            f"data.paths=[{ROOT / 'data/sample.txt'}]", f"train.out_dir={out}", *extra]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_a_damaged_shard_is_named(tmp_path, capsys, damage):
+    _trainer(tmp_path / "a", "train.max_steps=4").fit()
+    shard = tmp_path / "a/checkpoints/step_0000004/__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    if damage == "truncate":
+        del data[len(data) // 2:]
+    else:
+        data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert main(_train_cli(tmp_path / "b", "--resume", str(tmp_path / "a"))) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(shard) in err
+    assert ("truncated" if damage == "truncate" else "CRC-32") in err
+
+
+def test_incomplete_saves_are_skipped_cleaned_and_latest_is_last(tmp_path):
+    _trainer(tmp_path / "a", "train.checkpoint_every=2", "train.keep_last=2").fit()
+    root = tmp_path / "a/checkpoints"
+    assert sorted(d.name for d in root.iterdir()) == ["latest", "step_0000006", "step_0000008"]
+    assert (root / "latest").read_text().strip() == "step_0000008"
+    partial = root / "step_0000010.tmp"  # what a crash mid-save leaves
+    shutil.copytree(root / "step_0000008", partial)
+    (partial / "meta.json").unlink()
+    (partial / "__0_0.distcp").unlink()
+    unsealed = root / "step_0000012"
+    shutil.copytree(partial, unsealed)
+    with pytest.raises(CheckpointError, match="incomplete checkpoint"):
+        store.resolve(unsealed)
+    logs: list[str] = []
+    t = Trainer(tiny_config(*SHORT, out_dir=tmp_path / "a"), log=logs.append, tensorboard=False)
+    assert t.resume("auto").name == "step_0000008"
+    assert not partial.exists() and not unsealed.exists()
+    assert sum("removing incomplete" in m for m in logs) == 2
+
+
+def test_convert_consolidates_and_refuses_other_layouts(tmp_path, capsys):
+    full = _losses(_trainer(tmp_path / "a").fit())
+    src = tmp_path / "a/checkpoints/step_0000004"
+    assert main(["checkpoint", "convert", str(src), "--to-layout", "tp=2,pp=1",
+                 "--out", str(tmp_path / "c")]) == 2
+    assert "--to-layout" in capsys.readouterr().err
+    assert main(["checkpoint", "convert", str(src), "--out", str(tmp_path / "c")]) == 0
+    out = tmp_path / "c/step_0000004"
+    assert [f.name for f in out.glob("*.distcp")] == ["__0_0.distcp"]
+    a, b = load_model(src)[1].state_dict(), load_model(out)[1].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the consolidated checkpoint carries the optimizer: resuming it is still exact
+    t = _trainer(tmp_path / "d")
+    t.resume(str(out))
+    assert _losses(t.fit()) == {k: v for k, v in full.items() if k > 4}
+
+
+# ---- subprocesses: kill -9, signals, crashes -----------------------------------------------
+
+def _metrics(out: Path) -> dict[int, float]:
+    """Loss per step from metrics.jsonl (a step logged twice -- before a crash and after the
+    resume -- keeps its last record)."""
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def _popen(out: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.Popen([sys.executable, "-m", "pretrain.cli", *_train_cli(out, *extra)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _wait_for_step(proc: subprocess.Popen, out: Path, step: int) -> None:
+    deadline = time.time() + 120
+    while max(_metrics(out), default=0) < step:
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline
+        time.sleep(0.002)
+
+
+LONG = ["train.max_steps=60", "train.checkpoint_every=5", "train.micro_batch_size=32"]
+
+
+def test_kill_9_then_resume_gives_the_uninterrupted_losses(tmp_path):
+    ref = _popen(tmp_path / "ref", *LONG)
+    assert ref.wait(300) == 0, ref.communicate()
+    kill_at = random.Random().randint(7, 45)  # a random step; printed on failure
+    run = _popen(tmp_path / "run", *LONG)
+    _wait_for_step(run, tmp_path / "run", kill_at)
+    run.send_signal(signal.SIGKILL)
+    assert run.wait(60) == -signal.SIGKILL
+    assert max(_metrics(tmp_path / "run")) < 60, f"finished before the kill at {kill_at}"
+    again = _popen(tmp_path / "run", *LONG, "--resume", "auto")
+    out, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err
+    assert "resumed from" in out
+    assert _metrics(tmp_path / "run") == _metrics(tmp_path / "ref"), f"killed at {kill_at}"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=["USR1", "TERM"])
+def test_a_signal_checkpoints_exits_75_and_resumes_exactly(tmp_path, sig):
+    ref = _popen(tmp_path / "ref", *LONG)
+    assert ref.wait(300) == 0
+    run = _popen(tmp_path / "run", *LONG)
+    _wait_for_step(run, tmp_path / "run", 12)
+    run.send_signal(sig)
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == EXIT_PREEMPTED, err
+    stopped = max(_metrics(tmp_path / "run"))
+    assert stopped < 60 and store.resolve(tmp_path / "run").name == f"step_{stopped:07d}"
+    assert f"checkpoint {tmp_path / 'run/checkpoints'}/step_{stopped:07d} at step {stopped}" in out
+    again = _popen(tmp_path / "run", *LONG, "--resume", "auto")
+    assert again.wait(300) == 0
+    assert _metrics(tmp_path / "run") == _metrics(tmp_path / "ref")
+
+
+def _children(pid: int) -> list[int]:
+    kids = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(x) for x in kids.read_text().split()] if kids.exists() else []
+
+
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           f"--master_port={free_port()}", "-m", "pretrain.cli",
+           *_train_cli(tmp_path / "run", *LONG, "parallel.data=2", "train.micro_batch_size=16")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    launcher = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    _wait_for_step(launcher, tmp_path / "run", 8)
+    workers = _children(launcher.pid)
+    assert len(workers) == 2
+    os.kill(workers[-1], signal.SIGUSR1)  # as if only one node got SLURM's warning
+    out, err = launcher.communicate(timeout=120)
+    stopped = max(_metrics(tmp_path / "run"))
+    assert stopped < 60, err
+    assert store.resolve(tmp_path / "run").name == f"step_{stopped:07d}"
+    assert f"exit {EXIT_PREEMPTED}" in out
+    assert "exitcode  : 75" in err  # torchrun reports the ranks' status
+    torchrun(2, "-m", "pretrain.cli", *_train_cli(tmp_path / "run", *LONG, "parallel.data=2",
+                                                  "train.micro_batch_size=16", "--resume", "auto"))
+    assert max(_metrics(tmp_path / "run")) == 60
+
+
+# ---- resharding and crashes under several layouts ------------------------------------------
+
+def _layout_run(tmp_path: Path, name: str, nproc: int, *extra: str) -> dict:
+    out = tmp_path / f"{name}.json"
+    args = ["-m", "tests.multiproc.ckpt_run", "--out", str(out), *SHORT,
+            f"train.out_dir={tmp_path / name}", *extra]
+    if nproc > 1:
+        torchrun(nproc, *args)
+    else:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+        subprocess.run([sys.executable, *args], cwd=ROOT, env=env, check=True,
+                       capture_output=True)
+    res = json.loads(out.read_text())
+    res["weights"] = torch.load(f"{out}.pt", weights_only=True)
+    return res
+
+
+LAYOUTS = {  # name: (processes, overrides); each keeps the global batch at 16 samples
+    "dp2": (2, ["parallel.data=2", "train.micro_batch_size=8"]),
+    "tp2": (2, ["parallel.tensor=2", "train.micro_batch_size=16"]),
+    "pp2": (2, ["parallel.pipeline=2", "train.micro_batch_size=8", "train.grad_accum_steps=2"]),
+    "zero1_dp2": (2, ["parallel.data=2", "parallel.zero_stage=1", "train.micro_batch_size=8"]),
+    "dp4": (4, ["parallel.data=4", "train.micro_batch_size=4"]),
+}
+
+
+@pytest.mark.parametrize("layout", ["dp2", "tp2", "pp2", "zero1_dp2"])
+def test_resume_under_one_process_reshards_exactly(tmp_path, layout):
+    nproc, overrides = LAYOUTS[layout]
+    full = _layout_run(tmp_path, "full", nproc, *overrides)
+    ckpt = tmp_path / "full/checkpoints/step_0000004"
+    same = _layout_run(tmp_path, "same", nproc, *overrides, "--resume", str(ckpt))
+    one = _layout_run(tmp_path, "one", 1, "train.micro_batch_size=16", "--resume", str(ckpt))
+    assert same["losses"] == {k: v for k, v in full["losses"].items() if int(k) > 4}
+    for step, loss in same["losses"].items():
+        assert abs(one["losses"][step] - loss) <= 1e-5 * abs(loss), step
+    reference = load_model(ckpt)[1].state_dict()
+    for weights in (same["weights"], one["weights"]):
+        assert weights.keys() == reference.keys()
+        assert all(torch.equal(weights[k], reference[k]) for k in reference)
+
+
+def test_one_process_checkpoint_resumes_under_tp2_dp2_and_dp4(tmp_path):
+    full = _layout_run(tmp_path, "full", 1, "train.micro_batch_size=16")
+    ckpt = tmp_path / "full/checkpoints/step_0000004"
+    reference = load_model(ckpt)[1].state_dict()
+    for name in ("tp2", "dp2", "dp4"):
+        nproc, overrides = LAYOUTS[name]
+        res = _layout_run(tmp_path, name, nproc, *overrides, "--resume", str(ckpt))
+        assert all(torch.equal(res["weights"][k], reference[k]) for k in reference)
+        for step, loss in res["losses"].items():
+            assert abs(full["losses"][step] - loss) <= 1e-5 * abs(loss), (name, step)
+
+
+def test_a_crash_mid_save_leaves_the_previous_checkpoint(tmp_path):
+    overrides = LAYOUTS["tp2"][1]
+    ref = _layout_run(tmp_path, "ref", 2, *overrides)
+    with pytest.raises(AssertionError, match="failed"):
+        _layout_run(tmp_path, "run", 2, *overrides, "--crash-rank0-at-save", "8")
+    root = tmp_path / "run/checkpoints"
+    partial = root / "step_0000008.tmp"
+    assert partial.is_dir() and not (partial / "meta.json").exists()
+    assert (root / "latest").read_text().strip() == "step_0000004"
+    resumed = _layout_run(tmp_path, "run", 2, *overrides, "--resume", "auto")
+    assert not partial.exists()
+    assert resumed["losses"] == {k: v for k, v in ref["losses"].items() if int(k) > 4}

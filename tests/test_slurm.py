@@ -1,0 +1,145 @@
+"""On a real single-node SLURM cluster (slurm/local_cluster.sh starts it): submission, the
+preemption -> checkpoint -> requeue -> resume cycle, and hostile values in the script."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from slurm.submit import job_state
+from tests.conftest import ROOT
+from tests.distributed import torchrun
+
+DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}
+RUN = ["configs/tiny.yaml", "train.log_every=10", "parallel.data=2", "train.micro_batch_size=8"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    state = Path(os.environ.get("LOCAL_SLURM_DIR", "/tmp/looped-pretrain-slurm"))  # a rerun
+    script = ROOT / "slurm/local_cluster.sh"  # stops what an interrupted one left there
+    res = subprocess.run(["bash", str(script), "start", str(state)], capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, f"local SLURM cluster did not start:\n{res.stdout}\n{res.stderr}"
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(state / "slurm.conf")
+    yield state
+    subprocess.run(["bash", str(script), "stop", str(state)], timeout=60)
+    if old is None:
+        os.environ.pop("SLURM_CONF")
+    else:
+        os.environ["SLURM_CONF"] = old
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "pretrain.cli", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def _submit(out: Path, *extra: str, name: str = "") -> str:
+    res = _cli("submit", "--config", *RUN, f"train.out_dir={out}", *extra, "--time", "00:10:00",
+               *(["--name", name] if name else []))
+    assert res.returncode == 0, res.stderr
+    return re.search(r"submitted job (\d+)", res.stdout).group(1)
+
+
+def _wait(job: str, timeout: float = 300) -> str:
+    deadline = time.time() + timeout
+    while (state := job_state(job)) not in DONE:
+        assert time.time() < deadline, f"job {job} still {state}"
+        time.sleep(1)
+    return state
+
+
+def _metrics(out: Path) -> dict[int, float]:
+    path = out / "metrics.jsonl"
+    rows = [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def test_submit_runs_a_two_task_job_to_completion(cluster, tmp_path):
+    out = tmp_path / "run"
+    job = _submit(out, "train.max_steps=20")
+    assert _wait(job) == "COMPLETED", (out / f"slurm-{job}.out").read_text()
+    assert max(_metrics(out)) == 20
+    assert (out / "checkpoints/step_0000020/meta.json").is_file()
+    status = _cli("status", str(out))
+    assert f"slurm job: {job} COMPLETED" in status.stdout
+    assert "last checkpoint: " in status.stdout and "(step 20)" in status.stdout
+
+
+def test_preemption_checkpoints_requeues_and_finishes_like_an_uninterrupted_run(cluster, tmp_path):
+    steps = ["train.max_steps=300", "train.checkpoint_every=100"]
+    ref = tmp_path / "ref"
+    torchrun(2, "-m", "pretrain.cli", "train", "--config", *RUN, *steps, f"train.out_dir={ref}")
+    out = tmp_path / "run"
+    job = _submit(out, *steps)
+    deadline = time.time() + 120
+    while max(_metrics(out), default=0) < 40:
+        assert time.time() < deadline and job_state(job) not in DONE
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+    assert _wait(job) == "COMPLETED"
+    log = (out / f"slurm-{job}.out").read_text()
+    assert "step exited 75" in log and "requeueing" in log
+    assert "restart 1" in log and "resumed from" in log
+    show = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+    assert "Restarts=1" in show
+    assert _metrics(out) == _metrics(ref)  # every logged loss, bit-identical
+
+
+def test_hostile_values_stay_literal(cluster, tmp_path):
+    canary = tmp_path / "pwned"
+    hostile = f"run dir 'q' \"d\" $(touch {canary}) `touch {canary}` ;x"
+    out = tmp_path / hostile
+    script = _cli("submit", "--config", *RUN, f"train.out_dir={out}", "--dry-run",
+                  "--name", f"n $(touch {canary})").stdout
+    name = re.search(r"^#SBATCH --job-name=(.*)$", script, re.M).group(1)
+    assert name.startswith("n___touch_") and re.fullmatch(r"[A-Za-z0-9_.+-]{1,64}", name)
+    assert f"cd {shlex.quote(str(out))}\n" in script
+    assert shlex.quote(str(out / "submit.yaml")) in script
+    job = _submit(out, "train.max_steps=5", "optim.warmup_steps=1", "parallel.data=1",
+                  name=f"n $(touch {canary})")
+    assert _wait(job) == "COMPLETED", list(tmp_path.iterdir())
+    assert (out / "checkpoints/step_0000005/meta.json").is_file()
+    assert not canary.exists()
+
+
+def test_a_sweep_runs_as_a_job_array_then_collects_and_fits(cluster, tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"base: {ROOT / 'configs/tiny.yaml'}\nout_dir: {tmp_path / 'sweep'}\n"
+                    f"overrides: [train.max_steps=12, train.log_every=6, optim.warmup_steps=2]\n"
+                    "list: [{model.loops: 1}, {model.loops: 2}, {model.loops: 3}]\n"
+                    "eval_batches: 2\nslurm: {time: '00:10:00', concurrent: 2}\n")
+    res = _cli("sweep", "--spec", str(spec), "--submit")
+    assert res.returncode == 0, res.stderr
+    job = re.search(r"submitted job array (\d+)", res.stdout).group(1)
+    script = (tmp_path / "sweep/sweep.sbatch").read_text()
+    assert "#SBATCH --array=0-2%2" in script
+    deadline = time.time() + 300
+    while True:
+        states = subprocess.run(["squeue", "-h", "-t", "all", "-j", job, "-o", "%i %T"],
+                                capture_output=True, text=True).stdout.split("\n")
+        tasks = dict(line.split() for line in states if line.strip())
+        if len(tasks) == 3 and set(tasks.values()) <= DONE:
+            break
+        assert time.time() < deadline, tasks
+        time.sleep(1)
+    assert set(tasks.values()) == {"COMPLETED"}, tasks
+    assert _cli("sweep", "collect", str(tmp_path / "sweep")).returncode == 0
+    fit = _cli("sweep", "fit", str(tmp_path / "sweep"))
+    assert fit.returncode == 0, fit.stderr
+    rows = (tmp_path / "sweep/results.csv").read_text().splitlines()
+    assert len(rows) == 4  # header + 3 points
+    assert "L(R) = " in fit.stdout  # R in {1, 2, 3} at one size: the loop-count law
+    for png in ("fit_vs_points.png", "isoflop.png", "loops.png"):
+        assert (tmp_path / "sweep" / png).is_file()

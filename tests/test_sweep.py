@@ -1,0 +1,66 @@
+"""Sweeps: spec expansion and its errors, a local run, and the scaling-law fit on points from
+a known law."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+from scipy.optimize import minimize_scalar
+
+from pretrain.cli import main
+from pretrain.config import ConfigError
+from pretrain.sweep.fit import fit_law
+from pretrain.sweep.spec import expand, load_spec
+from tests.conftest import ROOT
+
+CHINCHILLA = {"E": 1.69, "A": 406.4, "alpha": 0.34, "B": 410.7, "beta": 0.28}
+
+
+def test_fit_recovers_a_known_law_and_its_compute_optimum():
+    rng = np.random.default_rng(0)
+    n = np.repeat(np.logspace(6, 9, 6), 6)
+    d = np.tile(np.logspace(8, 11, 6), 6)
+    c = CHINCHILLA
+    loss = (c["E"] + c["A"] / n ** c["alpha"] + c["B"] / d ** c["beta"]) \
+        * np.exp(rng.normal(0, 1e-3, n.shape))
+    fit = fit_law(n, d, loss)
+    for name, want in c.items():
+        assert getattr(fit, name) == pytest.approx(want, rel=0.05), name
+    budget, k = 1e21, 6.0
+    n_opt, d_opt = fit.optimal(budget, k)
+    assert n_opt * d_opt * k == pytest.approx(budget)
+    along = minimize_scalar(lambda logn: fit.predict(np.exp(logn), budget / (k * np.exp(logn))),
+                            bounds=(np.log(1e6), np.log(1e13)), method="bounded")
+    assert n_opt == pytest.approx(np.exp(along.x), rel=1e-3)
+
+
+def _spec(tmp_path, body: str):
+    path = tmp_path / "spec.yaml"
+    path.write_text(f"base: {ROOT / 'configs/tiny.yaml'}\nout_dir: {tmp_path / 'sweep'}\n" + body)
+    return path
+
+
+def test_a_bad_point_is_named_before_anything_runs(tmp_path):
+    spec = load_spec(_spec(tmp_path, "grid: {model.hidden_size: [64, 30]}\n"))
+    with pytest.raises(ConfigError, match=r"point 1 \{'model.hidden_size': 30\}: model.num_heads"):
+        expand(spec)
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_spec(_spec(tmp_path, "grdi: {}\n"))
+
+
+def test_local_sweep_trains_collects_and_fits(tmp_path, capsys):
+    spec = _spec(tmp_path, f"overrides: [train.max_steps=12, train.log_every=6, "
+                           f"optim.warmup_steps=2, 'data.paths=[{ROOT / 'data/sample.txt'}]']\n"
+                           "list: [{model.loops: 1}, {model.loops: 2}, {model.hidden_size: 32, "
+                           "model.ffn_hidden_size: 88}]\neval_batches: 2\n")
+    assert main(["sweep", "--spec", str(spec), "--local"]) == 0
+    out = capsys.readouterr().out
+    with open(tmp_path / "sweep/results.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["loops"]) for r in rows] == [1, 2, 3]
+    assert all(float(r["tokens"]) == 12 * 16 * 64 and float(r["eval_loss"]) > 0 for r in rows)
+    assert "L(N, D) = " in out and "loops at N=" in out
+    for png in ("fit_vs_points.png", "isoflop.png", "loops.png"):
+        assert (tmp_path / "sweep" / png).stat().st_size > 1000
