@@ -8,8 +8,9 @@ Run: `python bench/checkpoint_io.py [--params 500e6]`.
      save:      our Checkpointer (DCP shards + CRC-32 + sealing with fsync and rename);
      raw read / load: the same bytes read back, from disk (the page cache is dropped first
                when we may: root), else from the page cache.
-   Best of 3 interleaved rounds each. Prints GB/s and the ratios save/raw-write and
-   load/raw-read (goal >= 0.5). Load includes checking every file's CRC-32.
+   Best of 5 interleaved rounds each, the page cache dropped before each (when root). Prints
+   GB/s and the ratios save/raw-write and load/raw-read (goal >= 0.5). Load includes checking
+   every file's CRC-32.
 2. One process trains a 13M-parameter looped model for the same steps three ways: no
    checkpoints, a synchronous checkpoint every 5 steps, an async one every 5 steps; prints the
    step-time stall of each against the run without checkpoints (goal for async <= 5%), once
@@ -35,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from bench.torchrun_self import torchrun_self  # noqa: E402
 
 CHUNK = 1 << 26  # bytes per raw write
-ROUNDS = 3
+ROUNDS = 5
 
 
 def _timed(fn, barrier) -> float:
@@ -104,8 +105,10 @@ def worker(params: float, out: Path) -> None:
     targets = {k: torch.empty_like(v) for k, v in entries.items()}
     best = {"raw_write": 1e9, "save": 1e9, "raw_read": 1e9, "load": 1e9}
     for step in range(1, ROUNDS + 1):  # interleaved rounds, best of each: the VM is noisy
-        took = {
-            "raw_write": _timed(lambda: _raw_write(raw, tensors), barrier),
+        _drop_caches(rank, barrier)  # every timed operation starts from the same page cache
+        took = {"raw_write": _timed(lambda: _raw_write(raw, tensors), barrier)}
+        _drop_caches(rank, barrier)
+        took |= {
             "save": _timed(lambda s=step: ckpt.save(s, entries, {"step": s, "layout": {}}, ""),
                            barrier),
             "cold": _drop_caches(rank, barrier),
