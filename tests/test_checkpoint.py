@@ -249,11 +249,11 @@ def test_resume_under_one_process_reshards_exactly(tmp_path, layout):
         assert all(torch.equal(weights[k], reference[k]) for k in reference)
 
 
-def test_one_process_checkpoint_resumes_under_tp2_dp2_and_dp4(tmp_path):
+def test_one_process_checkpoint_resumes_under_tp2_pp2_dp2_and_dp4(tmp_path):
     full = _layout_run(tmp_path, "full", 1, "train.micro_batch_size=16")
     ckpt = tmp_path / "full/checkpoints/step_0000004"
     reference = load_model(ckpt)[1].state_dict()
-    for name in ("tp2", "dp2", "dp4"):
+    for name in ("tp2", "pp2", "dp2", "dp4"):
         nproc, overrides = LAYOUTS[name]
         res = _layout_run(tmp_path, name, nproc, *overrides, "--resume", str(ckpt))
         assert all(torch.equal(res["weights"][k], reference[k]) for k in reference)

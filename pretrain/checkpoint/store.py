@@ -5,6 +5,7 @@ A checkpoint is `step_XXXXXXX/` holding DCP shard files (`__<rank>_0.distcp`, `.
 written as `step_XXXXXXX.tmp/`; once every rank's shards are on disk, rank 0 writes
 `meta.json`, fsyncs, renames the directory and then replaces `latest` -- so a crash at any
 point leaves the previous checkpoint complete and the partial one recognisably incomplete.
+Tensors are read back by DCP with `torch.load(..., weights_only=True)`; the record is JSON.
 """
 
 from __future__ import annotations
