@@ -14,6 +14,7 @@ streams there is no cheaper way to honour a layout-free order, and tokens are ch
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -79,6 +80,15 @@ class RankBatches(IterableDataset):
                 return
             yield to_batch(np.stack(rows))
             k += workers
+
+
+def _ignore_preemption_signals(_worker: int) -> None:
+    """SLURM signals every process of a job step; the trainer (the workers' parent) turns
+    SIGTERM/SIGUSR1 into a checkpoint at the step's end and then stops the workers itself, so
+    a worker must not die of the signal first. Forked workers inherit the trainer's handler;
+    spawned / forkserver ones (Python 3.14's default) would not, hence explicit."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def to_batch(rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,7 +157,8 @@ class StreamingData:
         dataset = RankBatches(self.data, self.seq_len, self.seed, self.spec, self.samples_consumed)
         workers = self.data.num_workers
         loader = DataLoader(dataset, batch_size=None, num_workers=workers,
-                            prefetch_factor=self.data.prefetch if workers else None)
+                            prefetch_factor=self.data.prefetch if workers else None,
+                            worker_init_fn=_ignore_preemption_signals if workers else None)
         for k, item in enumerate(loader, start=1):
             if isinstance(item, str):
                 raise DataError(item)

@@ -273,3 +273,32 @@ def test_a_crash_mid_save_leaves_the_previous_checkpoint(tmp_path):
     resumed = _layout_run(tmp_path, "run", 2, *overrides, "--resume", "auto")
     assert not partial.exists()
     assert resumed["losses"] == {k: v for k, v in ref["losses"].items() if int(k) > 4}
+
+
+def test_a_signal_to_the_whole_process_group_spares_the_data_workers(tmp_path):
+    """SLURM signals every process of a step, DataLoader workers included: they must survive
+    it, so the trainer can checkpoint and exit 75 instead of failing on a lost worker."""
+    data, sample = tmp_path / "data", str(ROOT / "data/sample.txt")
+    assert main(["data", "train-tokenizer", "--input", sample, "--vocab-size", "300",
+                 "--output", str(data / "tok.json")]) == 0
+    assert main(["data", "tokenize", "--input", sample, "--tokenizer", str(data / "tok.json"),
+                 "--output", str(data / "shards"), "--shard-tokens", "2048",
+                 "--chunk-tokens", "256"]) == 0
+    shards = ["data.source=shards", f"data.sources=[{{path: {data / 'shards'}}}]",
+              f"data.tokenizer={data / 'tok.json'}", "model.vocab_size=300", "data.num_workers=2",
+              # the step the signal lands in needs more micro-batches than are prefetched
+              "data.prefetch=1", *LONG, "train.micro_batch_size=2", "train.grad_accum_steps=16"]
+    ref = _popen(tmp_path / "ref", *shards)
+    assert ref.wait(300) == 0, ref.communicate()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    run = subprocess.Popen([sys.executable, "-m", "pretrain.cli", *_train_cli(tmp_path / "run",
+                                                                               *shards)],
+                           cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, start_new_session=True)
+    _wait_for_step(run, tmp_path / "run", 10)
+    os.killpg(run.pid, signal.SIGUSR1)
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == EXIT_PREEMPTED, err[-2000:]
+    again = _popen(tmp_path / "run", *shards, "--resume", "auto")
+    assert again.wait(300) == 0
+    assert _metrics(tmp_path / "run") == _metrics(tmp_path / "ref")
