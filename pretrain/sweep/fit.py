@@ -105,6 +105,7 @@ def _plots(rows: list[dict], law: LawFit, k: float, loop_groups: dict, out: Path
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     paths = []
     n = np.array([r["params"] for r in rows])
@@ -131,6 +132,7 @@ def _plots(rows: list[dict], law: LawFit, k: float, loop_groups: dict, out: Path
     sc = ax.scatter(n, y, c=np.log10(c), cmap="viridis", zorder=3)
     fig.colorbar(sc, label="log10 FLOPs")
     ax.set(xscale="log", xlabel="parameters N", ylabel="loss", title="isoFLOP curves (* optimum)")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # a narrow N range: clutter
     ax.legend(fontsize=7)
     paths.append(out / "isoflop.png")
     fig.tight_layout()
