@@ -8,12 +8,22 @@ from pathlib import Path
 from pretrain.checkpoint import store
 
 
-def last_metrics(run_dir: Path) -> dict | None:
+def metrics(run_dir: Path) -> list[dict]:
+    """The logged records of a run, oldest first (a line cut short by a crash is skipped)."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
-        return None
-    lines = [line for line in path.read_text().splitlines() if line.endswith("}")]
-    return json.loads(lines[-1]) if lines else None
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+
+
+def losses_by_step(run_dir: Path) -> dict[int, float]:
+    """Loss per logged step; a step logged again after a resume keeps its last record."""
+    return {r["step"]: r["loss"] for r in metrics(run_dir)}
+
+
+def last_metrics(run_dir: Path) -> dict | None:
+    rows = metrics(run_dir)
+    return rows[-1] if rows else None
 
 
 def run_status(run_dir: Path) -> str:

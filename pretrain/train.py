@@ -123,13 +123,13 @@ class Trainer:
         if self.topo.tp > 1:
             parallelize_tensor(model, self.topo, cfg.parallel.sequence_parallel)
             self.cross_entropy = vocab_parallel_token_ce
-        self.pipeline = None
+        self.pipeline, self.split = None, []
         if self.topo.pp > 1:
-            split = resolve_split(cfg)
-            keep_stage(model, split, self.topo.pp_rank)
+            self.split = resolve_split(cfg)
+            keep_stage(model, self.split, self.topo.pp_rank)
             self.pipeline = PipelineStage(model, self.topo, cfg, self.cross_entropy)
             self.log(f"pipeline split ({'explicit' if cfg.parallel.pipeline_split else 'auto'}): "
-                     f"{describe(cfg, split)}")
+                     f"{describe(cfg, self.split)}")
         self.model = model.to(self.device)
         if cfg.objective.kind == "adaptive_gate":  # stage 2: LM frozen, only the gate learns
             for name, p in self.model.named_parameters():
@@ -143,7 +143,6 @@ class Trainer:
         else:
             self.optimizer = build_optimizer(self.model, cfg.optim)
         self.data = data if data is not None else default_data(cfg, self.topo)
-        self.split = resolve_split(cfg) if self.topo.pp > 1 else []
         self.state = ShardedState(self.model, self.topo,
                                   None if self.engine else self.optimizer, self.engine)
         self._batches = None  # the data's micro-batch iterator, opened on the first step

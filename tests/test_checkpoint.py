@@ -20,6 +20,7 @@ from pretrain.checkpoint import CheckpointError, store
 from pretrain.checkpoint.offline import load_model
 from pretrain.cli import main
 from pretrain.preemption import EXIT_PREEMPTED
+from pretrain.status import losses_by_step
 from pretrain.train import Trainer
 from tests.conftest import ROOT, tiny_config
 from tests.distributed import free_port, torchrun
@@ -119,16 +120,6 @@ def test_convert_consolidates_and_refuses_other_layouts(tmp_path, capsys):
 
 # ---- subprocesses: kill -9, signals, crashes -----------------------------------------------
 
-def _metrics(out: Path) -> dict[int, float]:
-    """Loss per step from metrics.jsonl (a step logged twice -- before a crash and after the
-    resume -- keeps its last record)."""
-    path = out / "metrics.jsonl"
-    if not path.is_file():
-        return {}
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
-    return {r["step"]: r["loss"] for r in rows}
-
-
 def _popen(out: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     return subprocess.Popen([sys.executable, "-m", "pretrain.cli", *_train_cli(out, *extra)],
@@ -138,7 +129,7 @@ def _popen(out: Path, *extra: str) -> subprocess.Popen:
 
 def _wait_for_step(proc: subprocess.Popen, out: Path, step: int) -> None:
     deadline = time.time() + 120
-    while max(_metrics(out), default=0) < step:
+    while max(losses_by_step(out), default=0) < step:
         assert proc.poll() is None, proc.communicate()
         assert time.time() < deadline
         time.sleep(0.002)
@@ -155,12 +146,12 @@ def test_kill_9_then_resume_gives_the_uninterrupted_losses(tmp_path):
     _wait_for_step(run, tmp_path / "run", kill_at)
     run.send_signal(signal.SIGKILL)
     assert run.wait(60) == -signal.SIGKILL
-    assert max(_metrics(tmp_path / "run")) < 60, f"finished before the kill at {kill_at}"
+    assert max(losses_by_step(tmp_path / "run")) < 60, f"finished before the kill at {kill_at}"
     again = _popen(tmp_path / "run", *LONG, "--resume", "auto")
     out, err = again.communicate(timeout=300)
     assert again.returncode == 0, err
     assert "resumed from" in out
-    assert _metrics(tmp_path / "run") == _metrics(tmp_path / "ref"), f"killed at {kill_at}"
+    assert losses_by_step(tmp_path / "run") == losses_by_step(tmp_path / "ref"), f"killed at {kill_at}"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=["USR1", "TERM"])
@@ -172,12 +163,12 @@ def test_a_signal_checkpoints_exits_75_and_resumes_exactly(tmp_path, sig):
     run.send_signal(sig)
     out, err = run.communicate(timeout=120)
     assert run.returncode == EXIT_PREEMPTED, err
-    stopped = max(_metrics(tmp_path / "run"))
+    stopped = max(losses_by_step(tmp_path / "run"))
     assert stopped < 60 and store.resolve(tmp_path / "run").name == f"step_{stopped:07d}"
     assert f"checkpoint {tmp_path / 'run/checkpoints'}/step_{stopped:07d} at step {stopped}" in out
     again = _popen(tmp_path / "run", *LONG, "--resume", "auto")
     assert again.wait(300) == 0
-    assert _metrics(tmp_path / "run") == _metrics(tmp_path / "ref")
+    assert losses_by_step(tmp_path / "run") == losses_by_step(tmp_path / "ref")
 
 
 def _children(pid: int) -> list[int]:
@@ -197,14 +188,14 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     assert len(workers) == 2
     os.kill(workers[-1], signal.SIGUSR1)  # as if only one node got SLURM's warning
     out, err = launcher.communicate(timeout=120)
-    stopped = max(_metrics(tmp_path / "run"))
+    stopped = max(losses_by_step(tmp_path / "run"))
     assert stopped < 60, err
     assert store.resolve(tmp_path / "run").name == f"step_{stopped:07d}"
     assert f"exit {EXIT_PREEMPTED}" in out
     assert "exitcode  : 75" in err  # torchrun reports the ranks' status
     torchrun(2, "-m", "pretrain.cli", *_train_cli(tmp_path / "run", *LONG, "parallel.data=2",
                                                   "train.micro_batch_size=16", "--resume", "auto"))
-    assert max(_metrics(tmp_path / "run")) == 60
+    assert max(losses_by_step(tmp_path / "run")) == 60
 
 
 # ---- resharding and crashes under several layouts ------------------------------------------
@@ -301,4 +292,4 @@ def test_a_signal_to_the_whole_process_group_spares_the_data_workers(tmp_path):
     assert run.returncode == EXIT_PREEMPTED, err[-2000:]
     again = _popen(tmp_path / "run", *shards, "--resume", "auto")
     assert again.wait(300) == 0
-    assert _metrics(tmp_path / "run") == _metrics(tmp_path / "ref")
+    assert losses_by_step(tmp_path / "run") == losses_by_step(tmp_path / "ref")

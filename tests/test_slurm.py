@@ -3,7 +3,6 @@ preemption -> checkpoint -> requeue -> resume cycle, and hostile values in the s
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shlex
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from pretrain.status import losses_by_step
 from slurm.submit import job_state
 from tests.conftest import ROOT
 from tests.distributed import torchrun
@@ -60,17 +60,11 @@ def _wait(job: str, timeout: float = 300) -> str:
     return state
 
 
-def _metrics(out: Path) -> dict[int, float]:
-    path = out / "metrics.jsonl"
-    rows = [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
-    return {r["step"]: r["loss"] for r in rows}
-
-
 def test_submit_runs_a_two_task_job_to_completion(cluster, tmp_path):
     out = tmp_path / "run"
     job = _submit(out, "train.max_steps=20")
     assert _wait(job) == "COMPLETED", (out / f"slurm-{job}.out").read_text()
-    assert max(_metrics(out)) == 20
+    assert max(losses_by_step(out)) == 20
     assert (out / "checkpoints/step_0000020/meta.json").is_file()
     status = _cli("status", str(out))
     assert f"slurm job: {job} COMPLETED" in status.stdout
@@ -84,7 +78,7 @@ def test_preemption_checkpoints_requeues_and_finishes_like_an_uninterrupted_run(
     out = tmp_path / "run"
     job = _submit(out, *steps)
     deadline = time.time() + 120
-    while max(_metrics(out), default=0) < 40:
+    while max(losses_by_step(out), default=0) < 40:
         assert time.time() < deadline and job_state(job) not in DONE
         time.sleep(0.2)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
@@ -94,7 +88,7 @@ def test_preemption_checkpoints_requeues_and_finishes_like_an_uninterrupted_run(
     assert "restart 1" in log and "resumed from" in log
     show = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
     assert "Restarts=1" in show
-    assert _metrics(out) == _metrics(ref)  # every logged loss, bit-identical
+    assert losses_by_step(out) == losses_by_step(ref)  # every logged loss, bit-identical
 
 
 def test_hostile_values_stay_literal(cluster, tmp_path):

@@ -6,7 +6,6 @@ checkpoint into full tensors; DCP assembles the TP shards and PP stages it overl
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
@@ -57,16 +56,11 @@ def consolidate(where: str | Path, out_root: str | Path) -> Path:
     meta = store.read_meta(path)
     Checkpointer(path.parent, Topology(), local=True).load(path, entries)
     meta["layout"] = {**meta.get("layout", {}), "tensor": 1, "pipeline": 1, "data": 1}
+    meta.pop("files", None)
     root = Path(out_root)
-    step = meta["step"]
-    tmp = store.step_dir(root, step).with_name(f"step_{step:07d}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    shutil.copy(path / "config.yaml", tmp / "config.yaml")
-    dcp.save(entries, storage_writer=dcp.FileSystemWriter(tmp), no_dist=True)
-    meta["files"] = {f.name: store.describe(f) for f in tmp.iterdir()
-                     if f.name.endswith(".distcp") or f.name == ".metadata"}
-    return store.seal(tmp, meta)
+    Checkpointer(root, Topology(), local=True, log=lambda _: None).save(
+        meta["step"], entries, meta, (path / "config.yaml").read_text())
+    return store.step_dir(root, meta["step"])
 
 
 def save_full_model(cfg: Config, model: LoopedLM, root: Path, step: int = 0) -> Path:
