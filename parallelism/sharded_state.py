@@ -165,7 +165,8 @@ class ShardedState:
                 with torch.no_grad():
                     p.copy_(value)
             else:
-                state.setdefault(p, {})[key] = value.to(p.device)
+                # AdamW keeps `step` on the CPU unless capturable/fused; moments live with p
+                state.setdefault(p, {})[key] = value if key == "step" else value.to(p.device)
         if self.engine is not None:
             self._load_zero(state)
         else:
