@@ -7,12 +7,18 @@ run. Per token (per GPU: divided by TP; per step: times the GPU's tokens):
   GEMMs       2 x 3 x (matmul FLOPs) at GEMM_EFFICIENCY x peak, lower for narrow GEMMs
               (width w per TP rank: x w / (w + NARROW_GEMM))
   attention   causal FlashAttention: half the counted score/value FLOPs, at ATTENTION_EFFICIENCY
-  elementwise norms, rotary, residual adds, SwiGLU, loss: bytes at ELEMENTWISE_BANDWIDTH x HBM
+  elementwise norms, rotary, residual adds, SwiGLU: bytes at ELEMENTWISE_BANDWIDTH x HBM
+  loss        the fp32 cross-entropy over the vocabulary, per loop step: LOSS_BYTES_PER_LOGIT
+              through HBM per logit (bf16->fp32 cast 6, log-softmax reading twice and writing
+              once 12, the dense gradient NLL writes 4, log-softmax backward 12, cast back 6).
+              At a 131k vocabulary this is as much traffic as all the layers' elementwise work
   TP          4 collectives of s x b x h bf16 per layer per loop (2 forward, 2 backward),
               ring cost 2 (t-1)/t over NVLink, not overlapped
   DP          gradient reduce-scatter + parameter all-gather (fp32 grads, bf16 params), ring
-              cost over InfiniBand once DP leaves the node; overlapped with the backward of the
-              last microbatch (Megatron's --overlap-grad-reduce), the rest exposed
+              cost over InfiniBand once DP leaves the node; the reduce-scatter overlapped with
+              the backward of the last microbatch (Megatron's --overlap-grad-reduce), the
+              all-gather with the next step's first forward (--overlap-param-gather); the rest
+              exposed
   PP          the circular pipeline's bubble: (p-1)/(R m + p-1) of the step; p2p overlapped
   optimizer   Adam over this rank's shard: ~32 bytes per parameter through HBM
 Memory: bf16 weights 2 B + fp32 grads 4 B + fp32 master and Adam moments 12 B per parameter
@@ -35,6 +41,7 @@ GEMM_EFFICIENCY = 0.80  # large bf16 GEMMs reach ~80% of the dense peak (cuBLAS,
 NARROW_GEMM = 512  # efficiency halves at a GEMM width this small (tile quantisation, waves)
 ATTENTION_EFFICIENCY = 0.50  # FlashAttention-2 forward + backward, fraction of peak
 ELEMENTWISE_BANDWIDTH = 0.80  # memory-bound kernels, fraction of HBM bandwidth
+LOSS_BYTES_PER_LOGIT = 40  # fp32 cross-entropy forward + backward, counted in the docstring
 COLLECTIVE_EFFICIENCY = 0.80  # NCCL ring bus bandwidth, fraction of the link
 MEMORY_HEADROOM = 0.90  # usable fraction of device memory (allocator, CUDA context)
 
@@ -105,16 +112,17 @@ def estimate(cfg: Config, lay: Layout, gpu: Accelerator, global_batch: int) -> E
               + _gemm_time(head, min(h, m.vocab_size / t), gpu))
     t_attn = attn / (gpu.peak_flops * ATTENTION_EFFICIENCY)
     elementwise_bytes = tokens * layer_passes * 3 * (12 * h + 3 * f) * 2 / t \
-        + tokens * r * 3 * 2 * m.vocab_size / t
+        + tokens * r * LOSS_BYTES_PER_LOGIT * m.vocab_size / t
     t_elem = elementwise_bytes / (gpu.hbm_bw * ELEMENTWISE_BANDWIDTH)
     compute = (t_gemm + t_attn + t_elem) / p  # each stage does 1/p of the layers
     # -- communication --
     act_bytes = lay.micro_batch * s * h * 2
     t_tp = _ring(act_bytes, t, gpu.intra_node_bw) * 4 * layer_passes / p * lay.microbatches
     dp_bw = gpu.intra_node_bw if t * p * d <= gpu.per_node else gpu.inter_node_bw
-    grad_sync = _ring(per_gpu_params * 4, d, dp_bw) / 2 + _ring(per_gpu_params * 2, d, dp_bw) / 2
-    last_backward = compute / lay.microbatches * 2 / 3
-    t_dp = max(0.0, grad_sync - last_backward)
+    reduce_scatter = _ring(per_gpu_params * 4, d, dp_bw) / 2  # fp32 gradients
+    all_gather = _ring(per_gpu_params * 2, d, dp_bw) / 2  # bf16 parameters
+    microbatch = compute / lay.microbatches  # forward 1/3, backward 2/3
+    t_dp = max(0.0, reduce_scatter - microbatch * 2 / 3) + max(0.0, all_gather - microbatch / 3)
     bubble = (p - 1) / (r * lay.microbatches + p - 1) if p > 1 else 0.0
     shard = d if lay.zero else 1
     t_opt = per_gpu_params / shard * 32 / gpu.hbm_bw
