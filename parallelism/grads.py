@@ -48,6 +48,21 @@ def global_grad_norm(params: list[nn.Parameter], topo: Topology) -> Tensor:
     return sq.sqrt().float()
 
 
+def layer_grad_norms(model: nn.Module, topo: Topology, num_layers: int) -> list[float]:
+    """The gradient norm of every shared-block layer (the FLT paper's per-layer diagnostic),
+    the same on every rank: TP shards summed, replicated weights counted once, stages joined."""
+    offset = getattr(model, "layer_offset", 0)
+    sq = torch.zeros(num_layers, dtype=torch.float64, device=topo.device)
+    for name, p in model.named_parameters():
+        if p.grad is None or not name.startswith("block."):
+            continue
+        if hasattr(p, "tp_split") or topo.tp_rank == 0:
+            sq[offset + int(name.split(".")[1])] += p.grad.double().pow(2).sum()
+    if topo.tp * topo.pp > 1:
+        dist.all_reduce(sq, group=topo.mp_group)
+    return sq.sqrt().tolist()
+
+
 def all_ranks_agree(ok: bool, topo: Topology, device: torch.device) -> bool:
     """True only if `ok` holds on every rank (so every rank skips a bad step together)."""
     if topo.world == 1:

@@ -12,15 +12,21 @@ schedules give wrong gradients when virtual stages share weights (measured: 0.54
 error at R=2); owning the loop also keeps megatron-core TP layers and the optimizer (ZeRO)
 untouched -- the pipeline only decides when each piece's forward and backward run.
 
+What crosses the ring depends on `model.loop_mode` (pretrain/model/looped.py): inside a lap
+the stream x_t goes from stage to stage, together with h_{t-1} for flt / flt_res, whose every
+layer reads it (twice the bytes of the other modes on laps t > 1); at a lap boundary the last
+stage sends h_t = N(x_t) -- the normed state -- back to stage 0, which builds the next lap's
+input from it and from the embedding stream e it keeps (lt_i, lt_ia, flt, flt_res restart from
+e every lap). `ring_payload` gives the count of hidden-sized tensors per message.
+
 Each piece (microbatch, lap) runs forward on its own autograd graph. Tensors that cross pieces
-are handed over as detached leaves: the hidden state (sent to the next stage), and the signals
-that stay on this stage -- loop 1's keys/values (attention injection), each layer's consumed
-input (fully looped), the last stage's CE_t and gate logits (consumed by the loss at lap R).
-A piece's backward runs autograd on its outputs with the gradients its consumers left on those
-leaves. Pieces of one microbatch run backward in reverse lap order, so every consumer's
-gradient has arrived before its producer's backward -- exactly the sums autograd forms in one
-process, and the parameter gradients of all laps accumulate in the same .grad (nothing to
-all-reduce across stages).
+are handed over as detached leaves: the message (sent to the next stage), and what stays on
+this stage -- stage 0's embedding stream e, the last stage's CE_t and gate logits (consumed by
+the loss at lap R). A piece's backward runs autograd on its outputs with the gradients its
+consumers left on those leaves. Pieces of one microbatch run backward in reverse lap order, so
+every consumer's gradient has arrived before its producer's backward -- exactly the sums
+autograd forms in one process, and the parameter gradients of all laps accumulate in the same
+.grad (nothing to all-reduce across stages).
 """
 
 from __future__ import annotations
@@ -34,10 +40,19 @@ from torch import Tensor, nn
 
 from parallelism.pipeline_schedule import Piece, schedule
 from parallelism.topology import Topology
-from pretrain.model.looped import LoopedLM, LoopedOutput
+from pretrain.model.looped import LoopedLM, LoopedOutput, NoKV
 from pretrain.model.objective import ObjectiveOutput, compute_objective
 
 RECV_AHEAD = 2  # pieces whose inputs are received ahead, overlapping transfers with compute
+
+
+def ring_payload(mode: str, lap: int, to_first: bool) -> int:
+    """Hidden-sized tensors in the message that starts lap `lap`'s piece on the receiver:
+    h alone at a lap boundary (to stage 0), x (and h_{t-1} where every layer reads it)
+    inside a lap."""
+    if to_first:
+        return 1
+    return 2 if mode in ("flt", "flt_res") and lap > 0 else 1
 
 
 def keep_stage(model: LoopedLM, split: list[int], stage: int) -> None:
@@ -89,28 +104,11 @@ class _Handoff:
 class _Microbatch:
     ids: Tensor
     labels: Tensor
-    first_kv: dict[int, tuple[_Handoff, _Handoff]] = field(default_factory=dict)
-    signals: list[_Handoff] | None = None
+    e: _Handoff | None = None  # stage 0: the embedding stream, for modes that reuse it
     steps: list[tuple[_Handoff, _Handoff]] = field(default_factory=list)  # (logits, gate) per lap
+    norms: list[Tensor] = field(default_factory=list)  # last stage: |x_t| per lap (diagnostic)
     pieces: dict[int, dict] = field(default_factory=dict)  # lap -> what its backward needs
     result: ObjectiveOutput | None = None
-
-
-class _PieceKV:
-    """KV store of one piece: loop 1's keys/values are saved (lap 0) or served as leaves."""
-
-    def __init__(self, mb: _Microbatch, lap: int, inject: bool):
-        self.mb, self.lap, self.inject = mb, lap, inject
-
-    def attn_inputs(self, segment: str, loop: int, layer: int) -> dict:
-        if self.inject and segment == "block" and loop > 0:
-            k, v = self.mb.first_kv[layer]
-            return {"inject": (k.leaf, v.leaf)}
-        return {}
-
-    def save(self, segment: str, loop: int, layer: int, k: Tensor, v: Tensor) -> None:
-        if self.inject and segment == "block" and loop == 0:
-            self.mb.first_kv[layer] = (_Handoff.of(k), _Handoff.of(v))
 
 
 class PipelineStage:
@@ -123,55 +121,61 @@ class PipelineStage:
         self.busy_s = self.wait_s = self.wall_s = 0.0  # compute / blocked in recv / wall, last step
 
     # -- one piece ---------------------------------------------------------------------------
-    def _forward(self, mb: _Microbatch, lap: int, h_in: Tensor | None, scale: float) -> dict:
-        """Run piece (mb, lap); returns what its backward needs ('h_out' goes downstream)."""
-        model = self.model
+    def _forward(self, mb: _Microbatch, lap: int, received: list[Tensor] | None,
+                 scale: float) -> dict:
+        """Run piece (mb, lap); returns what its backward needs ('out' goes downstream)."""
+        model, store = self.model, NoKV()
         rope = model.rope(torch.arange(mb.ids.shape[1], device=mb.ids.device))
-        store = _PieceKV(mb, lap, model.cfg.attention_injection)
-        saved: dict = {"h_in": h_in}
-        if h_in is None:  # stage 0, lap 0
-            h_in_model, _ = model.run_layers("prelude", 0, model.embed(mb.ids.t()), rope, store)
+        saved: dict = {"inputs": received or [], "handoffs": []}
+        if self.first:
+            if lap == 0:
+                e = model.embed_stream(mb.ids, rope, store)
+                if model.cfg.loop_mode not in ("ouro", "lt") and self.loops > 1:
+                    mb.e = _Handoff.of(e)
+                    saved["handoffs"].append(mb.e)
+                x, h = model.loop_input(0, e, None)
+            else:
+                x, h = model.loop_input(lap, None if mb.e is None else mb.e.leaf, received[0])
         else:
-            h_in_model = h_in
-        signals_in = [s.leaf for s in mb.signals] if mb.signals is not None else None
-        h, consumed = model.run_layers("block", lap, h_in_model, rope, store, signals_in)
-        if consumed is not None:
-            mb.signals = [_Handoff.of(c) for c in consumed]
-            saved["handoffs"] = list(mb.signals)
-        if lap == 0:
-            saved.setdefault("handoffs", []).extend(t for kv in mb.first_kv.values() for t in kv)
+            x, h = received[0], (received[1] if len(received) > 1 else None)
+        x = model.run_block(lap, x, h, rope, store)
         if not self.last:
-            saved["h_out"] = h
+            saved["out"] = [x, h] if ring_payload(model.cfg.loop_mode, lap, False) == 2 else [x]
             return saved
+        mb.norms.append(x.detach().float().norm(dim=-1).mean())
+        h = model.norm(x)
         logits, gate = model.readout(h, lap, rope, store)
         if lap < self.loops - 1:
             mb.steps.append((_Handoff.of(logits), _Handoff.of(gate)))
-            saved.setdefault("handoffs", []).extend(mb.steps[-1])
-            saved["h_out"] = h
+            saved["handoffs"].extend(mb.steps[-1])
+            saved["out"] = [h]
             return saved
         out = LoopedOutput([st[0].leaf for st in mb.steps] + [logits],
-                           torch.stack([st[1].leaf for st in mb.steps] + [gate]))
+                           torch.stack([st[1].leaf for st in mb.steps] + [gate]),
+                           torch.stack(mb.norms))
         mb.result = compute_objective(self.cfg.objective, out, mb.labels, self.ce)
         saved["loss"] = mb.result.loss * scale
         return saved
 
     @staticmethod
     def _backward(saved: dict, grad_out: Tensor | None) -> Tensor | None:
-        """Backward of one piece; returns the gradient of its input hidden state."""
+        """Backward of one piece; returns the gradients of its received tensors, stacked."""
         outputs, grads = [], []
         if "loss" in saved:
             outputs.append(saved["loss"])
             grads.append(torch.ones_like(saved["loss"]))
-        if "h_out" in saved:
-            outputs.append(saved["h_out"])
-            grads.append(grad_out)
-        for handoff in saved.get("handoffs", []):
+        for t, g in zip(saved.get("out", []), grad_out if "out" in saved else [], strict=True):
+            outputs.append(t)
+            grads.append(g)
+        for handoff in saved["handoffs"]:
             if handoff.leaf.grad is not None:
                 outputs.append(handoff.real)
                 grads.append(handoff.leaf.grad)
         torch.autograd.backward(outputs, grads)
-        h_in = saved["h_in"]
-        return None if h_in is None else h_in.grad
+        inputs = saved["inputs"]
+        if not inputs:
+            return None
+        return torch.stack([t.grad if t.grad is not None else torch.zeros_like(t) for t in inputs])
 
     # -- the whole step ----------------------------------------------------------------------
     def run(self, batches: list[tuple[Tensor, Tensor]], kind: str) -> ObjectiveOutput | None:
@@ -196,12 +200,15 @@ class PipelineStage:
                     posted[ahead] = self._post_recv(shape, device, ahead)
             mb = mbs[piece.mb]
             received = self._wait(*posted.pop(piece)) if piece in posted else None
+            if received is not None and piece.kind == "F":
+                received = list(received.unbind(0))
             t0 = time.perf_counter()
             if piece.kind == "F":
-                h_in = None if received is None else received.requires_grad_()
-                mb.pieces[piece.lap] = saved = self._forward(mb, piece.lap, h_in, 1.0 / m)
-                if "h_out" in saved:
-                    pending.append(self._send(saved["h_out"].detach(), piece, grad=False))
+                inputs = None if received is None else [t.requires_grad_() for t in received]
+                mb.pieces[piece.lap] = saved = self._forward(mb, piece.lap, inputs, 1.0 / m)
+                if "out" in saved:
+                    message = torch.stack([t.detach() for t in saved["out"]])
+                    pending.append(self._send(message, piece, grad=False))
                 live += 1
             else:
                 saved = mb.pieces.pop(piece.lap)
@@ -239,9 +246,17 @@ class PipelineStage:
             return not (self.first and piece.lap == 0)
         return not (self.last and piece.lap == self.loops - 1)
 
+    def _message_count(self, piece: Piece) -> int:
+        """Hidden-sized tensors in the message piece waits for (its input, or the gradient of
+        its output)."""
+        mode = self.cfg.model.loop_mode
+        if piece.kind == "F":
+            return ring_payload(mode, piece.lap, self.first)
+        return 1 if self.last else ring_payload(mode, piece.lap, False)
+
     def _post_recv(self, shape, device, piece: Piece) -> tuple[Tensor, dist.Work]:
         grad = piece.kind == "B"
-        t = torch.empty(shape, device=device)
+        t = torch.empty((self._message_count(piece), *shape), device=device)
         peer = self.topo.pp_next if grad else self.topo.pp_prev
         return t, dist.irecv(t, peer, tag=self._tag(piece.mb, self._virtual(piece), grad))
 

@@ -6,7 +6,8 @@ full weights; a TP=k model from seed s therefore holds exactly the shards of the
 seed s. The model code itself never learns about process groups.
 
   qkv_proj, gate_up_proj  -> ColumnParallelLinear (fused blocks split per block: each rank holds
-                             its heads' q, k, v and its share of gate and up)
+                             its heads' q, k, v and its share of gate and up); up_proj (relu^2)
+                             likewise
   o_proj, down_proj       -> RowParallelLinear
   embed                   -> VocabParallelEmbedding, lm_head -> ColumnParallelLinear (vocab),
                              and every loop step's CE is megatron's vocab_parallel_cross_entropy
@@ -69,13 +70,23 @@ def split_for(cfg, name: str) -> Split | None:
     if name in ("embed.weight", "lm_head.weight"):
         return Split(0, (cfg.vocab_size,))
     return {"attn.qkv_proj.weight": Split(0, (q, kv, kv)), "attn.o_proj.weight": Split(1, (q,)),
-            "mlp.gate_up_proj.weight": Split(0, (f, f)),
+            "mlp.gate_up_proj.weight": Split(0, (f, f)), "mlp.up_proj.weight": Split(0, (f,)),
             "mlp.down_proj.weight": Split(1, (f,))}.get(name.split(".", 2)[-1])
 
 
 class _Column(mtp.ColumnParallelLinear):
     def forward(self, x: Tensor) -> Tensor:
         return super().forward(x)[0]
+
+    def rows(self, x: Tensor, start: int, stop: int | None) -> Tensor:
+        """x times rows start:stop of this rank's shard, with the column layer's collectives
+        (model/layers.py `FusedLinear.rows`: FLT's queries and keys from different inputs)."""
+        if not (self.allreduce_dgrad or self.sequence_parallel):
+            x = mtp.copy_to_tensor_model_parallel_region(x, group=self.tp_group)
+        return self._forward_impl(
+            input=x, weight=self.weight[start:stop], bias=None, gradient_accumulation_fusion=False,
+            allreduce_dgrad=self.allreduce_dgrad, sequence_parallel=self.sequence_parallel,
+            grad_output_buffer=None, wgrad_deferral_limit=None, tp_group=self.tp_group)
 
 
 class _Row(mtp.RowParallelLinear):
@@ -143,8 +154,9 @@ def parallelize_tensor(model: LoopedLM, topo: Topology, sequence_parallel: bool 
     kw = {"config": mcfg, "init_method": nn.init.zeros_, "bias": False}
     h, f = cfg.hidden_size, cfg.ffn_hidden_size
     q = cfg.num_heads * cfg.kv_channels
+    up = "mlp.gate_up_proj" if cfg.mlp == "swiglu" else "mlp.up_proj"
     split = {k: split_for(cfg, f"block.0.{k}.weight") for k in
-             ("attn.qkv_proj", "attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")}
+             ("attn.qkv_proj", "attn.o_proj", up, "mlp.down_proj")}
     qkv = sum(split["attn.qkv_proj"].parts)
     for layer in (*model.prelude, *model.block, *model.coda):
         a, m = layer.attn, layer.mlp
@@ -153,8 +165,10 @@ def parallelize_tensor(model: LoopedLM, topo: Topology, sequence_parallel: bool 
         a.o_proj = _load(_Row(q, h, input_is_parallel=True, skip_bias_add=False, **kw),
                          a.o_proj.weight, split["attn.o_proj"], topo)
         a.n_heads, a.n_kv = a.n_heads // topo.tp, a.n_kv // topo.tp
-        m.gate_up_proj = _load(_Column(h, 2 * f, gather_output=False, **kw), m.gate_up_proj.weight,
-                               split["mlp.gate_up_proj"], topo)
+        name = up.split(".")[1]
+        width = sum(split[up].parts)
+        setattr(m, name, _load(_Column(h, width, gather_output=False, **kw),
+                               getattr(m, name).weight, split[up], topo))
         m.down_proj = _load(_Row(f, h, input_is_parallel=True, skip_bias_add=False, **kw),
                             m.down_proj.weight, split["mlp.down_proj"], topo)
     vocab = split_for(cfg, "embed.weight")

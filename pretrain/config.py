@@ -37,8 +37,14 @@ class ModelConfig:
     tie_embeddings: bool = False
     prelude_layers: int = 0  # unshared layers run once before the loop (Huginn-style)
     coda_layers: int = 0  # unshared layers run on every loop's output before the head
-    fully_looped: bool = False  # inter-loop signal fed to every layer (see model/looped.py)
-    attention_injection: bool = False  # loops t>1 also attend to loop 1's keys/values
+    # how one loop hands over to the next (model/looped.py): the released Ouro function, or the
+    # Fully Looped Transformer paper's FLT / FLT_res and its baselines LT, LT_i, LT_ia
+    loop_mode: Literal["ouro", "lt", "lt_i", "lt_ia", "flt", "flt_res"] = "ouro"
+    qk_norm: bool = False  # FLT recipe: weightless RMSNorm of queries and keys after RoPE
+    norm_weights: bool = True  # False: RMSNorm without a learned scale (FLT recipe)
+    mlp: Literal["swiglu", "relu2"] = "swiglu"  # relu2: down(relu(up(x))^2) (FLT recipe)
+    logit_softcap: float = 0.0  # > 0: logits = c tanh(logits / c) (FLT recipe: 15)
+    init: Literal["normal", "flt"] = "normal"  # flt: the FLT authors' initialisation
     dropout: float = 0.0
     init_std: float = 0.02
 
@@ -49,7 +55,10 @@ class ModelConfig:
 
 @dataclass
 class ObjectiveConfig:
-    kind: Literal["elbo", "adaptive_gate"] = "elbo"
+    # elbo / adaptive_gate: Ouro stage 1 / stage 2; last / all / few: the FLT paper's CE on the
+    # last loop, the mean over every loop, or over loops floor(2R/3)..R (1-based: the last third)
+    kind: Literal["elbo", "adaptive_gate", "last", "all", "few"] = "elbo"
+    gate_target: Literal["paper", "lookahead"] = "paper"  # stage 2: Ouro Eq. 5-6, or ours
     beta: float = 0.1  # entropy weight of the ELBO (uniform prior over exit steps)
     gate_k: float = 50.0  # adaptive gate: slope of the "another loop still helps" target
     gate_gamma: float = 0.005  # adaptive gate: CE improvement that counts as helping
@@ -57,6 +66,8 @@ class ObjectiveConfig:
 
 @dataclass
 class OptimConfig:
+    # muon: torch.optim.Muon for the layers' matrices, AdamW for embedding, head, gate, norms
+    name: Literal["adamw", "muon"] = "adamw"
     lr: float = 3e-4
     min_lr: float = 3e-5
     weight_decay: float = 0.1
@@ -67,6 +78,10 @@ class OptimConfig:
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
     warmup_steps: int = 0
     decay_fraction: float = 0.2  # WSD: the final fraction of steps spent decaying to min_lr
+    embedding_lr: float = 0.0  # peak lr of the embedding; 0: lr (every group follows the schedule)
+    head_lr: float = 0.0  # peak lr of the LM head; 0: lr
+    muon_lr: float = 0.02  # peak lr of Muon's matrices (optim.name: muon)
+    muon_momentum: float = 0.95
 
 
 @dataclass
@@ -186,12 +201,25 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     raise TypeError(f"unsupported config annotation {tp!r} for {name}")
 
 
+# fields that no longer exist, and what replaced them
+REMOVED = {
+    "model.fully_looped": "removed: the Fully Looped Transformer is model.loop_mode=flt "
+                          "(or flt_res, lt, lt_i, lt_ia)",
+    "model.attention_injection": "removed: attention injection is model.loop_mode=lt_ia "
+                                 "(queries of the first layer from the previous loop) or flt",
+}
+
+
 def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for key in raw:
         if key not in names:
             where = f"{prefix}.{key}" if prefix else str(key)
+            if where in REMOVED:
+                if not raw[key]:  # the old default, as older checkpoints' configs record it
+                    continue
+                raise ConfigError(f"{where}: {REMOVED[where]}")
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(f"{where}: unknown key{hint}")
@@ -271,10 +299,17 @@ def validate(cfg: Config) -> None:
     _require(m.rope_theta > 0, "model.rope_theta", "must be > 0")
     _require(m.norm_eps > 0, "model.norm_eps", "must be > 0")
     _require(m.init_std > 0, "model.init_std", "must be > 0")
+    _require(m.logit_softcap >= 0, "model.logit_softcap", f"must be >= 0, got {m.logit_softcap}")
     _require(ob.beta >= 0, "objective.beta", f"must be >= 0, got {ob.beta}")
     _require(ob.gate_k > 0, "objective.gate_k", "must be > 0")
     if ob.kind == "adaptive_gate":
         _require(m.loops >= 2, "objective.kind", "adaptive_gate needs model.loops >= 2")
+    for name in ("embedding_lr", "head_lr", "muon_lr"):
+        _require(getattr(o, name) >= 0, f"optim.{name}", f"must be >= 0, got {getattr(o, name)}")
+    _require(0 <= o.muon_momentum < 1, "optim.muon_momentum", "must be in [0, 1)")
+    if o.name == "muon":
+        _require(cfg.parallel.zero_stage == 0, "optim.name",
+                 "muon does not shard with DeepSpeed ZeRO: use parallel.zero_stage=0")
     _require(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
     _require(0 <= o.min_lr <= o.lr, "optim.min_lr", f"must be in [0, lr={o.lr}], got {o.min_lr}")
     _require(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")

@@ -19,7 +19,8 @@ config.json fields: hidden_size, num_hidden_layers (the shared block), num_atten
 num_key_value_heads, head_dim, intermediate_size, vocab_size, total_ut_steps (= loops R),
 early_exit_threshold, max_position_embeddings, rope_theta, rms_norm_eps,
 tie_word_embeddings, hidden_act "silu". RoPE is rotate-half in both. Variants Ouro has no
-names for (prelude/coda layers, the Fully-Looped signals) are refused, not approximated.
+names for (another loop mode, prelude/coda layers, the FLT recipe's layers) are refused, not
+approximated.
 """
 
 from __future__ import annotations
@@ -46,13 +47,16 @@ _TOP = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.
         "lm_head.weight": "lm_head.weight"}
 
 
+# what the Ouro format holds: any other value of these fields is refused, naming the field
+OURO_FORMAT = {"loop_mode": "ouro", "prelude_layers": 0, "coda_layers": 0, "sandwich_norm": True,
+               "qk_norm": False, "norm_weights": True, "mlp": "swiglu", "logit_softcap": 0.0}
+
+
 def _check_exportable(m: ModelConfig) -> None:
-    for name in ("prelude_layers", "coda_layers", "fully_looped", "attention_injection"):
-        if getattr(m, name):
+    for name, value in OURO_FORMAT.items():
+        if getattr(m, name) != value:
             raise ConfigError(f"model.{name}: {getattr(m, name)!r} has no counterpart in the Ouro "
-                              "format; only the plain looped model exports")
-    if not m.sandwich_norm:
-        raise ConfigError("model.sandwich_norm: Ouro layers always carry the sandwich norms")
+                              f"format (it holds {name}={value!r} only)")
 
 
 def to_hf(m: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

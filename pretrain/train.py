@@ -20,7 +20,13 @@ import torch.distributed as dist
 from torch import nn
 
 from data_pipeline.loader import RankSpec, StreamingData
-from parallelism.grads import all_ranks_agree, finalize_grads, global_grad_norm, replica_stats
+from parallelism.grads import (
+    all_ranks_agree,
+    finalize_grads,
+    global_grad_norm,
+    layer_grad_norms,
+    replica_stats,
+)
 from parallelism.pipeline import PipelineStage, keep_stage
 from parallelism.pipeline_balance import describe, resolve_split
 from parallelism.sharded_state import ShardedState
@@ -62,6 +68,8 @@ class StepStats:
     data_skips: int  # samples masked out because their shard was unreadable (on_error: skip)
     mfu: float = 0.0  # model FLOPs / (time x peak FLOP/s of every device)
     peak_memory_gb: float = 0.0  # the largest peak over all ranks
+    hidden_norm: list[float] = field(default_factory=list)  # mean |x_t| per loop (FLT's plot)
+    layer_grad_norm: list[float] = field(default_factory=list)  # per shared-block layer
 
 
 @dataclass
@@ -134,6 +142,9 @@ class Trainer:
         if cfg.objective.kind == "adaptive_gate":  # stage 2: LM frozen, only the gate learns
             for name, p in self.model.named_parameters():
                 p.requires_grad_(name.startswith("gate."))
+        elif cfg.objective.kind in ("last", "all", "few"):  # the FLT objectives train no gate
+            for name, p in self.model.named_parameters():
+                p.requires_grad_(not name.startswith("gate."))
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.engine = None  # DeepSpeed ZeRO: it reduces, clips and steps
         if cfg.parallel.zero_stage:
@@ -160,6 +171,7 @@ class Trainer:
         self.flops_per_token = flops_per_token(cfg.model, cfg.train.seq_len)
         self.peak_flops = peak_flops(self.device, cfg.train.peak_flops) * self.topo.world
         self.step = 0
+        self.layer_grad_norms: list[float] = []  # at log steps (not under ZeRO: it owns the grads)
         self.skipped = 0
         self.bad_streak = 0
         cuda = self.device.type == "cuda"
@@ -204,6 +216,8 @@ class Trainer:
             return self._zero_step(out, total, lr)
         finalize_grads(self.model, self.topo)
         grad_norm = global_grad_norm(self.params, self.topo)
+        if self._logs_after_this_step():
+            self.layer_grad_norms = layer_grad_norms(self.model, self.topo, self.cfg.model.num_layers)
         ok = all_ranks_agree(bool(torch.isfinite(total) & torch.isfinite(grad_norm)), self.topo,
                              self.device)
         if ok:
@@ -214,6 +228,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self._after_step(ok)
         return out, total, grad_norm, lr, ok
+
+    def _logs_after_this_step(self) -> bool:
+        t = self.cfg.train
+        return (self.step + 1) % t.log_every == 0 or self.step + 1 == t.max_steps
 
     def _zero_step(self, out, total, lr):
         """The end of a step under ZeRO: DeepSpeed reduced, clipped and stepped (or skipped a
@@ -242,11 +260,11 @@ class Trainer:
         """Statistics of the step (from the last pipeline stage), averaged over DP ranks."""
         r = self.cfg.model.loops
         mine = None if out is None else torch.cat((
-            total.view(1), out.ce, out.exit_prob, out.gate, out.expected_loops.view(1),
-            out.entropy.view(1)))
-        packed = replica_stats(mine, 3 * r + 3, self.topo)
-        loss, ce, exit_prob, gate = packed[0], packed[1:1 + r], packed[1 + r:1 + 2 * r], \
-            packed[1 + 2 * r:1 + 3 * r]
+            total.view(1), out.ce, out.exit_prob, out.gate, out.hidden_norm.to(total.device),
+            out.expected_loops.view(1), out.entropy.view(1)))
+        packed = replica_stats(mine, 4 * r + 3, self.topo)
+        loss, ce, exit_prob, gate, hidden = packed[0], packed[1:1 + r], packed[1 + r:1 + 2 * r], \
+            packed[1 + 2 * r:1 + 3 * r], packed[1 + 3 * r:1 + 4 * r]
         memory = torch.tensor([float(peak_memory_bytes(self.device))], device=self.device)
         if self.topo.world > 1:
             dist.all_reduce(memory, op=dist.ReduceOp.MAX)
@@ -257,7 +275,8 @@ class Trainer:
             tokens_per_s=tokens_per_s, skipped=self.skipped,
             data_skips=getattr(self.data, "skipped_samples", 0),
             mfu=self.flops_per_token * tokens_per_s / self.peak_flops,
-            peak_memory_gb=memory.item() / 2**30)
+            peak_memory_gb=memory.item() / 2**30, hidden_norm=hidden.tolist(),
+            layer_grad_norm=self.layer_grad_norms)
 
     def _report(self, s: StepStats) -> None:
         if self.topo.is_main:  # the machine-readable log (`pretrain status`, resume tests)
@@ -279,10 +298,14 @@ class Trainer:
         w.add_scalar("data/skipped_samples", s.data_skips, n)
         if self.pipeline is not None and self.pipeline.wall_s > 0:  # this rank's idle share
             w.add_scalar("pipeline/idle_fraction", 1 - self.pipeline.busy_s / self.pipeline.wall_s, n)
-        for i, (c, p, g) in enumerate(zip(s.ce, s.exit_prob, s.gate, strict=True), start=1):
+        for i, (c, p, g, hn) in enumerate(zip(s.ce, s.exit_prob, s.gate, s.hidden_norm,
+                                                  strict=True), start=1):
             w.add_scalar(f"loop/ce_step{i}", c, n)
             w.add_scalar(f"loop/exit_prob_step{i}", p, n)
             w.add_scalar(f"loop/gate_step{i}", g, n)
+            w.add_scalar(f"loop/hidden_norm_step{i}", hn, n)
+        for i, gn in enumerate(s.layer_grad_norm):
+            w.add_scalar(f"grad_norm/block_layer{i}", gn, n)
 
     def _meta(self) -> dict:
         """The global record of a checkpoint (what no tensor holds)."""

@@ -17,9 +17,13 @@ def tiny_config(*overrides: str, out_dir: str | Path = "runs/test"):
                         *overrides])
 
 
+# the FLT authors' layer recipe (their init aside: zero output projections would hide bugs)
+FLT_RECIPE = ["model.sandwich_norm=false", "model.norm_weights=false", "model.qk_norm=true",
+              "model.mlp=relu2", "model.logit_softcap=15"]
+LOOP_MODES = ("ouro", "lt", "lt_i", "lt_ia", "flt", "flt_res")
 VARIANTS = {
-    "plain": [],
-    "fully_looped": ["model.fully_looped=true", "model.attention_injection=true"],
+    **{mode: [f"model.loop_mode={mode}"] for mode in LOOP_MODES},
+    "flt_recipe": ["model.loop_mode=flt", *FLT_RECIPE],
     "huginn": ["model.prelude_layers=1", "model.coda_layers=1", "model.tie_embeddings=true",
                "model.sandwich_norm=false"],
 }

@@ -1,5 +1,8 @@
 """An independent re-statement of the model's equations from its raw weights (explicit softmax
-attention, loops written out), used as the reference the real model must match."""
+attention, batch-first, every loop mode written out), used as the reference the real model
+must match. Written from the papers' descriptions (Ouro arXiv 2510.25741 and its released
+modeling code's forward; the Fully Looped Transformer arXiv 2605.18797 and its authors' model
+types FLT, FLT_res, LT, LT_i, LT_ia), not from pretrain/model."""
 
 from __future__ import annotations
 
@@ -12,7 +15,8 @@ from pretrain.config import ModelConfig
 
 
 def _rms(x, w, eps):
-    return x * torch.rsqrt((x * x).mean(-1, keepdim=True) + eps) * w
+    y = x * torch.rsqrt((x * x).mean(-1, keepdim=True) + eps)
+    return y if w is None else y * w
 
 
 def _rope(x, theta):
@@ -24,39 +28,46 @@ def _rope(x, theta):
     return torch.cat((a * cos - b * sin, a * sin + b * cos), -1)
 
 
-def _attend(q, k, v, first=None):
+def _attend(q, k, v):
     rep = q.shape[1] // k.shape[1]
     s, d = q.shape[2], q.shape[3]
     future = torch.ones(s, s).triu(1).bool()
-    keys, vals = [k], [v]
-    if first is not None:
-        keys, vals = [first[0], k], [first[1], v]
-    scores = [(q @ kk.repeat_interleave(rep, 1).transpose(-1, -2) / math.sqrt(d))
-              .masked_fill(future, float("-inf")) for kk in keys]
-    w = torch.softmax(torch.cat(scores, -1), -1)
-    return w @ torch.cat([vv.repeat_interleave(rep, 1) for vv in vals], 2)
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    scores = (q @ k.transpose(-1, -2) / math.sqrt(d)).masked_fill(future, float("-inf"))
+    return torch.softmax(scores, -1) @ v
 
 
-def _layer(sd, pre, x, cfg: ModelConfig, first=None):
+def _layer(sd, pre, x, cfg: ModelConfig, h=None):
+    """One decoder layer; with h, the queries come from norm(h) (FLT)."""
     b, s, _ = x.shape
     hd, eps = cfg.kv_channels, cfg.norm_eps
-    h = _rms(x, sd[pre + "attn_norm.weight"], eps)
+
+    def w(name):
+        return sd.get(pre + name)  # absent: a weightless norm
+
+    xn = _rms(x, w("attn_norm.weight"), eps)
+    qn = xn if h is None else _rms(h, w("attn_norm.weight"), eps)
     wq, wk, wv = sd[pre + "attn.qkv_proj.weight"].split(
         [cfg.num_heads * hd, cfg.num_kv_heads * hd, cfg.num_kv_heads * hd])
-    q = (h @ wq.T).view(b, s, -1, hd).transpose(1, 2)
-    k = (h @ wk.T).view(b, s, -1, hd).transpose(1, 2)
-    v = (h @ wv.T).view(b, s, -1, hd).transpose(1, 2)
+    q = (qn @ wq.T).view(b, s, -1, hd).transpose(1, 2)
+    k = (xn @ wk.T).view(b, s, -1, hd).transpose(1, 2)
+    v = (xn @ wv.T).view(b, s, -1, hd).transpose(1, 2)
     q, k = _rope(q, cfg.rope_theta), _rope(k, cfg.rope_theta)
-    a = _attend(q, k, v, first).transpose(1, 2).reshape(b, s, -1) @ sd[pre + "attn.o_proj.weight"].T
+    if cfg.qk_norm:
+        q, k = _rms(q, None, eps), _rms(k, None, eps)
+    a = _attend(q, k, v).transpose(1, 2).reshape(b, s, -1) @ sd[pre + "attn.o_proj.weight"].T
     if cfg.sandwich_norm:
-        a = _rms(a, sd[pre + "attn_post_norm.weight"], eps)
+        a = _rms(a, w("attn_post_norm.weight"), eps)
     x = x + a
-    h = _rms(x, sd[pre + "mlp_norm.weight"], eps)
-    wg, wu = sd[pre + "mlp.gate_up_proj.weight"].chunk(2)
-    m = (F.silu(h @ wg.T) * (h @ wu.T)) @ sd[pre + "mlp.down_proj.weight"].T
+    xn = _rms(x, w("mlp_norm.weight"), eps)
+    if cfg.mlp == "swiglu":
+        wg, wu = sd[pre + "mlp.gate_up_proj.weight"].chunk(2)
+        m = (F.silu(xn @ wg.T) * (xn @ wu.T)) @ sd[pre + "mlp.down_proj.weight"].T
+    else:
+        m = torch.relu(xn @ sd[pre + "mlp.up_proj.weight"].T) ** 2 @ sd[pre + "mlp.down_proj.weight"].T
     if cfg.sandwich_norm:
-        m = _rms(m, sd[pre + "mlp_post_norm.weight"], eps)
-    return x + m, (k, v)
+        m = _rms(m, w("mlp_post_norm.weight"), eps)
+    return x + m
 
 
 def reference_forward(model, ids, loops=None):
@@ -65,26 +76,43 @@ def reference_forward(model, ids, loops=None):
     cfg: ModelConfig = model.cfg
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     loops = loops or cfg.loops
-    x = sd["embed.weight"][ids]
+    eps, mode = cfg.norm_eps, cfg.loop_mode
+
+    def nu(x):  # the parameter-free norm of the FLT modes
+        return _rms(x, None, eps)
+
+    e = sd["embed.weight"][ids]
     for i in range(cfg.prelude_layers):
-        x, _ = _layer(sd, f"prelude.{i}.", x, cfg)
+        e = _layer(sd, f"prelude.{i}.", e, cfg)
     head = sd["embed.weight"] if cfg.tie_embeddings else sd["lm_head.weight"]
-    first_kv, consumed = {}, {}
     logits, gates = [], []
+    h = None
     for t in range(loops):
+        if mode == "ouro":  # Ouro: the normed output of a loop is the next loop's input
+            x = e if t == 0 else h
+        elif mode == "lt":
+            x = nu(e) if t == 0 else h
+        elif mode == "lt_i":
+            x = nu(e) if t == 0 else nu(e + h)
+        else:  # lt_ia, flt, flt_res: every loop restarts from the normed embedding
+            x = nu(e)
         for i in range(cfg.num_layers):
-            if cfg.fully_looped:
-                if t > 0:
-                    x = (x + consumed[i]) / 2
-                consumed[i] = x
-            inj = first_kv[i] if (cfg.attention_injection and t > 0) else None
-            x, kv = _layer(sd, f"block.{i}.", x, cfg, inj)
-            if t == 0:
-                first_kv[i] = kv
-        y = x
-        for i in range(cfg.coda_layers):
-            y, _ = _layer(sd, f"coda.{i}.", y, cfg)
-        n = _rms(y, sd["norm.weight"], cfg.norm_eps)
-        logits.append((n @ head.T).transpose(0, 1))
-        gates.append(((n @ sd["gate.weight"].T).squeeze(-1) + sd["gate.bias"]).t())
+            pre = f"block.{i}."
+            if h is not None and mode == "flt_res":
+                x = _layer(sd, pre, nu(x + h), cfg)
+            elif h is not None and (mode == "flt" or (mode == "lt_ia" and i == 0)):
+                x = _layer(sd, pre, x, cfg, h=h)
+            else:
+                x = _layer(sd, pre, x, cfg)
+        h = _rms(x, sd.get("norm.weight"), eps)
+        y = h
+        if cfg.coda_layers:
+            for i in range(cfg.coda_layers):
+                y = _layer(sd, f"coda.{i}.", y, cfg)
+            y = _rms(y, sd.get("norm.weight"), eps)
+        lg = y @ head.T
+        if cfg.logit_softcap:
+            lg = cfg.logit_softcap * torch.tanh(lg / cfg.logit_softcap)
+        logits.append(lg.transpose(0, 1))
+        gates.append(((y @ sd["gate.weight"].T).squeeze(-1) + sd["gate.bias"]).t())
     return logits, torch.stack(gates)

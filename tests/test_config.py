@@ -20,7 +20,7 @@ INVALID = [
     (["model.num_heads=5"], "model.num_heads: hidden_size 64 is not divisible by num_heads 5"),
     (["model.num_kv_heads=3"], "model.num_kv_heads: num_heads 4 is not divisible by num_kv_heads 3"),
     (["model.sandwich_norm=maybe"], "model.sandwich_norm: expected bool, got 'maybe'"),
-    (["objective.kind=magic"], "objective.kind: expected one of 'elbo', 'adaptive_gate', got 'magic'"),
+    (["objective.kind=magic"], "objective.kind: expected one of 'elbo', 'adaptive_gate', 'last', 'all', 'few', got 'magic'"),
     (["optim.lr=-1"], "optim.lr: must be > 0, got -1.0"),
     (["optim.min_lr=1.0"], "optim.min_lr: must be in [0, lr=0.003], got 1.0"),
     (["train.seq_len=4096"], "train.seq_len: 4096 exceeds model.max_seq_len 128"),
@@ -61,8 +61,8 @@ def test_bad_files(tmp_path, capsys):
 
 
 def test_overrides_types_and_floats():
-    cfg = tiny_config("optim.lr=3e-4", "model.loops=5", "model.fully_looped=true")
-    assert cfg.optim.lr == 3e-4 and cfg.model.loops == 5 and cfg.model.fully_looped is True
+    cfg = tiny_config("optim.lr=3e-4", "model.loops=5", "model.loop_mode=flt")
+    assert cfg.optim.lr == 3e-4 and cfg.model.loops == 5 and cfg.model.loop_mode == "flt"
 
 
 def test_console_script_prints_no_traceback():

@@ -108,7 +108,7 @@ def test_exited_tokens_keep_their_exit_step_keys_on_later_loops(variant):
     with torch.no_grad():
         model.gate.weight.normal_(0.0, 0.2, generator=torch.Generator().manual_seed(4))
         model.gate.bias.fill_(-0.4)
-    cache = LoopKVCache(model.cfg.attention_injection)
+    cache = LoopKVCache()
     with torch.no_grad():
         forward_chunk(model, _prompt(2, 6), cache, model.cfg.loops, 0.55)
         _, steps = forward_chunk(model, _prompt(2, 9)[:, 6:], cache, model.cfg.loops, 0.55)

@@ -53,8 +53,8 @@ def test_export_import_round_trip_is_exact(tmp_path, tied):
 
 
 def test_variants_without_ouro_names_are_refused(tmp_path):
-    ckpt = _trained(tmp_path / "run", "model.fully_looped=true")
-    with pytest.raises(ConfigError, match="model.fully_looped"):
+    ckpt = _trained(tmp_path / "run", "model.loop_mode=flt")
+    with pytest.raises(ConfigError, match="^model.loop_mode: 'flt' has no counterpart in the Ouro"):
         export(ckpt, tmp_path / "hf")
 
 

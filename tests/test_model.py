@@ -47,19 +47,42 @@ def test_every_loop_step_matches_reference(variant, loops):
     torch.testing.assert_close(out.gate_logits, ref_gate, rtol=1e-5, atol=1e-5)
 
 
-def test_loop_steps_differ_and_variants_change_the_function():
+def test_loop_modes_share_weights_and_differ_where_the_papers_say():
+    """Same weights, six functions: loop 1 is one plain pass in every mode (on nu(e) outside
+    ouro), later loops differ by mode; ouro feeds the *normed* state to the next loop."""
     base = _model("model.loops=3")
     ids = _ids(base)
-    out = base(ids)
-    assert not torch.allclose(out.logits[0], out.logits[1])
-    fl = _model("model.loops=3", "model.fully_looped=true")
-    fl.load_state_dict(base.state_dict())
-    assert not torch.allclose(fl(ids).logits[2], out.logits[2])
-    inj = _model("model.loops=3", "model.attention_injection=true")
-    inj.load_state_dict(base.state_dict())
-    got = inj(ids).logits
-    torch.testing.assert_close(got[0], out.logits[0])  # loop 1 has nothing to inject
-    assert not torch.allclose(got[2], out.logits[2])
+    outs = {}
+    for mode in ("ouro", "lt", "lt_i", "lt_ia", "flt", "flt_res"):
+        m = _model("model.loops=3", f"model.loop_mode={mode}")
+        m.load_state_dict(base.state_dict())
+        outs[mode] = m(ids).logits
+    for mode in ("lt_i", "lt_ia", "flt", "flt_res"):
+        torch.testing.assert_close(outs[mode][0], outs["lt"][0])
+    assert not torch.allclose(outs["ouro"][0], outs["lt"][0])  # e, not nu(e), enters loop 1
+    finals = [outs[m][2] for m in outs]
+    for i in range(len(finals)):
+        for j in range(i):
+            assert not torch.allclose(finals[i], finals[j], atol=1e-4)
+    # ouro loop 2 == one plain pass over N(x_1) with the same weights
+    one = _model("model.loops=1")
+    one.load_state_dict(base.state_dict())
+    rope = one.rope(torch.arange(ids.shape[1]))
+    from pretrain.model.looped import NoKV
+    h1 = one.norm(one.run_block(0, one.embed(ids.t()), None, rope, NoKV()))
+    x2 = one.run_block(1, h1, None, rope, NoKV())
+    torch.testing.assert_close(one.lm_head(one.norm(x2)), outs["ouro"][1])
+
+
+def test_removed_switches_name_their_replacement():
+    from pretrain.config import ConfigError
+
+    for key in ("fully_looped", "attention_injection"):
+        with pytest.raises(ConfigError, match=f"^model.{key}: removed: .*model.loop_mode="):
+            tiny_config(f"model.{key}=true")
+        assert tiny_config(f"model.{key}=false").model.loop_mode == "ouro"  # older checkpoints
+    with pytest.raises(ConfigError, match="^model.loop_mode: expected one of 'ouro'"):
+        tiny_config("model.loop_mode=fully")
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -86,11 +109,11 @@ def _hand_count(m) -> int:
     """Parameter count from the architecture's shapes, written out independently."""
     d = m.kv_channels
     attn = m.hidden_size * d * (2 * m.num_heads + 2 * m.num_kv_heads)  # q, o; k, v
-    mlp = 3 * m.hidden_size * m.ffn_hidden_size
-    norms = (4 if m.sandwich_norm else 2) * m.hidden_size
+    mlp = (3 if m.mlp == "swiglu" else 2) * m.hidden_size * m.ffn_hidden_size
+    norms = (4 if m.sandwich_norm else 2) * m.hidden_size * m.norm_weights
     layers = (m.num_layers + m.prelude_layers + m.coda_layers) * (attn + mlp + norms)
     emb = m.vocab_size * m.hidden_size * (1 if m.tie_embeddings else 2)
-    return layers + emb + m.hidden_size + (m.hidden_size + 1)  # final norm, gate
+    return layers + emb + m.hidden_size * m.norm_weights + (m.hidden_size + 1)  # final norm, gate
 
 
 @pytest.mark.parametrize("name,nominal", [("ouro-1.4b", 1.4e9), ("ouro-2.6b", 2.6e9)])

@@ -11,8 +11,9 @@ from pretrain.checkpoint.offline import load_model
 from pretrain.cli import main
 from tests.conftest import ROOT
 from tests.distributed import torchrun
+from tests.multiproc.tp_equivalence import VARIANTS
 
-CASES = [f"R{r}-{v}-sp{sp}" for r in (1, 3) for v in ("plain", "fully_looped") for sp in (0, 1)]
+CASES = [f"R{r}-{v}-sp{sp}" for r in (1, 3) for v in VARIANTS for sp in (0, 1)]
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=["tp2", "tp4"])

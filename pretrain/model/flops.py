@@ -4,8 +4,9 @@ Parameters are counted on a meta-device instance of the real model, so the count
 from the code and a 2.6B config costs no memory. FLOPs are analytic, per token, forward plus
 backward (= 3x forward): every matmul counts 2 FLOPs per multiply-add; attention scores and the
 weighted sum count 2 * 2 * seq_len * (heads * head_dim) per layer per loop (full sequence, the
-PaLM/Chinchilla convention), doubled on loops t > 1 with attention injection (twice the keys);
-the LM head and exit gate run on every loop step; the prelude runs once, the coda R times.
+PaLM/Chinchilla convention); the LM head and exit gate run on every loop step; the prelude runs
+once, the coda R times. Every loop mode costs the same: FLT's queries from h_{t-1} use the
+query rows of the same projection (model/layers.py `FusedLinear.rows`), no extra matmul.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def layer_matmul_flops(cfg: ModelConfig) -> int:
     """Forward FLOPs per token of one decoder layer's weight matmuls."""
     h, f, d = cfg.hidden_size, cfg.ffn_hidden_size, cfg.kv_channels
     attn = h * cfg.num_heads * d * 2 + h * cfg.num_kv_heads * d * 2  # q, o and k, v
-    return 2 * (attn + 3 * h * f)
+    mlp = (3 if cfg.mlp == "swiglu" else 2) * h * f  # gate, up, down / up, down
+    return 2 * (attn + mlp)
 
 
 def attention_flops(cfg: ModelConfig, seq_len: int) -> int:
@@ -47,9 +49,7 @@ def readout_flops(cfg: ModelConfig) -> int:
 
 def block_layer_flops(cfg: ModelConfig, seq_len: int, loops: int) -> int:
     """Forward FLOPs per token of one shared-block layer over all `loops` applications."""
-    attn = attention_flops(cfg, seq_len)
-    injected = (loops - 1) * attn if cfg.attention_injection else 0
-    return loops * (layer_matmul_flops(cfg) + attn) + injected
+    return loops * (layer_matmul_flops(cfg) + attention_flops(cfg, seq_len))
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, loops: int | None = None) -> int:

@@ -149,7 +149,7 @@ def generate(
     loops = loops or model.cfg.loops
     was_training = model.training
     model.eval()
-    cache = LoopKVCache(model.cfg.attention_injection)
+    cache = LoopKVCache()
     tokens = prompt
     logits, steps = forward_chunk(model, prompt, cache, loops, exit_threshold)
     all_steps, chosen = [steps], []
@@ -162,7 +162,7 @@ def generate(
         if use_cache:
             logits, steps = forward_chunk(model, nxt[:, None], cache, loops, exit_threshold)
         else:
-            cache = LoopKVCache(model.cfg.attention_injection)
+            cache = LoopKVCache()
             logits, steps = forward_chunk(model, tokens, cache, loops, exit_threshold)
             steps = steps[:, -1:]
         all_steps.append(steps)

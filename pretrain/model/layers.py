@@ -1,9 +1,14 @@
-"""Transformer building blocks: RMSNorm, RoPE, grouped-query attention, SwiGLU, one decoder layer.
+"""Transformer building blocks: RMSNorm, RoPE, grouped-query attention, SwiGLU / relu^2, one
+decoder layer.
 
 The layers know nothing of loops or process groups. Attention takes the few extra inputs a
-looped model needs (cached keys, loop-1 keys for attention injection, frozen keys of tokens that
-already exited) as optional arguments, and returns its full keys/values so the caller decides
-what to keep.
+looped model needs as optional arguments -- cached keys, frozen keys of tokens that already
+exited, and a separate source for its queries (the Fully Looped Transformer's "queries from the
+previous loop") -- and returns its keys/values so the caller decides what to keep.
+
+Variants of the FLT authors' recipe (FuRuF-11/FullyLoopedTransformer, nanochat/gpt.py), each a
+`model.*` field: `norm_weights: false` (RMSNorm without a learned scale), `qk_norm` (weightless
+RMSNorm of every query and key head after RoPE), `mlp: relu2` (down(relu(up(x))^2)).
 """
 
 from __future__ import annotations
@@ -17,13 +22,22 @@ from pretrain.config import ModelConfig
 KV = tuple[Tensor, Tensor]
 
 
+def rms_norm(x: Tensor, eps: float) -> Tensor:
+    """Weightless RMSNorm, computed in fp32 and cast back."""
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    """x / rms(x) in fp32, cast back; times a learned scale unless `weight` is False."""
+
+    def __init__(self, dim: int, eps: float, weight: bool = True):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.ones(dim)) if weight else None
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.weight is None:
+            return rms_norm(x, self.eps)
         xf = x.float()
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (y * self.weight.float()).to(x.dtype)
@@ -43,6 +57,15 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).to(x.dtype)
 
 
+class FusedLinear(nn.Linear):
+    """A bias-free projection whose output rows are several blocks (q|k|v, gate|up); `rows`
+    applies only some of them, so two inputs can use different blocks without extra FLOPs.
+    (Tensor parallelism swaps in megatron's column-parallel layer with the same method.)"""
+
+    def rows(self, x: Tensor, start: int, stop: int | None) -> Tensor:
+        return F.linear(x, self.weight[start:stop])
+
+
 class Attention(nn.Module):
     """Causal grouped-query attention over `scaled_dot_product_attention`.
 
@@ -54,9 +77,18 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.kv_channels
-        self.qkv_proj = nn.Linear(cfg.hidden_size, (self.n_heads + 2 * self.n_kv) * self.hd,
-                                  bias=False)
+        self.qk_norm, self.eps = cfg.qk_norm, cfg.norm_eps
+        self.qkv_proj = FusedLinear(cfg.hidden_size, (self.n_heads + 2 * self.n_kv) * self.hd,
+                                    bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=False)
+
+    def _project(self, x: Tensor, q_input: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(q, kv) projections; queries from `q_input` when given, keys/values from x."""
+        q_width = self.n_heads * self.hd
+        if q_input is None:
+            qkv = self.qkv_proj(x)
+            return qkv[..., :q_width], qkv[..., q_width:]
+        return self.qkv_proj.rows(q_input, 0, q_width), self.qkv_proj.rows(x, q_width, None)
 
     def forward(
         self,
@@ -64,44 +96,40 @@ class Attention(nn.Module):
         cos: Tensor,
         sin: Tensor,
         past: KV | None = None,
-        inject: KV | None = None,
         frozen: tuple[Tensor, Tensor, Tensor] | None = None,
+        q_input: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """x: [n, B, H] at positions len(past)..len(past)+n-1.
+        """x: [n, B, H] at positions len(past)..len(past)+n-1 (normed by the caller).
 
-        past:   keys/values of earlier positions (a KV cache), prepended.
-        inject: keys/values of every position so far from the same layer on loop 1; queries
-                attend to them as well, causally (attention injection).
-        frozen: (mask [B, n], k, v): tokens that already exited keep these keys/values.
+        past:    keys/values of earlier positions (a KV cache), prepended.
+        frozen:  (mask [B, n], k, v): tokens that already exited keep these keys/values.
+        q_input: queries come from this [n, B, H] instead of x (FLT).
         Returns (output [n, B, H], keys, values) with keys/values [B, heads, past + n, D].
         """
-        qkv = self.qkv_proj(x)
-        n, b = qkv.shape[:2]
-        q, k, v = qkv.split([self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], -1)
+        q, kv = self._project(x, q_input)
+        n, b = q.shape[:2]
+        k, v = kv.split([self.n_kv * self.hd, self.n_kv * self.hd], -1)
         q = q.view(n, b, self.n_heads, self.hd).permute(1, 2, 0, 3)
         k = k.view(n, b, self.n_kv, self.hd).permute(1, 2, 0, 3)
         v = v.view(n, b, self.n_kv, self.hd).permute(1, 2, 0, 3)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.qk_norm:
+            q, k = rms_norm(q, self.eps), rms_norm(k, self.eps)
         if frozen is not None:
             mask, fk, fv = frozen
             keep = mask[:, None, :, None]
             k, v = torch.where(keep, fk, k), torch.where(keep, fv, v)
         if past is not None:
             k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
-        keys, values = k, v
         seen = k.shape[2]
-        if past is None and inject is None:
+        if seen == n:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
             q_pos = torch.arange(seen - n, seen, device=x.device)
-            k_pos = torch.arange(seen, device=x.device)
-            if inject is not None:
-                k, v = torch.cat((inject[0], k), dim=2), torch.cat((inject[1], v), dim=2)
-                k_pos = torch.cat((torch.arange(inject[0].shape[2], device=x.device), k_pos))
-            allowed = k_pos[None, :] <= q_pos[:, None]
+            allowed = torch.arange(seen, device=x.device)[None, :] <= q_pos[:, None]
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True)
         out = out.permute(2, 0, 1, 3).reshape(n, b, self.n_heads * self.hd)
-        return self.o_proj(out), keys, values
+        return self.o_proj(out), k, v
 
 
 class SwiGLU(nn.Module):
@@ -109,7 +137,7 @@ class SwiGLU(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.ffn_hidden_size, bias=False)
+        self.gate_up_proj = FusedLinear(cfg.hidden_size, 2 * cfg.ffn_hidden_size, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -117,21 +145,40 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
-class DecoderLayer(nn.Module):
-    """Pre-norm decoder layer; with `sandwich_norm` (Ouro) each sublayer output is normed too."""
+class ReluSquared(nn.Module):
+    """down(relu(up(x))^2) (the FLT authors' MLP, from nanochat)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.ffn_hidden_size, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.relu(self.up_proj(x)).square())
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm decoder layer; with `sandwich_norm` (Ouro) each sublayer output is normed too.
+    With `q_input` (FLT) the attention's queries come from attn_norm(q_input)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+
+        def norm():
+            return RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.norm_weights)
+
+        self.attn_norm = norm()
         self.attn = Attention(cfg)
-        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.mlp = SwiGLU(cfg)
-        self.attn_post_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps) if cfg.sandwich_norm else None
-        self.mlp_post_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps) if cfg.sandwich_norm else None
+        self.mlp_norm = norm()
+        self.mlp = SwiGLU(cfg) if cfg.mlp == "swiglu" else ReluSquared(cfg)
+        self.attn_post_norm = norm() if cfg.sandwich_norm else None
+        self.mlp_post_norm = norm() if cfg.sandwich_norm else None
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, **kv) -> tuple[Tensor, Tensor, Tensor]:
-        a, k, v = self.attn(self.attn_norm(x), cos, sin, **kv)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, q_input: Tensor | None = None,
+                **kv) -> tuple[Tensor, Tensor, Tensor]:
+        q = None if q_input is None else self.attn_norm(q_input)
+        a, k, v = self.attn(self.attn_norm(x), cos, sin, q_input=q, **kv)
         if self.attn_post_norm is not None:
             a = self.attn_post_norm(a)
         x = x + self.drop(a)

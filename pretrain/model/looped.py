@@ -1,31 +1,43 @@
 """The looped language model: one shared block of N decoder layers applied R times.
 
-    e      = Prelude(Embed(x))                                    (prelude: 0 layers by default)
-    h_0    = e
-    h_t    = Block(h_{t-1})                       t = 1..R        (same weights every loop)
-    n_t    = FinalNorm(Coda(h_t))                                 (coda: 0 layers by default)
-    logits_t = LMHead(n_t),   lambda_t = sigmoid(w . n_t + b)     (exit gate, per token)
+With e = Prelude(Embed(ids)) (no prelude layers by default), N the final RMSNorm and nu a
+weightless RMSNorm, loop step t = 1..R runs
 
-Every loop step produces logits and an exit probability; `objective.py` turns them into the
-Ouro loss (arXiv 2510.25741, "Scaling Latent Reasoning via Looped Language Models").
+    x_t = LoopInput_t(e, h_{t-1})             (model.loop_mode, below)
+    x_t = Block(x_t)                          (the same weights every loop)
+    h_t = N(x_t)                              (the state handed to the next loop)
+    logits_t = LMHead(h_t),  lambda_t = sigmoid(w . h_t + b)      (exit gate, per token)
 
-Fully-Looped Transformer variant (Chen et al., "Simply Stabilizing the Loop via Fully Looped
-Transformer", arXiv 2605.18797). The paper's two changes are parameter-free; this is the exact
-form implemented here (our reading of the paper, stated so results can be compared):
+(with coda layers the readout is N(Coda(h_t)); logits are soft-capped when
+`model.logit_softcap` c > 0: c tanh(logits / c)). `objective.py` turns the per-step logits and
+gates into the training loss.
 
-  * inter-loop signal to every layer (`model.fully_looped`): layer i on loop t consumes
-        z_{t,i} = (s_{t,i} + z_{t-1,i}) / 2      for t > 1,   z_{1,i} = s_{1,i}
-    where s_{t,i} is the residual stream arriving at layer i and z_{t-1,i} what that same layer
-    consumed on the previous loop. The layer returns z_{t,i} + Attn(.) + MLP(.) as usual.
-    Averaging (not adding) keeps the stream from growing with R (the "residual explosion").
-  * attention injection (`model.attention_injection`): on loops t > 1 the attention of layer i
-    reuses its own projections and attends, causally, to the union of its current keys/values
-    and the keys/values it produced on loop 1:
-        Attn_t(q) = softmax(q [K_1; K_t]^T / sqrt(d) + causal) [V_1; V_t]
-    so every loop sees the first loop's view of the context.
+Loop modes -- how loop t hands over to loop t + 1:
 
-Both signals are local to a layer: under pipeline parallelism they stay on the stage that owns
-the layer and never cross the wire.
+  ouro     x_1 = e, x_t = h_{t-1}. The released Ouro model (ByteDance/Ouro-1.4B,
+           modeling_ouro.py `OuroModel.forward`; arXiv 2510.25741 Sec. 3): `model.norm` is
+           applied at the end of every loop and the normalised state feeds the next loop, the
+           exit gate and the LM head.
+  lt       x_1 = nu(e), x_t = h_{t-1}: the plain looped transformer baseline.
+  lt_i     x_1 = nu(e), x_t = nu(e + h_{t-1}): additive input injection.
+  lt_ia    x_t = nu(e) every loop; on t > 1 the block's first layer takes its attention
+           queries from h_{t-1} (keys/values from the stream).
+  flt      x_t = nu(e) every loop; on t > 1 *every* layer takes its attention queries from
+           h_{t-1}, keys/values from the stream (the Fully Looped Transformer).
+  flt_res  x_t = nu(e) every loop; on t > 1 every layer first mixes x = nu(x + h_{t-1}), then
+           runs as a plain layer.
+
+lt .. flt_res follow the FLT authors' code (Chen et al., arXiv 2605.18797; repository
+FuRuF-11/FullyLoopedTransformer, nanochat/gpt.py `GPT.forward`, `Block`, `Block_res`). Their
+norms are weightless; here nu is weightless and N, like the layers' norms, carries a learned
+scale unless `model.norm_weights: false` (the FLT configs set it false, so the function is
+theirs). Queries from h use the layer's own input norm (attn_norm(h)), which is their norm(h)
+when the norms are weightless. The FLT paper has no exit gate: its configs train the CE of the
+last / every / the last third of the loops (`objective.kind`), and the gate is left untrained.
+
+The model holds no process-group logic. `layer_offset` is the index of `block[0]` in the whole
+shared block: the circular pipeline keeps a slice of the layers on each stage, and lt_ia needs
+to know which layer is the first.
 """
 
 from __future__ import annotations
@@ -38,34 +50,31 @@ import torch
 from torch import Tensor, nn
 
 from pretrain.config import ModelConfig
-from pretrain.model.layers import DecoderLayer, RMSNorm, rope_tables
+from pretrain.model.layers import DecoderLayer, RMSNorm, rms_norm, rope_tables
 
-SEGMENTS = ("prelude", "block", "coda")
+# modes whose loops restart from the embedding stream (stage 0 of the pipeline keeps e)
+RESTARTS = ("lt_ia", "flt", "flt_res")
+# modes whose layers read h_{t-1} besides the stream (it travels with the stream)
+READS_H = ("lt_ia", "flt", "flt_res")
 
 
 class KVStore(Protocol):
-    """Where attention finds extra keys/values and leaves its own (training store or KV cache)."""
+    """Where attention finds extra keys/values and leaves its own (training: nothing; decoding:
+    the KV cache)."""
 
     def attn_inputs(self, segment: str, loop: int, layer: int) -> dict: ...
 
     def save(self, segment: str, loop: int, layer: int, k: Tensor, v: Tensor) -> None: ...
 
 
-class LoopOneKV:
-    """Training-time store: keeps loop 1's block keys/values when attention injection is on."""
-
-    def __init__(self, inject: bool):
-        self.inject = inject
-        self.first: dict[int, tuple[Tensor, Tensor]] = {}
+class NoKV:
+    """Training: attention sees only the current sequence and nothing is kept."""
 
     def attn_inputs(self, segment: str, loop: int, layer: int) -> dict:
-        if self.inject and segment == "block" and loop > 0:
-            return {"inject": self.first[layer]}
         return {}
 
     def save(self, segment: str, loop: int, layer: int, k: Tensor, v: Tensor) -> None:
-        if self.inject and segment == "block" and loop == 0:
-            self.first[layer] = (k, v)
+        pass
 
 
 @dataclass
@@ -74,17 +83,19 @@ class LoopedOutput:
 
     logits: list[Tensor]  # one [S, B, V] per loop step (V / tp under tensor parallelism)
     gate_logits: Tensor  # [R, S, B]; lambda_t = sigmoid(gate_logits[t])
+    hidden_norm: Tensor | None = None  # [R] mean L2 norm of the block output x_t (detached)
 
 
 class LoopedLM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
+        self.layer_offset = 0
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.prelude = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.prelude_layers))
         self.block = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.coda = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.coda_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.norm_weights)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
@@ -95,63 +106,96 @@ class LoopedLM(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Normal(0, init_std); residual output projections shrink with the unrolled depth."""
-        std = self.cfg.init_std
+        """`normal`: N(0, init_std), residual output projections shrunk by the unrolled depth.
+        `flt` (the FLT authors' init_weights): embedding N(0, 1), LM head N(0, 0.001), the
+        other input projections uniform with std 1/sqrt(hidden), output projections zero."""
+        std, flt = self.cfg.init_std, self.cfg.init == "flt"
         depth = self.cfg.prelude_layers + self.cfg.loops * (self.cfg.num_layers + self.cfg.coda_layers)
         out_std = std / math.sqrt(2 * max(depth, 1))
+        bound = math.sqrt(3 / self.cfg.hidden_size)
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 nn.init.ones_(p)
             elif name == "gate.bias":
                 nn.init.zeros_(p)
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
-                nn.init.normal_(p, 0.0, out_std)
+                nn.init.zeros_(p) if flt else nn.init.normal_(p, 0.0, out_std)
+            elif flt and name == "embed.weight":
+                nn.init.normal_(p, 0.0, 1.0)
+            elif flt and name == "lm_head.weight":
+                nn.init.normal_(p, 0.0, 0.001)
+            elif flt and name.endswith("_proj.weight"):
+                nn.init.uniform_(p, -bound, bound)
             else:
                 nn.init.normal_(p, 0.0, std)
 
     def rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         return self.rope_cos[positions], self.rope_sin[positions]
 
-    def run_layers(
-        self,
-        segment: str,
-        loop: int,
-        x: Tensor,
-        rope: tuple[Tensor, Tensor],
-        store: KVStore,
-        signals: list[Tensor] | None = None,
-    ) -> tuple[Tensor, list[Tensor] | None]:
-        """Apply one segment's layers. For the fully-looped block, `signals` are the inputs each
-        layer consumed on the previous loop; the inputs consumed now are returned for the next."""
-        mix = segment == "block" and self.cfg.fully_looped
-        consumed: list[Tensor] = []
+    # -- the pieces of one loop step (the circular pipeline runs them on different stages) ---
+
+    def embed_stream(self, ids: Tensor, rope: tuple[Tensor, Tensor], store: KVStore) -> Tensor:
+        """e = Prelude(Embed(ids)), ids [B, S] -> [S, B, H]."""
+        return self.run_layers("prelude", 0, self.embed(ids.t()), rope, store)
+
+    def loop_input(self, t: int, e: Tensor | None, h: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """(x_t, the h the layers read) for loop t (0-based) from e and h_{t-1}."""
+        mode, eps = self.cfg.loop_mode, self.cfg.norm_eps
+        if t == 0:
+            return (e if mode == "ouro" else rms_norm(e, eps)), None
+        if mode in ("ouro", "lt"):
+            return h, None
+        if mode == "lt_i":
+            return rms_norm(e + h, eps), None
+        return rms_norm(e, eps), h
+
+    def run_block(self, t: int, x: Tensor, h: Tensor | None, rope: tuple[Tensor, Tensor],
+                  store: KVStore) -> Tensor:
+        """This module's layers of the shared block on loop t; h: h_{t-1} where the mode reads it."""
+        mode = self.cfg.loop_mode
+        for i, layer in enumerate(self.block):
+            q_input = None
+            if h is not None:
+                if mode == "flt_res":
+                    x = rms_norm(x + h, self.cfg.norm_eps)
+                elif mode == "flt" or self.layer_offset + i == 0:
+                    q_input = h
+            x, k, v = layer(x, *rope, q_input=q_input, **store.attn_inputs("block", t, i))
+            store.save("block", t, i, k, v)
+        return x
+
+    def readout(self, h: Tensor, t: int, rope: tuple[Tensor, Tensor],
+                store: KVStore) -> tuple[Tensor, Tensor]:
+        """Logits and exit-gate logit of loop step t from its state h_t = N(x_t)."""
+        if self.coda:
+            h = self.norm(self.run_layers("coda", t, h, rope, store))
+        logits = self.lm_head(h)
+        cap = self.cfg.logit_softcap
+        if cap > 0:
+            logits = cap * torch.tanh(logits.float() / cap)
+        return logits, self.gate(h).squeeze(-1)
+
+    def run_layers(self, segment: str, loop: int, x: Tensor, rope: tuple[Tensor, Tensor],
+                   store: KVStore) -> Tensor:
+        """The prelude's or the coda's layers (plain layers, no loop signal)."""
         for i, layer in enumerate(getattr(self, segment)):
-            if mix:
-                if signals is not None:
-                    x = 0.5 * (x + signals[i])
-                consumed.append(x)
             x, k, v = layer(x, *rope, **store.attn_inputs(segment, loop, i))
             store.save(segment, loop, i, k, v)
-        return x, (consumed if mix else None)
-
-    def readout(
-        self, h: Tensor, loop: int, rope: tuple[Tensor, Tensor], store: KVStore
-    ) -> tuple[Tensor, Tensor]:
-        """Logits and exit-gate logit of loop step `loop` from the block output h."""
-        y, _ = self.run_layers("coda", loop, h, rope, store)
-        n = self.norm(y)
-        return self.lm_head(n), self.gate(n).squeeze(-1)
+        return x
 
     def forward(self, input_ids: Tensor, loops: int | None = None) -> LoopedOutput:
         loops = loops or self.cfg.loops
         rope = self.rope(torch.arange(input_ids.shape[1], device=input_ids.device))
-        store = LoopOneKV(self.cfg.attention_injection)
-        h, _ = self.run_layers("prelude", 0, self.embed(input_ids.t()), rope, store)
-        signals = None
-        logits, gates = [], []
+        store = NoKV()
+        e = self.embed_stream(input_ids, rope, store)
+        h, logits, gates, norms = None, [], [], []
         for t in range(loops):
-            h, signals = self.run_layers("block", t, h, rope, store, signals)
+            x, h_in = self.loop_input(t, e, h)
+            x = self.run_block(t, x, h_in, rope, store)
+            norms.append(x.detach().float().norm(dim=-1).mean())
+            h = self.norm(x)
             lg, g = self.readout(h, t, rope, store)
             logits.append(lg)
             gates.append(g)
-        return LoopedOutput(logits=logits, gate_logits=torch.stack(gates))
+        return LoopedOutput(logits=logits, gate_logits=torch.stack(gates),
+                            hidden_norm=torch.stack(norms))

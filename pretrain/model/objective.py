@@ -5,9 +5,18 @@ Exit distribution over the R loop steps, from the per-step gate lambda_t:
     p_R = prod_{j<R} (1 - lambda_j)                 (the remaining mass)
 Stage 1 (`elbo`): loss = sum_t p_t CE_t - beta * H(p), the entropy-regularised ELBO with a
 uniform prior over exit steps, averaged over tokens.
-Stage 2 (`adaptive_gate`): the LM is frozen; the gate learns to predict whether one more loop
-still lowers the CE. Target "continue" probability w_t = sigmoid(k (I_t - gamma)) with
-I_t = max(0, CE_t - CE_{t+1}) (detached); loss = BCE(lambda_t, 1 - w_t) over t < R.
+Stage 2 (`adaptive_gate`, Ouro Eq. 5-6, `objective.gate_target: paper`): the LM is frozen;
+the gate at step t = 2..R learns whether step t still improved on step t - 1:
+    I_t = max(0, CE_{t-1} - CE_t)  (per token, detached),   w_t = sigmoid(k (I_t - gamma))
+    loss = mean over t = 2..R and tokens of BCE(lambda_t, 1 - w_t)
+         = -[w_t log(1 - lambda_t) + (1 - w_t) log lambda_t]
+(w_t is the ideal probability of continuing; lambda_1 is not trained). `gate_target: lookahead`
+is ours, not the paper's: lambda_t for t = 1..R-1 learns from the improvement of the *next*
+step, I_t = max(0, CE_t - CE_{t+1}).
+
+The FLT paper's objectives (arXiv 2605.18797; the authors' `loss_type` END / STEP / FEW) train
+no gate: `last` is the CE of step R, `all` the mean CE over every step, `few` the mean over
+steps floor(2R/3)+1..R (1-based; their 0-based range(2K//3, K)).
 
 Everything is computed in log space (logsigmoid), so saturated gates give exact 0/1 masses.
 """
@@ -35,6 +44,7 @@ class ObjectiveOutput:
     expected_loops: Tensor  # scalar: mean of sum_t t * p_t
     entropy: Tensor  # scalar: mean H(p)
     tokens: Tensor  # scalar: tokens that counted (labels != IGNORE_INDEX)
+    hidden_norm: Tensor | None = None  # [R] mean norm of the block output per loop (FLT's plot)
 
 
 def token_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
@@ -77,8 +87,11 @@ def compute_objective(cfg: ObjectiveConfig, out: LoopedOutput, labels: Tensor,
     ce = per_step_ce(out.logits, labels, cross_entropy)
     if cfg.kind == "elbo":
         loss = (elbo_per_token(ce, out.gate_logits, cfg.beta) * mask).sum() / count
+    elif cfg.kind == "adaptive_gate":
+        loss = adaptive_gate_loss(ce.detach(), out.gate_logits, cfg.gate_k, cfg.gate_gamma, mask,
+                                  cfg.gate_target)
     else:
-        loss = adaptive_gate_loss(ce.detach(), out.gate_logits, cfg.gate_k, cfg.gate_gamma, mask)
+        loss = (ce[trained_steps(cfg.kind, ce.shape[0])].mean(0) * mask).sum() / count
     with torch.no_grad():
         log_p = exit_log_probs(out.gate_logits)
         p = log_p.exp()
@@ -92,15 +105,23 @@ def compute_objective(cfg: ObjectiveConfig, out: LoopedOutput, labels: Tensor,
             expected_loops=_masked_mean((steps[:, None, None] * p).sum(0), mask, count),
             entropy=_masked_mean(entropy, mask, count),
             tokens=count,
+            hidden_norm=out.hidden_norm,
         )
 
 
-def adaptive_gate_loss(ce: Tensor, gate_logits: Tensor, k: float, gamma: float, mask: Tensor) -> Tensor:
+def trained_steps(kind: str, loops: int) -> slice:
+    """The loop steps (0-based) whose CE the FLT objectives train."""
+    return {"last": slice(loops - 1, loops), "all": slice(0, loops),
+            "few": slice(2 * loops // 3, loops)}[kind]
+
+
+def adaptive_gate_loss(ce: Tensor, gate_logits: Tensor, k: float, gamma: float, mask: Tensor,
+                       target: str = "paper") -> Tensor:
     """Stage-2 gate loss from detached per-step CE [R, S, B] (needs R >= 2)."""
-    improvement = (ce[:-1] - ce[1:]).clamp_min(0)
+    improvement = (ce[:-1] - ce[1:]).clamp_min(0)  # [t] = step t -> t + 1 (0-based)
     cont = torch.sigmoid(k * (improvement - gamma))
-    bce = F.binary_cross_entropy_with_logits(_at_least_fp32(gate_logits[:-1]), 1 - cont,
-                                             reduction="none")
+    gates = gate_logits[1:] if target == "paper" else gate_logits[:-1]
+    bce = F.binary_cross_entropy_with_logits(_at_least_fp32(gates), 1 - cont, reduction="none")
     return (bce * mask).sum() / (mask.sum().clamp_min(1) * bce.shape[0])
 
 

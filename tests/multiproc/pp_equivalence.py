@@ -20,12 +20,12 @@ from pretrain.config import ConfigError
 from pretrain.model.looped import LoopedLM
 from pretrain.model.objective import compute_objective, token_cross_entropy
 from pretrain.train import Trainer
+from tests.conftest import VARIANTS as ALL_VARIANTS
 from tests.conftest import tiny_config
 from tests.multiproc.compare import close_to, finish, rel
 
 SHAPES = ["model.vocab_size=260", "model.num_kv_heads=4", "model.num_layers=3", "train.seq_len=16"]
-VARIANTS = {"plain": [], "fully_looped": ["model.fully_looped=true",
-                                          "model.attention_injection=true"]}
+VARIANTS = {v: ALL_VARIANTS[v] for v in ("ouro", "lt_i", "lt_ia", "flt_recipe", "flt_res")}
 
 
 def one_case(topo, loops, m, kind, variant, split, sp) -> dict:
@@ -86,6 +86,21 @@ def training_case(topo, loops: int) -> dict:
             "losses_ref": [s.loss for s in ref.history]}
 
 
+def cases(tp: int) -> list[tuple]:
+    """The grid: Ouro over R, m, schedule and split; every other loop mode at R = 3 (R = 2
+    with TP), where each lap's payload and stage 0's kept embedding stream are exercised."""
+    small = tp > 1
+    grid = [(r, m, kind, "ouro", split) for r in ((1, 2) if small else (1, 2, 4))
+            for m in ((2, 4) if small else (1, 2, 4, 8)) for kind in ("1f1b", "gpipe")
+            for split in ([[2, 1]] if small else [[2, 1], [1, 2]])]
+    for variant in VARIANTS:
+        if variant != "ouro":
+            grid += [(2 if small else 3, m, kind, variant, split) for m in ((2,) if small else (2, 4))
+                     for kind in ("1f1b", "gpipe")
+                     for split in ([[2, 1]] if small else [[2, 1], [1, 2]])]
+    return grid
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -96,17 +111,9 @@ def main() -> None:
     topo = init_topology(tiny_config(*SHAPES, f"parallel.pipeline={pp}", f"parallel.tensor={args.tp}",
                                      "train.grad_accum_steps=2"))
     results = {}
-    small = args.tp > 1
-    for loops in ((1, 2) if small else (1, 2, 4)):
-        for m in ((2, 4) if small else (1, 2, 4, 8)):
-            for kind in ("1f1b", "gpipe"):
-                for variant in VARIANTS:
-                    for split in ([2, 1], [1, 2]):
-                        if small and split == [1, 2]:
-                            continue
-                        key = f"R{loops}-m{m}-{kind}-{variant}-{split[0]}{split[1]}"
-                        results[key] = one_case(topo, loops, m, kind, variant, split,
-                                                sp=small)
+    for loops, m, kind, variant, split in cases(args.tp):
+        key = f"R{loops}-m{m}-{kind}-{variant}-{split[0]}{split[1]}"
+        results[key] = one_case(topo, loops, m, kind, variant, split, sp=args.tp > 1)
     for loops in (1, 3):
         results[f"train-R{loops}"] = training_case(topo, loops)
     gathered = [None] * world
