@@ -15,7 +15,7 @@ import sys
 from data_pipeline.badinput import DataError
 from parallelism.watchdog import EXIT_PEER_LOST
 from pretrain.checkpoint import CheckpointError
-from pretrain.cli_ops import add_run_commands
+from pretrain.cli_ops import add_decoding_flags, add_run_commands, parse_exit_rules
 from pretrain.config import ConfigError, load_config
 from pretrain.preemption import EXIT_PREEMPTED, Preempted
 
@@ -86,6 +86,7 @@ def _generate(args: argparse.Namespace) -> int:
     from pretrain.data import ByteTokenizer
     from pretrain.model.generate import generate
 
+    (rule,) = parse_exit_rules([args.exit])
     overrides = [f"model.loops={args.loops}"] if args.loops else []
     cfg, model = load_model(args.checkpoint, overrides)
     if cfg.data.tokenizer:
@@ -96,11 +97,13 @@ def _generate(args: argparse.Namespace) -> int:
     else:
         encode, decode = ByteTokenizer().encode, ByteTokenizer().decode
     prompt = torch.tensor([encode(args.prompt)])
-    gen = generate(model, prompt, args.max_new_tokens, exit_threshold=args.exit_threshold,
+    gen = generate(model, prompt, args.max_new_tokens, rule=rule, kv_cache=args.kv_cache,
                    temperature=args.temperature, top_p=args.top_p,
                    generator=torch.Generator().manual_seed(cfg.train.seed))
     print(decode(gen.tokens[0].tolist()))
-    print(f"average loops used per token: {gen.loops_used:.2f} of {cfg.model.loops}")
+    print(f"average loops used per decoded token ({rule}): {gen.loops_used:.2f} of "
+          f"{cfg.model.loops}; loops per token: {' '.join(map(str, gen.exit_steps[0].tolist()))}")
+    print(f"KV cache ({args.kv_cache}): {gen.cache_bytes_per_token / 1024:.1f} KiB per token")
     return 0
 
 
@@ -166,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint", required=True)
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--exit-threshold", type=float, default=1.0)
+    g.add_argument("--exit", default="all", help="exit rule: gate:Q, delta:EPS, fixed:N or all")
+    add_decoding_flags(g)
     g.add_argument("--loops", type=int, default=0, help="loop count (default: the trained one)")
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     g.add_argument("--top-p", type=float, default=1.0)

@@ -140,16 +140,28 @@ def _eval(args: argparse.Namespace) -> int:
     if args.data:
         overrides = ["data.source=shards", f"data.sources=[{{path: {args.data}}}]",
                      "data.num_workers=0"]
+    rules = parse_exit_rules(args.exit)
     cfg, model = load_model(args.checkpoint, overrides)
-    table = exit_table(cfg, model, args.batches, tuple(args.thresholds))
-    print(f"held-out tokens: {table['tokens']:,}")
+    table = exit_table(cfg, model, args.batches, rules, args.kv_cache, args.prefill)
+    print(f"held-out tokens: {table['tokens']:,} (after a prefill of {args.prefill} per sequence)")
     print(f"{'loop step':>10} | {'CE':>7} | {'ppl':>8}")
     for step, ce in table["steps"]:
         print(f"{step:>10} | {ce:7.4f} | {math.exp(ce):8.2f}")
-    print(f"{'exit at q':>10} | {'CE':>7} | {'ppl':>8} | loops used (of {cfg.model.loops})")
-    for q, ce, loops in table["exits"]:
-        print(f"{q:>10.2f} | {ce:7.4f} | {math.exp(ce):8.2f} | {loops:.2f}")
+    print(f"{'exit rule':>10} | {'CE':>7} | {'ppl':>8} | loops used (of {cfg.model.loops}), "
+          f"decoded with the {args.kv_cache} KV cache")
+    for rule, ce, loops in table["exits"]:
+        print(f"{rule:>10} | {ce:7.4f} | {math.exp(ce):8.2f} | {loops:.2f}")
     return 0
+
+
+def parse_exit_rules(texts: list[str]):
+    """--exit values as ExitRules; a bad one is a one-line error naming the flag."""
+    from pretrain.model.generate import ExitRule
+
+    try:
+        return tuple(ExitRule.parse(t) for t in texts)
+    except ValueError as e:
+        raise ConfigError(f"--exit: {e}") from None
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -161,6 +173,12 @@ def _convert(args: argparse.Namespace) -> int:
                           "written offline; every layout resumes any checkpoint directly")
     print(f"consolidated checkpoint: {consolidate(args.checkpoint, args.out)}")
     return 0
+
+
+def add_decoding_flags(p) -> None:
+    """The KV-cache policy flag shared by `generate` and `eval` (model/generate.py)."""
+    p.add_argument("--kv-cache", choices=("full", "last", "average"), default="full",
+                   help="while decoding: a cache per loop, or one (last step / mean over steps)")
 
 
 def add_run_commands(sub) -> None:
@@ -181,11 +199,16 @@ def add_run_commands(sub) -> None:
     im.add_argument("--out", required=True, help="run directory to create")
     im.add_argument("--config", default=None, help="base run config (model fields come from HF)")
     im.set_defaults(fn=_import)
-    ev = sub.add_parser("eval", help="held-out loss per loop step and at adaptive exit thresholds")
+    ev = sub.add_parser("eval", help="held-out loss per loop step and per early-exit rule")
     ev.add_argument("--checkpoint", required=True)
     ev.add_argument("--data", default="", help="shards directory (default: the run's data)")
     ev.add_argument("--batches", type=int, default=8)
-    ev.add_argument("--thresholds", type=float, nargs="+", default=[0.3, 0.5, 0.7, 0.9])
+    ev.add_argument("--exit", nargs="+", default=["gate:0.3", "gate:0.5", "gate:0.7", "gate:0.9"],
+                    help="exit rules: gate:Q (cumulative exit probability), delta:EPS "
+                         "(|h_t - h_t-1| < EPS), fixed:N, all")
+    add_decoding_flags(ev)
+    ev.add_argument("--prefill", type=int, default=0,
+                    help="tokens of each sequence prefilled (every loop) before decoding")
     ev.set_defaults(fn=_eval)
     sb = sub.add_parser("submit", help="submit a run to SLURM (auto-requeue on preemption)")
     sb.add_argument("--config", required=True)

@@ -7,8 +7,9 @@ import dataclasses
 import torch
 
 from pretrain.config import Config
+from pretrain.model.generate import ExitRule, score
 from pretrain.model.looped import LoopedLM
-from pretrain.model.objective import compute_objective, token_cross_entropy
+from pretrain.model.objective import IGNORE_INDEX, compute_objective, per_step_ce, token_cross_entropy
 
 EVAL_SEED_OFFSET = 1_000_003  # eval draws its samples in another order than training
 
@@ -40,33 +41,31 @@ def evaluate(cfg: Config, model: LoopedLM, batches: int, data=None) -> dict:
 
 
 @torch.no_grad()
-def exit_table(cfg: Config, model: LoopedLM, batches: int, thresholds=(0.3, 0.5, 0.7, 0.9),
-               data=None) -> dict:
-    """Held-out CE per loop step, and with adaptive exit: each token leaves at the first step
-    whose cumulative exit probability reaches q (the last step otherwise), as in generation.
-    Returns {"steps": [(R, ce)], "exits": [(q, ce, mean loops)]}."""
-    from pretrain.model.objective import IGNORE_INDEX, exit_log_probs, per_step_ce
-
+def exit_table(cfg: Config, model: LoopedLM, batches: int, rules: tuple[ExitRule, ...],
+               policy: str = "full", prefill: int = 0, data=None) -> dict:
+    """Held-out CE per loop step (every loop run), and per exit rule the CE and mean loops of
+    the tokens after the first `prefill` of each sequence, decoded exactly as `generate`
+    decodes them (model/generate.py `score`: early exit, the `policy` KV cache).
+    Returns {"steps": [(R, ce)], "exits": [(rule, ce, mean loops)], "tokens": n}."""
     model.eval()
     it = (data or eval_data(cfg)).batches()
     r = cfg.model.loops
     ce_sum = torch.zeros(r, dtype=torch.float64)
-    exit_ce = torch.zeros(len(thresholds), dtype=torch.float64)
-    exit_loops = torch.zeros(len(thresholds), dtype=torch.float64)
+    exit_ce = torch.zeros(len(rules), dtype=torch.float64)
+    exit_loops = torch.zeros(len(rules), dtype=torch.float64)
     count = 0
     for _ in range(batches):
         inputs, labels = next(it)
-        out = model(inputs)
-        target = labels.t()  # [S, B], sequence-first like the logits
-        ce = per_step_ce(out.logits, target)  # [R, S, B]
+        target = labels[:, prefill:]
         keep = target != IGNORE_INDEX
-        cdf = exit_log_probs(out.gate_logits).exp().cumsum(0)  # [R, S, B]
-        ce_sum += (ce * keep).sum((1, 2)).double()
-        for j, q in enumerate(thresholds):
-            step = torch.where(cdf >= q, torch.arange(r).view(-1, 1, 1), r - 1).amin(0)
-            exit_ce[j] += (ce.gather(0, step[None])[0] * keep).sum().double()
-            exit_loops[j] += ((step + 1) * keep).sum().double()
+        steps = per_step_ce(model(inputs).logits, labels.t())[:, prefill:]  # [R, S', B]
+        ce_sum += (steps * keep.t()).sum((1, 2)).double()
+        for j, rule in enumerate(rules):
+            logits, exit_step = score(model, inputs, prefill, r, rule, policy)
+            ce = token_cross_entropy(logits[:, prefill:].transpose(0, 1), target.t()).t()
+            exit_ce[j] += (ce * keep).sum().double()
+            exit_loops[j] += (exit_step[:, prefill:] * keep).sum().double()
         count += int(keep.sum())
     return {"steps": [(t + 1, (ce_sum[t] / count).item()) for t in range(r)],
-            "exits": [(q, (exit_ce[j] / count).item(), (exit_loops[j] / count).item())
-                      for j, q in enumerate(thresholds)], "tokens": count}
+            "exits": [(str(rule), (exit_ce[j] / count).item(), (exit_loops[j] / count).item())
+                      for j, rule in enumerate(rules)], "tokens": count}

@@ -28,10 +28,16 @@ def test_train_then_generate_end_to_end(tmp_path, capsys):
     assert f"checkpoint: {ckpt}" in text
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert main(["generate", "--checkpoint", str(ckpt), "--prompt", "The Fox",
-                 "--max-new-tokens", "8", "--exit-threshold", "0.5"]) == 0
+                 "--max-new-tokens", "8", "--exit", "gate:0.5", "--kv-cache", "last"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("The Fox")
-    assert lines[-1].startswith("average loops used per token:")
+    assert lines[-2].startswith("average loops used per decoded token (gate:0.5):")
+    assert len(lines[-2].split("loops per token: ")[1].split()) == 7  # 8 new, the last not fed
+    # the tiny model: 2 layers x (k + v) x 2 KV heads x 16 x fp32; `last` keeps one loop's
+    assert lines[-1] == "KV cache (last): 0.5 KiB per token"
+    assert main(["generate", "--checkpoint", str(ckpt), "--prompt", "x", "--exit", "gate"]) == 2
+    assert capsys.readouterr().err == ("pretrain: error: --exit: exit rule 'gate': expected "
+                                       "gate:Q, delta:EPS, fixed:N or all\n")
 
 
 def test_data_commands_and_their_one_line_errors(tmp_path, capsys):

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pretrain.model.generate import LoopKVCache, forward_chunk, generate
+from pretrain.model.generate import ExitRule, LoopKVCache, forward_chunk, generate, score
 from pretrain.model.looped import LoopedLM
 from pretrain.train import Trainer
 from tests.conftest import VARIANTS, tiny_config
@@ -37,7 +37,7 @@ def test_kv_cache_equals_full_recompute(variant, loops):
     model = _model(f"model.loops={loops}", *VARIANTS[variant])
     prompt = _prompt()
     gen = generate(model, prompt, max_new_tokens=12)
-    assert gen.loops_used == loops
+    assert gen.loops_used == loops and gen.exit_steps.shape == (2, 11)
     tokens = prompt
     with torch.no_grad():
         for i in range(12):
@@ -47,18 +47,30 @@ def test_kv_cache_equals_full_recompute(variant, loops):
     assert torch.equal(gen.tokens, tokens)
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_early_exit_cache_equals_recompute(variant):
-    """With a threshold below 1 tokens exit at different steps; the cached path (frozen keys
-    for exited tokens) equals recomputing the whole sequence with the same exit rule."""
-    model = _model(*VARIANTS[variant])
+def _spread_gate(model):
+    """Make the untrained gate spread exits over several steps and tokens."""
     with torch.no_grad():
-        # spread exits over several steps and tokens
         model.gate.weight.normal_(0.0, 0.2, generator=torch.Generator().manual_seed(4))
         model.gate.bias.fill_(-0.4)
+    return model
+
+
+GATE = ExitRule("gate", 0.55)
+
+
+@pytest.mark.parametrize("policy", ["full", "last", "average"])
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_early_exit_cache_equals_recompute(variant, policy):
+    """With a threshold below 1 tokens exit at different steps; the incremental cache (frozen
+    keys for exited tokens, or the collapsed cache) equals re-scoring the whole sequence from
+    scratch with the same rule and policy for every new token."""
+    model = _spread_gate(_model(*VARIANTS[variant]))
     prompt = _prompt()
-    cached = generate(model, prompt, 10, exit_threshold=0.55)
-    full = generate(model, prompt, 10, exit_threshold=0.55, use_cache=False)
+    sample = {"temperature": 1.0}  # sampled text: greedy tiny models repeat one token
+    cached = generate(model, prompt, 10, rule=GATE, kv_cache=policy, **sample,
+                      generator=torch.Generator().manual_seed(6))
+    full = generate(model, prompt, 10, rule=GATE, kv_cache=policy, use_cache=False, **sample,
+                    generator=torch.Generator().manual_seed(6))
     assert 1 < cached.loops_used < model.cfg.loops
     assert len(set(cached.exit_steps.flatten().tolist())) > 1
     assert torch.equal(cached.tokens, full.tokens)
@@ -68,9 +80,9 @@ def test_early_exit_cache_equals_recompute(variant):
 
 def test_threshold_one_uses_all_loops_and_low_threshold_fewer(trained):
     prompt = _prompt(1, 16)
-    full = generate(trained, prompt, 16, exit_threshold=1.0)
+    full = generate(trained, prompt, 16, rule=ExitRule("gate", 1.0))
     assert full.loops_used == trained.cfg.loops
-    early = generate(trained, prompt, 16, exit_threshold=0.3)
+    early = generate(trained, prompt, 16, rule=ExitRule("gate", 0.3))
     assert early.loops_used < trained.cfg.loops - 0.5
     assert early.exit_steps.min() == 1
 
@@ -104,14 +116,11 @@ def test_too_long_is_a_clear_error():
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_exited_tokens_keep_their_exit_step_keys_on_later_loops(variant):
-    model = _model(*VARIANTS[variant])
-    with torch.no_grad():
-        model.gate.weight.normal_(0.0, 0.2, generator=torch.Generator().manual_seed(4))
-        model.gate.bias.fill_(-0.4)
+    model = _spread_gate(_model(*VARIANTS[variant]))
     cache = LoopKVCache()
     with torch.no_grad():
-        forward_chunk(model, _prompt(2, 6), cache, model.cfg.loops, 0.55)
-        _, steps = forward_chunk(model, _prompt(2, 9)[:, 6:], cache, model.cfg.loops, 0.55)
+        forward_chunk(model, _prompt(2, 6), cache, model.cfg.loops, GATE, prefill=True)
+        _, steps = forward_chunk(model, _prompt(2, 9)[:, 6:], cache, model.cfg.loops, GATE)
     assert (steps < model.cfg.loops).any()
     checked = 0
     for b, j in (steps < model.cfg.loops).nonzero().tolist():
@@ -124,3 +133,79 @@ def test_exited_tokens_keep_their_exit_step_keys_on_later_loops(variant):
                     assert torch.equal(cache.kv[(seg, t, i)][0][b, :, pos], k_exit)
                     checked += 1
     assert checked > 0
+
+
+def test_prefill_fills_every_loop_and_last_average_keep_one_rth():
+    """Prefill runs every loop for every prompt token (R x layers real caches); `last` and
+    `average` then keep one cache: 1/R of the memory (no prelude/coda in this model)."""
+    model = _spread_gate(_model("model.loops=4"))
+    r, layers = 4, model.cfg.num_layers
+    cache = LoopKVCache("full")
+    with torch.no_grad():
+        _, steps = forward_chunk(model, _prompt(2, 6), cache, r, GATE, prefill=True)
+    assert sorted(cache.kv) == [("block", t, i) for t in range(r) for i in range(layers)]
+    assert all(k.shape[2] == 6 for k, _ in cache.kv.values())
+    want = model(_prompt(2, 6))  # the prefill's caches are the training forward's keys
+    assert (steps < r).any()  # exits are reported, but every loop ran: the last loop's logits
+    k0 = cache.kv[("block", 3, 0)][0]
+    assert torch.isfinite(k0).all() and not torch.equal(k0, cache.kv[("block", 0, 0)][0])
+    del want
+    sizes = {}
+    for policy in ("full", "last", "average"):
+        gen = generate(model, _prompt(2, 6), 8, rule=GATE, kv_cache=policy)
+        sizes[policy] = gen.cache_bytes_per_token
+    assert sizes["last"] == sizes["average"] == sizes["full"] / r
+    per_token = 2 * layers * model.cfg.num_kv_heads * model.cfg.kv_channels * 4  # fp32 k and v
+    assert sizes["last"] == per_token
+
+
+def test_last_policy_keeps_exit_step_keys_and_average_the_mean():
+    model = _spread_gate(_model("model.loops=4"))
+    r = 4
+    for policy in ("last", "average"):
+        full, col = LoopKVCache("full"), LoopKVCache(policy)
+        with torch.no_grad():
+            forward_chunk(model, _prompt(1, 5), full, r, ExitRule("all"), prefill=True)
+            forward_chunk(model, _prompt(1, 5), col, r, ExitRule("all"), prefill=True)
+        col.collapse(r)
+        for i in range(model.cfg.num_layers):
+            per_loop = torch.stack([full.kv[("block", t, i)][0] for t in range(r)])
+            want = per_loop[-1] if policy == "last" else per_loop.mean(0)
+            torch.testing.assert_close(col.kv[("block", i)][0], want)
+
+
+@pytest.mark.parametrize("rule", ["gate:0.55", "delta:5.9", "fixed:2"])
+@pytest.mark.parametrize("policy", ["full", "last", "average"])
+def test_eval_scoring_and_generate_agree_on_every_exit_step(rule, policy):
+    """`score` (what `pretrain eval` runs) on the generated text exits every decoded token at
+    the step `generate` used, and gives the logits each token was chosen from."""
+    model = _spread_gate(_model("model.loops=4"))
+    prompt = _prompt(2, 6)
+    gen = generate(model, prompt, 9, rule=ExitRule.parse(rule), kv_cache=policy, temperature=1.0,
+                   generator=torch.Generator().manual_seed(6))
+    logits, steps = score(model, gen.tokens, 6, 4, ExitRule.parse(rule), policy)
+    assert torch.equal(steps[:, 6:-1], gen.exit_steps)
+    torch.testing.assert_close(logits[:, 5:-1], gen.logits, rtol=1e-5, atol=1e-5)
+    if rule == "fixed:2":
+        assert (gen.exit_steps == 2).all()
+    elif rule.startswith("gate") or policy == "full":  # (delta exits early on collapsed caches)
+        assert len(set(gen.exit_steps.flatten().tolist())) > 1
+
+
+def test_delta_rule_exits_where_the_state_stops_moving():
+    model = _model("model.loops=4")
+    ids = _prompt(1, 5)
+    with torch.no_grad():
+        _, steps = score(model, ids, 0, 4, ExitRule("delta", 1e9), "full")
+    assert (steps == 2).all()  # the earliest a change can be measured
+    with torch.no_grad():
+        _, steps = score(model, ids, 0, 4, ExitRule("delta", 0.0), "full")
+    assert (steps == 4).all()
+
+
+@pytest.mark.parametrize("text,message", [
+    ("gate", "expected gate:Q, delta:EPS, fixed:N or all"), ("speed:2", "expected gate:Q"),
+    ("gate:x", "'x' is not a number"), ("fixed:1.5", "whole number"), ("delta:-1", ">= 0")])
+def test_bad_exit_rules(text, message):
+    with pytest.raises(ValueError, match=message):
+        ExitRule.parse(text)

@@ -89,13 +89,17 @@ def test_eval_and_generate_on_a_demo_checkpoint(tmp_path, capsys):
     ckpt = str(tmp_path / "run/checkpoints/step_0000020")
     capsys.readouterr()
     assert main(["eval", "--checkpoint", ckpt, "--data", str(data / "shards"), "--batches", "2",
-                 "--thresholds", "0.5", "1.0"]) == 0
+                 "--exit", "gate:0.5", "all", "fixed:1"]) == 0
     out = capsys.readouterr().out
     rows = re.findall(r"^\s+(\d) \| +([\d.]+) \|", out, re.M)
     assert [int(r) for r, _ in rows] == [1, 2, 3]
-    exits = re.findall(r"^\s+([\d.]+) \| +([\d.]+) \| +[\d.]+ \| ([\d.]+)$", out, re.M)
-    assert [float(q) for q, _, _ in exits] == [0.5, 1.0]
-    assert float(exits[-1][2]) == 3.0 and 1.0 <= float(exits[0][2]) <= 3.0
-    assert main(["generate", "--checkpoint", ckpt, "--prompt", "The Fox", "--exit-threshold",
-                 "0.5", "--max-new-tokens", "8"]) == 0
-    assert re.search(r"average loops used per token: [\d.]+ of 3", capsys.readouterr().out)
+    exits = re.findall(r"^\s+(\S+) \| +([\d.]+) \| +[\d.]+ \| ([\d.]+)$", out, re.M)
+    assert [q for q, _, _ in exits] == ["gate:0.5", "all", "fixed:1"]
+    assert float(exits[1][2]) == 3.0 and 1.0 <= float(exits[0][2]) <= 3.0
+    assert float(exits[2][2]) == 1.0
+    # exiting every token at step 1 is exactly loop step 1's CE; running all loops, step 3's
+    assert float(exits[2][1]) == float(rows[0][1]) and float(exits[1][1]) == float(rows[2][1])
+    assert main(["generate", "--checkpoint", ckpt, "--prompt", "The Fox", "--exit",
+                 "gate:0.5", "--max-new-tokens", "8"]) == 0
+    assert re.search(r"average loops used per decoded token \(gate:0.5\): [\d.]+ of 3",
+                     capsys.readouterr().out)

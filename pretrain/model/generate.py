@@ -1,11 +1,27 @@
-"""Generation with a KV cache per loop step and Ouro-style adaptive early exit.
+"""Decoding a looped LM: per-loop KV caches, early exit, and the cache policies Ouro studies.
 
-A token stops looping at the first step t where the exit CDF sum_{j<=t} p_j reaches the
-threshold q (q >= 1 means "always run every loop"; the last loop always stops). Its output is
-logits_t. On the later loops the token is not recomputed: the cache entries of those loops take
-the keys/values it produced on its exit step, so later tokens still find it at every loop.
-`loops` may differ from training (test-time compute): p_R then takes the remaining mass at the
-requested R.
+Prefill runs every loop for every prompt token, so each loop's cache holds real keys/values
+(what the released model does for every token). Each token's output is its exit step's logits.
+
+Decoding: a new token stops looping at its exit step, chosen by an `ExitRule`:
+  gate:q   the first step whose cumulative exit probability sum_{j<=t} p_j reaches q (Ouro's
+           Q-exit; q >= 1 never exits early);
+  delta:e  the first step t >= 2 with ||h_t - h_{t-1}||_2 < e (h the normed loop state: the
+           hidden-state-change baseline of Ouro Fig. 5);
+  fixed:n  step n (a static exit); `all` runs every loop.
+The last loop always stops.
+
+KV cache policy while decoding (Ouro Table 14; prefill always keeps every loop's cache):
+  full     one cache per loop step; a token that exited at step t leaves its step-t keys/values
+           in the caches of the later steps (it is not recomputed).
+  last     one cache: each token keeps only the keys/values of its exit (last run) step; every
+           loop of a new token attends to it (1/R of the memory; the FLT authors' decoding).
+  average  one cache: each token keeps the mean of its keys/values over the steps it ran.
+After prefill, `last`/`average` collapse the per-loop caches the same way.
+
+`score` runs held-out text through exactly this path (prefill of a prefix, then teacher-forced
+decoding), so `pretrain eval` and `pretrain generate` agree token by token on the exit step.
+`loops` may differ from training (test-time compute): p_R takes the remaining mass at that R.
 """
 
 from __future__ import annotations
@@ -19,35 +35,101 @@ from torch import Tensor
 from pretrain.model.looped import LoopedLM
 
 KV = tuple[Tensor, Tensor]
+KV_POLICIES = ("full", "last", "average")
+
+
+@dataclass(frozen=True)
+class ExitRule:
+    kind: str  # gate | delta | fixed | all
+    value: float = 1.0
+
+    @classmethod
+    def parse(cls, text: str) -> ExitRule:
+        """'gate:0.9', 'delta:0.05', 'fixed:2' or 'all'; a ValueError names what is wrong."""
+        kind, _, value = text.partition(":")
+        if kind == "all" and not value:
+            return cls("all")
+        if kind not in ("gate", "delta", "fixed") or not value:
+            raise ValueError(f"exit rule {text!r}: expected gate:Q, delta:EPS, fixed:N or all")
+        try:
+            v = float(value)
+        except ValueError:
+            raise ValueError(f"exit rule {text!r}: {value!r} is not a number") from None
+        if kind == "fixed" and (v < 1 or v != int(v)):
+            raise ValueError(f"exit rule {text!r}: the step must be a whole number >= 1")
+        if v < 0:
+            raise ValueError(f"exit rule {text!r}: must be >= 0")
+        return cls(kind, v)
+
+    def __str__(self) -> str:
+        return self.kind if self.kind == "all" else f"{self.kind}:{self.value:g}"
+
+
+class _ExitState:
+    """Per-token bookkeeping of one rule over the loops of one chunk ([B, n] tensors)."""
+
+    def __init__(self, rule: ExitRule, shape, device):
+        self.rule = rule
+        self.log_survive = torch.zeros(shape, device=device)
+        self.cdf = torch.zeros(shape, device=device)
+        self.h_prev: Tensor | None = None
+
+    def stops(self, t: int, loops: int, gate: Tensor, h: Tensor) -> Tensor:
+        """Which tokens exit at step t (0-based) by the rule: gate [B, n], h [B, n, H]."""
+        r = self.rule
+        if r.kind == "gate":
+            g = gate.float()
+            self.cdf = self.cdf + torch.exp(F.logsigmoid(g) + self.log_survive)
+            self.log_survive = self.log_survive + F.logsigmoid(-g)
+            stop = self.cdf >= r.value if r.value < 1 else torch.zeros_like(self.cdf, dtype=torch.bool)
+        elif r.kind == "delta":
+            stop = torch.zeros(gate.shape, dtype=torch.bool, device=gate.device)
+            if self.h_prev is not None:
+                stop = (h.float() - self.h_prev).norm(dim=-1) < r.value
+            self.h_prev = h.float()
+        elif r.kind == "fixed":
+            stop = torch.full(gate.shape, t + 1 >= r.value, device=gate.device)
+        else:
+            stop = torch.zeros(gate.shape, dtype=torch.bool, device=gate.device)
+        return stop | (t == loops - 1)
 
 
 class LoopKVCache:
-    """Keys/values per (segment, loop, layer) plus, for the chunk being processed, the frozen
-    keys/values of the tokens that already exited."""
+    """Keys/values per (segment, loop, layer) -- or, once `last`/`average` collapsed them, per
+    (segment, layer) -- plus, for the chunk being decoded, what exited tokens leave behind."""
 
-    def __init__(self, inject: bool):
-        self.inject = inject
-        self.kv: dict[tuple[str, int, int], KV] = {}
+    def __init__(self, policy: str = "full"):
+        if policy not in KV_POLICIES:
+            raise ValueError(f"kv cache policy {policy!r}: expected one of {', '.join(KV_POLICIES)}")
+        self.policy = policy
+        self.kv: dict[tuple, KV] = {}
         self.length = 0
-        self.exited: Tensor | None = None  # [B, n] over the current chunk
-        self.frozen: dict[tuple[str, int], KV] = {}  # (segment, layer) -> chunk keys/values
+        self.collapsed = False
+        self.exited: Tensor | None = None  # full: [B, n] over the current chunk
+        self.frozen: dict[tuple[str, int], KV] = {}  # full: (segment, layer) -> chunk keys/values
+        self.fresh: dict[tuple[str, int], list[KV]] = {}  # collapsed: the new token, per loop
+
+    def _key(self, segment: str, loop: int, layer: int) -> tuple:
+        return (segment, layer) if self.collapsed and segment != "prelude" else (segment, loop, layer)
 
     def begin_chunk(self) -> None:
-        self.exited, self.frozen = None, {}
+        self.exited, self.frozen, self.fresh = None, {}, {}
 
     def attn_inputs(self, segment: str, loop: int, layer: int) -> dict:
-        args: dict = {"past": self.kv.get((segment, loop, layer))}
-        if self.inject and segment == "block" and loop > 0:
-            args["inject"] = self.kv[("block", 0, layer)]
+        args: dict = {"past": self.kv.get(self._key(segment, loop, layer))}
         if self.exited is not None and (segment, layer) in self.frozen:
             args["frozen"] = (self.exited, *self.frozen[(segment, layer)])
         return args
 
     def save(self, segment: str, loop: int, layer: int, k: Tensor, v: Tensor) -> None:
-        self.kv[(segment, loop, layer)] = (k, v)
+        if self.collapsed and segment != "prelude":
+            n = k.shape[2] - self.length
+            self.fresh.setdefault((segment, layer), []).append((k[:, :, -n:], v[:, :, -n:]))
+        else:
+            self.kv[(segment, loop, layer)] = (k, v)
 
     def freeze(self, newly: Tensor, loop: int, n: int) -> None:
-        """Tokens in `newly` [B, n] exited on `loop`: keep that loop's keys/values for them."""
+        """full: tokens in `newly` [B, n] exited on `loop`: keep that loop's keys/values."""
         keep = newly[:, None, :, None]
         for (segment, lp, layer), (k, v) in self.kv.items():
             if segment == "prelude" or lp != loop:
@@ -60,62 +142,116 @@ class LoopKVCache:
         self.exited = newly if self.exited is None else self.exited | newly
 
     def fill_skipped(self, loop: int) -> None:
-        """Every token of the chunk exited before `loop`: extend that loop's cache, no compute."""
+        """full: every token of the chunk exited before `loop`: extend that loop's cache."""
         for (segment, layer), (fk, fv) in self.frozen.items():
             past = self.kv.get((segment, loop, layer))
             if past is not None:
                 fk, fv = torch.cat((past[0], fk), dim=2), torch.cat((past[1], fv), dim=2)
             self.kv[(segment, loop, layer)] = (fk, fv)
 
+    def collapse(self, loops: int) -> None:
+        """After prefill: `last` keeps the last loop's cache, `average` the mean over loops."""
+        if self.policy == "full" or self.collapsed:
+            return
+        merged: dict[tuple, KV] = {}
+        for (segment, loop, layer), (k, v) in list(self.kv.items()):
+            if segment == "prelude":
+                continue
+            del self.kv[(segment, loop, layer)]
+            if self.policy == "last" and loop != loops - 1:
+                continue
+            w = 1.0 if self.policy == "last" else 1.0 / loops
+            mk, mv = merged.get((segment, layer), (0.0, 0.0))
+            merged[(segment, layer)] = (mk + w * k, mv + w * v)
+        self.kv.update(merged)
+        self.collapsed = True
 
-def forward_chunk(
-    model: LoopedLM, ids: Tensor, cache: LoopKVCache, loops: int, exit_threshold: float
-) -> tuple[Tensor, Tensor]:
+    def commit(self, exit_loop: Tensor) -> None:
+        """collapsed: the decoded token finished at `exit_loop` [B] (0-based); append its exit
+        step's keys/values (last) or their mean over the steps it ran (average)."""
+        for key, steps in self.fresh.items():
+            ks, vs = torch.stack([s[0] for s in steps]), torch.stack([s[1] for s in steps])
+            ran = torch.arange(len(steps), device=ks.device)[:, None] <= exit_loop[None, :]  # [T, B]
+            if self.policy == "last":
+                ran = ran & (torch.arange(len(steps), device=ks.device)[:, None] == exit_loop[None])
+            w = (ran.float() / ran.sum(0, keepdim=True))[:, :, None, None, None]
+            k, v = (w * ks).sum(0).to(ks.dtype), (w * vs).sum(0).to(vs.dtype)
+            past = self.kv.get(key)
+            self.kv[key] = (k, v) if past is None else (torch.cat((past[0], k), 2),
+                                                          torch.cat((past[1], v), 2))
+        self.fresh = {}
+
+    def bytes_per_token(self) -> float:
+        total = sum(t.numel() * t.element_size() for kv in self.kv.values() for t in kv)
+        return total / max(self.length, 1) / next(iter(self.kv.values()))[0].shape[0]
+
+
+def forward_chunk(model: LoopedLM, ids: Tensor, cache: LoopKVCache, loops: int,
+                  rule: ExitRule, prefill: bool = False) -> tuple[Tensor, Tensor]:
     """Run new tokens ids [B, n] through the model against the cache.
 
+    prefill: every token runs every loop (the exit step only picks its output).
+    Otherwise tokens stop at their exit step; with a collapsed cache (last/average) tokens are
+    decoded one at a time, since every loop of a token reads the finished cache of the others.
     Returns (logits of each token's exit step [B, n, V], exit step 1..loops [B, n])."""
     b, n = ids.shape
     if cache.length + n > model.cfg.max_seq_len:
         raise ValueError(f"sequence of {cache.length + n} tokens exceeds model.max_seq_len "
                          f"{model.cfg.max_seq_len}")
+    if cache.collapsed and n > 1:
+        outs = [forward_chunk(model, ids[:, j:j + 1], cache, loops, rule) for j in range(n)]
+        return torch.cat([o[0] for o in outs], 1), torch.cat([o[1] for o in outs], 1)
     rope = model.rope(torch.arange(cache.length, cache.length + n, device=ids.device))
     cache.begin_chunk()
-    h, _ = model.run_layers("prelude", 0, model.embed(ids.t()), rope, cache)
-    signals = None
-    active = torch.ones(b, n, dtype=torch.bool, device=ids.device)
-    log_survive = torch.zeros(b, n, device=ids.device)
-    cdf = torch.zeros(b, n, device=ids.device)
+    e = model.embed_stream(ids, rope, cache)
+    state = _ExitState(rule, (b, n), ids.device)
+    decided = torch.zeros(b, n, dtype=torch.bool, device=ids.device)
     exit_step = torch.full((b, n), loops, dtype=torch.long, device=ids.device)
-    out = None
+    out, h = None, None
     for t in range(loops):
-        if not active.any():
-            cache.fill_skipped(t)
+        if not prefill and decided.all():
+            if not cache.collapsed:
+                cache.fill_skipped(t)
             continue
-        h, signals = model.run_layers("block", t, h, rope, cache, signals)
+        x, h_in = model.loop_input(t, e, h)
+        h = model.norm(model.run_block(t, x, h_in, rope, cache))
         logits, gate = model.readout(h, t, rope, cache)
         logits, gate = logits.transpose(0, 1), gate.t()  # to batch-first, like ids
-        if t == loops - 1:
-            stop = active
-        else:
-            g = gate.float()
-            cdf = cdf + torch.exp(F.logsigmoid(g) + log_survive)
-            log_survive = log_survive + F.logsigmoid(-g)
-            stop = active & (cdf >= exit_threshold) if exit_threshold < 1 else active & False
+        stop = ~decided & state.stops(t, loops, gate, h.transpose(0, 1))
         out = logits if out is None else torch.where(stop[..., None], logits, out)
         exit_step[stop] = t + 1
-        if t < loops - 1 and stop.any():
+        if not prefill and not cache.collapsed and t < loops - 1 and stop.any():
             cache.freeze(stop, t, n)
-        active = active & ~stop
+        decided |= stop
+    if cache.collapsed:
+        cache.commit(exit_step[:, 0] - 1)
     cache.length += n
     return out, exit_step
+
+
+@torch.no_grad()
+def score(model: LoopedLM, ids: Tensor, prefill: int, loops: int, rule: ExitRule,
+          policy: str = "full") -> tuple[Tensor, Tensor]:
+    """Teacher-forced decoding of ids [B, S]: the first `prefill` tokens are prefilled, the rest
+    decoded one after another (as `generate` would feed them). Returns (logits [B, S, V] of each
+    token's exit step, exit steps [B, S])."""
+    cache = LoopKVCache(policy)
+    parts = []
+    if prefill:
+        parts.append(forward_chunk(model, ids[:, :prefill], cache, loops, rule, prefill=True))
+        cache.collapse(loops)
+    if prefill < ids.shape[1]:
+        parts.append(forward_chunk(model, ids[:, prefill:], cache, loops, rule))
+    return torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
 
 
 @dataclass
 class Generation:
     tokens: Tensor  # [B, prompt + new]
     logits: Tensor  # [B, new, V]: the distribution each new token was chosen from
-    exit_steps: Tensor  # [B, processed tokens]: loop step at which each token exited
-    loops_used: float  # mean of exit_steps
+    exit_steps: Tensor  # [B, decoded tokens]: loop step at which each fed-in new token exited
+    loops_used: float  # mean of exit_steps (decoded tokens; the prompt runs every loop)
+    cache_bytes_per_token: float  # keys/values kept per token and sequence at the end
 
 
 def _choose(logits: Tensor, temperature: float, top_p: float, generator) -> Tensor:
@@ -136,36 +272,38 @@ def generate(
     prompt: Tensor,
     max_new_tokens: int,
     loops: int | None = None,
-    exit_threshold: float = 1.0,
+    rule: ExitRule = ExitRule("all"),
+    kv_cache: str = "full",
     temperature: float = 0.0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
 ) -> Generation:
-    """Greedy (temperature 0) or top-p sampling. `use_cache=False` recomputes the whole sequence
-    for every new token (the reference the cache is tested against)."""
+    """Greedy (temperature 0) or top-p sampling. `use_cache=False` re-scores the whole sequence
+    from scratch for every new token (`score`: the reference the incremental cache is tested
+    against)."""
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be >= 1")
     loops = loops or model.cfg.loops
     was_training = model.training
     model.eval()
-    cache = LoopKVCache()
-    tokens = prompt
-    logits, steps = forward_chunk(model, prompt, cache, loops, exit_threshold)
-    all_steps, chosen = [steps], []
+    cache = LoopKVCache(kv_cache)
+    p = prompt.shape[1]
+    logits, _ = forward_chunk(model, prompt, cache, loops, rule, prefill=True)
+    cache.collapse(loops)
+    tokens, steps, chosen = prompt, [], []
     for i in range(max_new_tokens):
         chosen.append(logits[:, -1])
-        nxt = _choose(logits[:, -1], temperature, top_p, generator)
-        tokens = torch.cat((tokens, nxt[:, None]), dim=1)
+        tokens = torch.cat((tokens, _choose(logits[:, -1], temperature, top_p, generator)[:, None]), 1)
         if i == max_new_tokens - 1:
             break
         if use_cache:
-            logits, steps = forward_chunk(model, nxt[:, None], cache, loops, exit_threshold)
+            logits, step = forward_chunk(model, tokens[:, -1:], cache, loops, rule)
         else:
-            cache = LoopKVCache()
-            logits, steps = forward_chunk(model, tokens, cache, loops, exit_threshold)
-            steps = steps[:, -1:]
-        all_steps.append(steps)
+            logits, step = score(model, tokens, p, loops, rule, kv_cache)
+            logits, step = logits[:, -1:], step[:, -1:]
+        steps.append(step)
     model.train(was_training)
-    exit_steps = torch.cat(all_steps, dim=1)
-    return Generation(tokens, torch.stack(chosen, 1), exit_steps, exit_steps.float().mean().item())
+    exit_steps = torch.cat(steps, 1) if steps else torch.zeros(prompt.shape[0], 0, dtype=torch.long)
+    used = exit_steps.float().mean().item() if steps else float(loops)
+    return Generation(tokens, torch.stack(chosen, 1), exit_steps, used, cache.bytes_per_token())
