@@ -18,7 +18,11 @@ Weight names (ours -> Ouro's; i over the shared block's layers):
 config.json fields: hidden_size, num_hidden_layers (the shared block), num_attention_heads,
 num_key_value_heads, head_dim, intermediate_size, vocab_size, total_ut_steps (= loops R),
 early_exit_threshold, max_position_embeddings, rope_theta, rms_norm_eps,
-tie_word_embeddings, hidden_act "silu". RoPE is rotate-half in both. Variants Ouro has no
+tie_word_embeddings, hidden_act "silu", and `auto_map` pointing at the modeling files the export
+writes beside the weights (pretrain/hf_files: our own `transformers` implementation of the same
+function under Ouro's class names), so `AutoModelForCausalLM.from_pretrained(dir,
+trust_remote_code=True)` loads and generates without this framework (transformers 4.5x and
+5.x). RoPE is rotate-half in both. Variants Ouro has no
 names for (another loop mode, prelude/coda layers, the FLT recipe's layers) are refused, not
 approximated.
 """
@@ -34,6 +38,7 @@ import torch
 from parallelism.tensor_parallel import FUSED_BLOCKS, split_for
 from pretrain.config import Config, ConfigError, ModelConfig, dump_config
 
+MODELING_FILES = ("configuration_ouro.py", "modeling_ouro.py")
 _LAYER = {"attn_norm.weight": "input_layernorm.weight",
           "attn_post_norm.weight": "input_layernorm_2.weight",
           "mlp_norm.weight": "post_attention_layernorm.weight",
@@ -107,7 +112,9 @@ def hf_config(cfg: Config) -> dict:
             "vocab_size": m.vocab_size, "total_ut_steps": m.loops, "early_exit_threshold": 1.0,
             "max_position_embeddings": m.max_seq_len, "rope_theta": m.rope_theta,
             "rms_norm_eps": m.norm_eps, "tie_word_embeddings": m.tie_embeddings,
-            "hidden_act": "silu", "torch_dtype": "float32"}
+            "hidden_act": "silu", "torch_dtype": "float32", "use_cache": False,
+            "auto_map": {"AutoConfig": "configuration_ouro.OuroConfig",
+                         "AutoModelForCausalLM": "modeling_ouro.OuroForCausalLM"}}
 
 
 def model_config(hf: dict) -> list[str]:
@@ -140,6 +147,8 @@ def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
     save_file(to_hf(cfg.model, model.state_dict()), str(out / "model.safetensors"),
               metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(hf_config(cfg), indent=2))
+    for name in MODELING_FILES:
+        shutil.copy(Path(__file__).parent / "hf_files" / name, out / name)
     if cfg.data.tokenizer:
         from data_pipeline.tokenizer import EOS_TOKEN
 

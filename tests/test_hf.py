@@ -103,3 +103,54 @@ def test_eval_and_generate_on_a_demo_checkpoint(tmp_path, capsys):
                  "gate:0.5", "--max-new-tokens", "8"]) == 0
     assert re.search(r"average loops used per decoded token \(gate:0.5\): [\d.]+ of 3",
                      capsys.readouterr().out)
+
+
+def _load_without_our_code(hf_dir, ids, tmp_path, transformers5: bool) -> dict:
+    """tests/hf_check.py in a fresh interpreter, HF offline: transformers 4.56 (the dev
+    extras, what the Ouro release targets) or 5.x (installed beside it by `make install`)."""
+    import os
+    import subprocess
+    import sys
+
+    out = str(tmp_path / f"res{int(transformers5)}.pt")
+    torch.save(ids, out + ".ids")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "PYTHONPATH": str(ROOT / ".venv/transformers5") if transformers5 else ""}
+    res = subprocess.run([sys.executable, str(ROOT / "tests/hf_check.py"), str(hf_dir), out],
+                         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return torch.load(out, weights_only=True)
+
+
+@pytest.mark.parametrize("transformers5", [False, True], ids=["transformers4.56", "transformers5"])
+@pytest.mark.parametrize("tied,kv", [(False, 4), (True, 2)], ids=["untied-mha", "tied-gqa"])
+def test_exported_model_loads_in_transformers_and_equals_ours_at_every_loop(
+        tmp_path, tied, kv, transformers5):
+    """`AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` on an export
+    computes our logits at every loop step (<= 1e-5), our exit distribution, the release's
+    threshold readout, and generates our greedy tokens."""
+    from pretrain.model.generate import generate
+    from pretrain.model.objective import exit_log_probs
+
+    ckpt = _trained(tmp_path / "run", f"model.tie_embeddings={str(tied).lower()}",
+                    f"model.num_kv_heads={kv}", "model.loops=3")
+    hf_dir = export(ckpt, tmp_path / "hf")
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    assert cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_ouro.OuroForCausalLM"
+    _, model = load_model(ckpt)
+    ids = torch.randint(0, 257, (2, 12), generator=torch.Generator().manual_seed(2))
+    got = _load_without_our_code(hf_dir, ids, tmp_path, transformers5)
+    assert got["version"].startswith("5." if transformers5 else "4.56")
+    assert got["tied"] is tied
+    with torch.no_grad():
+        ours = model(ids)
+    want = torch.stack([lg.transpose(0, 1) for lg in ours.logits])
+    assert got["loop_logits"].shape == want.shape == (3, 2, 12, 257)
+    torch.testing.assert_close(got["loop_logits"], want, rtol=0, atol=1e-5)
+    pdf = exit_log_probs(ours.gate_logits).exp().permute(2, 1, 0)  # [B, S, R]
+    torch.testing.assert_close(got["exit_pdf"], pdf, rtol=0, atol=1e-6)
+    cdf = pdf.cumsum(-1)
+    step = torch.where((cdf >= 0.5).any(-1), (cdf >= 0.5).float().argmax(-1), 2)
+    pick = want.permute(1, 2, 0, 3)[torch.arange(2)[:, None], torch.arange(12), step]
+    torch.testing.assert_close(got["threshold_logits"], pick, rtol=0, atol=1e-5)
+    assert torch.equal(got["generated"], generate(model, ids[:1, :5], 6).tokens)
