@@ -310,6 +310,9 @@ def validate(cfg: Config) -> None:
     if o.name == "muon":
         _require(cfg.parallel.zero_stage == 0, "optim.name",
                  "muon does not shard with DeepSpeed ZeRO: use parallel.zero_stage=0")
+        _require(cfg.parallel.tensor == 1, "optim.name",
+                 "muon orthogonalises whole matrices and a tensor-parallel rank holds a shard: "
+                 "use parallel.tensor=1 (data and pipeline parallelism compose)")
     _require(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
     _require(0 <= o.min_lr <= o.lr, "optim.min_lr", f"must be in [0, lr={o.lr}], got {o.min_lr}")
     _require(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")

@@ -1,27 +1,125 @@
-"""AdamW with decay/no-decay groups and the learning-rate schedules (warmup + cosine, WSD)."""
+"""Optimizers and learning-rate schedules.
+
+`adamw`: AdamW with decay on matrices only. `muon` (the FLT authors' recipe): torch.optim.Muon
+for the 2-D weights of the decoder layers, AdamW for the embedding, LM head, exit gate and
+norms. Muon orthogonalises every fused block (q | k | v, gate | up) as its own matrix, as it
+does the separate projections of the FLT code: it steps per-block copies ("proxies") of those
+weights and writes them back, so torch's Muon runs unchanged. (Not reproduced: the FLT code's
+Muon momentum warm-up from 0.85 to 0.95 over the first 300 steps.)
+
+Every group follows one schedule (`lr_at`, relative to `optim.lr`) scaled to its own peak:
+`optim.embedding_lr`, `optim.head_lr`, `optim.muon_lr` (0: `optim.lr`).
+"""
 
 from __future__ import annotations
 
 import math
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from pretrain.config import OptimConfig
 
 
-def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
-    """Weight decay on matrices only: norms, biases and the gate bias are not decayed."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+def _peak(cfg: OptimConfig, value: float) -> float:
+    return (value or cfg.lr) / cfg.lr
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+def param_groups(model: nn.Module, cfg: OptimConfig, exclude: set[int] = frozenset()) -> list[dict]:
+    """AdamW groups: decay on matrices only (norms, biases, the gate bias are not decayed);
+    the embedding and the head in their own groups when their peak lr differs."""
+    special = {"embed.weight": _peak(cfg, cfg.embedding_lr), "lm_head.weight": _peak(cfg, cfg.head_lr)}
+    groups: dict[tuple[float, float], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in exclude:
+            continue
+        decay = cfg.weight_decay if p.dim() >= 2 else 0.0
+        groups.setdefault((special.get(name, 1.0), decay), []).append(p)
+    return [{"params": ps, "weight_decay": wd, "lr_scale": scale}
+            for (scale, wd), ps in groups.items()]
+
+
+def muon_matrices(model: nn.Module) -> list[nn.Parameter]:
+    """The 2-D weights of the prelude, shared block and coda layers."""
+    return [p for n, p in model.named_parameters()
+            if p.requires_grad and p.dim() == 2 and n.split(".")[0] in ("prelude", "block", "coda")]
+
+
+class MuonAdamW:
+    """torch.optim.Muon over the layers' matrices (fused weights per block) + torch.optim.AdamW
+    over the rest, as one optimizer: `param_groups`, `state`, `step`, `zero_grad`."""
+
+    def __init__(self, model: nn.Module, cfg: OptimConfig):
+        parts = {id(m.weight): m.parts for m in model.modules() if hasattr(m, "parts")}
+        self.blocks: list[tuple[nn.Parameter, list[nn.Parameter]]] = []
+        for p in muon_matrices(model):
+            sizes = parts.get(id(p), (p.shape[0],))
+            proxies = [nn.Parameter(b.detach().clone()) for b in p.detach().split(list(sizes))]
+            self.blocks.append((p, proxies))
+        self.muon = torch.optim.Muon([q for _, qs in self.blocks for q in qs], lr=cfg.muon_lr,
+                                     weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum)
+        for g in self.muon.param_groups:
+            g["lr_scale"] = _peak(cfg, cfg.muon_lr)
+        matrices = {id(p) for p, _ in self.blocks}
+        self.adamw = torch.optim.AdamW(param_groups(model, cfg, matrices), lr=cfg.lr,
+                                       betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+        self.state = _JointState(self)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.adamw.param_groups + self.muon.param_groups
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for p, proxies in self.blocks:  # the weights may have been loaded since the last step
+            sizes = [q.shape[0] for q in proxies]
+            grads = p.grad.split(sizes) if p.grad is not None else [None] * len(proxies)
+            for q, w, g in zip(proxies, p.split(sizes), grads, strict=True):
+                q.copy_(w)
+                q.grad = None if g is None else g.clone()
+        self.muon.step()
+        for p, proxies in self.blocks:
+            p.copy_(torch.cat([q.detach() for q in proxies]))
+        self.adamw.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clears the weights' gradients (the matrices' too: only their proxies are Muon's)."""
+        self.adamw.zero_grad(set_to_none)
+        self.muon.zero_grad(set_to_none)
+        for p, _ in self.blocks:
+            p.grad = None
+
+
+class _JointState:
+    """`optimizer.state[p]` of either optimizer; a fused weight's Muon momentum is the
+    concatenation of its blocks' (laid out like the weight, as the checkpoint expects)."""
+
+    def __init__(self, opt: MuonAdamW):
+        self.opt = opt
+        self.proxies = {id(p): qs for p, qs in opt.blocks}
+
+    def get(self, p: Tensor, default=None) -> dict:
+        qs = self.proxies.get(id(p))
+        if qs is None:
+            return self.opt.adamw.state.get(p, default)
+        states = [self.opt.muon.state.get(q) for q in qs]
+        if not all(states):
+            return default
+        return {k: torch.cat([s[k] for s in states]) for k in states[0]}
+
+    def __setitem__(self, p: Tensor, value: dict) -> None:
+        qs = self.proxies.get(id(p))
+        if qs is None:
+            self.opt.adamw.state[p] = value
+            return
+        for i, q in enumerate(qs):
+            self.opt.muon.state[q] = {k: v.split([x.shape[0] for x in qs])[i].clone()
+                                      for k, v in value.items()}
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig):
+    if cfg.name == "muon":
+        return MuonAdamW(model, cfg)
     return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                              eps=cfg.eps)
 
@@ -50,6 +148,7 @@ def lr_at(cfg: OptimConfig, step: int, max_steps: int) -> float:
     return cfg.lr + (cfg.min_lr - cfg.lr) * frac
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+def set_lr(optimizer, lr: float) -> None:
+    """Every group at `lr` times its peak relative to optim.lr."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)

@@ -153,3 +153,66 @@ def test_data_order_depends_only_on_seed_and_index():
     epoch = torch.stack([a.sample(i)[0] for i in range(a.num_windows)])
     assert sorted(epoch.tolist()) == [16 * k for k in range(a.num_windows)]
     assert not torch.equal(TokenWindows(tokens, 16, seed=2).batch(0, 8)[0], x1)
+
+
+def test_muon_orthogonalises_each_fused_block_and_adamw_the_rest(tmp_path):
+    """optim.name=muon: one step of torch.optim.Muon on each block of q|k|v (and gate|up) as a
+    separate matrix equals the fused weight's update; AdamW updates embedding, head and norms
+    with their own peak lrs; the state checkpoints like the weight and resumes bit-exactly."""
+    import copy
+
+    from pretrain.optim import MuonAdamW
+
+    cfg = tiny_config("optim.name=muon", "optim.muon_lr=0.02", "optim.embedding_lr=0.01",
+                      "optim.head_lr=0.001", "optim.weight_decay=0.0", "train.max_steps=6",
+                      "train.log_every=3", "optim.warmup_steps=0", "optim.schedule=constant",
+                      out_dir=tmp_path / "a")
+    trainer = Trainer(cfg, log=lambda _: None, tensorboard=False)
+    assert isinstance(trainer.optimizer, MuonAdamW)
+    before = copy.deepcopy(trainer.model.state_dict())
+    trainer.train_step()
+    w = "block.0.attn.qkv_proj.weight"
+    qkv = dict(trainer.model.named_parameters())[w]
+    # the reference: torch's Muon on the q, k and v blocks as three parameters, same gradient
+    ref_params = [torch.nn.Parameter(b.clone()) for b in before[w].split(list(
+        trainer.model.block[0].attn.qkv_proj.parts))]
+    # the gradient of this step: recompute it on a copy of the starting model
+    from pretrain.model.looped import LoopedLM
+    from pretrain.model.objective import compute_objective
+
+    ref_model = LoopedLM(cfg.model)
+    ref_model.load_state_dict(before)
+    trainer2 = Trainer(cfg, model=ref_model, log=lambda _: None, tensorboard=False)
+    inputs, labels = next(trainer2.data.batches())
+    loss = compute_objective(cfg.objective, ref_model(inputs), labels).loss
+    loss.backward()
+    g = dict(ref_model.named_parameters())[w].grad
+    norm = torch.nn.utils.get_total_norm([p.grad for p in ref_model.parameters()
+                                          if p.grad is not None])
+    g = g * min(1.0, cfg.optim.grad_clip / (norm.item() + 1e-6))
+    for p, gb in zip(ref_params, g.split(list(trainer.model.block[0].attn.qkv_proj.parts)),
+                     strict=True):
+        p.grad = gb.clone()
+    torch.optim.Muon(ref_params, lr=0.02, weight_decay=0.0, momentum=0.95).step()
+    torch.testing.assert_close(qkv.detach(), torch.cat([p.detach() for p in ref_params]),
+                               rtol=1e-4, atol=1e-6)
+    lrs = {g["lr"] for g in trainer.optimizer.param_groups}
+    assert lrs == {cfg.optim.lr, 0.02, 0.01, 0.001}
+    # resume: 6 steps straight == 3 steps, checkpoint, 3 more
+    straight = Trainer(tiny_config(*cfg_overrides(cfg), out_dir=tmp_path / "s"), log=lambda _: None,
+                       tensorboard=False).fit(save=False)
+    first = Trainer(tiny_config(*cfg_overrides(cfg), "train.max_steps=3",
+                                out_dir=tmp_path / "r"), log=lambda _: None, tensorboard=False)
+    first.fit()
+    second = Trainer(tiny_config(*cfg_overrides(cfg), out_dir=tmp_path / "r"), log=lambda _: None,
+                     tensorboard=False)
+    second.resume("auto")
+    rest = second.fit(save=False)
+    assert [s.loss for s in straight.history][1:] == [s.loss for s in rest.history]
+
+
+def cfg_overrides(cfg) -> list[str]:
+    o = cfg.optim
+    return ["optim.name=muon", f"optim.muon_lr={o.muon_lr}", f"optim.embedding_lr={o.embedding_lr}",
+            f"optim.head_lr={o.head_lr}", "optim.weight_decay=0.0", "train.max_steps=6",
+            "train.log_every=3", "optim.warmup_steps=0", "optim.schedule=constant"]

@@ -58,9 +58,14 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class FusedLinear(nn.Linear):
-    """A bias-free projection whose output rows are several blocks (q|k|v, gate|up); `rows`
-    applies only some of them, so two inputs can use different blocks without extra FLOPs.
-    (Tensor parallelism swaps in megatron's column-parallel layer with the same method.)"""
+    """A bias-free projection whose output rows are several blocks (q|k|v, gate|up), of the
+    row counts `parts`; `rows` applies only some of them, so two inputs can use different
+    blocks without extra FLOPs. (Tensor parallelism swaps in megatron's column-parallel layer
+    with the same method.)"""
+
+    def __init__(self, in_features: int, parts: tuple[int, ...]):
+        super().__init__(in_features, sum(parts), bias=False)
+        self.parts = parts
 
     def rows(self, x: Tensor, start: int, stop: int | None) -> Tensor:
         return F.linear(x, self.weight[start:stop])
@@ -78,8 +83,8 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.kv_channels
         self.qk_norm, self.eps = cfg.qk_norm, cfg.norm_eps
-        self.qkv_proj = FusedLinear(cfg.hidden_size, (self.n_heads + 2 * self.n_kv) * self.hd,
-                                    bias=False)
+        q, kv = self.n_heads * self.hd, self.n_kv * self.hd
+        self.qkv_proj = FusedLinear(cfg.hidden_size, (q, kv, kv))
         self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=False)
 
     def _project(self, x: Tensor, q_input: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -137,7 +142,7 @@ class SwiGLU(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_up_proj = FusedLinear(cfg.hidden_size, 2 * cfg.ffn_hidden_size, bias=False)
+        self.gate_up_proj = FusedLinear(cfg.hidden_size, (cfg.ffn_hidden_size,) * 2)
         self.down_proj = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
