@@ -89,4 +89,53 @@ def test_adaptive_gate_objective_does_not_reach_the_lm():
                             torch.randint(0, 9, (1, 4)))
     out.loss.backward()
     assert all(lg.grad is None for lg in logits)
-    assert gates.grad is not None and gates.grad[:-1].abs().sum() > 0
+    # Eq. 5-6 train lambda_2..lambda_R; lambda_1 has no step before it to improve on
+    assert gates.grad[0].abs().sum() == 0 and (gates.grad[1:].abs().sum((1, 2)) > 0).all()
+    gates.grad = None
+    out = compute_objective(ObjectiveConfig(kind="adaptive_gate", gate_target="lookahead"),
+                            LoopedOutput(logits, gates), torch.randint(0, 9, (1, 4)))
+    out.loss.backward()
+    assert gates.grad[-1].abs().sum() == 0 and (gates.grad[:-1].abs().sum((1, 2)) > 0).all()
+
+
+def _sig(x):
+    return 1 / (1 + math.exp(-x))
+
+
+def _bce(lam, w):  # -[w log(1 - lambda) + (1 - w) log(lambda)]
+    return -(w * math.log(1 - lam) + (1 - w) * math.log(lam))
+
+
+@pytest.mark.parametrize("target", ["paper", "lookahead"])
+def test_stage2_gate_loss_by_hand_on_three_steps(target):
+    """Ouro Eq. 5-6 on one token with L = (2.0, 1.5, 1.49): I_2 = 0.5, I_3 = 0.01,
+    w_t = sigmoid(k (I_t - gamma)); the loss is the mean over t = 2, 3 of the BCE of
+    lambda_t against the exit target 1 - w_t. `lookahead` (ours) pairs lambda_1, lambda_2 with
+    the improvements of the next step instead."""
+    k, gamma = 50.0, 0.005
+    ce = torch.tensor([2.0, 1.5, 1.49])[:, None, None]
+    g = torch.tensor([0.3, -0.2, 0.7])[:, None, None]
+    w2, w3 = _sig(k * (0.5 - gamma)), _sig(k * (0.01 - gamma))
+    if target == "paper":
+        want = (_bce(_sig(-0.2), w2) + _bce(_sig(0.7), w3)) / 2
+    else:
+        want = (_bce(_sig(0.3), w2) + _bce(_sig(-0.2), w3)) / 2
+    got = adaptive_gate_loss(ce, g, k, gamma, torch.ones(1, 1), target)
+    assert got.item() == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.parametrize("kind,steps", [("last", [3]), ("all", [0, 1, 2, 3]), ("few", [2, 3])])
+def test_flt_objectives_train_the_chosen_loop_steps(kind, steps):
+    """last / all / few (FLT: END, STEP, FEW = loops floor(2R/3)..R-1, 0-based) are the mean
+    CE of those steps; the gate gets no gradient."""
+    logits = [torch.randn(5, 2, 11, requires_grad=True) for _ in range(4)]
+    gates = torch.randn(4, 5, 2, requires_grad=True)
+    labels = torch.randint(0, 11, (2, 5))
+    out = compute_objective(ObjectiveConfig(kind=kind), LoopedOutput(logits, gates), labels)
+    ce = [torch.nn.functional.cross_entropy(lg.transpose(0, 1).reshape(-1, 11), labels.flatten())
+          for lg in logits]
+    want = sum(ce[t] for t in steps) / len(steps)
+    assert out.loss.item() == pytest.approx(want.item(), rel=1e-6)
+    out.loss.backward()
+    assert gates.grad is None
+    assert [lg.grad is not None for lg in logits] == [t in steps for t in range(4)]

@@ -53,9 +53,20 @@ def token_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
                            ignore_index=IGNORE_INDEX, reduction="none").view_as(labels)
 
 
-def per_step_ce(logits: list[Tensor], labels: Tensor, cross_entropy=token_cross_entropy) -> Tensor:
-    """Token-level cross entropy of every loop step: [R, S, B], 0 where ignored."""
-    return torch.stack([cross_entropy(lg, labels) for lg in logits])
+def per_step_ce(logits: list[Tensor], labels: Tensor, cross_entropy=token_cross_entropy,
+                trained: slice | None = None) -> Tensor:
+    """Token-level cross entropy of every loop step: [R, S, B], 0 where ignored. Steps outside
+    `trained` (default: all) are measured without a graph: they are only logged."""
+    steps = range(len(logits))
+    keep = set(steps[trained] if trained is not None else steps)
+    out = []
+    for t, lg in enumerate(logits):
+        if t in keep:
+            out.append(cross_entropy(lg, labels))
+        else:
+            with torch.no_grad():
+                out.append(cross_entropy(lg.detach(), labels))
+    return torch.stack(out)
 
 
 def _at_least_fp32(x: Tensor) -> Tensor:
@@ -84,14 +95,16 @@ def compute_objective(cfg: ObjectiveConfig, out: LoopedOutput, labels: Tensor,
     labels = labels.t()
     mask = (labels != IGNORE_INDEX).float()
     count = mask.sum().clamp_min(1)  # a tensor: no host sync on GPU
-    ce = per_step_ce(out.logits, labels, cross_entropy)
+    flt = cfg.kind in ("last", "all", "few")
+    trained = trained_steps(cfg.kind, len(out.logits)) if flt else None
+    ce = per_step_ce(out.logits, labels, cross_entropy, trained)
     if cfg.kind == "elbo":
         loss = (elbo_per_token(ce, out.gate_logits, cfg.beta) * mask).sum() / count
     elif cfg.kind == "adaptive_gate":
         loss = adaptive_gate_loss(ce.detach(), out.gate_logits, cfg.gate_k, cfg.gate_gamma, mask,
                                   cfg.gate_target)
     else:
-        loss = (ce[trained_steps(cfg.kind, ce.shape[0])].mean(0) * mask).sum() / count
+        loss = (ce[trained].mean(0) * mask).sum() / count
     with torch.no_grad():
         log_p = exit_log_probs(out.gate_logits)
         p = log_p.exp()
