@@ -175,6 +175,15 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _grow(args: argparse.Namespace) -> int:
+    from pretrain.checkpoint.grow import grow
+
+    out = grow(args.source, args.layers, args.out, args.order, args.overrides)
+    print(f"grown to {args.layers} shared layers ({args.order}): {out}; continue with "
+          f"pretrain train --config {out / 'config.yaml'} --resume {out}")
+    return 0
+
+
 def add_decoding_flags(p) -> None:
     """The KV-cache policy flag shared by `generate` and `eval` (model/generate.py)."""
     p.add_argument("--kv-cache", choices=("full", "last", "average"), default="full",
@@ -234,10 +243,19 @@ def add_run_commands(sub) -> None:
     st = sub.add_parser("status", help="step, tokens, loss, checkpoint and SLURM state of a run")
     st.add_argument("run_dir")
     st.set_defaults(fn=_status)
-    conv = sub.add_parser("checkpoint", help="checkpoint tools").add_subparsers(
-        dest="checkpoint_command", required=True).add_parser(
-        "convert", help="consolidate a sharded checkpoint into one file of full tensors")
+    tools = sub.add_parser("checkpoint", help="checkpoint tools").add_subparsers(
+        dest="checkpoint_command", required=True)
+    conv = tools.add_parser("convert", help="consolidate a sharded checkpoint into one file of "
+                                            "full tensors")
     conv.add_argument("checkpoint", help="checkpoint, checkpoints root or run directory")
     conv.add_argument("--to-layout", default="tp=1,pp=1")
     conv.add_argument("--out", required=True, help="checkpoints root to write into")
     conv.set_defaults(fn=_convert)
+    gr = tools.add_parser("grow", help="upcycle to a deeper shared block by layer duplication")
+    gr.add_argument("--from", dest="source", required=True, help="checkpoint (any layout)")
+    gr.add_argument("--layers", type=int, required=True, help="new model.num_layers (a multiple)")
+    gr.add_argument("--order", default="stack", help="stack (l0..lL-1 repeated) or interleave")
+    gr.add_argument("--out", required=True, help="checkpoints root to write into")
+    gr.add_argument("overrides", nargs="*", help="config changes for the grown run, e.g. "
+                                                 "model.loops=4 objective.beta=0.05")
+    gr.set_defaults(fn=_grow)

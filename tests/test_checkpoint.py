@@ -3,6 +3,7 @@ across TP/PP/DP/ZeRO layouts, crash-safe sealing, corruption and compatibility e
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -293,3 +294,47 @@ def test_a_signal_to_the_whole_process_group_spares_the_data_workers(tmp_path):
     again = _popen(tmp_path / "run", *shards, "--resume", "auto")
     assert again.wait(300) == 0
     assert losses_by_step(tmp_path / "run") == losses_by_step(tmp_path / "ref")
+
+
+@pytest.mark.parametrize("order", ["stack", "interleave"])
+def test_grow_duplicates_layers_and_resumes(tmp_path, order, capsys):
+    """`pretrain checkpoint grow`: a 2-layer checkpoint to 4 layers; every grown layer is an
+    exact copy of its source layer, the rest is copied, the config follows the overrides, and
+    training resumes from it."""
+    src = _grow_source(tmp_path)
+    assert main(["checkpoint", "grow", "--from", str(src), "--layers", "4", "--order", order,
+                 "--out", str(tmp_path / "grown"), "model.loops=2", "objective.beta=0.05"]) == 0
+    assert "grown to 4 shared layers" in capsys.readouterr().out
+    cfg_old, old = load_model(src)
+    cfg, new = load_model(tmp_path / "grown")
+    assert cfg.model.num_layers == 4 and cfg.model.loops == 2 and cfg.objective.beta == 0.05
+    a, b = old.state_dict(), new.state_dict()
+    want = [0, 1, 0, 1] if order == "stack" else [0, 0, 1, 1]
+    for name, value in b.items():
+        if name.startswith("block."):
+            _, i, rest = name.split(".", 2)
+            assert torch.equal(value, a[f"block.{want[int(i)]}.{rest}"]), name
+        else:
+            assert torch.equal(value, a[name]), name
+    trainer = Trainer(dataclasses.replace(cfg, train=dataclasses.replace(
+        cfg.train, max_steps=2, out_dir=str(tmp_path / "run2"))), log=lambda _: None,
+        tensorboard=False)
+    trainer.resume(str(tmp_path / "grown"))
+    assert trainer.step == 0 and trainer.fit(save=False).history[-1].loss < 10
+
+
+@pytest.mark.parametrize("layers,message", [
+    (3, "--layers: 3 is not a multiple (> 1x) of the checkpoint's 2 shared layers "
+        "(model.num_layers)"),
+    (2, "--layers: 2 is not a multiple"), ])
+def test_grow_that_does_not_multiply_cleanly_is_refused(tmp_path, layers, message, capsys):
+    src = _grow_source(tmp_path)
+    assert main(["checkpoint", "grow", "--from", str(src), "--layers", str(layers),
+                 "--out", str(tmp_path / "g")]) == 2
+    assert capsys.readouterr().err.startswith(f"pretrain: error: {message}")
+
+
+def _grow_source(tmp_path):
+    cfg = tiny_config("train.max_steps=2", "optim.warmup_steps=1", out_dir=tmp_path / "src")
+    Trainer(cfg, log=lambda _: None, tensorboard=False).fit()
+    return tmp_path / "src/checkpoints/step_0000002"
