@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from parallelism.pipeline_schedule import Piece, schedule
 from parallelism.topology import Topology
 from pretrain.model.looped import LoopedLM, LoopedOutput, NoKV
-from pretrain.model.objective import ObjectiveOutput, compute_objective
+from pretrain.model.objective import ObjectiveOutput, compute_objective, readout_steps
 
 RECV_AHEAD = 2  # pieces whose inputs are received ahead, overlapping transfers with compute
 
@@ -117,6 +117,7 @@ class PipelineStage:
         self.stages, self.rank = topo.pp, topo.pp_rank
         self.first, self.last = self.rank == 0, self.rank == topo.pp - 1
         self.loops = cfg.model.loops
+        self.heads = range(self.loops)[readout_steps(cfg.objective.kind, self.loops)]
         self.peak_live = 0  # most pieces alive at once in the last step (stashed activations)
         self.busy_s = self.wait_s = self.wall_s = 0.0  # compute / blocked in recv / wall, last step
 
@@ -144,13 +145,16 @@ class PipelineStage:
             return saved
         mb.norms.append(x.detach().float().norm(dim=-1).mean())
         h = model.norm(x)
-        logits, gate = model.readout(h, lap, rope, store)
+        if lap in self.heads:
+            logits, gate = model.readout(h, lap, rope, store)
+        else:  # an objective that does not score this step (model/looped.py `forward`)
+            logits, gate = None, torch.full(h.shape[:2], float("nan"), device=h.device)
         if lap < self.loops - 1:
-            mb.steps.append((_Handoff.of(logits), _Handoff.of(gate)))
-            saved["handoffs"].extend(mb.steps[-1])
+            mb.steps.append((None if logits is None else _Handoff.of(logits), _Handoff.of(gate)))
+            saved["handoffs"].extend(t for t in mb.steps[-1] if t is not None)
             saved["out"] = [h]
             return saved
-        out = LoopedOutput([st[0].leaf for st in mb.steps] + [logits],
+        out = LoopedOutput([None if st[0] is None else st[0].leaf for st in mb.steps] + [logits],
                            torch.stack([st[1].leaf for st in mb.steps] + [gate]),
                            torch.stack(mb.norms))
         mb.result = compute_objective(self.cfg.objective, out, mb.labels, self.ce)

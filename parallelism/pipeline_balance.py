@@ -4,7 +4,7 @@ Every block layer runs R times per microbatch, and so does the last stage's read
 exit gate, coda) -- once per lap. A split that only counts layers therefore overloads the last
 stage by R x (head + gate + coda). The cost model charges each stage its forward FLOPs per token:
   stage k: sum over its layers of R (matmuls + attention (+ injection)) [+ prelude on stage 0]
-           [+ R (coda + LM head + gate) on the last stage]
+           [+ R (coda + gate) + the LM heads the objective reads out, on the last stage]
 `auto` picks the contiguous split minimising the most expensive stage (exact, by dynamic
 programming); an explicit `parallel.pipeline_split` is checked and reported the same way.
 """
@@ -17,8 +17,9 @@ from pretrain.config import Config
 from pretrain.model.flops import (
     attention_flops,
     block_layer_flops,
+    head_flops,
     layer_matmul_flops,
-    readout_flops,
+    readouts,
 )
 
 
@@ -27,7 +28,7 @@ def _extras(cfg, seq_len: int, stages: int) -> list[int]:
     unshared = layer_matmul_flops(m) + attention_flops(m, seq_len)
     extra = [0] * stages
     extra[0] += m.prelude_layers * unshared
-    extra[-1] += m.loops * (m.coda_layers * unshared + readout_flops(m))
+    extra[-1] += m.loops * (m.coda_layers * unshared + 2 * m.hidden_size) + readouts(cfg) * head_flops(m)
     return extra
 
 

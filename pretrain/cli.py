@@ -68,11 +68,11 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _params(args: argparse.Namespace) -> int:
-    from pretrain.model.flops import count_parameters, flops_per_token
+    from pretrain.model.flops import count_parameters, run_flops_per_token
 
     cfg = load_config(args.config, args.overrides)
     report = count_parameters(cfg.model)
-    report["flops_per_token"] = flops_per_token(cfg.model, cfg.train.seq_len)
+    report["flops_per_token"] = run_flops_per_token(cfg)
     report["loops"] = cfg.model.loops
     report["seq_len"] = cfg.train.seq_len
     print(json.dumps(report, indent=2))

@@ -32,6 +32,7 @@ class ModelConfig:
     loops: int = 4  # R: how many times the shared block is applied
     max_seq_len: int = 256
     rope_theta: float = 10000.0
+    rope_reverse: bool = False  # rotate by -angle: nanochat's (the FLT code's) RoPE sense
     norm_eps: float = 1e-6
     sandwich_norm: bool = True  # Ouro: RMSNorm before and after each sublayer
     tie_embeddings: bool = False

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 from pretrain.config import Config
 from pretrain.hardware import Accelerator
-from pretrain.model.flops import count_parameters, flops_per_token
+from pretrain.model.flops import count_parameters, flops_per_token, layer_matmul_flops, readouts
 
 GEMM_EFFICIENCY = 0.80  # large bf16 GEMMs reach ~80% of the dense peak (cuBLAS, Hopper)
 NARROW_GEMM = 512  # efficiency halves at a GEMM width this small (tile quantisation, waves)
@@ -102,17 +102,17 @@ def estimate(cfg: Config, lay: Layout, gpu: Accelerator, global_batch: int) -> E
     per_gpu_params = params["total"] / (t * p)
     tokens = lay.micro_batch * lay.microbatches * s  # per DP rank per step
     # -- compute (one model replica of t x p GPUs processes `tokens`) --
-    q, kv = m.num_heads * m.kv_channels, m.num_kv_heads * m.kv_channels
-    layer_gemm = 2 * h * (q + 2 * kv) + 2 * q * h + 2 * 3 * h * f  # forward matmul FLOPs / token
+    q = m.num_heads * m.kv_channels
+    heads = readouts(cfg)  # loop steps whose LM head and loss run (all, for the ELBO)
     layer_passes = m.num_layers * r + m.prelude_layers + m.coda_layers * r
-    gemm = 3 * tokens * layer_gemm * layer_passes / t
-    head = 3 * tokens * 2 * h * m.vocab_size * r / t
+    gemm = 3 * tokens * layer_matmul_flops(m) * layer_passes / t
+    head = 3 * tokens * 2 * h * m.vocab_size * heads / t
     attn = 3 * tokens * 2 * s * q * layer_passes / t  # causal: half of 2 x 2 s q
     t_gemm = (_gemm_time(gemm, min(h, f / t, q / t), gpu)
               + _gemm_time(head, min(h, m.vocab_size / t), gpu))
     t_attn = attn / (gpu.peak_flops * ATTENTION_EFFICIENCY)
     elementwise_bytes = tokens * layer_passes * 3 * (12 * h + 3 * f) * 2 / t \
-        + tokens * r * LOSS_BYTES_PER_LOGIT * m.vocab_size / t
+        + tokens * heads * LOSS_BYTES_PER_LOGIT * m.vocab_size / t
     t_elem = elementwise_bytes / (gpu.hbm_bw * ELEMENTWISE_BANDWIDTH)
     compute = (t_gemm + t_attn + t_elem) / p  # each stage does 1/p of the layers
     # -- communication --
@@ -129,12 +129,12 @@ def estimate(cfg: Config, lay: Layout, gpu: Accelerator, global_batch: int) -> E
     busy = compute + t_tp
     t_bubble = busy / (1 - bubble) - busy
     step = busy + t_bubble + t_dp + t_opt
-    flops = flops_per_token(m, s) * tokens * d
+    flops = flops_per_token(m, s, readouts=readouts(cfg)) * tokens * d
     mfu = flops / (step * t * p * d * gpu.peak_flops)
     # -- memory --
     live = min(p, lay.microbatches) * r
     act = 34 * s * lay.micro_batch * h / t * (m.num_layers / p) * live
-    logits = s * lay.micro_batch * m.vocab_size / t * 4 * r
+    logits = s * lay.micro_batch * m.vocab_size / t * 4 * heads
     mem = {"weights": per_gpu_params * 2, "grads": per_gpu_params * 4,
            "optimizer": per_gpu_params * 12 / shard, "activations": act + logits}
     mem = {k: v / 2**30 for k, v in mem.items()}

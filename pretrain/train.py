@@ -41,9 +41,9 @@ from pretrain.checkpoint.offline import saved_tensors
 from pretrain.config import Config, ConfigError, dump_config, load_config
 from pretrain.data import ByteTokenizer, TextData, TokenWindows, load_text_tokens
 from pretrain.hardware import peak_flops, peak_memory_bytes
-from pretrain.model.flops import flops_per_token
+from pretrain.model.flops import run_flops_per_token
 from pretrain.model.looped import LoopedLM
-from pretrain.model.objective import compute_objective, token_cross_entropy
+from pretrain.model.objective import compute_objective, readout_steps, token_cross_entropy
 from pretrain.optim import build_optimizer, lr_at, param_groups, set_lr
 from pretrain.preemption import Preempted, PreemptionSignal
 
@@ -168,7 +168,8 @@ class Trainer:
                                          cfg.train.keep_last, cfg.train.async_checkpoint, self.log)
         self.saved_step = -1
         self.preemption = PreemptionSignal()
-        self.flops_per_token = flops_per_token(cfg.model, cfg.train.seq_len)
+        self.heads = readout_steps(cfg.objective.kind, cfg.model.loops)
+        self.flops_per_token = run_flops_per_token(cfg)
         self.peak_flops = peak_flops(self.device, cfg.train.peak_flops) * self.topo.world
         self.step = 0
         self.layer_grad_norms: list[float] = []  # at log steps (not under ZeRO: it owns the grads)
@@ -204,7 +205,8 @@ class Trainer:
             for _ in range(t.grad_accum_steps):
                 inputs, labels = (x.to(self.device) for x in next(self._batches))
                 with self.autocast():
-                    out = compute_objective(self.cfg.objective, self.model(inputs), labels,
+                    out = compute_objective(self.cfg.objective,
+                                            self.model(inputs, heads=self.heads), labels,
                                             self.cross_entropy)
                 if self.engine is not None:
                     self.engine.backward(out.loss)  # scales by 1 / grad_accum_steps itself

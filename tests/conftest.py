@@ -19,7 +19,7 @@ def tiny_config(*overrides: str, out_dir: str | Path = "runs/test"):
 
 # the FLT authors' layer recipe (their init aside: zero output projections would hide bugs)
 FLT_RECIPE = ["model.sandwich_norm=false", "model.norm_weights=false", "model.qk_norm=true",
-              "model.mlp=relu2", "model.logit_softcap=15"]
+              "model.mlp=relu2", "model.logit_softcap=15", "model.rope_reverse=true"]
 LOOP_MODES = ("ouro", "lt", "lt_i", "lt_ia", "flt", "flt_res")
 VARIANTS = {
     **{mode: [f"model.loop_mode={mode}"] for mode in LOOP_MODES},

@@ -19,12 +19,16 @@ def _rms(x, w, eps):
     return y if w is None else y * w
 
 
-def _rope(x, theta):
+def _rope(x, theta, reverse=False):
+    """Rotate each (x_i, x_{i+d/2}) pair by +pos * theta^(-2i/d) (Ouro's rotate-half), or by
+    the negative angle (nanochat's apply_rotary_emb: y1 = x1 cos + x2 sin, y2 = -x1 sin + x2 cos)."""
     d, s = x.shape[-1], x.shape[2]
     inv = theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
     ang = torch.outer(torch.arange(s, dtype=torch.float64), inv)
     cos, sin = ang.cos().float(), ang.sin().float()
     a, b = x[..., : d // 2], x[..., d // 2 :]
+    if reverse:
+        return torch.cat((a * cos + b * sin, -a * sin + b * cos), -1)
     return torch.cat((a * cos - b * sin, a * sin + b * cos), -1)
 
 
@@ -52,7 +56,7 @@ def _layer(sd, pre, x, cfg: ModelConfig, h=None):
     q = (qn @ wq.T).view(b, s, -1, hd).transpose(1, 2)
     k = (xn @ wk.T).view(b, s, -1, hd).transpose(1, 2)
     v = (xn @ wv.T).view(b, s, -1, hd).transpose(1, 2)
-    q, k = _rope(q, cfg.rope_theta), _rope(k, cfg.rope_theta)
+    q, k = _rope(q, cfg.rope_theta, cfg.rope_reverse), _rope(k, cfg.rope_theta, cfg.rope_reverse)
     if cfg.qk_norm:
         q, k = _rms(q, None, eps), _rms(k, None, eps)
     a = _attend(q, k, v).transpose(1, 2).reshape(b, s, -1) @ sd[pre + "attn.o_proj.weight"].T

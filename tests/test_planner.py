@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -10,25 +12,29 @@ from torch.utils.flop_counter import FlopCounterMode
 from pretrain.cli import main
 from pretrain.config import load_config
 from pretrain.hardware import GPUS
-from pretrain.model.flops import flops_per_token
+from pretrain.model.flops import run_flops_per_token
 from pretrain.model.looped import LoopedLM
-from pretrain.model.objective import compute_objective, token_cross_entropy
+from pretrain.model.objective import compute_objective, readout_steps, token_cross_entropy
 from pretrain.planner import Layout, check, estimate, megatron_gpt_1p7b, plan
 from tests.conftest import ROOT, VARIANTS, tiny_config
 
 
+@pytest.mark.parametrize("objective", ["elbo", "last", "few"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("kv", [1, 2])
-def test_flops_per_token_equals_torch_flop_counter(variant, kv):
+def test_flops_per_token_equals_torch_flop_counter(variant, kv, objective):
     """torch's FlopCounterMode counts every matmul of a real forward + backward (the math SDPA
-    backend makes attention matmuls too): the formula must equal it exactly."""
-    cfg = tiny_config(*VARIANTS[variant], f"model.num_kv_heads={kv}")
+    backend makes attention matmuls too) of a training step as the trainer runs it (the FLT
+    objectives read out fewer loop steps): the formula must equal it exactly, in every mode."""
+    cfg = tiny_config(*VARIANTS[variant], f"model.num_kv_heads={kv}", f"objective.kind={objective}")
     model = LoopedLM(cfg.model)
     ids = torch.randint(0, cfg.model.vocab_size, (2, 64))
+    heads = readout_steps(objective, cfg.model.loops)
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        out = compute_objective(cfg.objective, model(ids), ids, token_cross_entropy)
+        out = compute_objective(cfg.objective, model(ids, heads=heads), ids, token_cross_entropy)
         out.loss.backward()
-    assert counter.get_total_flops() / ids.numel() == flops_per_token(cfg.model, 64)
+    assert counter.get_total_flops() / ids.numel() == run_flops_per_token(
+        dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seq_len=64)))
 
 
 MEGATRON_MFU = 0.41  # Megatron-LM README, H100 weak scaling: the smallest GPT, TP1 PP1 DP48

@@ -8,7 +8,8 @@ from pretrain.config import Config
 # (loops, max_seq_len, rope_theta, dropout may change: same weights, a different run)
 ARCHITECTURE = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
                 "head_dim", "ffn_hidden_size", "sandwich_norm", "tie_embeddings",
-                "prelude_layers", "coda_layers", "loop_mode", "qk_norm", "norm_weights", "mlp")
+                "prelude_layers", "coda_layers", "loop_mode", "qk_norm", "norm_weights", "mlp",
+                "rope_reverse")
 
 
 def incompatibility(saved: Config, cfg: Config) -> str | None:

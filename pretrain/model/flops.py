@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from pretrain.config import ModelConfig
+from pretrain.config import Config, ModelConfig
 from pretrain.model.looped import LoopedLM
+from pretrain.model.objective import readout_steps
 
 
 def count_parameters(cfg: ModelConfig) -> dict[str, int]:
@@ -42,9 +43,9 @@ def attention_flops(cfg: ModelConfig, seq_len: int) -> int:
     return 2 * 2 * seq_len * cfg.num_heads * cfg.kv_channels
 
 
-def readout_flops(cfg: ModelConfig) -> int:
-    """Forward FLOPs per token of one loop step's LM head and exit gate."""
-    return 2 * (cfg.hidden_size * cfg.vocab_size + cfg.hidden_size)
+def head_flops(cfg: ModelConfig) -> int:
+    """Forward FLOPs per token of one loop step's LM head."""
+    return 2 * cfg.hidden_size * cfg.vocab_size
 
 
 def block_layer_flops(cfg: ModelConfig, seq_len: int, loops: int) -> int:
@@ -52,10 +53,26 @@ def block_layer_flops(cfg: ModelConfig, seq_len: int, loops: int) -> int:
     return loops * (layer_matmul_flops(cfg) + attention_flops(cfg, seq_len))
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int, loops: int | None = None) -> int:
-    """Training FLOPs (forward + backward) per token at context `seq_len`."""
+def flops_per_token(cfg: ModelConfig, seq_len: int, loops: int | None = None,
+                    readouts: int | None = None, train_gate: bool = True) -> int:
+    """Training FLOPs (forward + backward) per token at context `seq_len`; `readouts` loop
+    steps run the readout -- coda, LM head, gate -- (default all), and the gate has a backward
+    only when trained (the FLT objectives read out fewer steps and leave the gate alone)."""
     r = loops or cfg.loops
+    heads = r if readouts is None else readouts
     unshared = layer_matmul_flops(cfg) + attention_flops(cfg, seq_len)
     forward = (cfg.prelude_layers * unshared + cfg.num_layers * block_layer_flops(cfg, seq_len, r)
-               + r * (cfg.coda_layers * unshared + readout_flops(cfg)))
-    return 3 * forward
+               + heads * (cfg.coda_layers * unshared + head_flops(cfg)))
+    gate = heads * 2 * cfg.hidden_size * (3 if train_gate else 1)
+    return 3 * forward + gate
+
+
+def readouts(cfg: Config) -> int:
+    """Loop steps whose LM head a training step runs (model/objective.py `readout_steps`)."""
+    return len(range(cfg.model.loops)[readout_steps(cfg.objective.kind, cfg.model.loops)])
+
+
+def run_flops_per_token(cfg: Config) -> int:
+    """Training FLOPs per token of a run: its context and the readouts its objective needs."""
+    return flops_per_token(cfg.model, cfg.train.seq_len, readouts=readouts(cfg),
+                           train_gate=cfg.objective.kind in ("elbo", "adaptive_gate"))

@@ -43,11 +43,13 @@ class RMSNorm(nn.Module):
         return (y * self.weight.float()).to(x.dtype)
 
 
-def rope_tables(head_dim: int, max_pos: int, theta: float) -> tuple[Tensor, Tensor]:
-    """cos/sin of shape [max_pos, head_dim // 2] for rotary embeddings (rotate-half layout)."""
+def rope_tables(head_dim: int, max_pos: int, theta: float,
+                reverse: bool = False) -> tuple[Tensor, Tensor]:
+    """cos/sin of shape [max_pos, head_dim // 2] for rotary embeddings (rotate-half layout).
+    `reverse` rotates by -angle, the sense of nanochat's RoPE (the FLT authors' code)."""
     inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     ang = torch.outer(torch.arange(max_pos, dtype=torch.float64), inv)
-    return ang.cos().float(), ang.sin().float()
+    return ang.cos().float(), (-ang.sin() if reverse else ang.sin()).float()
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

@@ -81,8 +81,8 @@ class NoKV:
 class LoopedOutput:
     """Sequence-first, like the activations: labels [B, S] pair with logits[t].transpose(0, 1)."""
 
-    logits: list[Tensor]  # one [S, B, V] per loop step (V / tp under tensor parallelism)
-    gate_logits: Tensor  # [R, S, B]; lambda_t = sigmoid(gate_logits[t])
+    logits: list[Tensor | None]  # [S, B, V] per loop step (V / tp under TP); None: not read out
+    gate_logits: Tensor  # [R, S, B]; lambda_t = sigmoid(gate_logits[t]) (NaN: not read out)
     hidden_norm: Tensor | None = None  # [R] mean L2 norm of the block output x_t (detached)
 
 
@@ -100,7 +100,7 @@ class LoopedLM(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.gate = nn.Linear(cfg.hidden_size, 1)
-        cos, sin = rope_tables(cfg.kv_channels, cfg.max_seq_len, cfg.rope_theta)
+        cos, sin = rope_tables(cfg.kv_channels, cfg.max_seq_len, cfg.rope_theta, cfg.rope_reverse)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
@@ -183,8 +183,13 @@ class LoopedLM(nn.Module):
             store.save(segment, loop, i, k, v)
         return x
 
-    def forward(self, input_ids: Tensor, loops: int | None = None) -> LoopedOutput:
+    def forward(self, input_ids: Tensor, loops: int | None = None,
+                heads: slice | None = None) -> LoopedOutput:
+        """`heads`: the loop steps read out (default all). Training objectives that score some
+        steps only skip the others' readout, as the FLT code does: their logits are None and
+        their gate logits NaN."""
         loops = loops or self.cfg.loops
+        read = set(range(loops)[heads] if heads is not None else range(loops))
         rope = self.rope(torch.arange(input_ids.shape[1], device=input_ids.device))
         store = NoKV()
         e = self.embed_stream(input_ids, rope, store)
@@ -194,7 +199,10 @@ class LoopedLM(nn.Module):
             x = self.run_block(t, x, h_in, rope, store)
             norms.append(x.detach().float().norm(dim=-1).mean())
             h = self.norm(x)
-            lg, g = self.readout(h, t, rope, store)
+            if t in read:
+                lg, g = self.readout(h, t, rope, store)
+            else:
+                lg, g = None, torch.full(h.shape[:2], float("nan"), device=h.device)
             logits.append(lg)
             gates.append(g)
         return LoopedOutput(logits=logits, gate_logits=torch.stack(gates),

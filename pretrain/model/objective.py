@@ -38,7 +38,7 @@ IGNORE_INDEX = -100
 @dataclass
 class ObjectiveOutput:
     loss: Tensor  # scalar, differentiable
-    ce: Tensor  # [R] mean CE per loop step (detached)
+    ce: Tensor  # [R] mean CE per loop step (detached; NaN for a step not read out)
     exit_prob: Tensor  # [R] mean p_t (detached)
     gate: Tensor  # [R] mean lambda_t (detached)
     expected_loops: Tensor  # scalar: mean of sum_t t * p_t
@@ -61,7 +61,9 @@ def per_step_ce(logits: list[Tensor], labels: Tensor, cross_entropy=token_cross_
     keep = set(steps[trained] if trained is not None else steps)
     out = []
     for t, lg in enumerate(logits):
-        if t in keep:
+        if lg is None:  # not read out in training: no CE to log
+            out.append(torch.full(labels.shape, float("nan"), device=labels.device))
+        elif t in keep:
             out.append(cross_entropy(lg, labels))
         else:
             with torch.no_grad():
@@ -126,6 +128,13 @@ def trained_steps(kind: str, loops: int) -> slice:
     """The loop steps (0-based) whose CE the FLT objectives train."""
     return {"last": slice(loops - 1, loops), "all": slice(0, loops),
             "few": slice(2 * loops // 3, loops)}[kind]
+
+
+def readout_steps(kind: str, loops: int) -> slice:
+    """The loop steps whose logits training needs: every one for the gate objectives (the
+    ELBO weighs them all); the trained ones for the FLT objectives (the other steps' CE is then
+    not logged during training -- `pretrain eval` measures every step)."""
+    return slice(0, loops) if kind in ("elbo", "adaptive_gate") else trained_steps(kind, loops)
 
 
 def adaptive_gate_loss(ce: Tensor, gate_logits: Tensor, k: float, gamma: float, mask: Tensor,

@@ -18,7 +18,7 @@ def collect(sweep_dir: Path, log=print) -> Path:
     sample order than training); points without a checkpoint are listed as missing."""
     from pretrain.checkpoint.offline import load_model
     from pretrain.evaluate import evaluate
-    from pretrain.model.flops import count_parameters, flops_per_token
+    from pretrain.model.flops import count_parameters, run_flops_per_token
     from pretrain.status import last_metrics
 
     index = sweep_dir / "points.json"
@@ -41,7 +41,7 @@ def collect(sweep_dir: Path, log=print) -> Path:
                      "num_layers": cfg.model.num_layers, "loops": cfg.model.loops,
                      "lr": cfg.optim.lr, "params": params["total"],
                      "non_embedding_params": params["non_embedding"], "tokens": meta["tokens"],
-                     "flops": flops_per_token(cfg.model, cfg.train.seq_len) * meta["tokens"],
+                     "flops": run_flops_per_token(cfg) * meta["tokens"],
                      "steps": meta["step"], "train_loss": metrics.get("loss", float("nan")),
                      "eval_loss": ev["loss"], "eval_ce_final": ev["ce_final"],
                      "run_dir": str(run_dir)})
