@@ -148,7 +148,7 @@ class PipelineStage:
         if lap in self.heads:
             logits, gate = model.readout(h, lap, rope, store)
         else:  # an objective that does not score this step (model/looped.py `forward`)
-            logits, gate = None, torch.full(h.shape[:2], float("nan"), device=h.device)
+            logits, gate = None, torch.full(mb.ids.t().shape, float("nan"), device=h.device)
         if lap < self.loops - 1:
             mb.steps.append((None if logits is None else _Handoff.of(logits), _Handoff.of(gate)))
             saved["handoffs"].extend(t for t in mb.steps[-1] if t is not None)

@@ -202,7 +202,7 @@ class LoopedLM(nn.Module):
             if t in read:
                 lg, g = self.readout(h, t, rope, store)
             else:
-                lg, g = None, torch.full(h.shape[:2], float("nan"), device=h.device)
+                lg, g = None, torch.full(input_ids.t().shape, float("nan"), device=h.device)
             logits.append(lg)
             gates.append(g)
         return LoopedOutput(logits=logits, gate_logits=torch.stack(gates),
