@@ -152,7 +152,7 @@ class PipelineStage:
         if lap < self.loops - 1:
             mb.steps.append((None if logits is None else _Handoff.of(logits), _Handoff.of(gate)))
             saved["handoffs"].extend(t for t in mb.steps[-1] if t is not None)
-            saved["out"] = [h]
+            saved["out"] = [model.handover(x, h)]
             return saved
         out = LoopedOutput([None if st[0] is None else st[0].leaf for st in mb.steps] + [logits],
                            torch.stack([st[1].leaf for st in mb.steps] + [gate]),

@@ -41,6 +41,9 @@ class ModelConfig:
     # how one loop hands over to the next (model/looped.py): the released Ouro function, or the
     # Fully Looped Transformer paper's FLT / FLT_res and its baselines LT, LT_i, LT_ia
     loop_mode: Literal["ouro", "lt", "lt_i", "lt_ia", "flt", "flt_res"] = "ouro"
+    # False (an ablation, not a published model): ouro mode carries the raw stream x_t into the
+    # next loop and norms only the readout -- this framework's loop before it matched the release
+    norm_between_loops: bool = True
     qk_norm: bool = False  # FLT recipe: weightless RMSNorm of queries and keys after RoPE
     norm_weights: bool = True  # False: RMSNorm without a learned scale (FLT recipe)
     mlp: Literal["swiglu", "relu2"] = "swiglu"  # relu2: down(relu(up(x))^2) (FLT recipe)
@@ -300,6 +303,8 @@ def validate(cfg: Config) -> None:
     _require(m.rope_theta > 0, "model.rope_theta", "must be > 0")
     _require(m.norm_eps > 0, "model.norm_eps", "must be > 0")
     _require(m.init_std > 0, "model.init_std", "must be > 0")
+    _require(m.norm_between_loops or m.loop_mode == "ouro", "model.norm_between_loops",
+             f"false applies to loop_mode ouro only (the {m.loop_mode} mode defines its own handover)")
     _require(m.logit_softcap >= 0, "model.logit_softcap", f"must be >= 0, got {m.logit_softcap}")
     _require(ob.beta >= 0, "objective.beta", f"must be >= 0, got {ob.beta}")
     _require(ob.gate_k > 0, "objective.gate_k", "must be > 0")

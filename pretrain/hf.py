@@ -53,9 +53,9 @@ _TOP = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.
 
 
 # what the Ouro format holds: any other value of these fields is refused, naming the field
-OURO_FORMAT = {"loop_mode": "ouro", "prelude_layers": 0, "coda_layers": 0, "sandwich_norm": True,
-               "qk_norm": False, "norm_weights": True, "mlp": "swiglu", "logit_softcap": 0.0,
-               "rope_reverse": False}
+OURO_FORMAT = {"loop_mode": "ouro", "norm_between_loops": True, "prelude_layers": 0,
+               "coda_layers": 0, "sandwich_norm": True, "qk_norm": False, "norm_weights": True,
+               "mlp": "swiglu", "logit_softcap": 0.0, "rope_reverse": False}
 
 
 def _check_exportable(m: ModelConfig) -> None:

@@ -24,6 +24,7 @@ LOOP_MODES = ("ouro", "lt", "lt_i", "lt_ia", "flt", "flt_res")
 VARIANTS = {
     **{mode: [f"model.loop_mode={mode}"] for mode in LOOP_MODES},
     "flt_recipe": ["model.loop_mode=flt", *FLT_RECIPE],
+    "ouro_no_norm": ["model.norm_between_loops=false"],  # the ablation
     "huginn": ["model.prelude_layers=1", "model.coda_layers=1", "model.tie_embeddings=true",
                "model.sandwich_norm=false"],
 }

@@ -90,10 +90,10 @@ def reference_forward(model, ids, loops=None):
         e = _layer(sd, f"prelude.{i}.", e, cfg)
     head = sd["embed.weight"] if cfg.tie_embeddings else sd["lm_head.weight"]
     logits, gates = [], []
-    h = None
+    h = x = None
     for t in range(loops):
         if mode == "ouro":  # Ouro: the normed output of a loop is the next loop's input
-            x = e if t == 0 else h
+            x = e if t == 0 else (h if cfg.norm_between_loops else x)
         elif mode == "lt":
             x = nu(e) if t == 0 else h
         elif mode == "lt_i":

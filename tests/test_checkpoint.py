@@ -23,7 +23,7 @@ from pretrain.cli import main
 from pretrain.preemption import EXIT_PREEMPTED
 from pretrain.status import losses_by_step
 from pretrain.train import Trainer
-from tests.conftest import ROOT, tiny_config
+from tests.conftest import ROOT, VARIANTS, tiny_config
 from tests.distributed import free_port, torchrun
 
 # 8 steps, checkpoints at 4 and 8; vocab 260 so TP=2 splits it
@@ -40,9 +40,17 @@ def _losses(summary) -> dict[int, float]:
     return {s.step: s.loss for s in summary.history}
 
 
-@pytest.mark.parametrize("extra", [[], ["train.async_checkpoint=true"], ["parallel.zero_stage=1"]],
-                         ids=["sync", "async", "zero1"])
+MODE_RESUMES = {f"mode-{v}": VARIANTS[v] for v in ("lt", "lt_i", "lt_ia", "flt_res")}
+MODE_RESUMES["flt-recipe-muon-few"] = [*VARIANTS["flt_recipe"], "optim.name=muon",
+                                       "objective.kind=few", "model.vocab_size=320"]
+MODE_RESUMES["flt-recipe-zero1"] = [*VARIANTS["flt_recipe"], "parallel.zero_stage=1"]
+RESUMES = {"sync": [], "async": ["train.async_checkpoint=true"], "zero1": ["parallel.zero_stage=1"],
+           **MODE_RESUMES}
+
+
+@pytest.mark.parametrize("extra", list(RESUMES.values()), ids=list(RESUMES))
 def test_resume_in_process_is_bit_identical(tmp_path, extra):
+    """Every loop mode, the FLT recipe with Muon and an objective that skips readouts, ZeRO."""
     full = _losses(_trainer(tmp_path / "a", *extra).fit())
     ckpt = tmp_path / "a/checkpoints/step_0000004"
     assert store.is_complete(ckpt) and store.resolve(tmp_path / "a").name == "step_0000008"

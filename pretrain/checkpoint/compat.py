@@ -9,7 +9,7 @@ from pretrain.config import Config
 ARCHITECTURE = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
                 "head_dim", "ffn_hidden_size", "sandwich_norm", "tie_embeddings",
                 "prelude_layers", "coda_layers", "loop_mode", "qk_norm", "norm_weights", "mlp",
-                "rope_reverse")
+                "rope_reverse", "norm_between_loops")
 
 
 def incompatibility(saved: Config, cfg: Config) -> str | None:

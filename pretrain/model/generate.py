@@ -207,14 +207,15 @@ def forward_chunk(model: LoopedLM, ids: Tensor, cache: LoopKVCache, loops: int,
     state = _ExitState(rule, (b, n), ids.device)
     decided = torch.zeros(b, n, dtype=torch.bool, device=ids.device)
     exit_step = torch.full((b, n), loops, dtype=torch.long, device=ids.device)
-    out, h = None, None
+    out, h, x = None, None, None
     for t in range(loops):
         if not prefill and decided.all():
             if not cache.collapsed:
                 cache.fill_skipped(t)
             continue
-        x, h_in = model.loop_input(t, e, h)
-        h = model.norm(model.run_block(t, x, h_in, rope, cache))
+        x, h_in = model.loop_input(t, e, None if h is None else model.handover(x, h))
+        x = model.run_block(t, x, h_in, rope, cache)
+        h = model.norm(x)
         logits, gate = model.readout(h, t, rope, cache)
         logits, gate = logits.transpose(0, 1), gate.t()  # to batch-first, like ids
         stop = ~decided & state.stops(t, loops, gate, h.transpose(0, 1))

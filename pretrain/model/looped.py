@@ -6,6 +6,7 @@ weightless RMSNorm, loop step t = 1..R runs
     x_t = LoopInput_t(e, h_{t-1})             (model.loop_mode, below)
     x_t = Block(x_t)                          (the same weights every loop)
     h_t = N(x_t)                              (the state handed to the next loop)
+    (`model.norm_between_loops: false`, an ablation of ouro mode: x_t itself is handed over)
     logits_t = LMHead(h_t),  lambda_t = sigmoid(w . h_t + b)      (exit gate, per token)
 
 (with coda layers the readout is N(Coda(h_t)); logits are soft-capped when
@@ -175,6 +176,10 @@ class LoopedLM(nn.Module):
             logits = cap * torch.tanh(logits.float() / cap)
         return logits, self.gate(h).squeeze(-1)
 
+    def handover(self, x: Tensor, h: Tensor) -> Tensor:
+        """What loop t hands to loop t + 1: h_t = N(x_t), or x_t in the no-norm ablation."""
+        return h if self.cfg.norm_between_loops else x
+
     def run_layers(self, segment: str, loop: int, x: Tensor, rope: tuple[Tensor, Tensor],
                    store: KVStore) -> Tensor:
         """The prelude's or the coda's layers (plain layers, no loop signal)."""
@@ -199,11 +204,13 @@ class LoopedLM(nn.Module):
             x = self.run_block(t, x, h_in, rope, store)
             norms.append(x.detach().float().norm(dim=-1).mean())
             h = self.norm(x)
+            carry = self.handover(x, h)
             if t in read:
                 lg, g = self.readout(h, t, rope, store)
             else:
                 lg, g = None, torch.full(input_ids.t().shape, float("nan"), device=h.device)
             logits.append(lg)
             gates.append(g)
+            h = carry
         return LoopedOutput(logits=logits, gate_logits=torch.stack(gates),
                             hidden_norm=torch.stack(norms))

@@ -25,7 +25,8 @@ from tests.conftest import tiny_config
 from tests.multiproc.compare import close_to, finish, rel
 
 SHAPES = ["model.vocab_size=260", "model.num_kv_heads=4", "model.num_layers=3", "train.seq_len=16"]
-VARIANTS = {**{v: ALL_VARIANTS[v] for v in ("ouro", "lt_i", "lt_ia", "flt_recipe", "flt_res")},
+VARIANTS = {**{v: ALL_VARIANTS[v] for v in ("ouro", "lt_i", "lt_ia", "flt_recipe", "flt_res",
+                                                  "ouro_no_norm")},
             "flt_few": [*ALL_VARIANTS["flt_recipe"], "objective.kind=few"]}  # laps not read out
 
 
