@@ -46,6 +46,8 @@ bench: install
 	$(PY) bench/pipeline_bubble.py
 	$(PY) bench/zero_memory.py
 	$(PY) bench/checkpoint_io.py
+	$(PY) bench/loop_modes.py prepare
+	$(PY) bench/loop_modes.py run --only ouro-R1 ouro-R4 flt-K1 lt_ia-K4-all --tokens 500000
 
 clean:
 	rm -rf $(VENV) runs

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from parallelism.pipeline_schedule import Piece, schedule
 from parallelism.topology import Topology
-from pretrain.model.looped import LoopedLM, LoopedOutput, NoKV
+from pretrain.model.looped import LAYERS_READ_H, READS_E, LoopedLM, LoopedOutput, NoKV
 from pretrain.model.objective import ObjectiveOutput, compute_objective, readout_steps
 
 RECV_AHEAD = 2  # pieces whose inputs are received ahead, overlapping transfers with compute
@@ -52,7 +52,7 @@ def ring_payload(mode: str, lap: int, to_first: bool) -> int:
     inside a lap."""
     if to_first:
         return 1
-    return 2 if mode in ("flt", "flt_res") and lap > 0 else 1
+    return 2 if mode in LAYERS_READ_H and lap > 0 else 1
 
 
 def keep_stage(model: LoopedLM, split: list[int], stage: int) -> None:
@@ -120,6 +120,7 @@ class PipelineStage:
         self.heads = range(self.loops)[readout_steps(cfg.objective.kind, self.loops)]
         self.peak_live = 0  # most pieces alive at once in the last step (stashed activations)
         self.busy_s = self.wait_s = self.wall_s = 0.0  # compute / blocked in recv / wall, last step
+        self.sent_bytes = 0  # point-to-point bytes this stage sent in the last step
 
     # -- one piece ---------------------------------------------------------------------------
     def _forward(self, mb: _Microbatch, lap: int, received: list[Tensor] | None,
@@ -131,7 +132,7 @@ class PipelineStage:
         if self.first:
             if lap == 0:
                 e = model.embed_stream(mb.ids, rope, store)
-                if model.cfg.loop_mode not in ("ouro", "lt") and self.loops > 1:
+                if model.cfg.loop_mode in READS_E and self.loops > 1:
                     mb.e = _Handoff.of(e)
                     saved["handoffs"].append(mb.e)
                 x, h = model.loop_input(0, e, None)
@@ -145,10 +146,8 @@ class PipelineStage:
             return saved
         mb.norms.append(x.detach().float().norm(dim=-1).mean())
         h = model.norm(x)
-        if lap in self.heads:
-            logits, gate = model.readout(h, lap, rope, store)
-        else:  # an objective that does not score this step (model/looped.py `forward`)
-            logits, gate = None, torch.full(mb.ids.t().shape, float("nan"), device=h.device)
+        scored = lap in self.heads  # (an objective may not score every step)
+        logits, gate = model.readout(h, lap, rope, store) if scored else model.no_readout(mb.ids)
         if lap < self.loops - 1:
             mb.steps.append((None if logits is None else _Handoff.of(logits), _Handoff.of(gate)))
             saved["handoffs"].extend(t for t in mb.steps[-1] if t is not None)
@@ -196,6 +195,7 @@ class PipelineStage:
         total = torch.zeros((), device=device)
         live = self.peak_live = 0
         self.busy_s, self.wait_s, start = 0.0, 0.0, time.perf_counter()
+        self.sent_bytes = 0
         pieces = schedule(kind, self.stages, self.loops, m, self.rank)
         posted: dict[Piece, tuple[Tensor, dist.Work]] = {}
         for i, piece in enumerate(pieces):
@@ -243,6 +243,7 @@ class PipelineStage:
     def _send(self, t: Tensor, piece: Piece, grad: bool) -> dist.Work:
         to = self._virtual(piece) + (-1 if grad else 1)
         peer = self.topo.pp_prev if grad else self.topo.pp_next
+        self.sent_bytes += t.numel() * t.element_size()
         return dist.isend(t.contiguous(), peer, tag=self._tag(piece.mb, to, grad))
 
     def _needs_recv(self, piece: Piece) -> bool:

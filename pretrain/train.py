@@ -43,7 +43,12 @@ from pretrain.data import ByteTokenizer, TextData, TokenWindows, load_text_token
 from pretrain.hardware import peak_flops, peak_memory_bytes
 from pretrain.model.flops import run_flops_per_token
 from pretrain.model.looped import LoopedLM
-from pretrain.model.objective import compute_objective, readout_steps, token_cross_entropy
+from pretrain.model.objective import (
+    compute_objective,
+    readout_steps,
+    token_cross_entropy,
+    trains_gate,
+)
 from pretrain.optim import build_optimizer, lr_at, param_groups, set_lr
 from pretrain.preemption import Preempted, PreemptionSignal
 
@@ -142,7 +147,7 @@ class Trainer:
         if cfg.objective.kind == "adaptive_gate":  # stage 2: LM frozen, only the gate learns
             for name, p in self.model.named_parameters():
                 p.requires_grad_(name.startswith("gate."))
-        elif cfg.objective.kind in ("last", "all", "few"):  # the FLT objectives train no gate
+        elif not trains_gate(cfg.objective.kind):  # the FLT objectives leave the gate alone
             for name, p in self.model.named_parameters():
                 p.requires_grad_(not name.startswith("gate."))
         self.params = [p for p in self.model.parameters() if p.requires_grad]

@@ -41,6 +41,28 @@ def test_gradients_and_loss_equal_single_process(results):
     assert checked == len(ranks) * (len(cases(tp)) - errors) and checked > 0
 
 
+def test_ring_bytes_per_loop_mode(results):
+    """What crosses the ring, counted. Per microbatch, stage 0 sends x on every lap -- with
+    h_t-1 too on laps > 1 for flt / flt_res, whose every layer reads it -- and the gradients of
+    the R - 1 states h_t it received at lap boundaries; the last stage sends those states and
+    the gradients of what stage 0 sent. Both stages: (in-lap tensors + R - 1) x m messages of
+    [S/tp or S, B=2, H=64] fp32."""
+    tp, ranks = results
+    message = (16 // tp) * 2 * 64 * 4  # rows (sequence-parallel under TP) x batch x hidden x fp32
+    checked = 0
+    for case, r in ranks[0].items():
+        if case.startswith("train") or "config_error" in r:
+            continue
+        r_, m_, _, variant, _ = case.split("-")
+        loops, m = int(r_[1:]), int(m_[1:])
+        reads_h = variant in ("flt_recipe", "flt_res", "flt_few")  # every layer reads h_t-1
+        in_lap = loops + (loops - 1 if reads_h else 0)  # stage 0 -> 1, per microbatch
+        for rank in (ranks[0], ranks[-1]):
+            assert rank[case]["sent_bytes"] == m * (in_lap + loops - 1) * message, case
+        checked += 1
+    assert checked > 0
+
+
 def test_1f1b_memory_bound_and_gpipe_growth(results):
     _, ranks = results
     for res in ranks:

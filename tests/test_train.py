@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -134,9 +136,18 @@ def test_fit_writes_tensorboard_and_a_loadable_checkpoint(tmp_path):
     loops = trainer.cfg.model.loops
     want = {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s",
             "train/expected_loops", "train/skipped_steps"}
-    want |= {f"loop/{k}_step{t}" for k in ("ce", "exit_prob", "gate") for t in range(1, loops + 1)}
+    want |= {f"loop/{k}_step{t}" for k in ("ce", "exit_prob", "gate", "hidden_norm")
+             for t in range(1, loops + 1)}
+    want |= {f"grad_norm/block_layer{i}" for i in range(trainer.cfg.model.num_layers)}
     assert want <= tags
     assert [e.step for e in events.Scalars("train/loss")] == [2, 4]
+    # the FLT paper's diagnostics, also in metrics.jsonl: |x_t| per loop, grad norm per layer,
+    # the latter summing (in squares) to the total when the gate, norms and embedding are added
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows[-1]["hidden_norm"]) == loops and min(rows[-1]["hidden_norm"]) > 0
+    per_layer = rows[-1]["layer_grad_norm"]
+    assert len(per_layer) == trainer.cfg.model.num_layers and min(per_layer) > 0
+    assert sum(g * g for g in per_layer) < rows[-1]["grad_norm"] ** 2
     cfg, model = load_model(summary.checkpoint)
     ids = torch.randint(0, 256, (1, 16))
     trainer.model.eval()

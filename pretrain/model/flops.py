@@ -15,7 +15,7 @@ import torch
 
 from pretrain.config import Config, ModelConfig
 from pretrain.model.looped import LoopedLM
-from pretrain.model.objective import readout_steps
+from pretrain.model.objective import readout_steps, trains_gate
 
 
 def count_parameters(cfg: ModelConfig) -> dict[str, int]:
@@ -75,4 +75,4 @@ def readouts(cfg: Config) -> int:
 def run_flops_per_token(cfg: Config) -> int:
     """Training FLOPs per token of a run: its context and the readouts its objective needs."""
     return flops_per_token(cfg.model, cfg.train.seq_len, readouts=readouts(cfg),
-                           train_gate=cfg.objective.kind in ("elbo", "adaptive_gate"))
+                           train_gate=trains_gate(cfg.objective.kind))

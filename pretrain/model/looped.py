@@ -53,10 +53,10 @@ from torch import Tensor, nn
 from pretrain.config import ModelConfig
 from pretrain.model.layers import DecoderLayer, RMSNorm, rms_norm, rope_tables
 
-# modes whose loops restart from the embedding stream (stage 0 of the pipeline keeps e)
-RESTARTS = ("lt_ia", "flt", "flt_res")
-# modes whose layers read h_{t-1} besides the stream (it travels with the stream)
-READS_H = ("lt_ia", "flt", "flt_res")
+# modes whose later loops read the embedding stream e (stage 0 of the pipeline keeps it)
+READS_E = ("lt_i", "lt_ia", "flt", "flt_res")
+# modes whose every layer reads h_{t-1} besides the stream (it travels the ring with x)
+LAYERS_READ_H = ("flt", "flt_res")
 
 
 class KVStore(Protocol):
@@ -176,6 +176,11 @@ class LoopedLM(nn.Module):
             logits = cap * torch.tanh(logits.float() / cap)
         return logits, self.gate(h).squeeze(-1)
 
+    @staticmethod
+    def no_readout(ids: Tensor) -> tuple[None, Tensor]:
+        """A step training does not read out: no logits, NaN gate logits of shape [S, B]."""
+        return None, torch.full(ids.t().shape, float("nan"), device=ids.device)
+
     def handover(self, x: Tensor, h: Tensor) -> Tensor:
         """What loop t hands to loop t + 1: h_t = N(x_t), or x_t in the no-norm ablation."""
         return h if self.cfg.norm_between_loops else x
@@ -205,10 +210,7 @@ class LoopedLM(nn.Module):
             norms.append(x.detach().float().norm(dim=-1).mean())
             h = self.norm(x)
             carry = self.handover(x, h)
-            if t in read:
-                lg, g = self.readout(h, t, rope, store)
-            else:
-                lg, g = None, torch.full(input_ids.t().shape, float("nan"), device=h.device)
+            lg, g = self.readout(h, t, rope, store) if t in read else self.no_readout(input_ids)
             logits.append(lg)
             gates.append(g)
             h = carry

@@ -97,8 +97,7 @@ def compute_objective(cfg: ObjectiveConfig, out: LoopedOutput, labels: Tensor,
     labels = labels.t()
     mask = (labels != IGNORE_INDEX).float()
     count = mask.sum().clamp_min(1)  # a tensor: no host sync on GPU
-    flt = cfg.kind in ("last", "all", "few")
-    trained = trained_steps(cfg.kind, len(out.logits)) if flt else None
+    trained = None if trains_gate(cfg.kind) else trained_steps(cfg.kind, len(out.logits))
     ce = per_step_ce(out.logits, labels, cross_entropy, trained)
     if cfg.kind == "elbo":
         loss = (elbo_per_token(ce, out.gate_logits, cfg.beta) * mask).sum() / count
@@ -130,11 +129,16 @@ def trained_steps(kind: str, loops: int) -> slice:
             "few": slice(2 * loops // 3, loops)}[kind]
 
 
+def trains_gate(kind: str) -> bool:
+    """Ouro's objectives train the exit gate; the FLT paper's have none (it is left untrained)."""
+    return kind in ("elbo", "adaptive_gate")
+
+
 def readout_steps(kind: str, loops: int) -> slice:
     """The loop steps whose logits training needs: every one for the gate objectives (the
     ELBO weighs them all); the trained ones for the FLT objectives (the other steps' CE is then
     not logged during training -- `pretrain eval` measures every step)."""
-    return slice(0, loops) if kind in ("elbo", "adaptive_gate") else trained_steps(kind, loops)
+    return slice(0, loops) if trains_gate(kind) else trained_steps(kind, loops)
 
 
 def adaptive_gate_loss(ce: Tensor, gate_logits: Tensor, k: float, gamma: float, mask: Tensor,

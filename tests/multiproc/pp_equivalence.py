@@ -72,6 +72,7 @@ def one_case(topo, loops, m, kind, variant, split, sp) -> dict:
         if e > worst:
             worst, worst_name = e, global_name(stage, name)
     res = {"grad": worst, "grad_param": worst_name, "grad_close": close, "peak_live": pipe.peak_live,
+           "sent_bytes": pipe.sent_bytes,
            "bound": warmup_count(topo.pp, loops, m, topo.pp_rank) + 1,
            "planned_peak": peak_live(schedule(kind, topo.pp, loops, m, topo.pp_rank))}
     if out is not None:
