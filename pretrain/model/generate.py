@@ -15,7 +15,9 @@ KV cache policy while decoding (Ouro Table 14; prefill always keeps every loop's
   full     one cache per loop step; a token that exited at step t leaves its step-t keys/values
            in the caches of the later steps (it is not recomputed).
   last     one cache: each token keeps only the keys/values of its exit (last run) step; every
-           loop of a new token attends to it (1/R of the memory; the FLT authors' decoding).
+           loop of a new token attends to it (1/R of the memory). (The FLT authors' engine also
+           caches only the last loop, but its earlier loops then see the new tokens alone; that
+           variant is not reproduced.)
   average  one cache: each token keeps the mean of its keys/values over the steps it ran.
 After prefill, `last`/`average` collapse the per-loop caches the same way.
 
