@@ -103,6 +103,12 @@ def test_eval_and_generate_on_a_demo_checkpoint(tmp_path, capsys):
                  "gate:0.5", "--max-new-tokens", "8"]) == 0
     assert re.search(r"average loops used per decoded token \(gate:0.5\): [\d.]+ of 3",
                      capsys.readouterr().out)
+    # the export carries the run's tokenizer: transformers alone loads it and encodes as we do
+    from data_pipeline.tokenizer import load_tokenizer
+
+    hf_dir = export(ckpt, tmp_path / "hf")
+    got = _load_without_our_code(hf_dir, torch.randint(0, 512, (2, 8)), tmp_path, False)
+    assert got["tokens"] == load_tokenizer(data / "tokenizer.json").encode("The Fox").ids
 
 
 def _load_without_our_code(hf_dir, ids, tmp_path, transformers5: bool) -> dict:
