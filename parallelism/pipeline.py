@@ -144,7 +144,7 @@ class PipelineStage:
         if not self.last:
             saved["out"] = [x, h] if ring_payload(model.cfg.loop_mode, lap, False) == 2 else [x]
             return saved
-        mb.norms.append(x.detach().float().norm(dim=-1).mean())
+        mb.norms.append(model.stream_norm(x))
         h = model.norm(x)
         scored = lap in self.heads  # (an objective may not score every step)
         logits, gate = model.readout(h, lap, rope, store) if scored else model.no_readout(mb.ids)

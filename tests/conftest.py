@@ -29,6 +29,11 @@ VARIANTS = {
                "model.sandwich_norm=false"],
 }
 
+# what the multi-process equivalence checks run: the modes with distinct handovers, and an
+# objective that reads out only some loop steps
+PARALLEL_VARIANTS = {**{v: VARIANTS[v] for v in ("ouro", "lt_i", "lt_ia", "flt_recipe", "flt_res")},
+                     "flt_few": [*VARIANTS["flt_recipe"], "objective.kind=few"]}
+
 
 @pytest.fixture(autouse=True)
 def _deterministic():

@@ -9,7 +9,7 @@ from pretrain.checkpoint.offline import load_model
 from pretrain.config import OptimConfig
 from pretrain.data import TokenWindows
 from pretrain.optim import lr_at
-from pretrain.train import Trainer, TrainingDiverged
+from pretrain.train import Trainer, TrainingDiverged, default_data
 from tests.conftest import tiny_config
 
 
@@ -166,6 +166,11 @@ def test_data_order_depends_only_on_seed_and_index():
     assert not torch.equal(TokenWindows(tokens, 16, seed=2).batch(0, 8)[0], x1)
 
 
+MUON = ["optim.name=muon", "optim.muon_lr=0.02", "optim.embedding_lr=0.01", "optim.head_lr=0.001",
+        "optim.weight_decay=0.0", "train.max_steps=6", "train.log_every=3",
+        "optim.warmup_steps=0", "optim.schedule=constant"]
+
+
 def test_muon_orthogonalises_each_fused_block_and_adamw_the_rest(tmp_path):
     """optim.name=muon: one step of torch.optim.Muon on each block of q|k|v (and gate|up) as a
     separate matrix equals the fused weight's update; AdamW updates embedding, head and norms
@@ -174,10 +179,7 @@ def test_muon_orthogonalises_each_fused_block_and_adamw_the_rest(tmp_path):
 
     from pretrain.optim import MuonAdamW
 
-    cfg = tiny_config("optim.name=muon", "optim.muon_lr=0.02", "optim.embedding_lr=0.01",
-                      "optim.head_lr=0.001", "optim.weight_decay=0.0", "train.max_steps=6",
-                      "train.log_every=3", "optim.warmup_steps=0", "optim.schedule=constant",
-                      out_dir=tmp_path / "a")
+    cfg = tiny_config(*MUON, out_dir=tmp_path / "a")
     trainer = Trainer(cfg, log=lambda _: None, tensorboard=False)
     assert isinstance(trainer.optimizer, MuonAdamW)
     before = copy.deepcopy(trainer.model.state_dict())
@@ -193,8 +195,7 @@ def test_muon_orthogonalises_each_fused_block_and_adamw_the_rest(tmp_path):
 
     ref_model = LoopedLM(cfg.model)
     ref_model.load_state_dict(before)
-    trainer2 = Trainer(cfg, model=ref_model, log=lambda _: None, tensorboard=False)
-    inputs, labels = next(trainer2.data.batches())
+    inputs, labels = next(default_data(cfg).batches())
     loss = compute_objective(cfg.objective, ref_model(inputs), labels).loss
     loss.backward()
     g = dict(ref_model.named_parameters())[w].grad
@@ -210,20 +211,14 @@ def test_muon_orthogonalises_each_fused_block_and_adamw_the_rest(tmp_path):
     lrs = {g["lr"] for g in trainer.optimizer.param_groups}
     assert lrs == {cfg.optim.lr, 0.02, 0.01, 0.001}
     # resume: 6 steps straight == 3 steps, checkpoint, 3 more
-    straight = Trainer(tiny_config(*cfg_overrides(cfg), out_dir=tmp_path / "s"), log=lambda _: None,
+    straight = Trainer(tiny_config(*MUON, out_dir=tmp_path / "s"), log=lambda _: None,
                        tensorboard=False).fit(save=False)
-    first = Trainer(tiny_config(*cfg_overrides(cfg), "train.max_steps=3",
-                                out_dir=tmp_path / "r"), log=lambda _: None, tensorboard=False)
+    first = Trainer(tiny_config(*MUON, "train.max_steps=3", out_dir=tmp_path / "r"),
+                    log=lambda _: None, tensorboard=False)
     first.fit()
-    second = Trainer(tiny_config(*cfg_overrides(cfg), out_dir=tmp_path / "r"), log=lambda _: None,
+    second = Trainer(tiny_config(*MUON, out_dir=tmp_path / "r"), log=lambda _: None,
                      tensorboard=False)
     second.resume("auto")
     rest = second.fit(save=False)
     assert [s.loss for s in straight.history][1:] == [s.loss for s in rest.history]
 
-
-def cfg_overrides(cfg) -> list[str]:
-    o = cfg.optim
-    return ["optim.name=muon", f"optim.muon_lr={o.muon_lr}", f"optim.embedding_lr={o.embedding_lr}",
-            f"optim.head_lr={o.head_lr}", "optim.weight_decay=0.0", "train.max_steps=6",
-            "train.log_every=3", "optim.warmup_steps=0", "optim.schedule=constant"]

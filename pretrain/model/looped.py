@@ -177,6 +177,11 @@ class LoopedLM(nn.Module):
         return logits, self.gate(h).squeeze(-1)
 
     @staticmethod
+    def stream_norm(x: Tensor) -> Tensor:
+        """Mean L2 norm of the stream over tokens (detached): the FLT paper's diagnostic."""
+        return x.detach().float().norm(dim=-1).mean()
+
+    @staticmethod
     def no_readout(ids: Tensor) -> tuple[None, Tensor]:
         """A step training does not read out: no logits, NaN gate logits of shape [S, B]."""
         return None, torch.full(ids.t().shape, float("nan"), device=ids.device)
@@ -207,7 +212,7 @@ class LoopedLM(nn.Module):
         for t in range(loops):
             x, h_in = self.loop_input(t, e, h)
             x = self.run_block(t, x, h_in, rope, store)
-            norms.append(x.detach().float().norm(dim=-1).mean())
+            norms.append(self.stream_norm(x))
             h = self.norm(x)
             carry = self.handover(x, h)
             lg, g = self.readout(h, t, rope, store) if t in read else self.no_readout(input_ids)

@@ -20,14 +20,12 @@ from pretrain.config import ConfigError
 from pretrain.model.looped import LoopedLM
 from pretrain.model.objective import compute_objective, token_cross_entropy
 from pretrain.train import Trainer
+from tests.conftest import PARALLEL_VARIANTS, tiny_config
 from tests.conftest import VARIANTS as ALL_VARIANTS
-from tests.conftest import tiny_config
 from tests.multiproc.compare import close_to, finish, rel
 
 SHAPES = ["model.vocab_size=260", "model.num_kv_heads=4", "model.num_layers=3", "train.seq_len=16"]
-VARIANTS = {**{v: ALL_VARIANTS[v] for v in ("ouro", "lt_i", "lt_ia", "flt_recipe", "flt_res",
-                                                  "ouro_no_norm")},
-            "flt_few": [*ALL_VARIANTS["flt_recipe"], "objective.kind=few"]}  # laps not read out
+VARIANTS = {**PARALLEL_VARIANTS, "ouro_no_norm": ALL_VARIANTS["ouro_no_norm"]}
 
 
 def one_case(topo, loops, m, kind, variant, split, sp) -> dict:

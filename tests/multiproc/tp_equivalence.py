@@ -21,13 +21,11 @@ from parallelism.topology import Topology, init_topology
 from pretrain.model.looped import LoopedLM
 from pretrain.model.objective import compute_objective, readout_steps
 from pretrain.train import Trainer
-from tests.conftest import VARIANTS as ALL_VARIANTS
-from tests.conftest import tiny_config
+from tests.conftest import PARALLEL_VARIANTS, tiny_config
 from tests.multiproc.compare import close_to, finish, rel
 
 TP_SHAPES = ["model.vocab_size=260", "model.num_kv_heads=4", "train.seq_len=16"]
-VARIANTS = {**{v: ALL_VARIANTS[v] for v in ("ouro", "lt_i", "lt_ia", "flt_recipe", "flt_res")},
-            "flt_few": [*ALL_VARIANTS["flt_recipe"], "objective.kind=few"]}  # steps not read out
+VARIANTS = PARALLEL_VARIANTS
 
 
 def one_case(topo, loops: int, variant: str, sp: bool) -> dict:
