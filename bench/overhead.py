@@ -22,10 +22,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pretrain.config import load_config  # noqa: E402
+from pretrain.data import default_data  # noqa: E402
 from pretrain.model.flops import count_parameters  # noqa: E402
 from pretrain.model.looped import LoopedLM  # noqa: E402
 from pretrain.model.objective import compute_objective  # noqa: E402
-from pretrain.train import Trainer, default_data  # noqa: E402
+from pretrain.train import Trainer  # noqa: E402
 
 CONFIGS = {
     "tiny": [],

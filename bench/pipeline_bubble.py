@@ -48,7 +48,7 @@ def bubble(cfg, topo, steps: int) -> tuple[float, float, float]:
     fractions, imbalance, walls = [], [], []
     for _ in range(steps):
         trainer.train_step()
-        stage = trainer.pipeline
+        stage = trainer.engine.pipeline
         busy = torch.tensor(stage.busy_s)
         top = busy.clone()
         wall = torch.tensor(stage.wall_s)

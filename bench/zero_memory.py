@@ -43,7 +43,7 @@ def measure(stage: int, dp: int, topo, tmp: str) -> dict:
         *SHAPE, f"parallel.data={dp}", f"parallel.zero_stage={stage}",
         f"data.paths=[{ROOT / 'data/sample.txt'}]", f"train.out_dir={tmp}"])
     trainer = Trainer(cfg, topology=topo, log=lambda _: None, tensorboard=False)
-    opt = trainer.engine.optimizer if trainer.engine is not None else trainer.optimizer
+    opt = trainer.optimizer
     seen = {}
     real_step = opt.step
 
@@ -53,7 +53,7 @@ def measure(stage: int, dp: int, topo, tmp: str) -> dict:
             g for gs in opt.averaged_gradients.values() for g in (gs or [])]
         seen["grad"] = _tensor_bytes(grads)
         out = real_step(*args, **kwargs)
-        seen["state"] = (optimizer_state_bytes(trainer.engine) if trainer.engine is not None
+        seen["state"] = (optimizer_state_bytes(trainer.engine.zero) if trainer.engine.zero is not None
                          else _tensor_bytes(t for s in opt.state.values() for t in s.values()
                                             if torch.is_tensor(t) and t.dim() > 0))
         return out

@@ -22,11 +22,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from core.model_interface import IGNORE_INDEX
 from data_pipeline.badinput import BadInput, DataError
 from data_pipeline.mixture import Mixture
 from data_pipeline.stream import MISSING, ShardSource
 from data_pipeline.tokenizer import load_tokenizer, tokenizer_hash
-from pretrain.model.objective import IGNORE_INDEX
 
 
 @dataclass(frozen=True)

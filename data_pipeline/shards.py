@@ -10,6 +10,7 @@ the shards with their token counts, the dtype, vocabulary size, EOS id and the t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing
 import os
@@ -46,6 +47,8 @@ class Manifest:
     chunk_tokens: int
     documents: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
+    # the held-out split written beside these shards: {"path", "fraction", "documents", "tokens"}
+    validation: dict = field(default_factory=dict)
     format: str = FORMAT
 
     @property
@@ -87,19 +90,71 @@ class Manifest:
         return cls(shards=shards, dtype=raw["dtype"], vocab_size=raw["vocab_size"],
                    eos_id=raw["eos_id"], tokenizer_sha256=raw["tokenizer_sha256"],
                    chunk_tokens=raw["chunk_tokens"], documents=raw.get("documents", 0),
-                   skipped=raw.get("skipped", {}))
+                   skipped=raw.get("skipped", {}), validation=raw.get("validation", {}))
 
 
+VALIDATION_DIR = "validation"
 _worker_tokenizer = None
+_worker_fraction = 0.0
 
 
-def _init_worker(path: str) -> None:
-    global _worker_tokenizer
-    _worker_tokenizer = load_tokenizer(path)
+def _init_worker(path: str, fraction: float) -> None:
+    global _worker_tokenizer, _worker_fraction
+    _worker_tokenizer, _worker_fraction = load_tokenizer(path), fraction
 
 
-def _encode(batch: list[str]) -> list[list[int]]:
-    return [e.ids for e in _worker_tokenizer.encode_batch(batch, add_special_tokens=False)]
+def held_out(text: str, fraction: float) -> bool:
+    """The document-level split: a document is held out when its content hash falls below
+    `fraction` -- the same document always lands on the same side, whatever the order."""
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") < fraction * 2**64
+
+
+def _encode(batch: list[str]) -> list[tuple[bool, list[int]]]:
+    encoded = _worker_tokenizer.encode_batch(batch, add_special_tokens=False)
+    return [(held_out(text, _worker_fraction), e.ids) for text, e in zip(batch, encoded, strict=True)]
+
+
+class _ShardSink:
+    """Token chunks of one output directory: `add` a document's ids (EOS included)."""
+
+    def __init__(self, out: Path, dtype, chunk_tokens: int, per_shard: int):
+        self.out, self.dtype, self.chunk, self.per_shard = out, dtype, chunk_tokens, per_shard
+        self.chunks: list[int] = []
+        self.names: list[str] = []
+        self.pending: list[np.ndarray] = []
+        self.pending_len = 0
+        self.documents = 0
+        self.writer = None
+
+    def add(self, ids: np.ndarray) -> None:
+        self.documents += 1
+        self.pending.append(ids)
+        self.pending_len += len(ids)
+        if self.pending_len >= self.chunk:
+            flat = np.concatenate(self.pending)
+            full = len(flat) // self.chunk * self.chunk
+            for start in range(0, full, self.chunk):
+                self._emit(flat[start:start + self.chunk])
+            self.pending, self.pending_len = [flat[full:]], len(flat) - full
+
+    def _emit(self, chunk: np.ndarray) -> None:
+        if self.writer is None:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.writer = wds.ShardWriter(str(self.out / "shard-%06d.tar"), maxcount=self.per_shard,
+                                          maxsize=1 << 62, verbose=0,
+                                          post=lambda fname: self.names.append(Path(fname).name))
+        self.writer.write({"__key__": f"{len(self.chunks):010d}", SUFFIX: chunk.tobytes()})
+        self.chunks.append(len(chunk))
+
+    def close(self, flush: bool) -> list[ShardInfo]:
+        if flush and self.pending_len:
+            self._emit(np.concatenate(self.pending))
+        if self.writer is not None:
+            self.writer.close()
+        k = self.per_shard
+        return [ShardInfo(name, sum(self.chunks[i * k:(i + 1) * k]),
+                          len(self.chunks[i * k:(i + 1) * k])) for i, name in enumerate(self.names)]
 
 
 def _batches(docs, size: int):
@@ -119,11 +174,17 @@ def tokenize_to_shards(
     eos_token: str = EOS_TOKEN,
     on_error: str = "raise",
     progress: bool = True,
+    validation_fraction: float = 0.0,
 ) -> Manifest:
+    """Shards of `inputs` in `output`; with `validation_fraction` f > 0 the documents whose
+    hash falls below f go to `output/validation/` instead (its own manifest, recorded in the
+    training manifest's `validation`)."""
     from tqdm import tqdm
 
     if chunk_tokens < 1 or shard_tokens < chunk_tokens:
         raise DataError(f"--shard-tokens ({shard_tokens}) must be >= --chunk-tokens ({chunk_tokens}) >= 1")
+    if not 0 <= validation_fraction < 1:
+        raise DataError(f"--validation-fraction: must be in [0, 1), got {validation_fraction}")
     out = Path(output)
     if (out / MANIFEST).exists():
         raise DataError(f"{out}: already holds a {MANIFEST}; write shards to a new directory")
@@ -134,55 +195,47 @@ def tokenize_to_shards(
     bad = BadInput(on_error)
     docs = iter_documents(inputs, bad, text_field)
     per_shard = shard_tokens // chunk_tokens
-    chunks: list[int] = []  # token count of every chunk written, in order
-    pending = np.empty(0, dtype=dtype)
-    names: list[str] = []
+    train = _ShardSink(out, dtype, chunk_tokens, per_shard)
+    held = _ShardSink(out / VALIDATION_DIR, dtype, chunk_tokens, per_shard)
     pool = None
     if workers > 1:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        pool = multiprocessing.get_context("fork").Pool(workers, _init_worker, (str(tokenizer_path),))
+        pool = multiprocessing.get_context("fork").Pool(
+            workers, _init_worker, (str(tokenizer_path), validation_fraction))
         encoded = pool.imap(_encode, _batches(docs, 64), chunksize=4)
     else:
-        _init_worker(str(tokenizer_path))
+        _init_worker(str(tokenizer_path), validation_fraction)
         encoded = map(_encode, _batches(docs, 64))
     bar = tqdm(unit=" docs", desc=f"tokenizing -> {out}", disable=None if progress else True,
                mininterval=1.0)
-    writer = wds.ShardWriter(str(out / "shard-%06d.tar"), maxcount=per_shard, maxsize=1 << 62,
-                             verbose=0, post=lambda fname: names.append(Path(fname).name))
-
-    def emit(chunk: np.ndarray) -> None:
-        writer.write({"__key__": f"{len(chunks):010d}", SUFFIX: chunk.tobytes()})
-        chunks.append(len(chunk))
-
-    documents = 0
+    ok = False
     try:
         for batch in encoded:
-            flat: list[int] = []
-            for doc in batch:
-                flat.extend(doc)
-                flat.append(eos)
-            ids = np.array(flat, dtype=dtype)
-            documents += len(batch)
+            for is_held, ids in batch:
+                (held if is_held else train).add(np.array([*ids, eos], dtype=dtype))
             bar.update(len(batch))
-            pending = np.concatenate((pending, ids))
-            full = len(pending) // chunk_tokens * chunk_tokens
-            for start in range(0, full, chunk_tokens):
-                emit(pending[start:start + chunk_tokens])
-            pending = pending[full:]
-        if len(pending):
-            emit(pending)
+        ok = True
     finally:
-        writer.close()
+        shards, held_shards = train.close(ok), held.close(ok)
         bar.close()
         if pool is not None:
             pool.terminate()
-    if not chunks:
-        raise DataError(f"{', '.join(inputs)}: no documents to tokenize")
-    shards = [ShardInfo(name, sum(chunks[i * per_shard:(i + 1) * per_shard]),
-                        len(chunks[i * per_shard:(i + 1) * per_shard]))
-              for i, name in enumerate(names)]
-    manifest = Manifest(shards=shards, dtype=np.dtype(dtype).name, vocab_size=vocab, eos_id=eos,
-                        tokenizer_sha256=tokenizer_hash(tok), chunk_tokens=chunk_tokens,
-                        documents=documents, skipped=dict(bad.counts))
-    manifest.save(out)
-    return manifest
+    if not shards:
+        raise DataError(f"{', '.join(inputs)}: no documents to tokenize"
+                        + (" (all held out)" if held_shards else ""))
+
+    def manifest(shard_list, documents, validation=None) -> Manifest:
+        return Manifest(shards=shard_list, dtype=np.dtype(dtype).name, vocab_size=vocab,
+                        eos_id=eos, tokenizer_sha256=tokenizer_hash(tok),
+                        chunk_tokens=chunk_tokens, documents=documents, skipped=dict(bad.counts),
+                        validation=validation or {})
+
+    record = {}
+    if held_shards:
+        split = manifest(held_shards, held.documents)
+        split.save(out / VALIDATION_DIR)
+        record = {"path": VALIDATION_DIR, "fraction": validation_fraction,
+                  "documents": held.documents, "tokens": split.total_tokens}
+    result = manifest(shards, train.documents, record)
+    result.save(out)
+    return result

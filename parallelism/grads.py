@@ -70,15 +70,3 @@ def all_ranks_agree(ok: bool, topo: Topology, device: torch.device) -> bool:
     flag = torch.tensor(0.0 if ok else 1.0, device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return flag.item() == 0.0
-
-
-def replica_stats(values: Tensor | None, size: int, topo: Topology) -> Tensor:
-    """A small vector of statistics as every rank sees it: taken from the last pipeline stage
-    (others pass None) and averaged over data-parallel ranks (for logging)."""
-    values = torch.zeros(size, device=topo.device) if values is None else values.clone()
-    if topo.pp > 1:
-        dist.all_reduce(values, group=topo.pp_group)
-    if topo.dp > 1:
-        dist.all_reduce(values, group=topo.dp_group)
-        values /= topo.dp
-    return values

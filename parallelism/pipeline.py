@@ -32,18 +32,23 @@ autograd forms in one process, and the parameter gradients of all laps accumulat
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from core.model_interface import LAYERS_READ_H, READS_E, LoopedModel, NoKV
 from parallelism.pipeline_schedule import Piece, schedule
 from parallelism.topology import Topology
-from pretrain.model.looped import LAYERS_READ_H, READS_E, LoopedLM, LoopedOutput, NoKV
-from pretrain.model.objective import ObjectiveOutput, compute_objective, readout_steps
 
 RECV_AHEAD = 2  # pieces whose inputs are received ahead, overlapping transfers with compute
+
+# the last stage's end of a microbatch: (logits per step (None: not read out), gate logits
+# [R, S, B], |x_t| per step [R], labels) -> the objective's output (it has a `.loss`)
+Objective = Callable[[list[Tensor | None], Tensor, Tensor, Tensor], Any]
 
 
 def ring_payload(mode: str, lap: int, to_first: bool) -> int:
@@ -55,7 +60,7 @@ def ring_payload(mode: str, lap: int, to_first: bool) -> int:
     return 2 if mode in LAYERS_READ_H and lap > 0 else 1
 
 
-def keep_stage(model: LoopedLM, split: list[int], stage: int) -> None:
+def keep_stage(model: LoopedModel, split: list[int], stage: int) -> None:
     """Drop everything stage `stage` does not own (the full model was built from the seed,
     so the kept weights are exactly those of the single-process model)."""
     first, last = stage == 0, stage == len(split) - 1
@@ -68,7 +73,7 @@ def keep_stage(model: LoopedLM, split: list[int], stage: int) -> None:
         model.coda, model.norm, model.lm_head, model.gate = nn.ModuleList(), None, None, None
 
 
-def global_name(model: LoopedLM, name: str) -> str:
+def global_name(model: LoopedModel, name: str) -> str:
     """A stage's parameter name in the single-process model ('block.0' -> 'block.offset')."""
     if name.startswith("block."):
         i, rest = name[len("block."):].split(".", 1)
@@ -76,7 +81,7 @@ def global_name(model: LoopedLM, name: str) -> str:
     return name
 
 
-def gather_stages(model: LoopedLM, state: dict[str, Tensor], topo: Topology) -> dict[str, Tensor]:
+def gather_stages(model: LoopedModel, state: dict[str, Tensor], topo: Topology) -> dict[str, Tensor]:
     """The single-process state dict from every stage's (global-named) part, on every rank."""
     mine = {global_name(model, k): v.cpu() for k, v in state.items()}
     parts: list = [None] * topo.pp
@@ -108,23 +113,27 @@ class _Microbatch:
     steps: list[tuple[_Handoff, _Handoff]] = field(default_factory=list)  # (logits, gate) per lap
     norms: list[Tensor] = field(default_factory=list)  # last stage: |x_t| per lap (diagnostic)
     pieces: dict[int, dict] = field(default_factory=dict)  # lap -> what its backward needs
-    result: ObjectiveOutput | None = None
+    result: Any = None  # the objective's output, on the last stage after lap R
 
 
 class PipelineStage:
-    def __init__(self, model: LoopedLM, topo: Topology, cfg, cross_entropy):
-        self.model, self.topo, self.cfg, self.ce = model, topo, cfg, cross_entropy
+    """This rank's stage of the ring. `objective` turns a microbatch's readouts into its loss
+    on the last stage; `heads` are the loop steps read out (an objective may skip some)."""
+
+    def __init__(self, model: LoopedModel, topo: Topology, cfg, objective: Objective,
+                 heads: range):
+        self.model, self.topo, self.cfg, self.objective = model, topo, cfg, objective
         self.stages, self.rank = topo.pp, topo.pp_rank
         self.first, self.last = self.rank == 0, self.rank == topo.pp - 1
         self.loops = cfg.model.loops
-        self.heads = range(self.loops)[readout_steps(cfg.objective.kind, self.loops)]
+        self.heads = heads
         self.peak_live = 0  # most pieces alive at once in the last step (stashed activations)
         self.busy_s = self.wait_s = self.wall_s = 0.0  # compute / blocked in recv / wall, last step
         self.sent_bytes = 0  # point-to-point bytes this stage sent in the last step
 
     # -- one piece ---------------------------------------------------------------------------
     def _forward(self, mb: _Microbatch, lap: int, received: list[Tensor] | None,
-                 scale: float) -> dict:
+                 scale: float, objective: Objective, heads: range) -> dict:
         """Run piece (mb, lap); returns what its backward needs ('out' goes downstream)."""
         model, store = self.model, NoKV()
         rope = model.rope(torch.arange(mb.ids.shape[1], device=mb.ids.device))
@@ -146,18 +155,19 @@ class PipelineStage:
             return saved
         mb.norms.append(model.stream_norm(x))
         h = model.norm(x)
-        scored = lap in self.heads  # (an objective may not score every step)
+        scored = lap in heads  # (an objective may not score every step)
         logits, gate = model.readout(h, lap, rope, store) if scored else model.no_readout(mb.ids)
         if lap < self.loops - 1:
             mb.steps.append((None if logits is None else _Handoff.of(logits), _Handoff.of(gate)))
             saved["handoffs"].extend(t for t in mb.steps[-1] if t is not None)
             saved["out"] = [model.handover(x, h)]
             return saved
-        out = LoopedOutput([None if st[0] is None else st[0].leaf for st in mb.steps] + [logits],
-                           torch.stack([st[1].leaf for st in mb.steps] + [gate]),
-                           torch.stack(mb.norms))
-        mb.result = compute_objective(self.cfg.objective, out, mb.labels, self.ce)
-        saved["loss"] = mb.result.loss * scale
+        mb.result = objective(
+            [None if st[0] is None else st[0].leaf for st in mb.steps] + [logits],
+            torch.stack([st[1].leaf for st in mb.steps] + [gate]), torch.stack(mb.norms),
+            mb.labels)
+        if torch.is_grad_enabled():
+            saved["loss"] = mb.result.loss * scale
         return saved
 
     @staticmethod
@@ -181,22 +191,42 @@ class PipelineStage:
         return torch.stack([t.grad if t.grad is not None else torch.zeros_like(t) for t in inputs])
 
     # -- the whole step ----------------------------------------------------------------------
-    def run(self, batches: list[tuple[Tensor, Tensor]], kind: str) -> ObjectiveOutput | None:
+    def run(self, batches: list[tuple[Tensor, Tensor]], kind: str) -> Any:
         """Forward and backward of every microbatch (gradients accumulate, scaled 1/m);
         returns on the last stage the last microbatch's objective with the loss averaged over
         the microbatches, None elsewhere."""
-        m = len(batches)
         mbs = [_Microbatch(ids, labels) for ids, labels in batches]
-        b, s = batches[0][0].shape
+        total = self._drive(mbs, schedule(kind, self.stages, self.loops, len(mbs), self.rank),
+                            self.objective, self.heads)
+        if not self.last:
+            return None
+        result = mbs[-1].result
+        result.loss = total
+        return result
+
+    @torch.no_grad()
+    def evaluate(self, batches: list[tuple[Tensor, Tensor]], readout: Objective) -> list | None:
+        """Forward only, every loop step read out: `readout`'s result per microbatch on the
+        last stage (validation), None elsewhere."""
+        mbs = [_Microbatch(ids, labels) for ids, labels in batches]
+        # lap by lap over every microbatch: each piece's input was sent by an earlier one
+        pieces = [Piece("F", mb, lap) for lap in range(self.loops) for mb in range(len(mbs))]
+        self._drive(mbs, pieces, readout, range(self.loops))
+        return [mb.result for mb in mbs] if self.last else None
+
+    def _drive(self, mbs: list[_Microbatch], pieces: list[Piece], objective: Objective,
+               heads: range) -> Tensor:
+        """Run `pieces` in order, posting receives ahead; returns the mean loss (last stage)."""
+        m = len(mbs)
+        b, s = mbs[0].ids.shape
         rows = s // self.topo.tp if self.cfg.parallel.sequence_parallel else s
         shape = (rows, b, self.cfg.model.hidden_size)
-        device = batches[0][0].device
+        device = mbs[0].ids.device
         pending: list[dist.Work] = []
         total = torch.zeros((), device=device)
         live = self.peak_live = 0
         self.busy_s, self.wait_s, start = 0.0, 0.0, time.perf_counter()
         self.sent_bytes = 0
-        pieces = schedule(kind, self.stages, self.loops, m, self.rank)
         posted: dict[Piece, tuple[Tensor, dist.Work]] = {}
         for i, piece in enumerate(pieces):
             for ahead in pieces[i:i + RECV_AHEAD + 1]:  # receives run while this piece computes
@@ -208,8 +238,10 @@ class PipelineStage:
                 received = list(received.unbind(0))
             t0 = time.perf_counter()
             if piece.kind == "F":
-                inputs = None if received is None else [t.requires_grad_() for t in received]
-                mb.pieces[piece.lap] = saved = self._forward(mb, piece.lap, inputs, 1.0 / m)
+                grad = torch.is_grad_enabled()
+                inputs = None if received is None else [t.requires_grad_(grad) for t in received]
+                mb.pieces[piece.lap] = saved = self._forward(mb, piece.lap, inputs, 1.0 / m,
+                                                             objective, heads)
                 if "out" in saved:
                     message = torch.stack([t.detach() for t in saved["out"]])
                     pending.append(self._send(message, piece, grad=False))
@@ -227,11 +259,7 @@ class PipelineStage:
         for work in pending:
             work.wait()
         self.wall_s = time.perf_counter() - start
-        if not self.last:
-            return None
-        result = mbs[-1].result
-        result.loss = total
-        return result
+        return total
 
     # -- point to point: one message per (microbatch, receiving virtual stage, direction) -----
     def _virtual(self, piece: Piece) -> int:

@@ -24,8 +24,8 @@ from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
+from core.weight_layout import FUSED_BLOCKS, Split, split_for
 from parallelism.pipeline import global_name
-from parallelism.tensor_parallel import FUSED_BLOCKS, Split, split_for
 from parallelism.topology import Topology
 
 Entries = dict[str, Tensor]

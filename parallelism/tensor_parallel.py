@@ -1,9 +1,9 @@
 """Tensor and sequence parallelism with megatron-core, applied by construction.
 
-`parallelize_tensor(model, topo)` takes a full `LoopedLM` (initialised from the seed exactly as
-on one process) and swaps its layers for megatron-core's, each holding this rank's shard of the
-full weights; a TP=k model from seed s therefore holds exactly the shards of the TP=1 model from
-seed s. The model code itself never learns about process groups.
+`parallelize_tensor(model, topo)` takes a full looped model (core/model_interface.py),
+initialised from the seed exactly as on one process, and swaps its layers for megatron-core's,
+each holding this rank's shard of the full weights; a TP=k model from seed s therefore holds
+exactly the shards of the TP=1 model from seed s. The model code itself never learns about process groups.
 
   qkv_proj, gate_up_proj  -> ColumnParallelLinear (fused blocks split per block: each rank holds
                              its heads' q, k, v and its share of gate and up); up_proj (relu^2)
@@ -23,55 +23,19 @@ gradient hook.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from core.model_interface import IGNORE_INDEX, LoopedModel
+from core.weight_layout import Split, split_for
 from parallelism.topology import Topology
-from pretrain.model.looped import LoopedLM
-from pretrain.model.objective import IGNORE_INDEX
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # "Transformer Engine and Apex are not installed"
     from megatron.core import tensor_parallel as mtp
     from megatron.core.model_parallel_config import ModelParallelConfig
-
-
-@dataclass(frozen=True)
-class Split:
-    """How a full weight is cut over TP ranks: along `dim`, each fused block in `parts` split
-    evenly, a rank's pieces concatenated. Stored on each sharded parameter as `tp_split`."""
-
-    dim: int
-    parts: tuple[int, ...]
-
-    def shard(self, full: Tensor, rank: int, size: int) -> Tensor:
-        blocks = full.split(list(self.parts), dim=self.dim)
-        return torch.cat([b.chunk(size, dim=self.dim)[rank] for b in blocks], dim=self.dim)
-
-    def unshard(self, shards: list[Tensor]) -> Tensor:
-        local = [p // len(shards) for p in self.parts]
-        pieces = [s.split(local, dim=self.dim) for s in shards]
-        return torch.cat([torch.cat([p[i] for p in pieces], dim=self.dim)
-                          for i in range(len(self.parts))], dim=self.dim)
-
-
-# the named blocks of fused weights (layout-free checkpoint keys, HF export names)
-FUSED_BLOCKS = {"qkv_proj": ("q", "k", "v"), "gate_up_proj": ("gate", "up")}
-
-
-def split_for(cfg, name: str) -> Split | None:
-    """How the weight `name` (single-process naming) is cut over TP ranks; None: replicated.
-    One table for parallelize_tensor and the layout-free checkpoint."""
-    f, d = cfg.ffn_hidden_size, cfg.kv_channels
-    q, kv = cfg.num_heads * d, cfg.num_kv_heads * d
-    if name in ("embed.weight", "lm_head.weight"):
-        return Split(0, (cfg.vocab_size,))
-    return {"attn.qkv_proj.weight": Split(0, (q, kv, kv)), "attn.o_proj.weight": Split(1, (q,)),
-            "mlp.gate_up_proj.weight": Split(0, (f, f)), "mlp.up_proj.weight": Split(0, (f,)),
-            "mlp.down_proj.weight": Split(1, (f,))}.get(name.split(".", 2)[-1])
 
 
 class _Column(mtp.ColumnParallelLinear):
@@ -146,7 +110,7 @@ def _sum_over_tp(group):
     return hook
 
 
-def parallelize_tensor(model: LoopedLM, topo: Topology, sequence_parallel: bool = False) -> None:
+def parallelize_tensor(model: LoopedModel, topo: Topology, sequence_parallel: bool = False) -> None:
     cfg = model.cfg
     mcfg = ModelParallelConfig(tensor_model_parallel_size=topo.tp,
                                sequence_parallel=sequence_parallel, use_cpu_initialization=True,

@@ -15,9 +15,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from core.config_schema import ConfigError
 from parallelism.launch import discover, export
 from parallelism.watchdog import Watchdog
-from pretrain.config import Config, ConfigError
 
 
 @dataclass
@@ -60,9 +60,9 @@ def _cpu_collectives_shim() -> None:
         torch.cuda.current_device = lambda: "cpu"
 
 
-def init_topology(cfg: Config) -> Topology:
-    """Join the launched job (torchrun's env://) and build the groups; a single process with a
-    1x1x1 layout needs no process group at all."""
+def init_topology(cfg) -> Topology:
+    """Join the launched job (torchrun's env://) and build the groups for `cfg.parallel` on
+    `cfg.train.device`; a single process with a 1x1x1 layout needs no process group at all."""
     p = cfg.parallel
     launch = discover()
     if launch.source != "single":

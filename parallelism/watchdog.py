@@ -18,7 +18,8 @@ import time
 
 import torch.distributed as dist
 
-EXIT_PEER_LOST = 4
+from core.exit_codes import EXIT_PEER_LOST
+
 KEY = "pretrain/heartbeat/{}"
 STORE_LOST = "lost the rendezvous store: rank 0 or the launcher died"
 

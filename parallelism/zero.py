@@ -25,8 +25,16 @@ import warnings
 import torch
 from torch import nn
 
+from core.config_schema import require
 from parallelism.topology import Topology
-from pretrain.config import Config
+
+
+def validate_zero(p) -> None:
+    """DeepSpeed's limits on `p` (the parallel section)."""
+    require(p.zero_stage in (0, 1, 2), "parallel.zero_stage", f"must be 0, 1 or 2, got {p.zero_stage}")
+    require(p.zero_stage < 2 or p.pipeline == 1, "parallel.zero_stage",
+            "ZeRO-2 does not compose with the circular pipeline (DeepSpeed reduces a gradient "
+            "partition once per step; the laps produce it several times): use zero_stage 1")
 
 
 class TopologyMpu:
@@ -68,7 +76,7 @@ def _deepspeed():
     return deepspeed
 
 
-def build_zero_engine(model: nn.Module, groups: list[dict], cfg: Config, topo: Topology,
+def build_zero_engine(model: nn.Module, groups: list[dict], cfg, topo: Topology,
                       pipeline: bool):
     """A DeepSpeed engine around `model` with AdamW over `groups` (our decay/no-decay split).
 

@@ -12,15 +12,12 @@ import json
 import os
 import sys
 
+from core.exit_codes import EXIT_CONFIG, EXIT_DIVERGED, EXIT_PEER_LOST, EXIT_PREEMPTED
 from data_pipeline.badinput import DataError
-from parallelism.watchdog import EXIT_PEER_LOST
 from pretrain.checkpoint import CheckpointError
 from pretrain.cli_ops import add_decoding_flags, add_run_commands, parse_exit_rules
 from pretrain.config import ConfigError, load_config
-from pretrain.preemption import EXIT_PREEMPTED, Preempted
-
-EXIT_CONFIG = 2
-EXIT_DIVERGED = 3
+from pretrain.preemption import Preempted
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -113,10 +110,15 @@ def _tokenize(args: argparse.Namespace) -> int:
     m = tokenize_to_shards(args.input, args.output, args.tokenizer, shard_tokens=args.shard_tokens,
                            chunk_tokens=args.chunk_tokens, workers=args.workers,
                            text_field=args.text_field, eos_token=args.eos_token,
-                           on_error=args.on_error)
+                           on_error=args.on_error, validation_fraction=args.validation_fraction)
     skipped = ", ".join(f"{n} {k}" for k, n in m.skipped.items()) or "none"
     print(f"{m.documents:,} documents -> {m.total_tokens:,} tokens ({m.dtype}) in "
           f"{len(m.shards)} shards at {args.output}; skipped: {skipped}")
+    if m.validation:
+        v = m.validation
+        held = f"{args.output}/{v['path']}"
+        print(f"held out: {v['documents']:,} documents, {v['tokens']:,} tokens at {held} "
+              f"(train with data.validation=[{{path: {held}}}])")
     return 0
 
 
@@ -141,6 +143,8 @@ def _add_data_commands(sub) -> None:
     tok.add_argument("--shard-tokens", type=int, default=1 << 26, help="tokens per shard")
     tok.add_argument("--chunk-tokens", type=int, default=8192, help="tokens per tar member")
     tok.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    tok.add_argument("--validation-fraction", type=float, default=0.0,
+                     help="share of documents held out (by content hash) into OUTPUT/validation")
     bpe = data.add_parser("train-tokenizer", help="train a byte-level BPE on the inputs")
     bpe.add_argument("--vocab-size", type=int, required=True)
     for p, fn in ((tok, _tokenize), (bpe, _train_tokenizer)):

@@ -137,12 +137,13 @@ def _eval(args: argparse.Namespace) -> int:
     from pretrain.evaluate import exit_table
 
     overrides = []
-    if args.data:
+    if args.data:  # shards to measure instead of the run's data.validation
         overrides = ["data.source=shards", f"data.sources=[{{path: {args.data}}}]",
-                     "data.num_workers=0"]
+                     f"data.validation=[{{path: {args.data}}}]"]
     rules = parse_exit_rules(args.exit)
     cfg, model = load_model(args.checkpoint, overrides)
     table = exit_table(cfg, model, args.batches, rules, args.kv_cache, args.prefill)
+    print(f"data: {table['data']}")
     print(f"held-out tokens: {table['tokens']:,} (after a prefill of {args.prefill} per sequence)")
     print(f"{'loop step':>10} | {'CE':>7} | {'ppl':>8}")
     for step, ce in table["steps"]:
@@ -210,7 +211,8 @@ def add_run_commands(sub) -> None:
     im.set_defaults(fn=_import)
     ev = sub.add_parser("eval", help="held-out loss per loop step and per early-exit rule")
     ev.add_argument("--checkpoint", required=True)
-    ev.add_argument("--data", default="", help="shards directory (default: the run's data)")
+    ev.add_argument("--data", default="", help="held-out shards directory (default: the run's "
+                                               "data.validation)")
     ev.add_argument("--batches", type=int, default=8)
     ev.add_argument("--exit", nargs="+", default=["gate:0.3", "gate:0.5", "gate:0.7", "gate:0.9"],
                     help="exit rules: gate:Q (cumulative exit probability), delta:EPS "

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from data_pipeline.loader import RankSpec
+from data_pipeline.loader import RankSpec, StreamingData
+from data_pipeline.validation import HeldOut, shard_heldout
 from pretrain.config import ConfigError
 
 
@@ -31,19 +32,20 @@ class ByteTokenizer:
         return bytes(int(i) for i in ids if int(i) < 256).decode("utf-8", errors="replace")
 
 
-def load_text_tokens(paths: list[str], tokenizer: ByteTokenizer) -> Tensor:
+def load_text_tokens(paths: list[str], tokenizer: ByteTokenizer, field: str = "data.paths") -> Tensor:
     """Each file is one document followed by EOS. Errors name the config field and the file."""
     ids: list[int] = []
     for i, path in enumerate(paths):
         p = Path(path)
+        where = f"{field}[{i}]" if len(paths) > 1 or field == "data.paths" else field
         if not p.is_file():
-            raise ConfigError(f"data.paths[{i}]: file not found: {p}")
+            raise ConfigError(f"{where}: file not found: {p}")
         try:
             text = p.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
-            raise ConfigError(f"data.paths[{i}]: {p} is not UTF-8 text (byte {e.start})") from None
+            raise ConfigError(f"{where}: {p} is not UTF-8 text (byte {e.start})") from None
         if not text.strip():
-            raise ConfigError(f"data.paths[{i}]: {p} is empty")
+            raise ConfigError(f"{where}: {p} is empty")
         ids.extend(tokenizer.encode(text))
         ids.append(tokenizer.eos_id)
     return torch.tensor(ids, dtype=torch.long)
@@ -101,3 +103,48 @@ class TextData:
 
     def load_state_dict(self, state: dict) -> None:
         self.samples_consumed = state["samples_consumed"]
+
+
+class TextSamples:
+    """Windows of a token stream in order, unshuffled: held-out text (data.validation)."""
+
+    def __init__(self, tokens: Tensor, seq_len: int):
+        self.tokens, self.seq_len = tokens, seq_len
+        self.samples_per_epoch = (len(tokens) - 1) // seq_len
+
+    def sample(self, index: int):
+        start = index * self.seq_len
+        return self.tokens[start:start + self.seq_len + 1].numpy()
+
+
+def default_data(cfg, topo=None):
+    """The configured training data for this data-parallel rank (topo: its Topology; None: one
+    process): bundled-text windows, or the streaming shard loader."""
+    dp_rank, dp = (topo.dp_rank, topo.dp) if topo is not None else (0, 1)
+    if cfg.data.source == "shards":
+        return StreamingData(cfg, dp_rank, dp)
+    spec = RankSpec(cfg.train.micro_batch_size, cfg.train.grad_accum_steps, dp_rank, dp)
+    windows = TokenWindows(load_text_tokens(cfg.data.paths, _byte_tokenizer(cfg), "data.paths"),
+                           cfg.train.seq_len, cfg.train.seed)
+    return TextData(windows, spec)
+
+
+def heldout_data(cfg) -> HeldOut | None:
+    """`data.validation` as held-out samples in order; None when none is configured."""
+    d, seq_len = cfg.data, cfg.train.seq_len
+    if not d.validation:
+        return None
+    if d.source == "shards":
+        return shard_heldout(d, seq_len)
+    tok = _byte_tokenizer(cfg)
+    sources = [TextSamples(load_text_tokens([s.path], tok, f"data.validation[{i}].path"), seq_len)
+               for i, s in enumerate(d.validation)]
+    return HeldOut(sources, seq_len, [s.path for s in d.validation])
+
+
+def _byte_tokenizer(cfg) -> ByteTokenizer:
+    tokenizer = ByteTokenizer()
+    if cfg.model.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the byte "
+                          f"tokenizer's {tokenizer.vocab_size}")
+    return tokenizer

@@ -1,4 +1,5 @@
-"""Held-out loss of a model, per loop step: what looping buys, and the sweeps' eval loss."""
+"""Held-out loss of a model, per loop step and per exit rule: `pretrain eval` and the sweeps'
+validation loss, on the run's validation data."""
 
 from __future__ import annotations
 
@@ -7,55 +8,59 @@ import dataclasses
 import torch
 
 from pretrain.config import Config
+from pretrain.data import default_data, heldout_data
 from pretrain.model.generate import ExitRule, score
 from pretrain.model.looped import LoopedLM
 from pretrain.model.objective import IGNORE_INDEX, compute_objective, per_step_ce, token_cross_entropy
 
-EVAL_SEED_OFFSET = 1_000_003  # eval draws its samples in another order than training
+EVAL_SEED_OFFSET = 1_000_003  # without validation data: training data in another order
 
 
-def eval_data(cfg: Config):
-    """The configured data in another sample order than training (seed + EVAL_SEED_OFFSET),
-    one micro-batch per step, on one process."""
-    from pretrain.train import default_data
-
-    train = dataclasses.replace(cfg.train, seed=cfg.train.seed + EVAL_SEED_OFFSET,
-                                grad_accum_steps=1)
-    return default_data(dataclasses.replace(cfg, train=train))
+def heldout_batches(cfg: Config, batches: int) -> tuple[list, str]:
+    """`batches` micro-batches of held-out data on one process, and what that data is: the
+    run's `data.validation` (the first samples, in order), or -- said plainly -- training
+    data in another sample order (seed + EVAL_SEED_OFFSET) when none is configured."""
+    t = cfg.train
+    held = heldout_data(cfg)
+    if held is not None:
+        out = held.rank_batches(batches * t.micro_batch_size * t.seq_len, t.micro_batch_size, 0, 1)
+        return out, f"validation data ({', '.join(held.names)})"
+    train = dataclasses.replace(t, seed=t.seed + EVAL_SEED_OFFSET, grad_accum_steps=1)
+    it = default_data(dataclasses.replace(cfg, train=train)).batches()
+    return [next(it) for _ in range(batches)], ("TRAINING data (no data.validation configured; "
+                                                "another sample order than training)")
 
 
 @torch.no_grad()
-def evaluate(cfg: Config, model: LoopedLM, batches: int, data=None) -> dict:
-    """Mean objective and CE per loop step over `batches` micro-batches of the configured
-    data (a different sample order than training: seed + EVAL_SEED_OFFSET)."""
+def evaluate(cfg: Config, model: LoopedLM, batches: int) -> dict:
+    """Mean objective and CE per loop step over `batches` micro-batches of held-out data
+    (`heldout_batches`; "data" says which)."""
     model.eval()
-    it = (data or eval_data(cfg)).batches()
+    data, which = heldout_batches(cfg, batches)
     loss, ce = 0.0, torch.zeros(cfg.model.loops)
-    for _ in range(batches):
-        inputs, labels = next(it)
+    for inputs, labels in data:
         out = compute_objective(cfg.objective, model(inputs), labels, token_cross_entropy)
         loss += out.loss.item() / batches
         ce += out.ce.detach() / batches
     return {"loss": loss, "ce_per_step": ce.tolist(), "ce_final": ce[-1].item(),
-            "tokens": batches * cfg.train.micro_batch_size * cfg.train.seq_len}
+            "tokens": batches * cfg.train.micro_batch_size * cfg.train.seq_len, "data": which}
 
 
 @torch.no_grad()
 def exit_table(cfg: Config, model: LoopedLM, batches: int, rules: tuple[ExitRule, ...],
-               policy: str = "full", prefill: int = 0, data=None) -> dict:
+               policy: str = "full", prefill: int = 0) -> dict:
     """Held-out CE per loop step (every loop run), and per exit rule the CE and mean loops of
     the tokens after the first `prefill` of each sequence, decoded exactly as `generate`
     decodes them (model/generate.py `score`: early exit, the `policy` KV cache).
-    Returns {"steps": [(R, ce)], "exits": [(rule, ce, mean loops)], "tokens": n}."""
+    Returns {"steps": [(R, ce)], "exits": [(rule, ce, mean loops)], "tokens": n, "data": which}."""
     model.eval()
-    it = (data or eval_data(cfg)).batches()
+    data, which = heldout_batches(cfg, batches)
     r = cfg.model.loops
     ce_sum = torch.zeros(r, dtype=torch.float64)
     exit_ce = torch.zeros(len(rules), dtype=torch.float64)
     exit_loops = torch.zeros(len(rules), dtype=torch.float64)
     count = 0
-    for _ in range(batches):
-        inputs, labels = next(it)
+    for inputs, labels in data:
         target = labels[:, prefill:]
         keep = target != IGNORE_INDEX
         steps = per_step_ce(model(inputs).logits, labels.t())[:, prefill:]  # [R, S', B]
@@ -68,4 +73,4 @@ def exit_table(cfg: Config, model: LoopedLM, batches: int, rules: tuple[ExitRule
         count += int(keep.sum())
     return {"steps": [(t + 1, (ce_sum[t] / count).item()) for t in range(r)],
             "exits": [(str(rule), (exit_ce[j] / count).item(), (exit_loops[j] / count).item())
-                      for j, rule in enumerate(rules)], "tokens": count}
+                      for j, rule in enumerate(rules)], "tokens": count, "data": which}

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from parallelism.tensor_parallel import FUSED_BLOCKS, split_for
+from core.weight_layout import FUSED_BLOCKS, split_for
 from pretrain.config import Config, ConfigError, ModelConfig, dump_config
 
 MODELING_FILES = ("configuration_ouro.py", "modeling_ouro.py")

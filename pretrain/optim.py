@@ -14,11 +14,55 @@ Every group follows one schedule (`lr_at`, relative to `optim.lr`) scaled to its
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from pretrain.config import OptimConfig
+from core.config_schema import require
+
+
+@dataclass
+class OptimConfig:
+    # muon: torch.optim.Muon for the layers' matrices, AdamW for embedding, head, gate, norms
+    name: Literal["adamw", "muon"] = "adamw"
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping (the norm is still logged)
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = 0
+    decay_fraction: float = 0.2  # WSD: the final fraction of steps spent decaying to min_lr
+    embedding_lr: float = 0.0  # peak lr of the embedding; 0: lr (every group follows the schedule)
+    head_lr: float = 0.0  # peak lr of the LM head; 0: lr
+    muon_lr: float = 0.02  # peak lr of Muon's matrices (optim.name: muon)
+    muon_momentum: float = 0.95
+
+
+def validate_optim(o: OptimConfig, max_steps: int, zero_stage: int, tensor: int) -> None:
+    for name in ("embedding_lr", "head_lr", "muon_lr"):
+        require(getattr(o, name) >= 0, f"optim.{name}", f"must be >= 0, got {getattr(o, name)}")
+    require(0 <= o.muon_momentum < 1, "optim.muon_momentum", "must be in [0, 1)")
+    if o.name == "muon":
+        require(zero_stage == 0, "optim.name",
+                "muon does not shard with DeepSpeed ZeRO: use parallel.zero_stage=0")
+        require(tensor == 1, "optim.name",
+                "muon orthogonalises whole matrices and a tensor-parallel rank holds a shard: "
+                "use parallel.tensor=1 (data and pipeline parallelism compose)")
+    require(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
+    require(0 <= o.min_lr <= o.lr, "optim.min_lr", f"must be in [0, lr={o.lr}], got {o.min_lr}")
+    require(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    require(0 <= o.beta1 < 1, "optim.beta1", "must be in [0, 1)")
+    require(0 <= o.beta2 < 1, "optim.beta2", "must be in [0, 1)")
+    require(o.eps > 0, "optim.eps", "must be > 0")
+    require(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
+    require(0 <= o.warmup_steps <= max_steps, "optim.warmup_steps",
+            f"must be in [0, train.max_steps={max_steps}], got {o.warmup_steps}")
+    require(0 < o.decay_fraction <= 1, "optim.decay_fraction", "must be in (0, 1]")
 
 
 def _peak(cfg: OptimConfig, value: float) -> float:

@@ -1,5 +1,6 @@
 """Preemption: SIGTERM / SIGUSR1 (what SLURM sends before a time limit or a preemption) ask
-the run to checkpoint at the next step boundary and exit with `EXIT_PREEMPTED`.
+the run to checkpoint at the next step boundary and exit with `EXIT_PREEMPTED`
+(core/exit_codes.py).
 
 The handler only records the signal; at each step boundary the ranks agree (any rank that
 got it stops everyone), so all of them save the same step -- whichever ranks the signal
@@ -13,7 +14,6 @@ import signal
 import torch
 import torch.distributed as dist
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later" -- checkpointed, requeue me
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 

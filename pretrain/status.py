@@ -16,13 +16,14 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
 
 
-def losses_by_step(run_dir: Path) -> dict[int, float]:
-    """Loss per logged step; a step logged again after a resume keeps its last record."""
-    return {r["step"]: r["loss"] for r in metrics(run_dir)}
+def losses_by_step(run_dir: Path, key: str = "train/loss") -> dict[int, float]:
+    """`key` per logged step; a step logged again after a resume keeps its last record."""
+    return {r["step"]: r[key] for r in metrics(run_dir) if key in r}
 
 
-def last_metrics(run_dir: Path) -> dict | None:
-    rows = metrics(run_dir)
+def last_metrics(run_dir: Path, key: str = "train/loss") -> dict | None:
+    """The newest record holding `key` (training records; "val/loss": validation ones)."""
+    rows = [r for r in metrics(run_dir) if key in r]
     return rows[-1] if rows else None
 
 
@@ -30,9 +31,11 @@ def run_status(run_dir: Path) -> str:
     if not run_dir.is_dir():
         raise store.CheckpointError(f"{run_dir}: no such run directory")
     out = [f"run: {run_dir}"]
-    m = last_metrics(run_dir)
-    out.append(f"step: {m['step']}  loss {m['loss']:.4f}  {m['tokens_per_s']:,.0f} tok/s"
+    m, val = last_metrics(run_dir), last_metrics(run_dir, "val/loss")
+    out.append(f"step: {m['step']}  loss {m['train/loss']:.4f}  {m['train/tokens_per_s']:,.0f} tok/s"
                if m else "step: none logged yet")
+    if val:
+        out.append(f"validation: loss {val['val/loss']:.4f} at step {val['step']}")
     ckpt = store.newest(run_dir / "checkpoints")
     if ckpt is not None:
         meta = store.read_meta(ckpt)

@@ -1,56 +1,43 @@
-"""Single-process trainer: AdamW, lr schedule, clipping, accumulation, NaN skipping, logging.
+"""The trainer: a straight line of steps; the layout lives in the step engine, every output
+in a callback.
 
-The step loop is kept thin on purpose: everything per-step is tensors, and host syncs happen
-once per step (the finite check) and once per log interval, so the trainer costs little over a
-bare PyTorch loop (see bench/overhead.py).
+    build model (from the seed) -> build_engine (TP / pipeline stage, optimizer, ZeRO)
+    per step: lr -> engine.train_step(micro-batches) -> skip accounting -> callbacks.on_step_end
+              (checkpointing, preemption, validation), and every log_every steps the named
+              statistics, reduced in one collective, go to callbacks.on_log
+
+Host syncs happen once per step (the finite check) and once per log interval, so the trainer
+costs little over a bare PyTorch loop (bench/overhead.py).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from data_pipeline.loader import RankSpec, StreamingData
-from parallelism.grads import (
-    all_ranks_agree,
-    finalize_grads,
-    global_grad_norm,
-    layer_grad_norms,
-    replica_stats,
-)
-from parallelism.pipeline import PipelineStage, keep_stage
-from parallelism.pipeline_balance import describe, resolve_split
 from parallelism.sharded_state import ShardedState
-from parallelism.tensor_parallel import parallelize_tensor, vocab_parallel_token_ce
+from parallelism.stats import reduce_named
 from parallelism.topology import Topology, init_topology
-from parallelism.zero import build_zero_engine
 from pretrain import __version__
+from pretrain.callbacks import Callback, default_callbacks
+from pretrain.callbacks.checkpointing import Checkpointing
 from pretrain.checkpoint import store
 from pretrain.checkpoint.checkpointer import Checkpointer
 from pretrain.checkpoint.compat import incompatibility
 from pretrain.checkpoint.offline import saved_tensors
-from pretrain.config import Config, ConfigError, dump_config, load_config
-from pretrain.data import ByteTokenizer, TextData, TokenWindows, load_text_tokens
+from pretrain.config import Config, dump_config, load_config
+from pretrain.data import default_data
 from pretrain.hardware import peak_flops, peak_memory_bytes
 from pretrain.model.flops import run_flops_per_token
 from pretrain.model.looped import LoopedLM
-from pretrain.model.objective import (
-    compute_objective,
-    readout_steps,
-    token_cross_entropy,
-    trains_gate,
-)
-from pretrain.optim import build_optimizer, lr_at, param_groups, set_lr
-from pretrain.preemption import Preempted, PreemptionSignal
+from pretrain.optim import lr_at, set_lr
+from pretrain.step_engine import build_engine
 
 
 class TrainingDiverged(RuntimeError):
@@ -59,6 +46,8 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass
 class StepStats:
+    """One log interval, as every rank sees it (averaged over data-parallel replicas)."""
+
     step: int
     loss: float
     ce: list[float]
@@ -75,6 +64,22 @@ class StepStats:
     peak_memory_gb: float = 0.0  # the largest peak over all ranks
     hidden_norm: list[float] = field(default_factory=list)  # mean |x_t| per loop (FLT's plot)
     layer_grad_norm: list[float] = field(default_factory=list)  # per shared-block layer
+    idle_fraction: float | None = None  # pipeline: this rank's share of the step spent waiting
+
+    def metrics(self) -> dict[str, float]:
+        """The flat names every output uses."""
+        m = {f"train/{k}": getattr(self, k) for k in (
+            "loss", "expected_loops", "lr", "grad_norm", "tokens_per_s", "mfu", "peak_memory_gb")}
+        m |= {"train/gate_entropy": self.entropy, "train/skipped_steps": self.skipped,
+              "data/skipped_samples": self.data_skips}
+        for t, (c, p, g, hn) in enumerate(zip(self.ce, self.exit_prob, self.gate,
+                                              self.hidden_norm, strict=True), start=1):
+            m |= {f"loop/ce_step{t}": c, f"loop/exit_prob_step{t}": p, f"loop/gate_step{t}": g,
+                  f"loop/hidden_norm_step{t}": hn}
+        m |= {f"grad_norm/block_layer{i}": g for i, g in enumerate(self.layer_grad_norm)}
+        if self.idle_fraction is not None:
+            m["pipeline/idle_fraction"] = self.idle_fraction
+        return m
 
 
 @dataclass
@@ -103,85 +108,37 @@ def summary_table(history: list[StepStats], tokens_per_step: int) -> str:
     return "\n".join(["summary"] + [f"  {k:<{width}}  {v}" for k, v in rows])
 
 
-def default_data(cfg: Config, topo: Topology | None = None):
-    """The configured data source for this data-parallel rank: bundled-text windows, or the
-    streaming shard loader."""
-    topo = topo or Topology()
-    spec = RankSpec(cfg.train.micro_batch_size, cfg.train.grad_accum_steps, topo.dp_rank, topo.dp)
-    if cfg.data.source == "shards":
-        return StreamingData(cfg, topo.dp_rank, topo.dp)
-    tokenizer = ByteTokenizer()
-    if cfg.model.vocab_size < tokenizer.vocab_size:
-        raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the byte "
-                          f"tokenizer's {tokenizer.vocab_size}")
-    windows = TokenWindows(load_text_tokens(cfg.data.paths, tokenizer), cfg.train.seq_len,
-                           cfg.train.seed)
-    return TextData(windows, spec)
-
-
 class Trainer:
-    """Trains on this process's share of the layout: TP shards by construction
-    (`parallelize_tensor`), DP ranks on their slice of every global batch."""
+    """Trains this process's share of the layout. `log` (None: silent) and `tensorboard` pick
+    the default outputs (callbacks/__init__.py `default_callbacks`); `callbacks` are added."""
 
     def __init__(self, cfg: Config, model: nn.Module | None = None, data=None,
-                 log: Callable[[str], None] = print, tensorboard: bool = True,
-                 topology: Topology | None = None):
+                 log=print, tensorboard: bool = True, topology: Topology | None = None,
+                 callbacks: list[Callback] = ()):
         self.cfg = cfg
         self.topo = topology or init_topology(cfg)
-        self.log = log if self.topo.is_main else (lambda _: None)
+        self.log = log if (self.topo.is_main and log is not None) else (lambda _: None)
         self.device = self.topo.device
         torch.manual_seed(cfg.train.seed)
-        model = model if model is not None else LoopedLM(cfg.model)
-        self.cross_entropy = token_cross_entropy
-        if self.topo.tp > 1:
-            parallelize_tensor(model, self.topo, cfg.parallel.sequence_parallel)
-            self.cross_entropy = vocab_parallel_token_ce
-        self.pipeline, self.split = None, []
-        if self.topo.pp > 1:
-            self.split = resolve_split(cfg)
-            keep_stage(model, self.split, self.topo.pp_rank)
-            self.pipeline = PipelineStage(model, self.topo, cfg, self.cross_entropy)
-            self.log(f"pipeline split ({'explicit' if cfg.parallel.pipeline_split else 'auto'}): "
-                     f"{describe(cfg, self.split)}")
-        self.model = model.to(self.device)
-        if cfg.objective.kind == "adaptive_gate":  # stage 2: LM frozen, only the gate learns
-            for name, p in self.model.named_parameters():
-                p.requires_grad_(name.startswith("gate."))
-        elif not trains_gate(cfg.objective.kind):  # the FLT objectives leave the gate alone
-            for name, p in self.model.named_parameters():
-                p.requires_grad_(not name.startswith("gate."))
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.engine = None  # DeepSpeed ZeRO: it reduces, clips and steps
-        if cfg.parallel.zero_stage:
-            self.engine = build_zero_engine(self.model, param_groups(self.model, cfg.optim), cfg,
-                                            self.topo, pipeline=self.pipeline is not None)
-            self.optimizer = self.engine.optimizer
-        else:
-            self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.engine = build_engine(cfg, model if model is not None else LoopedLM(cfg.model),
+                                   self.topo, self.log)
+        self.model, self.optimizer = self.engine.model, self.engine.optimizer
         self.data = data if data is not None else default_data(cfg, self.topo)
-        self.state = ShardedState(self.model, self.topo,
-                                  None if self.engine else self.optimizer, self.engine)
+        self.heldout = None  # validation samples (callbacks/validation.py opens them)
+        zero = self.engine.zero
+        self.state = ShardedState(self.model, self.topo, None if zero else self.optimizer, zero)
         self._batches = None  # the data's micro-batch iterator, opened on the first step
         self.out_dir = Path(cfg.train.out_dir)
-        self.tb_dir = self.out_dir / "tensorboard"
-        self.writer = None
-        if tensorboard and self.topo.is_main:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(self.tb_dir))
+        self.callbacks = [*default_callbacks(cfg, log, tensorboard), *callbacks]
         self.checkpointer = Checkpointer(self.out_dir / "checkpoints", self.topo,
                                          cfg.train.keep_last, cfg.train.async_checkpoint, self.log)
         self.saved_step = -1
-        self.preemption = PreemptionSignal()
-        self.heads = readout_steps(cfg.objective.kind, cfg.model.loops)
         self.flops_per_token = run_flops_per_token(cfg)
         self.peak_flops = peak_flops(self.device, cfg.train.peak_flops) * self.topo.world
         self.step = 0
-        self.layer_grad_norms: list[float] = []  # at log steps (not under ZeRO: it owns the grads)
         self.skipped = 0
         self.bad_streak = 0
-        cuda = self.device.type == "cuda"
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext)
+        self.history: list[StepStats] = []
 
     @property
     def tokens_per_step(self) -> int:
@@ -190,129 +147,63 @@ class Trainer:
         return t.micro_batch_size * t.grad_accum_steps * t.seq_len * self.topo.dp
 
     def train_step(self):
-        """One optimizer step over grad_accum_steps micro-batches; returns the last objective
-        output, the summed loss and the grad norm (tensors), and whether the step was applied."""
+        """One optimizer step over grad_accum_steps micro-batches (step_engine.py); returns
+        the step's result (objective output, loss, grad norm, applied or skipped)."""
         t = self.cfg.train
-        lr = lr_at(self.cfg.optim, self.step, t.max_steps)
-        set_lr(self.optimizer, lr)
-        self.model.train()
-        total = torch.zeros((), device=self.device)
+        set_lr(self.optimizer, lr_at(self.cfg.optim, self.step, t.max_steps))
         if self._batches is None:
             self._batches = self.data.batches()
-        if self.pipeline is not None:
-            batches = [tuple(x.to(self.device) for x in next(self._batches))
-                       for _ in range(t.grad_accum_steps)]
-            with self.autocast():
-                out = self.pipeline.run(batches, self.cfg.parallel.pipeline_schedule)
-            if out is not None:
-                total = out.loss
-        else:
-            for _ in range(t.grad_accum_steps):
-                inputs, labels = (x.to(self.device) for x in next(self._batches))
-                with self.autocast():
-                    out = compute_objective(self.cfg.objective,
-                                            self.model(inputs, heads=self.heads), labels,
-                                            self.cross_entropy)
-                if self.engine is not None:
-                    self.engine.backward(out.loss)  # scales by 1 / grad_accum_steps itself
-                    self.engine.step()  # updates at the last micro-batch only
-                else:
-                    (out.loss / t.grad_accum_steps).backward()
-                total += out.loss.detach() / t.grad_accum_steps
-        if self.engine is not None:
-            return self._zero_step(out, total, lr)
-        finalize_grads(self.model, self.topo)
-        grad_norm = global_grad_norm(self.params, self.topo)
-        if self._logs_after_this_step():
-            self.layer_grad_norms = layer_grad_norms(self.model, self.topo, self.cfg.model.num_layers)
-        ok = all_ranks_agree(bool(torch.isfinite(total) & torch.isfinite(grad_norm)), self.topo,
-                             self.device)
-        if ok:
-            if self.cfg.optim.grad_clip:
-                torch.nn.utils.clip_grads_with_norm_(self.params, self.cfg.optim.grad_clip,
-                                                     grad_norm)
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self._after_step(ok)
-        return out, total, grad_norm, lr, ok
-
-    def _logs_after_this_step(self) -> bool:
-        t = self.cfg.train
-        return (self.step + 1) % t.log_every == 0 or self.step + 1 == t.max_steps
-
-    def _zero_step(self, out, total, lr):
-        """The end of a step under ZeRO: DeepSpeed reduced, clipped and stepped (or skipped a
-        step whose gradients were not finite)."""
-        if self.pipeline is not None:
-            self.engine.allreduce_gradients()
-            self.engine.step()
-        ok = self.engine.was_step_applied()
-        norm = self.engine.get_global_grad_norm()
-        grad_norm = torch.as_tensor(float("nan") if norm is None or not ok else float(norm))
-        self._after_step(ok)
-        return out, total, grad_norm, lr, ok
-
-    def _after_step(self, ok: bool) -> None:
-        if ok:
+        batches = [tuple(x.to(self.device) for x in next(self._batches))
+                   for _ in range(t.grad_accum_steps)]
+        result = self.engine.train_step(batches, diagnostics=self._logs_after_this_step())
+        if result.ok:
             self.bad_streak = 0
         else:
             self.skipped += 1
             self.bad_streak += 1
         self.step += 1
-        if self.bad_streak >= self.cfg.train.max_bad_steps:
+        if self.bad_streak >= t.max_bad_steps:
             raise TrainingDiverged(f"train.max_bad_steps: {self.bad_streak} consecutive steps had "
                                    f"a non-finite loss or gradient (last at step {self.step})")
+        return result
 
-    def _stats(self, out, total, grad_norm, lr, tokens_per_s) -> StepStats:
-        """Statistics of the step (from the last pipeline stage), averaged over DP ranks."""
-        r = self.cfg.model.loops
-        mine = None if out is None else torch.cat((
-            total.view(1), out.ce, out.exit_prob, out.gate, out.hidden_norm.to(total.device),
-            out.expected_loops.view(1), out.entropy.view(1)))
-        packed = replica_stats(mine, 4 * r + 3, self.topo)
-        loss, ce, exit_prob, gate, hidden = packed[0], packed[1:1 + r], packed[1 + r:1 + 2 * r], \
-            packed[1 + 2 * r:1 + 3 * r], packed[1 + 3 * r:1 + 4 * r]
+    def _logs_after_this_step(self) -> bool:
+        t = self.cfg.train
+        return (self.step + 1) % t.log_every == 0 or self.step + 1 == t.max_steps
+
+    def _stats(self, result, tokens_per_s: float) -> StepStats:
+        """Statistics of the step (from the last pipeline stage), averaged over DP replicas."""
+        r, out = self.cfg.model.loops, result.out
+        shapes = {"loss": (), "ce": (r,), "exit_prob": (r,), "gate": (r,), "hidden_norm": (r,),
+                  "expected_loops": (), "entropy": ()}
+        mine = None if out is None else {"loss": result.loss, "ce": out.ce,
+                                         "exit_prob": out.exit_prob, "gate": out.gate,
+                                         "hidden_norm": out.hidden_norm,
+                                         "expected_loops": out.expected_loops,
+                                         "entropy": out.entropy}
+        s = reduce_named(mine, shapes, self.topo, mean=True)
         memory = torch.tensor([float(peak_memory_bytes(self.device))], device=self.device)
         if self.topo.world > 1:
             dist.all_reduce(memory, op=dist.ReduceOp.MAX)
+        pipe = self.engine.pipeline
         return StepStats(
-            step=self.step, loss=loss.item(), ce=ce.tolist(), exit_prob=exit_prob.tolist(),
-            gate=gate.tolist(), expected_loops=packed[-2].item(),
-            entropy=packed[-1].item(), lr=lr, grad_norm=grad_norm.item(),
-            tokens_per_s=tokens_per_s, skipped=self.skipped,
+            step=self.step, loss=s["loss"].item(), ce=s["ce"].tolist(),
+            exit_prob=s["exit_prob"].tolist(), gate=s["gate"].tolist(),
+            expected_loops=s["expected_loops"].item(), entropy=s["entropy"].item(),
+            lr=lr_at(self.cfg.optim, self.step - 1, self.cfg.train.max_steps),
+            grad_norm=result.grad_norm.item(), tokens_per_s=tokens_per_s, skipped=self.skipped,
             data_skips=getattr(self.data, "skipped_samples", 0),
             mfu=self.flops_per_token * tokens_per_s / self.peak_flops,
-            peak_memory_gb=memory.item() / 2**30, hidden_norm=hidden.tolist(),
-            layer_grad_norm=self.layer_grad_norms)
+            peak_memory_gb=memory.item() / 2**30, hidden_norm=s["hidden_norm"].tolist(),
+            layer_grad_norm=result.layer_grad_norms or [],
+            idle_fraction=(1 - pipe.busy_s / pipe.wall_s) if pipe and pipe.wall_s > 0 else None)
 
-    def _report(self, s: StepStats) -> None:
-        if self.topo.is_main:  # the machine-readable log (`pretrain status`, resume tests)
-            with open(self.out_dir / "metrics.jsonl", "a") as fh:
-                fh.write(json.dumps({**asdict(s), "time": time.time()}) + "\n")
-        ce = " ".join(f"{c:.3f}" for c in s.ce)
-        self.log(f"step {s.step:>6}/{self.cfg.train.max_steps} | loss {s.loss:.4f} | ce/loop {ce} "
-                 f"| E[loops] {s.expected_loops:.2f} | lr {s.lr:.2e} | gnorm {s.grad_norm:.3f} "
-                 f"| {s.tokens_per_s:,.0f} tok/s | MFU {100 * s.mfu:.1f}% | mem {s.peak_memory_gb:.2f} GB "
-                 f"| skipped {s.skipped} steps {s.data_skips} samples")
-        if self.writer is None:
-            return
-        w, n = self.writer, s.step
-        for name in ("loss", "expected_loops", "lr", "grad_norm", "tokens_per_s", "mfu",
-                     "peak_memory_gb"):
-            w.add_scalar(f"train/{name}", getattr(s, name), n)
-        w.add_scalar("train/gate_entropy", s.entropy, n)
-        w.add_scalar("train/skipped_steps", s.skipped, n)
-        w.add_scalar("data/skipped_samples", s.data_skips, n)
-        if self.pipeline is not None and self.pipeline.wall_s > 0:  # this rank's idle share
-            w.add_scalar("pipeline/idle_fraction", 1 - self.pipeline.busy_s / self.pipeline.wall_s, n)
-        for i, (c, p, g, hn) in enumerate(zip(s.ce, s.exit_prob, s.gate, s.hidden_norm,
-                                                  strict=True), start=1):
-            w.add_scalar(f"loop/ce_step{i}", c, n)
-            w.add_scalar(f"loop/exit_prob_step{i}", p, n)
-            w.add_scalar(f"loop/gate_step{i}", g, n)
-            w.add_scalar(f"loop/hidden_norm_step{i}", hn, n)
-        for i, gn in enumerate(s.layer_grad_norm):
-            w.add_scalar(f"grad_norm/block_layer{i}", gn, n)
+    def emit(self, metrics: dict[str, float], eval: bool = False) -> None:
+        """Hand metrics of the current step to every callback."""
+        for cb in self.callbacks:
+            cb.on_log(self, self.step, metrics)
+            if eval:
+                cb.on_eval(self, self.step, metrics)
 
     def _meta(self) -> dict:
         """The global record of a checkpoint (what no tensor holds)."""
@@ -321,8 +212,10 @@ class Trainer:
         return {"format": 1, "step": self.step, "data": data,
                 "tokens": data.get("samples_consumed", 0) * c.train.seq_len,
                 "trainer": {"skipped": self.skipped, "bad_streak": self.bad_streak},
+                "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks},
                 "layout": {"tensor": t.tp, "pipeline": t.pp, "data": t.dp,
-                           "zero_stage": c.parallel.zero_stage, "pipeline_split": self.split},
+                           "zero_stage": c.parallel.zero_stage,
+                           "pipeline_split": self.engine.split},
                 "seed": c.train.seed, "lr": lr_at(c.optim, self.step, c.train.max_steps),
                 "code_version": __version__, "torch": torch.__version__, "time": time.time(),
                 "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT", 0))}
@@ -332,10 +225,13 @@ class Trainer:
         self.checkpointer.save(self.step, self.state.state_dict(), self._meta(),
                                dump_config(self.cfg))
         self.saved_step = self.step
+        for cb in self.callbacks:
+            cb.on_checkpoint(self, self.step)
 
     def resume(self, where: str) -> Path | None:
         """Continue from a checkpoint: 'auto' (this run's newest complete one, if any) or a
-        path. Any saved layout loads; the RNG state only under the same layout."""
+        path as users type it (store.resolve). Any saved layout loads; the RNG state only
+        under the same layout."""
         path = store.newest(self.checkpointer.root) if where == "auto" else store.resolve(where)
         if path is not None:
             why = incompatibility(load_config(path / "config.yaml"), self.cfg)
@@ -351,6 +247,8 @@ class Trainer:
             self.step = self.saved_step = meta["step"]
             self.checkpointer.last = path
             self.skipped, self.bad_streak = meta["trainer"]["skipped"], meta["trainer"]["bad_streak"]
+            for cb in self.callbacks:
+                cb.load_state_dict(meta.get("callbacks", {}).get(cb.name, {}))
             self.data.load_state_dict(meta["data"])
             self._batches = None
             self.log(f"resumed from {path} at step {self.step} (saved under tensor {lay['tensor']} "
@@ -359,41 +257,36 @@ class Trainer:
         return path
 
     def fit(self, save: bool = True) -> RunSummary:
+        """Train to train.max_steps; `save=False` runs without the checkpointing callback."""
         t = self.cfg.train
+        if not save:
+            self.callbacks = [cb for cb in self.callbacks if not isinstance(cb, Checkpointing)]
         if self.topo.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.yaml").write_text(dump_config(self.cfg))
-        history: list[StepStats] = []
         tick, done = time.perf_counter(), 0
-        self.preemption.install()
         try:
+            for cb in self.callbacks:
+                cb.on_fit_start(self)
             while self.step < t.max_steps:
-                out, total, grad_norm, lr, _ = self.train_step()
+                result = self.train_step()
                 done += 1
                 if self.step % t.log_every == 0 or self.step == t.max_steps:
-                    now = time.perf_counter()
-                    stats = self._stats(out, total, grad_norm, lr,
-                                        done * self.tokens_per_step / max(now - tick, 1e-9))
-                    history.append(stats)
-                    self._report(stats)
+                    stats = self._stats(result, done * self.tokens_per_step
+                                        / max(time.perf_counter() - tick, 1e-9))
+                    self.history.append(stats)
+                    self.emit(stats.metrics())
                     tick, done = time.perf_counter(), 0
-                if self.preemption.agreed(self.device):
-                    self.save_checkpoint()
-                    where = self.checkpointer.wait()
-                    raise Preempted(f"preempted (signal {self.preemption.received or 'on a peer'})"
-                                    f": checkpoint {where} at step {self.step}")
-                if save and t.checkpoint_every and self.step % t.checkpoint_every == 0 \
-                        and self.step < t.max_steps:
-                    self.save_checkpoint()
-            if save and self.saved_step != self.step:
-                self.save_checkpoint()
-            ckpt = self.checkpointer.wait() if save else None
+                for cb in self.callbacks:
+                    cb.on_step_end(self)
         finally:
-            self.preemption.uninstall()
+            for cb in self.callbacks:
+                cb.on_fit_end(self)
+            ckpt = self.checkpointer.wait() if save else None
             self.checkpointer.close()
-            if self.writer is not None:
-                self.writer.close()
-        final = history[-1].loss if history else float("nan")
+        history = self.history
         if history:
             self.log(summary_table(history, self.tokens_per_step))
-        return RunSummary(self.step, final, self.skipped, ckpt, self.tb_dir, history)
+        final = history[-1].loss if history else float("nan")
+        return RunSummary(self.step, final, self.skipped, ckpt, self.out_dir / "tensorboard",
+                          history)

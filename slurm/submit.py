@@ -15,8 +15,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from pretrain.config import ConfigError
-from pretrain.preemption import EXIT_PREEMPTED
+from core.config_schema import ConfigError
+from core.exit_codes import EXIT_PREEMPTED
 
 TEMPLATE = Path(__file__).with_name("job.sbatch")
 _NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")

@@ -13,7 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def tiny_config(*overrides: str, out_dir: str | Path = "runs/test"):
     """configs/tiny.yaml with overrides; paths resolved from the repo root."""
     return load_config(ROOT / "configs/tiny.yaml",
-                       [f"data.paths=[{ROOT / 'data/sample.txt'}]", f"train.out_dir={out_dir}",
+                       [f"data.paths=[{ROOT / 'data/sample.txt'}]",
+                        f"data.validation=[{{path: {ROOT / 'data/validation.txt'}}}]",
+                        f"train.out_dir={out_dir}",
                         *overrides])
 
 

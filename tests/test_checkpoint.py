@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from core.exit_codes import EXIT_PREEMPTED
 from pretrain.checkpoint import CheckpointError, store
 from pretrain.checkpoint.offline import load_model
 from pretrain.cli import main
-from pretrain.preemption import EXIT_PREEMPTED
 from pretrain.status import losses_by_step
 from pretrain.train import Trainer
 from tests.conftest import ROOT, VARIANTS, tiny_config
@@ -54,6 +54,8 @@ def test_resume_in_process_is_bit_identical(tmp_path, extra):
     full = _losses(_trainer(tmp_path / "a", *extra).fit())
     ckpt = tmp_path / "a/checkpoints/step_0000004"
     assert store.is_complete(ckpt) and store.resolve(tmp_path / "a").name == "step_0000008"
+    for typed in ("a", "a/checkpoints", "a/checkpoints/latest", "a/checkpoints/step_0000008"):
+        assert store.resolve(tmp_path / typed).name == "step_0000008", typed  # as users type it
     resumed = _trainer(tmp_path / "b", *extra)
     resumed.resume(str(ckpt))
     assert resumed.step == 4 and resumed.data.samples_consumed == 4 * 16

@@ -68,7 +68,7 @@ def test_loop_modes_share_weights_and_differ_where_the_papers_say():
     one = _model("model.loops=1")
     one.load_state_dict(base.state_dict())
     rope = one.rope(torch.arange(ids.shape[1]))
-    from pretrain.model.looped import NoKV
+    from core.model_interface import NoKV
     h1 = one.norm(one.run_block(0, one.embed(ids.t()), None, rope, NoKV()))
     x2 = one.run_block(1, h1, None, rope, NoKV())
     torch.testing.assert_close(one.lm_head(one.norm(x2)), outs["ouro"][1])

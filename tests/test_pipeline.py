@@ -7,9 +7,10 @@ import json
 
 import pytest
 
-from parallelism.pipeline_balance import auto_split, stage_costs
+from parallelism.pipeline_balance import auto_split
 from parallelism.pipeline_schedule import Piece, peak_live, schedule, warmup_count
 from pretrain.cli import main
+from pretrain.model.flops import stage_cost_model
 from tests.conftest import ROOT, tiny_config
 from tests.distributed import torchrun
 from tests.multiproc.pp_equivalence import cases
@@ -117,12 +118,13 @@ def test_auto_split_is_loop_aware():
     bigger vocabulary, and never does worse than the even split."""
     cfg = tiny_config("model.num_layers=8", "model.vocab_size=32000", "model.loops=4",
                       "parallel.pipeline=2", "train.grad_accum_steps=2")
-    split = auto_split(cfg, 2)
+    costs = stage_cost_model(cfg)
+    split = auto_split(costs, 8, 2)
     assert sum(split) == 8 and split[1] < split[0]
-    assert max(stage_costs(cfg, split)) <= max(stage_costs(cfg, [4, 4]))
+    assert max(costs.of(split)) <= max(costs.of([4, 4]))
     small = tiny_config("model.num_layers=8", "model.vocab_size=260", "model.loops=4",
                         "parallel.pipeline=2", "train.grad_accum_steps=2")
-    assert auto_split(small, 2) == [4, 4]
+    assert auto_split(stage_cost_model(small), 8, 2) == [4, 4]
 
 
 BAD = [

@@ -7,9 +7,9 @@ import torch
 
 from pretrain.checkpoint.offline import load_model
 from pretrain.config import OptimConfig
-from pretrain.data import TokenWindows
+from pretrain.data import TokenWindows, default_data
 from pretrain.optim import lr_at
-from pretrain.train import Trainer, TrainingDiverged, default_data
+from pretrain.train import Trainer, TrainingDiverged
 from tests.conftest import tiny_config
 
 
@@ -46,7 +46,7 @@ def _capture_grads(trainer):
     seen, step = [], trainer.optimizer.step
 
     def wrapped(*a, **k):
-        seen.append([p.grad.clone() for p in trainer.params])
+        seen.append([p.grad.clone() for p in trainer.model.parameters() if p.requires_grad])
         return step(*a, **k)
 
     trainer.optimizer.step = wrapped
@@ -60,8 +60,8 @@ def test_gradient_accumulation_equals_the_big_batch(tmp_path):
                    "train.max_steps=2", tensorboard=False)
     grads_big, grads_acc = _capture_grads(big), _capture_grads(acc)
     for _ in range(2):
-        _, la, *_ = big.train_step()
-        _, lb, *_ = acc.train_step()
+        la = big.train_step().loss
+        lb = acc.train_step().loss
         assert la.item() == pytest.approx(lb.item(), rel=1e-5)
     for step_big, step_acc in zip(grads_big, grads_acc, strict=True):
         for gb, ga in zip(step_big, step_acc, strict=True):
@@ -92,11 +92,11 @@ def test_non_finite_step_is_skipped_and_counted(tmp_path):
         return out
 
     trainer.model.forward = forward
-    *_, ok = trainer.train_step()
+    ok = trainer.train_step().ok
     assert not ok and trainer.skipped == 1
     for a, b in zip(before, trainer.model.parameters(), strict=True):
         assert torch.equal(a, b)
-    *_, ok = trainer.train_step()
+    ok = trainer.train_step().ok
     assert ok and trainer.bad_streak == 0
     poisoned["left"] = 10
     trainer.train_step()
@@ -144,10 +144,12 @@ def test_fit_writes_tensorboard_and_a_loadable_checkpoint(tmp_path):
     # the FLT paper's diagnostics, also in metrics.jsonl: |x_t| per loop, grad norm per layer,
     # the latter summing (in squares) to the total when the gate, norms and embedding are added
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows[-1]["hidden_norm"]) == loops and min(rows[-1]["hidden_norm"]) > 0
-    per_layer = rows[-1]["layer_grad_norm"]
-    assert len(per_layer) == trainer.cfg.model.num_layers and min(per_layer) > 0
-    assert sum(g * g for g in per_layer) < rows[-1]["grad_norm"] ** 2
+    assert set(rows[-1]) == want | {"step", "time", "train/mfu", "train/peak_memory_gb",
+                                    "train/gate_entropy", "data/skipped_samples"}
+    assert min(rows[-1][f"loop/hidden_norm_step{t}"] for t in range(1, loops + 1)) > 0
+    per_layer = [rows[-1][f"grad_norm/block_layer{i}"] for i in range(trainer.cfg.model.num_layers)]
+    assert min(per_layer) > 0
+    assert sum(g * g for g in per_layer) < rows[-1]["train/grad_norm"] ** 2
     cfg, model = load_model(summary.checkpoint)
     ids = torch.randint(0, 256, (1, 16))
     trainer.model.eval()

@@ -51,9 +51,11 @@ def incomplete(root: Path) -> list[Path]:
 
 
 def resolve(where: str | Path) -> Path:
-    """A sealed checkpoint from a checkpoint directory, a checkpoints root or a run directory
-    (the newest complete one; incomplete ones are skipped)."""
+    """A sealed checkpoint from what users type: a step directory, the `latest` pointer file,
+    a checkpoints root or a run directory (the newest complete one; incomplete are skipped)."""
     p = Path(where)
+    if p.name == LATEST and p.is_file():
+        p = p.parent / p.read_text().strip()
     if _STEP.match(p.name.removesuffix(".tmp")) and p.is_dir():
         if not is_complete(p):
             raise CheckpointError(f"{p}: incomplete checkpoint (no {META} or .metadata: the save "

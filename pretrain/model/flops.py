@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from parallelism.pipeline_balance import StageCosts, auto_split
 from pretrain.config import Config, ModelConfig
 from pretrain.model.looped import LoopedLM
 from pretrain.model.objective import readout_steps, trains_gate
@@ -76,3 +77,22 @@ def run_flops_per_token(cfg: Config) -> int:
     """Training FLOPs per token of a run: its context and the readouts its objective needs."""
     return flops_per_token(cfg.model, cfg.train.seq_len, readouts=readouts(cfg),
                            train_gate=trains_gate(cfg.objective.kind))
+
+
+def stage_cost_model(cfg: Config) -> StageCosts:
+    """The circular pipeline's balance (parallelism/pipeline_balance.py): every block layer
+    runs R times per microbatch, and so does the last stage's readout -- once per lap -- so a
+    split that only counted layers would overload the last stage by R x (head + gate + coda)."""
+    m, s = cfg.model, cfg.train.seq_len
+    unshared = layer_matmul_flops(m) + attention_flops(m, s)
+    return StageCosts(per_layer=block_layer_flops(m, s, m.loops),
+                      first=m.prelude_layers * unshared,
+                      last=m.loops * (m.coda_layers * unshared + 2 * m.hidden_size)
+                      + readouts(cfg) * head_flops(m))
+
+
+def pipeline_split(cfg: Config) -> list[int]:
+    """Block layers per pipeline stage: `parallel.pipeline_split`, or the balanced split."""
+    p = cfg.parallel
+    return list(p.pipeline_split) or auto_split(stage_cost_model(cfg), cfg.model.num_layers,
+                                                p.pipeline)

@@ -310,3 +310,18 @@ def generate(
     exit_steps = torch.cat(steps, 1) if steps else torch.zeros(prompt.shape[0], 0, dtype=torch.long)
     used = exit_steps.float().mean().item() if steps else float(loops)
     return Generation(tokens, torch.stack(chosen, 1), exit_steps, used, cache.bytes_per_token())
+
+
+def readout_exit_steps(rule: ExitRule, gate_logits: Tensor) -> Tensor:
+    """The 0-based step at which `rule` exits each token when every loop has run (gate
+    logits [R, S, B] -> [S, B]): the readout of validation during training. (Decoding also
+    changes what later tokens attend to -- `score` measures that.) Not for delta rules."""
+    loops = gate_logits.shape[0]
+    state = _ExitState(rule, gate_logits.shape[1:], gate_logits.device)
+    step = torch.full(gate_logits.shape[1:], loops - 1, device=gate_logits.device)
+    done = torch.zeros(gate_logits.shape[1:], dtype=torch.bool, device=gate_logits.device)
+    for t in range(loops):
+        stop = state.stops(t, loops, gate_logits[t], None) & ~done
+        step[stop] = t
+        done |= stop
+    return step

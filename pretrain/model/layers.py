@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pretrain.config import ModelConfig
+from pretrain.model.config import ModelConfig
 
 KV = tuple[Tensor, Tensor]
 

@@ -45,37 +45,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
-from pretrain.config import ModelConfig
+from core.model_interface import KVStore, NoKV
+from pretrain.model.config import ModelConfig
 from pretrain.model.layers import DecoderLayer, RMSNorm, rms_norm, rope_tables
-
-# modes whose later loops read the embedding stream e (stage 0 of the pipeline keeps it)
-READS_E = ("lt_i", "lt_ia", "flt", "flt_res")
-# modes whose every layer reads h_{t-1} besides the stream (it travels the ring with x)
-LAYERS_READ_H = ("flt", "flt_res")
-
-
-class KVStore(Protocol):
-    """Where attention finds extra keys/values and leaves its own (training: nothing; decoding:
-    the KV cache)."""
-
-    def attn_inputs(self, segment: str, loop: int, layer: int) -> dict: ...
-
-    def save(self, segment: str, loop: int, layer: int, k: Tensor, v: Tensor) -> None: ...
-
-
-class NoKV:
-    """Training: attention sees only the current sequence and nothing is kept."""
-
-    def attn_inputs(self, segment: str, loop: int, layer: int) -> dict:
-        return {}
-
-    def save(self, segment: str, loop: int, layer: int, k: Tensor, v: Tensor) -> None:
-        pass
 
 
 @dataclass

@@ -29,10 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pretrain.config import ObjectiveConfig
+from core.model_interface import IGNORE_INDEX
+from pretrain.model.config import ObjectiveConfig
 from pretrain.model.looped import LoopedOutput
-
-IGNORE_INDEX = -100
 
 
 @dataclass

@@ -10,12 +10,14 @@ from pretrain.checkpoint import store
 from pretrain.config import ConfigError
 
 COLUMNS = ["point", "hidden_size", "num_layers", "loops", "lr", "params", "non_embedding_params",
-           "tokens", "flops", "steps", "train_loss", "eval_loss", "eval_ce_final", "run_dir"]
+           "tokens", "flops", "steps", "train_loss", "eval_loss", "eval_ce_final", "eval_data",
+           "run_dir"]
 
 
 def collect(sweep_dir: Path, log=print) -> Path:
-    """Evaluate every finished point's last checkpoint (eval_batches micro-batches, another
-    sample order than training); points without a checkpoint are listed as missing."""
+    """Evaluate every finished point's last checkpoint on eval_batches micro-batches of its
+    validation data (evaluate.py `heldout_batches`: "validation", or said plainly "training"
+    when a point has none); points without a checkpoint are listed as missing."""
     from pretrain.checkpoint.offline import load_model
     from pretrain.evaluate import evaluate
     from pretrain.model.flops import count_parameters, run_flops_per_token
@@ -42,9 +44,13 @@ def collect(sweep_dir: Path, log=print) -> Path:
                      "lr": cfg.optim.lr, "params": params["total"],
                      "non_embedding_params": params["non_embedding"], "tokens": meta["tokens"],
                      "flops": run_flops_per_token(cfg) * meta["tokens"],
-                     "steps": meta["step"], "train_loss": metrics.get("loss", float("nan")),
+                     "steps": meta["step"], "train_loss": metrics.get("train/loss", float("nan")),
                      "eval_loss": ev["loss"], "eval_ce_final": ev["ce_final"],
+                     "eval_data": "validation" if ev["data"].startswith("validation") else "training",
                      "run_dir": str(run_dir)})
+    which = {r["eval_data"] for r in rows}
+    log(f"sweep collect: eval_loss measured on {' and '.join(sorted(which)) or 'nothing'} data"
+        + ("" if which <= {"validation"} else " -- set data.validation for held-out numbers"))
     if missing:
         log(f"sweep collect: {len(missing)} point(s) without a checkpoint: {missing}")
     out = sweep_dir / "results.csv"
@@ -58,5 +64,5 @@ def collect(sweep_dir: Path, log=print) -> Path:
 
 def read_results(path: Path) -> list[dict]:
     with open(path) as fh:
-        return [{k: (v if k == "run_dir" else float(v)) for k, v in row.items()}
+        return [{k: (v if k in ("run_dir", "eval_data") else float(v)) for k, v in row.items()}
                 for row in csv.DictReader(fh)]

@@ -46,7 +46,7 @@ def run(topo, layout: list[str], stage: int) -> dict:
     local = sum(p.numel() for p in par.model.parameters())
     return {"losses": [s.loss for s in hist], "ref_losses": [s.loss for s in ref_hist],
             "param_abs_err": param_err, "param_moved": moved,
-            "state_bytes": optimizer_state_bytes(par.engine),
+            "state_bytes": optimizer_state_bytes(par.engine.zero),
             "unsharded_bytes": 2 * 4 * local, "dp": dp,
             "gnorm": [s.grad_norm for s in hist], "ref_gnorm": [s.grad_norm for s in ref_hist]}
 
@@ -67,11 +67,11 @@ def nan_case(topo, stage: int) -> dict:
         return out
 
     trainer.model.forward = poisoned
-    *_, ok = trainer.train_step()
+    ok = trainer.train_step().ok
     unchanged = all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters(),
                                                        strict=True))
     trainer.model.forward = real
-    *_, next_ok = trainer.train_step()
+    next_ok = trainer.train_step().ok
     moved = not all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters(),
                                                        strict=True))
     return {"skipped_ok": ok, "skipped": trainer.skipped, "unchanged": unchanged,

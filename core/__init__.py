@@ -1,0 +1,1 @@
+"""The ground floor: what every other package may import, importing nothing of ours."""

@@ -1,0 +1,47 @@
+"""The console line per log interval, with the time left at the mean pace so far."""
+
+from __future__ import annotations
+
+import time
+
+from pretrain.callbacks import Callback
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}"
+
+
+class Console(Callback):
+    name = "console"
+
+    def __init__(self, log):
+        self.log = log
+        self.start = time.perf_counter()
+        self.first_step = 0
+
+    def on_fit_start(self, trainer) -> None:
+        self.start, self.first_step = time.perf_counter(), trainer.step
+
+    def on_log(self, trainer, step: int, m: dict[str, float]) -> None:
+        if not trainer.topo.is_main:
+            return
+        if "val/loss" in m:
+            exits = " ".join(f"{k[len('val/ce_exit_'):]} {v:.3f}" for k, v in m.items()
+                             if k.startswith("val/ce_exit_"))
+            self.log(f"step {step:>6} | val loss {m['val/loss']:.4f} | val ce/loop "
+                     f"{_per_step(m, 'val/ce_step')} | exit ce {exits}")
+            return
+        done = step - self.first_step
+        left = (time.perf_counter() - self.start) / max(done, 1) * (trainer.cfg.train.max_steps - step)
+        self.log(f"step {step:>6}/{trainer.cfg.train.max_steps} | loss {m['train/loss']:.4f} | "
+                 f"ce/loop {_per_step(m, 'loop/ce_step')} | E[loops] {m['train/expected_loops']:.2f}"
+                 f" | lr {m['train/lr']:.2e} | gnorm {m['train/grad_norm']:.3f} | "
+                 f"{m['train/tokens_per_s']:,.0f} tok/s | MFU {100 * m['train/mfu']:.1f}% | mem "
+                 f"{m['train/peak_memory_gb']:.2f} GB | skipped {m['train/skipped_steps']:.0f} steps "
+                 f"{m['data/skipped_samples']:.0f} samples | ETA {_duration(left)}")
+
+
+def _per_step(m: dict[str, float], prefix: str) -> str:
+    return " ".join(f"{m[f'{prefix}{t}']:.3f}" for t in range(1, 1000) if f"{prefix}{t}" in m)

@@ -1,0 +1,86 @@
+"""The model and objective sections of the config, validated beside the model they describe."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from core.config_schema import require
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 257
+    hidden_size: int = 64
+    num_layers: int = 2  # layers of the shared looped block
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    head_dim: int = 0  # 0: hidden_size // num_heads
+    ffn_hidden_size: int = 256
+    loops: int = 4  # R: how many times the shared block is applied
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    rope_reverse: bool = False  # rotate by -angle: nanochat's (the FLT code's) RoPE sense
+    norm_eps: float = 1e-6
+    sandwich_norm: bool = True  # Ouro: RMSNorm before and after each sublayer
+    tie_embeddings: bool = False
+    prelude_layers: int = 0  # unshared layers run once before the loop (Huginn-style)
+    coda_layers: int = 0  # unshared layers run on every loop's output before the head
+    # how one loop hands over to the next (model/looped.py): the released Ouro function, or the
+    # Fully Looped Transformer paper's FLT / FLT_res and its baselines LT, LT_i, LT_ia
+    loop_mode: Literal["ouro", "lt", "lt_i", "lt_ia", "flt", "flt_res"] = "ouro"
+    # False (an ablation, not a published model): ouro mode carries the raw stream x_t into the
+    # next loop and norms only the readout -- this framework's loop before it matched the release
+    norm_between_loops: bool = True
+    qk_norm: bool = False  # FLT recipe: weightless RMSNorm of queries and keys after RoPE
+    norm_weights: bool = True  # False: RMSNorm without a learned scale (FLT recipe)
+    mlp: Literal["swiglu", "relu2"] = "swiglu"  # relu2: down(relu(up(x))^2) (FLT recipe)
+    logit_softcap: float = 0.0  # > 0: logits = c tanh(logits / c) (FLT recipe: 15)
+    init: Literal["normal", "flt"] = "normal"  # flt: the FLT authors' initialisation
+    dropout: float = 0.0
+    init_std: float = 0.02
+
+    @property
+    def kv_channels(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
+
+
+@dataclass
+class ObjectiveConfig:
+    # elbo / adaptive_gate: Ouro stage 1 / stage 2; last / all / few: the FLT paper's CE on the
+    # last loop, the mean over every loop, or over loops floor(2R/3)..R (1-based: the last third)
+    kind: Literal["elbo", "adaptive_gate", "last", "all", "few"] = "elbo"
+    gate_target: Literal["paper", "lookahead"] = "paper"  # stage 2: Ouro Eq. 5-6, or ours
+    beta: float = 0.1  # entropy weight of the ELBO (uniform prior over exit steps)
+    gate_k: float = 50.0  # adaptive gate: slope of the "another loop still helps" target
+    gate_gamma: float = 0.005  # adaptive gate: CE improvement that counts as helping
+
+
+def validate_model(m: ModelConfig) -> None:
+    for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                 "ffn_hidden_size", "max_seq_len", "loops"):
+        require(getattr(m, name) >= 1, f"model.{name}", f"must be >= 1, got {getattr(m, name)}")
+    require(m.head_dim >= 0, "model.head_dim", f"must be >= 0, got {m.head_dim}")
+    if m.head_dim == 0:
+        require(m.hidden_size % m.num_heads == 0, "model.num_heads",
+                f"hidden_size {m.hidden_size} is not divisible by num_heads {m.num_heads}")
+    require(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads",
+            f"num_heads {m.num_heads} is not divisible by num_kv_heads {m.num_kv_heads}")
+    require(m.kv_channels % 2 == 0, "model.head_dim",
+            f"RoPE needs an even head dimension, got {m.kv_channels}")
+    require(m.prelude_layers >= 0, "model.prelude_layers", "must be >= 0")
+    require(m.coda_layers >= 0, "model.coda_layers", "must be >= 0")
+    require(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
+    require(m.rope_theta > 0, "model.rope_theta", "must be > 0")
+    require(m.norm_eps > 0, "model.norm_eps", "must be > 0")
+    require(m.init_std > 0, "model.init_std", "must be > 0")
+    require(m.norm_between_loops or m.loop_mode == "ouro", "model.norm_between_loops",
+            f"false applies to loop_mode ouro only (the {m.loop_mode} mode defines its own handover)")
+    require(m.logit_softcap >= 0, "model.logit_softcap", f"must be >= 0, got {m.logit_softcap}")
+
+
+def validate_objective(ob: ObjectiveConfig, m: ModelConfig) -> None:
+    require(ob.beta >= 0, "objective.beta", f"must be >= 0, got {ob.beta}")
+    require(ob.gate_k > 0, "objective.gate_k", "must be > 0")
+    if ob.kind == "adaptive_gate":
+        require(m.loops >= 2, "objective.kind", "adaptive_gate needs model.loops >= 2")

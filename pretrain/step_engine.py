@@ -1,0 +1,207 @@
+"""The step engine: how one optimizer step runs under this process's layout, chosen once.
+
+Two independent choices, made at construction (OLMo-core's TrainModule, Megatron's
+forward-backward function), so `Trainer.train_step` is one straight line:
+
+  forward/backward   `LocalPass`: each micro-batch through the whole (maybe TP-sharded) model;
+                     `PipelinePass`: the circular pipeline's schedule over all micro-batches
+  reduce/clip/step   `PlainUpdate`: DP all-reduce, global norm, clip, optimizer step, all ranks
+                     skipping a non-finite step together; `ZeroUpdate`: DeepSpeed does all that
+
+`build_engine` also shapes the model for the layout (TP layers, the pipeline stage's slice),
+freezes what the objective does not train, and builds the optimizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from parallelism.grads import all_ranks_agree, finalize_grads, global_grad_norm, layer_grad_norms
+from parallelism.pipeline import PipelineStage, keep_stage
+from parallelism.pipeline_balance import describe
+from parallelism.tensor_parallel import parallelize_tensor, vocab_parallel_token_ce
+from parallelism.topology import Topology
+from parallelism.zero import build_zero_engine
+from pretrain.config import Config
+from pretrain.model.flops import pipeline_split, stage_cost_model
+from pretrain.model.looped import LoopedOutput
+from pretrain.model.objective import (
+    compute_objective,
+    readout_steps,
+    token_cross_entropy,
+    trains_gate,
+)
+from pretrain.optim import build_optimizer, param_groups
+
+Batches = list[tuple[Tensor, Tensor]]
+# (LoopedOutput, labels) -> a result; the objective in training, the validation sums in eval
+Readout = Callable[[LoopedOutput, Tensor], object]
+
+
+class LocalPass:
+    """Every micro-batch forward and backward through this process's whole model."""
+
+    def __init__(self, model: nn.Module, heads: slice):
+        self.model, self.heads = model, heads
+
+    def train(self, batches: Batches, objective: Readout, backward: Callable[[Tensor], None]):
+        total = torch.zeros((), device=batches[0][0].device)
+        for inputs, labels in batches:
+            out = objective(self.model(inputs, heads=self.heads), labels)
+            backward(out.loss)
+            total += out.loss.detach() / len(batches)
+        return out, total
+
+    @torch.no_grad()
+    def evaluate(self, batches: Batches, readout: Readout) -> list:
+        return [readout(self.model(inputs), labels) for inputs, labels in batches]
+
+
+class PipelinePass:
+    """The circular pipeline: this stage's pieces of every micro-batch (parallelism/pipeline.py).
+    Its backward runs inside the schedule; the result lives on the last stage (None elsewhere)."""
+
+    def __init__(self, stage: PipelineStage, schedule: str):
+        self.stage, self.schedule = stage, schedule
+
+    def train(self, batches: Batches, objective: Readout, backward: Callable[[Tensor], None]):
+        out = self.stage.run(batches, self.schedule)
+        return out, (out.loss if out is not None else torch.zeros((), device=batches[0][0].device))
+
+    def evaluate(self, batches: Batches, readout: Readout) -> list | None:
+        def at_last_lap(logits, gates, norms, labels):
+            return readout(LoopedOutput(logits, gates, norms), labels)
+
+        return self.stage.evaluate(batches, at_last_lap)
+
+
+class PlainUpdate:
+    """Gradients averaged over DP, one global norm, clip, step (or skip on every rank)."""
+
+    def __init__(self, model: nn.Module, optimizer, topo: Topology, grad_clip: float):
+        self.model, self.optimizer, self.topo, self.clip = model, optimizer, topo, grad_clip
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def backward(self, loss: Tensor, micro_batches: int) -> None:
+        (loss / micro_batches).backward()
+
+    def step(self, loss: Tensor, diagnostics: bool) -> tuple[Tensor, bool, list[float] | None]:
+        finalize_grads(self.model, self.topo)
+        grad_norm = global_grad_norm(self.params, self.topo)
+        layers = (layer_grad_norms(self.model, self.topo, self.model.cfg.num_layers)
+                  if diagnostics else None)
+        ok = all_ranks_agree(bool(torch.isfinite(loss) & torch.isfinite(grad_norm)), self.topo,
+                             self.topo.device)
+        if ok:
+            if self.clip:
+                torch.nn.utils.clip_grads_with_norm_(self.params, self.clip, grad_norm)
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm, ok, layers
+
+
+class ZeroUpdate:
+    """DeepSpeed ZeRO reduces, clips and steps (and skips a non-finite step itself). Locally
+    it sees every micro-batch (engine.backward + engine.step each); after the pipeline, which
+    ran the backward, one reduction and step."""
+
+    def __init__(self, engine, pipelined: bool):
+        self.engine, self.optimizer, self.pipelined = engine, engine.optimizer, pipelined
+
+    def backward(self, loss: Tensor, micro_batches: int) -> None:
+        self.engine.backward(loss)  # scales by 1 / grad_accum_steps itself
+        self.engine.step()  # updates at the last micro-batch only
+
+    def step(self, loss: Tensor, diagnostics: bool) -> tuple[Tensor, bool, list[float] | None]:
+        if self.pipelined:
+            self.engine.allreduce_gradients()
+            self.engine.step()
+        ok = self.engine.was_step_applied()
+        norm = self.engine.get_global_grad_norm()
+        grad_norm = torch.as_tensor(float("nan") if norm is None or not ok else float(norm))
+        return grad_norm, ok, None  # DeepSpeed owns the gradients: no per-layer norms
+
+
+@dataclass
+class StepResult:
+    out: object  # the last micro-batch's objective output (None off the last pipeline stage)
+    loss: Tensor  # mean over the step's micro-batches
+    grad_norm: Tensor
+    ok: bool  # applied (False: skipped for a non-finite loss or gradient)
+    layer_grad_norms: list[float] | None
+
+
+class StepEngine:
+    def __init__(self, cfg: Config, model: nn.Module, passes, update, cross_entropy,
+                 autocast, pipeline: PipelineStage | None, split: list[int]):
+        self.cfg, self.model, self.passes, self.update = cfg, model, passes, update
+        self.split = split  # block layers per pipeline stage ([] without the pipeline)
+        self.zero = getattr(update, "engine", None)  # the DeepSpeed engine under ZeRO
+        self.optimizer = update.optimizer
+        self.cross_entropy, self.autocast, self.pipeline = cross_entropy, autocast, pipeline
+
+    def objective(self, out: LoopedOutput, labels: Tensor):
+        return compute_objective(self.cfg.objective, out, labels, self.cross_entropy)
+
+    def objective_with(self, out: LoopedOutput, labels: Tensor, cross_entropy):
+        """The objective with another per-token CE (validation records each step's)."""
+        return compute_objective(self.cfg.objective, out, labels, cross_entropy)
+
+    def train_step(self, batches: Batches, diagnostics: bool = False) -> StepResult:
+        """One optimizer step over `batches`; `diagnostics`: also the per-layer grad norms."""
+        self.model.train()
+        with self.autocast():
+            out, loss = self.passes.train(
+                batches, self.objective, lambda lo: self.update.backward(lo, len(batches)))
+        grad_norm, ok, layers = self.update.step(loss, diagnostics)
+        return StepResult(out, loss, grad_norm, ok, layers)
+
+    def evaluate(self, batches: Batches, readout: Readout) -> list | None:
+        """`readout` of every micro-batch, forward only (None off the last pipeline stage)."""
+        self.model.eval()
+        with self.autocast():
+            return self.passes.evaluate(batches, readout)
+
+
+def build_engine(cfg: Config, model: nn.Module, topo: Topology,
+                 log: Callable[[str], None]) -> StepEngine:
+    """Shape `model` (built whole from the seed) for this rank and pick the two halves."""
+    cross_entropy = token_cross_entropy
+    if topo.tp > 1:
+        parallelize_tensor(model, topo, cfg.parallel.sequence_parallel)
+        cross_entropy = vocab_parallel_token_ce
+    heads = readout_steps(cfg.objective.kind, cfg.model.loops)
+    pipeline, split = None, []
+    if topo.pp > 1:
+        split = pipeline_split(cfg)
+        keep_stage(model, split, topo.pp_rank)
+        log(f"pipeline split ({'explicit' if cfg.parallel.pipeline_split else 'auto'}): "
+            f"{describe(stage_cost_model(cfg), split)}")
+    model.to(topo.device)
+    for name, p in model.named_parameters():
+        if cfg.objective.kind == "adaptive_gate":  # stage 2: LM frozen, only the gate learns
+            p.requires_grad_(name.startswith("gate."))
+        elif not trains_gate(cfg.objective.kind):  # the FLT objectives leave the gate alone
+            p.requires_grad_(not name.startswith("gate."))
+    if topo.pp > 1:
+        pipeline = PipelineStage(
+            model, topo, cfg, lambda logits, gates, norms, labels: compute_objective(
+                cfg.objective, LoopedOutput(logits, gates, norms), labels, cross_entropy),
+            range(cfg.model.loops)[heads])
+        passes = PipelinePass(pipeline, cfg.parallel.pipeline_schedule)
+    else:
+        passes = LocalPass(model, heads)
+    if cfg.parallel.zero_stage:
+        zero = build_zero_engine(model, param_groups(model, cfg.optim), cfg, topo,
+                                 pipeline=pipeline is not None)
+        update = ZeroUpdate(zero, pipelined=pipeline is not None)
+    else:
+        update = PlainUpdate(model, build_optimizer(model, cfg.optim), topo, cfg.optim.grad_clip)
+    cuda = topo.device.type == "cuda"
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else nullcontext
+    return StepEngine(cfg, model, passes, update, cross_entropy, autocast, pipeline, split)

@@ -1,0 +1,119 @@
+"""Held-out validation: the document-level split, the same tokens and numbers under any
+layout, the val/ metrics in every output, and what `pretrain eval` says it measured."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from data_pipeline.shards import Manifest, held_out, tokenize_to_shards
+from data_pipeline.stream import ShardSource
+from data_pipeline.tokenizer import load_tokenizer, train_bpe
+from pretrain.callbacks import Callback
+from pretrain.callbacks.validation import evaluate_heldout
+from pretrain.cli import main
+from pretrain.data import heldout_data
+from pretrain.train import Trainer
+from tests.conftest import ROOT, tiny_config
+from tests.distributed import torchrun
+from tests.multiproc.val_equivalence import SHAPE
+
+
+def _documents(tokenizer, directory) -> list[str]:
+    """Every document of a shard directory, decoded (split at EOS)."""
+    m = Manifest.load(directory)
+    src = ShardSource(str(directory), 7, 0, 0, False, 1 << 20, None)
+    ids = src._read(0, 0, m.total_tokens)
+    docs, start = [], 0
+    for end in np.flatnonzero(ids == m.eos_id):
+        docs.append(tokenizer.decode(ids[start:end].tolist()))
+        start = end + 1
+    return docs
+
+
+def test_document_split_is_disjoint_and_recorded(tmp_path):
+    words = (ROOT / "data/sample.txt").read_text().split()
+    docs = [f"document {i}: " + " ".join(words[i * 7:i * 7 + 20]) for i in range(120)]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    train_bpe(docs, 300, tmp_path / "tok.json")
+    m = tokenize_to_shards([str(tmp_path / "docs.jsonl")], tmp_path / "shards", tmp_path / "tok.json",
+                           shard_tokens=512, chunk_tokens=64, progress=False,
+                           validation_fraction=0.25)
+    tok = load_tokenizer(tmp_path / "tok.json")
+    train_docs = _documents(tok, tmp_path / "shards")
+    val_docs = _documents(tok, tmp_path / "shards/validation")
+    assert not set(train_docs) & set(val_docs)
+    assert sorted(train_docs + val_docs) == sorted(docs)  # nothing lost
+    assert set(val_docs) == {d for d in docs if held_out(d, 0.25)}
+    assert 15 < len(val_docs) < 45
+    assert m.validation == {"path": "validation", "fraction": 0.25, "documents": len(val_docs),
+                            "tokens": Manifest.load(tmp_path / "shards/validation").total_tokens}
+    assert m.documents == len(train_docs)
+
+
+def test_heldout_rank_batches_cover_the_same_samples_on_any_layout():
+    held = heldout_data(tiny_config())
+    one = held.rank_batches(20 * 64, 3, 0, 1)
+    two = [held.rank_batches(20 * 64, 3, r, 2) for r in range(2)]
+    def rows(batches):
+        return [tuple(x.tolist()) for b in batches for x in b[1] if (x >= 0).any()]
+
+    assert sorted(rows(one)) == sorted(rows(two[0]) + rows(two[1]))
+    assert len(rows(one)) == 20
+
+
+@pytest.mark.parametrize("layout", [["parallel.data=2"], ["parallel.pipeline=2"]])
+def test_validation_equals_one_process(tmp_path, layout):
+    torchrun(2, "-m", "tests.multiproc.val_equivalence", "--out", str(tmp_path / "par.json"),
+             *layout)
+    cfg = tiny_config(*SHAPE, out_dir=tmp_path / "ref")
+    trainer = Trainer(cfg, log=None, tensorboard=False)
+    trainer.heldout = heldout_data(cfg)
+    ref = evaluate_heldout(trainer)
+    par = json.loads((tmp_path / "par.json").read_text())
+    assert set(par) == set(ref) and ref["val/tokens"] == 1600 - 1600 % 64
+    for key, value in ref.items():
+        assert par[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+
+
+class Collect(Callback):
+    """A logger in a few lines: every metric it is handed."""
+
+    name = "collect"
+
+    def __init__(self):
+        self.seen: dict[int, dict[str, float]] = {}
+
+    def on_log(self, trainer, step, metrics):
+        self.seen.setdefault(step, {}).update(metrics)
+
+
+def test_a_new_logger_receives_every_metric(tmp_path):
+    logger = Collect()
+    cfg = tiny_config("train.max_steps=4", "optim.warmup_steps=1", "train.log_every=2", "train.eval_every=2",
+                      "train.eval_tokens=640", out_dir=tmp_path)
+    Trainer(cfg, log=None, tensorboard=False, callbacks=[logger]).fit(save=False)
+    written: dict[int, dict] = {}
+    for line in (tmp_path / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        written.setdefault(row.pop("step"), {}).update(row)
+    for step in (2, 4):
+        assert logger.seen[step] == {k: v for k, v in written[step].items() if k != "time"}
+        loops = cfg.model.loops
+        assert {"val/loss", *(f"val/ce_step{t}" for t in range(1, loops + 1)),
+                "val/ce_exit_gate:0.5", "val/loops_exit_gate:0.9", "train/loss"} <= set(logger.seen[step])
+
+
+def test_eval_says_which_data_it_measured(tmp_path, capsys):
+    cfg_args = ["--config", str(ROOT / "configs/tiny.yaml"), f"train.out_dir={tmp_path}",
+                f"data.paths=[{ROOT / 'data/sample.txt'}]", "train.max_steps=2", "optim.warmup_steps=1"]
+    assert main(["train", *cfg_args, f"data.validation=[{{path: {ROOT / 'data/validation.txt'}}}]"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(tmp_path), "--batches", "1", "--exit", "all"]) == 0
+    assert f"data: validation data ({ROOT / 'data/validation.txt'})" in capsys.readouterr().out
+    assert main(["train", *cfg_args, f"train.out_dir={tmp_path}/b", "data.validation=[]"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", f"{tmp_path}/b", "--batches", "1", "--exit", "all"]) == 0
+    assert "data: TRAINING data (no data.validation configured" in capsys.readouterr().out
