@@ -117,12 +117,11 @@ class _Microbatch:
 
 
 class PipelineStage:
-    """This rank's stage of the ring. `objective` turns a microbatch's readouts into its loss
-    on the last stage; `heads` are the loop steps read out (an objective may skip some)."""
+    """This rank's stage of the ring; `heads` are the loop steps training reads out (an
+    objective may skip some)."""
 
-    def __init__(self, model: LoopedModel, topo: Topology, cfg, objective: Objective,
-                 heads: range):
-        self.model, self.topo, self.cfg, self.objective = model, topo, cfg, objective
+    def __init__(self, model: LoopedModel, topo: Topology, cfg, heads: range):
+        self.model, self.topo, self.cfg = model, topo, cfg
         self.stages, self.rank = topo.pp, topo.pp_rank
         self.first, self.last = self.rank == 0, self.rank == topo.pp - 1
         self.loops = cfg.model.loops
@@ -191,13 +190,13 @@ class PipelineStage:
         return torch.stack([t.grad if t.grad is not None else torch.zeros_like(t) for t in inputs])
 
     # -- the whole step ----------------------------------------------------------------------
-    def run(self, batches: list[tuple[Tensor, Tensor]], kind: str) -> Any:
+    def run(self, batches: list[tuple[Tensor, Tensor]], kind: str, objective: Objective) -> Any:
         """Forward and backward of every microbatch (gradients accumulate, scaled 1/m);
         returns on the last stage the last microbatch's objective with the loss averaged over
         the microbatches, None elsewhere."""
         mbs = [_Microbatch(ids, labels) for ids, labels in batches]
         total = self._drive(mbs, schedule(kind, self.stages, self.loops, len(mbs), self.rank),
-                            self.objective, self.heads)
+                            objective, self.heads)
         if not self.last:
             return None
         result = mbs[-1].result

@@ -32,12 +32,14 @@ class ByteTokenizer:
         return bytes(int(i) for i in ids if int(i) < 256).decode("utf-8", errors="replace")
 
 
-def load_text_tokens(paths: list[str], tokenizer: ByteTokenizer, field: str = "data.paths") -> Tensor:
-    """Each file is one document followed by EOS. Errors name the config field and the file."""
+def load_text_tokens(paths: list[str], tokenizer: ByteTokenizer,
+                     fields: list[str] | None = None) -> Tensor:
+    """Each file is one document followed by EOS. Errors name the config field (`fields`,
+    default data.paths[i]) and the file."""
     ids: list[int] = []
     for i, path in enumerate(paths):
         p = Path(path)
-        where = f"{field}[{i}]" if len(paths) > 1 or field == "data.paths" else field
+        where = fields[i] if fields else f"data.paths[{i}]"
         if not p.is_file():
             raise ConfigError(f"{where}: file not found: {p}")
         try:
@@ -124,7 +126,7 @@ def default_data(cfg, topo=None):
     if cfg.data.source == "shards":
         return StreamingData(cfg, dp_rank, dp)
     spec = RankSpec(cfg.train.micro_batch_size, cfg.train.grad_accum_steps, dp_rank, dp)
-    windows = TokenWindows(load_text_tokens(cfg.data.paths, _byte_tokenizer(cfg), "data.paths"),
+    windows = TokenWindows(load_text_tokens(cfg.data.paths, _byte_tokenizer(cfg)),
                            cfg.train.seq_len, cfg.train.seed)
     return TextData(windows, spec)
 
@@ -137,7 +139,7 @@ def heldout_data(cfg) -> HeldOut | None:
     if d.source == "shards":
         return shard_heldout(d, seq_len)
     tok = _byte_tokenizer(cfg)
-    sources = [TextSamples(load_text_tokens([s.path], tok, f"data.validation[{i}].path"), seq_len)
+    sources = [TextSamples(load_text_tokens([s.path], tok, [f"data.validation[{i}].path"]), seq_len)
                for i, s in enumerate(d.validation)]
     return HeldOut(sources, seq_len, [s.path for s in d.validation])
 

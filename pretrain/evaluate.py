@@ -16,19 +16,19 @@ from pretrain.model.objective import IGNORE_INDEX, compute_objective, per_step_c
 EVAL_SEED_OFFSET = 1_000_003  # without validation data: training data in another order
 
 
-def heldout_batches(cfg: Config, batches: int) -> tuple[list, str]:
-    """`batches` micro-batches of held-out data on one process, and what that data is: the
-    run's `data.validation` (the first samples, in order), or -- said plainly -- training
-    data in another sample order (seed + EVAL_SEED_OFFSET) when none is configured."""
+def heldout_batches(cfg: Config, batches: int) -> tuple[list, str, bool]:
+    """`batches` micro-batches of held-out data on one process, what that data is, and whether
+    it is validation data: the run's `data.validation` (the first samples, in order), or --
+    said plainly -- training data in another sample order (seed + EVAL_SEED_OFFSET)."""
     t = cfg.train
     held = heldout_data(cfg)
     if held is not None:
         out = held.rank_batches(batches * t.micro_batch_size * t.seq_len, t.micro_batch_size, 0, 1)
-        return out, f"validation data ({', '.join(held.names)})"
+        return out, f"validation data ({', '.join(held.names)})", True
     train = dataclasses.replace(t, seed=t.seed + EVAL_SEED_OFFSET, grad_accum_steps=1)
     it = default_data(dataclasses.replace(cfg, train=train)).batches()
     return [next(it) for _ in range(batches)], ("TRAINING data (no data.validation configured; "
-                                                "another sample order than training)")
+                                                "another sample order than training)"), False
 
 
 @torch.no_grad()
@@ -36,14 +36,15 @@ def evaluate(cfg: Config, model: LoopedLM, batches: int) -> dict:
     """Mean objective and CE per loop step over `batches` micro-batches of held-out data
     (`heldout_batches`; "data" says which)."""
     model.eval()
-    data, which = heldout_batches(cfg, batches)
+    data, which, validation = heldout_batches(cfg, batches)
     loss, ce = 0.0, torch.zeros(cfg.model.loops)
     for inputs, labels in data:
         out = compute_objective(cfg.objective, model(inputs), labels, token_cross_entropy)
         loss += out.loss.item() / batches
         ce += out.ce.detach() / batches
     return {"loss": loss, "ce_per_step": ce.tolist(), "ce_final": ce[-1].item(),
-            "tokens": batches * cfg.train.micro_batch_size * cfg.train.seq_len, "data": which}
+            "tokens": batches * cfg.train.micro_batch_size * cfg.train.seq_len, "data": which,
+            "validation": validation}
 
 
 @torch.no_grad()
@@ -54,7 +55,7 @@ def exit_table(cfg: Config, model: LoopedLM, batches: int, rules: tuple[ExitRule
     decodes them (model/generate.py `score`: early exit, the `policy` KV cache).
     Returns {"steps": [(R, ce)], "exits": [(rule, ce, mean loops)], "tokens": n, "data": which}."""
     model.eval()
-    data, which = heldout_batches(cfg, batches)
+    data, which, validation = heldout_batches(cfg, batches)
     r = cfg.model.loops
     ce_sum = torch.zeros(r, dtype=torch.float64)
     exit_ce = torch.zeros(len(rules), dtype=torch.float64)
@@ -73,4 +74,5 @@ def exit_table(cfg: Config, model: LoopedLM, batches: int, rules: tuple[ExitRule
         count += int(keep.sum())
     return {"steps": [(t + 1, (ce_sum[t] / count).item()) for t in range(r)],
             "exits": [(str(rule), (exit_ce[j] / count).item(), (exit_loops[j] / count).item())
-                      for j, rule in enumerate(rules)], "tokens": count, "data": which}
+                      for j, rule in enumerate(rules)], "tokens": count, "data": which,
+            "validation": validation}

@@ -62,6 +62,14 @@ class LocalPass:
         return [readout(self.model(inputs), labels) for inputs, labels in batches]
 
 
+def at_last_lap(readout: Readout):
+    """`readout` as the pipeline calls it on the last stage after lap R (parallelism/pipeline.py
+    `Objective`: the pieces of a LoopedOutput, then the labels)."""
+    def call(logits, gates, norms, labels):
+        return readout(LoopedOutput(logits, gates, norms), labels)
+    return call
+
+
 class PipelinePass:
     """The circular pipeline: this stage's pieces of every micro-batch (parallelism/pipeline.py).
     Its backward runs inside the schedule; the result lives on the last stage (None elsewhere)."""
@@ -70,14 +78,11 @@ class PipelinePass:
         self.stage, self.schedule = stage, schedule
 
     def train(self, batches: Batches, objective: Readout, backward: Callable[[Tensor], None]):
-        out = self.stage.run(batches, self.schedule)
+        out = self.stage.run(batches, self.schedule, at_last_lap(objective))
         return out, (out.loss if out is not None else torch.zeros((), device=batches[0][0].device))
 
     def evaluate(self, batches: Batches, readout: Readout) -> list | None:
-        def at_last_lap(logits, gates, norms, labels):
-            return readout(LoopedOutput(logits, gates, norms), labels)
-
-        return self.stage.evaluate(batches, at_last_lap)
+        return self.stage.evaluate(batches, at_last_lap(readout))
 
 
 class PlainUpdate:
@@ -146,7 +151,7 @@ class StepEngine:
         self.cross_entropy, self.autocast, self.pipeline = cross_entropy, autocast, pipeline
 
     def objective(self, out: LoopedOutput, labels: Tensor):
-        return compute_objective(self.cfg.objective, out, labels, self.cross_entropy)
+        return self.objective_with(out, labels, self.cross_entropy)
 
     def objective_with(self, out: LoopedOutput, labels: Tensor, cross_entropy):
         """The objective with another per-token CE (validation records each step's)."""
@@ -189,10 +194,7 @@ def build_engine(cfg: Config, model: nn.Module, topo: Topology,
         elif not trains_gate(cfg.objective.kind):  # the FLT objectives leave the gate alone
             p.requires_grad_(not name.startswith("gate."))
     if topo.pp > 1:
-        pipeline = PipelineStage(
-            model, topo, cfg, lambda logits, gates, norms, labels: compute_objective(
-                cfg.objective, LoopedOutput(logits, gates, norms), labels, cross_entropy),
-            range(cfg.model.loops)[heads])
+        pipeline = PipelineStage(model, topo, cfg, range(cfg.model.loops)[heads])
         passes = PipelinePass(pipeline, cfg.parallel.pipeline_schedule)
     else:
         passes = LocalPass(model, heads)

@@ -124,7 +124,7 @@ class Trainer:
                                    self.topo, self.log)
         self.model, self.optimizer = self.engine.model, self.engine.optimizer
         self.data = data if data is not None else default_data(cfg, self.topo)
-        self.heldout = None  # validation samples (callbacks/validation.py opens them)
+        self.heldout = None  # validation samples, opened by the first validation pass
         zero = self.engine.zero
         self.state = ShardedState(self.model, self.topo, None if zero else self.optimizer, zero)
         self._batches = None  # the data's micro-batch iterator, opened on the first step
@@ -198,11 +198,11 @@ class Trainer:
             layer_grad_norm=result.layer_grad_norms or [],
             idle_fraction=(1 - pipe.busy_s / pipe.wall_s) if pipe and pipe.wall_s > 0 else None)
 
-    def emit(self, metrics: dict[str, float], eval: bool = False) -> None:
+    def emit(self, metrics: dict[str, float], validation: bool = False) -> None:
         """Hand metrics of the current step to every callback."""
         for cb in self.callbacks:
             cb.on_log(self, self.step, metrics)
-            if eval:
+            if validation:
                 cb.on_eval(self, self.step, metrics)
 
     def _meta(self) -> dict:

@@ -69,9 +69,7 @@ def test_validation_equals_one_process(tmp_path, layout):
     torchrun(2, "-m", "tests.multiproc.val_equivalence", "--out", str(tmp_path / "par.json"),
              *layout)
     cfg = tiny_config(*SHAPE, out_dir=tmp_path / "ref")
-    trainer = Trainer(cfg, log=None, tensorboard=False)
-    trainer.heldout = heldout_data(cfg)
-    ref = evaluate_heldout(trainer)
+    ref = evaluate_heldout(Trainer(cfg, log=None, tensorboard=False))
     par = json.loads((tmp_path / "par.json").read_text())
     assert set(par) == set(ref) and ref["val/tokens"] == 1600 - 1600 % 64
     for key, value in ref.items():

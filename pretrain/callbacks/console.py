@@ -31,17 +31,17 @@ class Console(Callback):
             exits = " ".join(f"{k[len('val/ce_exit_'):]} {v:.3f}" for k, v in m.items()
                              if k.startswith("val/ce_exit_"))
             self.log(f"step {step:>6} | val loss {m['val/loss']:.4f} | val ce/loop "
-                     f"{_per_step(m, 'val/ce_step')} | exit ce {exits}")
+                     f"{_per_step(m, 'val/ce_step', trainer)} | exit ce {exits}")
             return
         done = step - self.first_step
         left = (time.perf_counter() - self.start) / max(done, 1) * (trainer.cfg.train.max_steps - step)
         self.log(f"step {step:>6}/{trainer.cfg.train.max_steps} | loss {m['train/loss']:.4f} | "
-                 f"ce/loop {_per_step(m, 'loop/ce_step')} | E[loops] {m['train/expected_loops']:.2f}"
+                 f"ce/loop {_per_step(m, 'loop/ce_step', trainer)} | E[loops] {m['train/expected_loops']:.2f}"
                  f" | lr {m['train/lr']:.2e} | gnorm {m['train/grad_norm']:.3f} | "
                  f"{m['train/tokens_per_s']:,.0f} tok/s | MFU {100 * m['train/mfu']:.1f}% | mem "
                  f"{m['train/peak_memory_gb']:.2f} GB | skipped {m['train/skipped_steps']:.0f} steps "
                  f"{m['data/skipped_samples']:.0f} samples | ETA {_duration(left)}")
 
 
-def _per_step(m: dict[str, float], prefix: str) -> str:
-    return " ".join(f"{m[f'{prefix}{t}']:.3f}" for t in range(1, 1000) if f"{prefix}{t}" in m)
+def _per_step(m: dict[str, float], prefix: str, trainer) -> str:
+    return " ".join(f"{m[f'{prefix}{t}']:.3f}" for t in range(1, trainer.cfg.model.loops + 1))

@@ -46,6 +46,8 @@ def evaluate_heldout(trainer) -> dict[str, float]:
     """One validation pass under the trainer's layout; the val/ metrics on every rank."""
     cfg, topo, engine = trainer.cfg, trainer.topo, trainer.engine
     rules = [ExitRule.parse(r) for r in cfg.train.eval_exits]
+    if trainer.heldout is None:  # opened once, on the first pass
+        trainer.heldout = heldout_data(cfg)
     batches = trainer.heldout.rank_batches(cfg.train.eval_tokens, cfg.train.micro_batch_size,
                                            topo.dp_rank, topo.dp)
     batches = [tuple(x.to(trainer.device) for x in b) for b in batches]
@@ -73,14 +75,11 @@ class Validation(Callback):
         self.every = every
         self.best = float("inf")
 
-    def on_fit_start(self, trainer) -> None:
-        trainer.heldout = trainer.heldout or heldout_data(trainer.cfg)
-
     def on_step_end(self, trainer) -> None:
         if trainer.step % self.every == 0 or trainer.step == trainer.cfg.train.max_steps:
             metrics = evaluate_heldout(trainer)
             self.best = min(self.best, metrics["val/loss"])
-            trainer.emit(metrics, eval=True)
+            trainer.emit(metrics, validation=True)
 
     def state_dict(self) -> dict:
         return {"best": self.best}

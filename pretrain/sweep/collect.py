@@ -46,7 +46,7 @@ def collect(sweep_dir: Path, log=print) -> Path:
                      "flops": run_flops_per_token(cfg) * meta["tokens"],
                      "steps": meta["step"], "train_loss": metrics.get("train/loss", float("nan")),
                      "eval_loss": ev["loss"], "eval_ce_final": ev["ce_final"],
-                     "eval_data": "validation" if ev["data"].startswith("validation") else "training",
+                     "eval_data": "validation" if ev["validation"] else "training",
                      "run_dir": str(run_dir)})
     which = {r["eval_data"] for r in rows}
     log(f"sweep collect: eval_loss measured on {' and '.join(sorted(which)) or 'nothing'} data"

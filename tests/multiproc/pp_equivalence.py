@@ -18,7 +18,8 @@ from parallelism.tensor_parallel import gather_full, parallelize_tensor, vocab_p
 from parallelism.topology import Topology, init_topology
 from pretrain.config import ConfigError
 from pretrain.model.looped import LoopedLM
-from pretrain.model.objective import compute_objective, token_cross_entropy
+from pretrain.model.objective import compute_objective, readout_steps, token_cross_entropy
+from pretrain.step_engine import at_last_lap
 from pretrain.train import Trainer
 from tests.conftest import PARALLEL_VARIANTS, tiny_config
 from tests.conftest import VARIANTS as ALL_VARIANTS
@@ -52,8 +53,9 @@ def one_case(topo, loops, m, kind, variant, split, sp) -> dict:
         parallelize_tensor(stage, topo, sp)
         ce = vocab_parallel_token_ce
     keep_stage(stage, split, topo.pp_rank)
-    pipe = PipelineStage(stage, topo, cfg, ce or token_cross_entropy)
-    out = pipe.run(batches, kind)
+    pipe = PipelineStage(stage, topo, cfg, range(loops)[readout_steps(cfg.objective.kind, loops)])
+    out = pipe.run(batches, kind, at_last_lap(
+        lambda o, lb: compute_objective(cfg.objective, o, lb, ce or token_cross_entropy)))
     finalize_grads(stage, topo)
     total = sum(compute_objective(cfg.objective, ref(ids), labels).loss for ids, labels in batches) / m
     total.backward()

@@ -23,10 +23,6 @@ def main() -> None:
     cfg = tiny_config(*SHAPE, *args.overrides, out_dir=f"{args.out}.run")
     topo = init_topology(cfg)
     trainer = Trainer(cfg, topology=topo, log=None, tensorboard=False)
-    trainer.heldout = None
-    from pretrain.data import heldout_data
-
-    trainer.heldout = heldout_data(cfg)
     finish(topo, evaluate_heldout(trainer), args.out)
 
 
