@@ -23,6 +23,7 @@ import socket
 import warnings
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from core.config_schema import require
@@ -38,7 +39,10 @@ def validate_zero(p) -> None:
 
 
 class TopologyMpu:
-    """The `mpu` interface DeepSpeed reads (megatron's names; model parallel = TP x PP)."""
+    """The `mpu` interface DeepSpeed reads (megatron's names; model parallel = TP x PP). A
+    single process has no groups of its own: both are its private world of size 1. Handing
+    DeepSpeed the groups every time (instead of letting it clone and cache the world) keeps
+    one run's groups out of the next run in the same process."""
 
     def __init__(self, topo: Topology):
         self.topo = topo
@@ -50,7 +54,7 @@ class TopologyMpu:
         return self.topo.tp
 
     def get_model_parallel_group(self):
-        return self.topo.mp_group
+        return self.topo.mp_group or dist.group.WORLD
 
     def get_data_parallel_rank(self) -> int:
         return self.topo.dp_rank
@@ -59,7 +63,7 @@ class TopologyMpu:
         return self.topo.dp
 
     def get_data_parallel_group(self):
-        return self.topo.dp_group
+        return self.topo.dp_group or dist.group.WORLD
 
 
 def _deepspeed():
@@ -96,13 +100,18 @@ def build_zero_engine(model: nn.Module, groups: list[dict], cfg, topo: Topology,
         "wall_clock_breakdown": False,
     }
     single = topo.world == 1
-    if single:  # DeepSpeed needs a process group even for one process
-        for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
-                           ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port()))):
-            os.environ.setdefault(key, value)
+    if single and not dist.is_initialized():
+        # DeepSpeed needs a process group even for one process: a private one of size 1
+        # (passed explicitly -- no RANK/WORLD_SIZE/MASTER_* left in the environment for later
+        # code to mistake for a launcher; DeepSpeed insists on LOCAL_RANK, which is true);
+        # topology.shutdown destroys it with the rest
+        os.environ.setdefault("LOCAL_RANK", "0")
+        dist.init_process_group("nccl" if topo.device.type == "cuda" else "gloo",
+                                init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
+                                world_size=1)
     engine, *_ = _deepspeed().initialize(model=model, model_parameters=groups, config=config,
-                                         mpu=None if single else TopologyMpu(topo),
-                                         dist_init_required=single)
+                                         mpu=TopologyMpu(topo),
+                                         dist_init_required=False)
     return engine
 
 

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from pretrain.config import load_config
 
@@ -43,3 +44,13 @@ def _deterministic():
     torch.use_deterministic_algorithms(True)
     yield
     torch.use_deterministic_algorithms(False)
+
+
+@pytest.fixture(autouse=True)
+def _no_process_group_survives():
+    """An in-process ZeRO trainer owns a private process group of size 1 (parallelism/zero.py)
+    that the CLI's shutdown would destroy; tests end without the CLI, so the group goes here
+    and the next test, in any order, starts with none."""
+    yield
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -115,3 +115,36 @@ def test_eval_says_which_data_it_measured(tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", "--checkpoint", f"{tmp_path}/b", "--batches", "1", "--exit", "all"]) == 0
     assert "data: TRAINING data (no data.validation configured" in capsys.readouterr().out
+
+
+def test_wandb_logger_offline(tmp_path, monkeypatch):
+    """train.wandb_project adds the W&B callback; offline, the W&B run holds every metric
+    the other outputs get, and its id is kept in the checkpoint for a resumed job."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = tiny_config("train.max_steps=2", "optim.warmup_steps=1", "train.log_every=1",
+                      "train.eval_every=2", "train.eval_tokens=640",
+                      "train.wandb_project=looped-test", out_dir=tmp_path)
+
+    class Check(Callback):  # runs after the W&B callback: what reached the W&B run's log
+        def __init__(self):
+            self.sent, self.checked = [], 0
+
+        def on_fit_start(self, trainer):
+            real = wandb_cb.run.log
+            wandb_cb.run.log = lambda data, step: (self.sent.append((step, data)),
+                                                   real(data, step=step))
+
+        def on_log(self, trainer, step, metrics):
+            assert self.sent[-1] == (step, metrics)
+            self.checked += 1
+
+    check = Check()
+    trainer = Trainer(cfg, log=None, tensorboard=False, callbacks=[check])
+    (wandb_cb,) = [cb for cb in trainer.callbacks if cb.name == "wandb"]
+    trainer.fit()
+    assert check.checked == 3  # steps 1 and 2, and the validation pass at step 2
+    run_id = wandb_cb.state_dict()["run_id"]
+    assert (next((tmp_path / "wandb").glob(f"offline-run-*-{run_id}")) / f"run-{run_id}.wandb").stat().st_size
+    meta = json.loads(next(tmp_path.glob("checkpoints/step_*/meta.json")).read_text())
+    assert meta["callbacks"]["wandb"] == {"run_id": run_id}

@@ -38,7 +38,7 @@ def run(topo, layout: list[str], stage: int) -> dict:
     ref.initial = {k: v.clone() for k, v in ref.model.state_dict().items()}
     ref_hist = ref.fit(save=False).history
     state = full_state_dict(par.model, topo) if topo.tp > 1 else par.model.state_dict()
-    if par.pipeline is not None:
+    if par.engine.pipeline is not None:
         state = gather_stages(par.model, state, topo)
     want = ref.model.state_dict()
     param_err = max((state[k] - v).abs().max().item() for k, v in want.items())

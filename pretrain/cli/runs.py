@@ -1,0 +1,111 @@
+"""`pretrain submit`, `pretrain status` and `pretrain sweep`: runs on SLURM and sweeps of them."""
+
+from __future__ import annotations
+
+import argparse
+
+from pretrain.config import ConfigError, load_config
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pretrain.config import absolute_paths, dump_config
+    from slurm.submit import JobSpec, render, sbatch, train_command
+
+    cfg = load_config(args.config, args.overrides)
+    world = cfg.parallel.world_size
+    if world % args.nodes:
+        raise ConfigError(f"--nodes: {args.nodes} does not divide the layout's {world} processes")
+    per_node = world // args.nodes
+    if args.gpus_per_node and args.gpus_per_node != per_node:
+        raise ConfigError(f"--gpus-per-node: {args.gpus_per_node}, but the layout puts {per_node} "
+                          f"processes on each of {args.nodes} nodes (one per GPU)")
+    absolute_paths(cfg)  # the job runs in the run directory
+    run_dir = Path(cfg.train.out_dir)
+    spec = JobSpec(nodes=args.nodes, tasks_per_node=per_node, gpus_per_node=args.gpus_per_node,
+                   cpus_per_task=args.cpus_per_task, time=args.time, partition=args.partition,
+                   account=args.account, grace_s=args.grace)
+    config = run_dir / "submit.yaml"
+    script = render(spec, args.name or run_dir.name, run_dir, train_command(config, []))
+    if args.dry_run:
+        print(script, end="")
+        return 0
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config.write_text(dump_config(cfg))
+    (run_dir / "submit.sbatch").write_text(script)
+    job = sbatch(run_dir / "submit.sbatch", run_dir)
+    print(f"submitted job {job}: {run_dir / 'submit.sbatch'} (logs {run_dir}/slurm-{job}.out)")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pretrain.status import run_status
+
+    print(run_status(Path(args.run_dir)))
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    if args.action in ("collect", "fit"):
+        if not args.sweep_dir:
+            raise ConfigError(f"sweep {args.action}: give the sweep directory")
+        if args.action == "collect":
+            from pretrain.sweep.collect import collect
+
+            collect(Path(args.sweep_dir))
+        else:
+            from pretrain.sweep.fit import fit_sweep
+
+            print(fit_sweep(Path(args.sweep_dir), args.budget))
+        return 0
+    from pretrain.sweep.launch import run_local, submit_array, wait_note
+    from pretrain.sweep.spec import expand, load_spec, write_points
+
+    if not args.spec or args.local == args.submit:
+        raise ConfigError("sweep: give --spec and exactly one of --local / --submit")
+    spec = load_spec(args.spec)
+    points = expand(spec)
+    write_points(spec, points)
+    print(f"sweep: {len(points)} points -> {spec.out_dir / 'points'}")
+    if args.submit:
+        print(wait_note(submit_array(spec, points), spec.out_dir))
+        return 0
+    run_local(points)
+    from pretrain.sweep.collect import collect
+    from pretrain.sweep.fit import fit_sweep
+
+    collect(spec.out_dir)
+    print(fit_sweep(spec.out_dir, args.budget))
+    return 0
+
+
+def add_commands(sub) -> None:
+    sb = sub.add_parser("submit", help="submit a run to SLURM (auto-requeue on preemption)")
+    sb.add_argument("--config", required=True)
+    sb.add_argument("overrides", nargs="*")
+    sb.add_argument("--nodes", type=int, default=1)
+    sb.add_argument("--gpus-per-node", type=int, default=0)
+    sb.add_argument("--cpus-per-task", type=int, default=1)
+    sb.add_argument("--time", default="01:00:00", help="HH:MM:SS or D-HH:MM:SS")
+    sb.add_argument("--partition", default="")
+    sb.add_argument("--account", default="")
+    sb.add_argument("--grace", type=int, default=120, help="seconds of warning (USR1) before the limit")
+    sb.add_argument("--name", default="", help="job name (default: the run directory's name)")
+    sb.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
+    sb.set_defaults(fn=_submit)
+    sw = sub.add_parser("sweep", help="scaling-law sweeps: run/submit points, collect, fit")
+    sw.add_argument("action", nargs="?", choices=("run", "collect", "fit"), default="run")
+    sw.add_argument("sweep_dir", nargs="?", help="sweep directory (collect, fit)")
+    sw.add_argument("--spec", help="sweep spec YAML (run)")
+    sw.add_argument("--local", action="store_true", help="train the points here, one by one")
+    sw.add_argument("--submit", action="store_true", help="submit one SLURM job array")
+    sw.add_argument("--budget", type=float, default=None, help="FLOPs for the compute optimum")
+    sw.set_defaults(fn=_sweep)
+    st = sub.add_parser("status", help="step, tokens, loss, checkpoint and SLURM state of a run")
+    st.add_argument("run_dir")
+    st.set_defaults(fn=_status)

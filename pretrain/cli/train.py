@@ -1,0 +1,81 @@
+"""`pretrain train` and `pretrain params`: run a config, or count what it would run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from core.exit_codes import EXIT_DIVERGED, EXIT_PEER_LOST, EXIT_PREEMPTED
+from pretrain.config import load_config
+from pretrain.preemption import Preempted
+
+
+def _train(args: argparse.Namespace) -> int:
+    from parallelism.topology import shutdown
+    from pretrain.model.flops import count_parameters
+    from pretrain.train import Trainer, TrainingDiverged
+
+    cfg = load_config(args.config, args.overrides)
+    trainer = Trainer(cfg)
+    say = print if trainer.topo.is_main else (lambda *a, **k: None)
+    m = cfg.model
+    if "SLURM_JOB_ID" in os.environ:
+        say(f"slurm job {os.environ['SLURM_JOB_ID']}, restart "
+            f"{os.environ.get('SLURM_RESTART_COUNT', '0')}")
+    say(f"looped LM: {m.num_layers} shared layers x {m.loops} loops, hidden {m.hidden_size}; "
+          f"{count_parameters(m)['total']:,} parameters; "
+          f"device {trainer.device}; {trainer.tokens_per_step:,} tokens/step; layout tensor "
+          f"{trainer.topo.tp} x pipeline {trainer.topo.pp} x data {trainer.topo.dp}")
+    resume = args.resume or ("auto" if "SLURM_JOB_ID" in os.environ else "none")
+    try:
+        if resume != "none":
+            trainer.resume(resume)
+        summary = trainer.fit()
+    except TrainingDiverged as e:
+        print(f"pretrain: error: {e}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except Preempted as e:
+        shutdown(trainer.topo)
+        say(f"pretrain: {e}; exit {EXIT_PREEMPTED} (requeue, then --resume auto)")
+        return EXIT_PREEMPTED
+    except RuntimeError:  # a collective failed: was it a dead peer?
+        watchdog = trainer.topo.watchdog
+        why = watchdog.diagnose() if watchdog is not None else None
+        if why is None:
+            raise
+        print(f"pretrain: error: {why}", file=sys.stderr)
+        return EXIT_PEER_LOST
+    shutdown(trainer.topo)
+    first = summary.history[0].loss if summary.history else float("nan")
+    say(f"done: {summary.steps} steps, loss {first:.4f} -> {summary.final_loss:.4f}, "
+        f"{summary.skipped_steps} skipped")
+    say(f"TensorBoard logs: {summary.tensorboard_dir}  (tensorboard --logdir {summary.tensorboard_dir})")
+    say(f"checkpoint: {summary.checkpoint}")
+    return 0
+
+
+def _params(args: argparse.Namespace) -> int:
+    from pretrain.model.flops import count_parameters, run_flops_per_token
+
+    cfg = load_config(args.config, args.overrides)
+    report = count_parameters(cfg.model)
+    report["flops_per_token"] = run_flops_per_token(cfg)
+    report["loops"] = cfg.model.loops
+    report["seq_len"] = cfg.train.seq_len
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def add_commands(sub) -> None:
+    for name, fn, helptext in (("train", _train, "train a looped LM"),
+                               ("params", _params, "print parameter and FLOP counts as JSON")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--config", required=True, help="YAML config file")
+        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.loops=2")
+        p.set_defaults(fn=fn)
+        if name == "train":
+            p.add_argument("--resume", default=None,
+                           help="auto (newest complete checkpoint of train.out_dir), a checkpoint "
+                                "or run directory, or none; default: auto under SLURM, else none")
