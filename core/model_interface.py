@@ -40,6 +40,16 @@ class NoKV:
         pass
 
 
+class DeferredReadout(Protocol):
+    """Logits not yet computed (train.loss_chunk_tokens): the readout state h and a way to
+    rebind the same readout to another tensor holding h (the pipeline hands h over between
+    pieces, never the logits)."""
+
+    h: Tensor
+
+    def on(self, h: Tensor) -> DeferredReadout: ...
+
+
 class LoopedModel(Protocol):
     """The pieces of one forward pass, in the order the pipeline runs them on its stages:
     embed_stream (stage 0, once) -> per loop t: loop_input (stage 0) -> run_block (every
@@ -67,7 +77,7 @@ class LoopedModel(Protocol):
                   store: KVStore) -> Tensor: ...
 
     def readout(self, h: Tensor, t: int, rope: Rope,
-                store: KVStore) -> tuple[Tensor | None, Tensor]: ...
+                store: KVStore) -> tuple[Tensor | DeferredReadout | None, Tensor]: ...
 
     def no_readout(self, ids: Tensor) -> tuple[None, Tensor]: ...
 

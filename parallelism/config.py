@@ -22,6 +22,10 @@ class ParallelConfig:
     timeout_minutes: float = 10.0  # process-group timeout
     peer_timeout_s: float = 15.0  # a rank without heartbeat this long is declared dead
     zero_stage: int = 0  # 0: plain data parallelism; 1, 2: DeepSpeed ZeRO over the DP group
+    # reduce gradients over DP in buckets while backward runs (Megatron's --overlap-grad-reduce;
+    # under ZeRO DeepSpeed's overlap_comm); grad_bucket_mb: bucket size (also DeepSpeed's)
+    overlap_grad_reduce: bool = True
+    grad_bucket_mb: float = 25.0
 
     @property
     def world_size(self) -> int:
@@ -36,6 +40,7 @@ def validate_layout(p: ParallelConfig, model, seq_len: int, grad_accum_steps: in
     require(p.timeout_minutes > 0, "parallel.timeout_minutes", "must be > 0")
     require(p.peer_timeout_s > 0, "parallel.peer_timeout_s", "must be > 0")
     validate_zero(p)
+    require(p.grad_bucket_mb > 0, "parallel.grad_bucket_mb", f"must be > 0, got {p.grad_bucket_mb}")
     tp = p.tensor
     if tp > 1:
         for name in ("hidden_size", "num_heads", "ffn_hidden_size", "vocab_size"):

@@ -95,14 +95,22 @@ def _leaf(t: Tensor) -> Tensor:
 
 @dataclass
 class _Handoff:
-    """A tensor produced by one piece and consumed by later pieces on this stage."""
+    """A tensor produced by one piece and consumed by later pieces on this stage; `value` is
+    what the consumer reads. A deferred readout (train.loss_chunk_tokens: an object with the
+    state `.h` and `.on(h)`, core/model_interface.py) hands over its [S, B, H] state, not
+    [S, B, V] logits: the loss at lap R computes them chunk by chunk."""
 
     real: Tensor
     leaf: Tensor
+    value: Any
 
     @classmethod
-    def of(cls, t: Tensor) -> _Handoff:
-        return cls(t, _leaf(t))
+    def of(cls, t) -> _Handoff:
+        if isinstance(t, Tensor):
+            leaf = _leaf(t)
+            return cls(t, leaf, leaf)
+        leaf = _leaf(t.h)
+        return cls(t.h, leaf, t.on(leaf))
 
 
 @dataclass
@@ -162,7 +170,7 @@ class PipelineStage:
             saved["out"] = [model.handover(x, h)]
             return saved
         mb.result = objective(
-            [None if st[0] is None else st[0].leaf for st in mb.steps] + [logits],
+            [None if st[0] is None else st[0].value for st in mb.steps] + [logits],
             torch.stack([st[1].leaf for st in mb.steps] + [gate]), torch.stack(mb.norms),
             mb.labels)
         if torch.is_grad_enabled():

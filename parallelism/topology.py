@@ -80,14 +80,48 @@ def init_topology(cfg) -> Topology:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=timedelta(minutes=p.timeout_minutes))
-    _cpu_collectives_shim()
+    return _with_groups(p, world, local_rank, device,
+                        Watchdog(dist.get_rank(), world, grace=p.peer_timeout_s))
+
+
+def rehearsal_topology(p, rank: int) -> Topology:
+    """This one process as rank `rank` of layout `p` (the parallel section) on torch's fake
+    process group, whose collectives do nothing: `pretrain plan --rehearse` runs the real
+    parallelize / stage / checkpoint code of a 64-GPU layout on a laptop. `end_rehearsal`
+    tears it down."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=p.world_size)
+    try:
+        return _with_groups(p, p.world_size, 0, torch.device("cpu"), None, gloo_groups=False)
+    except BaseException:
+        end_rehearsal()
+        raise
+
+
+def end_rehearsal() -> None:
+    _megatron_state().destroy_model_parallel()
+    dist.destroy_process_group()
+
+
+def _megatron_state():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "Transformer Engine and Apex are not installed"
-        from megatron.core import parallel_state as ps
+        from megatron.core import parallel_state
+    return parallel_state
+
+
+def _with_groups(p, world: int, local_rank: int, device: torch.device,
+                 watchdog: Watchdog | None, gloo_groups: bool = True) -> Topology:
+    """megatron-core's TP x PP x DP groups on the joined world, as a Topology (`gloo_groups`:
+    also megatron's gloo side groups, which the fake backend cannot make)."""
+    _cpu_collectives_shim()
+    ps = _megatron_state()
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(tensor_model_parallel_size=p.tensor,
                                      pipeline_model_parallel_size=p.pipeline,
-                                     distributed_timeout_minutes=int(max(p.timeout_minutes, 1)))
+                                     distributed_timeout_minutes=int(max(p.timeout_minutes, 1)),
+                                     create_gloo_process_groups=gloo_groups)
     return Topology(
         world=world, rank=dist.get_rank(), local_rank=local_rank, tp=p.tensor, pp=p.pipeline,
         dp=p.data, tp_rank=ps.get_tensor_model_parallel_rank(),
@@ -96,8 +130,7 @@ def init_topology(cfg) -> Topology:
         dp_group=ps.get_data_parallel_group(), mp_group=ps.get_model_parallel_group(),
         pp_group=ps.get_pipeline_model_parallel_group(),
         pp_next=ps.get_pipeline_model_parallel_next_rank(),
-        pp_prev=ps.get_pipeline_model_parallel_prev_rank(),
-        watchdog=Watchdog(dist.get_rank(), world, grace=p.peer_timeout_s))
+        pp_prev=ps.get_pipeline_model_parallel_prev_rank(), watchdog=watchdog)
 
 
 def shutdown(topo: Topology) -> None:

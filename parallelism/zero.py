@@ -80,25 +80,35 @@ def _deepspeed():
     return deepspeed
 
 
-def build_zero_engine(model: nn.Module, groups: list[dict], cfg, topo: Topology,
-                      pipeline: bool):
-    """A DeepSpeed engine around `model` with AdamW over `groups` (our decay/no-decay split).
+def zero_config(cfg, pipeline: bool) -> dict:
+    """DeepSpeed's config for this run: AdamW, clipping, ZeRO stage and buckets.
 
     Without the pipeline, DeepSpeed sees grad_accum_steps micro-batches per step
     (engine.backward + engine.step each); with it, one backward-less micro-step per step."""
     o = cfg.optim
-    config = {
+    bucket = int(cfg.parallel.grad_bucket_mb * 2**20 / 4)  # DeepSpeed counts fp32 elements
+    return {
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
         "gradient_accumulation_steps": 1 if pipeline else cfg.train.grad_accum_steps,
         "zero_optimization": {"stage": cfg.parallel.zero_stage,
-                              "contiguous_gradients": not pipeline},
+                              "contiguous_gradients": not pipeline,
+                              "overlap_comm": cfg.parallel.overlap_grad_reduce and not pipeline,
+                              "reduce_bucket_size": bucket, "allgather_bucket_size": bucket},
         "optimizer": {"type": "AdamW", "params": {
             "lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps, "torch_adam": True}},
         "gradient_clipping": o.grad_clip,
-        "bf16": {"enabled": topo.device.type == "cuda"},
+        # train.precision=bf16 is torch autocast around the step (fp32 weights, which are
+        # DeepSpeed's master copy): DeepSpeed's own bf16 would cast them a second time
+        "bf16": {"enabled": False},
         "steps_per_print": 1 << 62,
         "wall_clock_breakdown": False,
     }
+
+
+def build_zero_engine(model: nn.Module, groups: list[dict], cfg, topo: Topology,
+                      pipeline: bool):
+    """A DeepSpeed engine around `model` with AdamW over `groups` (our decay/no-decay split)."""
+    config = zero_config(cfg, pipeline)
     single = topo.world == 1
     if single and not dist.is_initialized():
         # DeepSpeed needs a process group even for one process: a private one of size 1

@@ -53,6 +53,14 @@ class TrainConfig:
     # readout as `pretrain eval` without a prefix: every loop runs, the exit picks the step)
     eval_exits: list[str] = field(default_factory=lambda: ["gate:0.5", "gate:0.9"])
     wandb_project: str = ""  # log to Weights & Biases too (pip install '.[wandb]')
+    # what backward keeps (pretrain/model/memory.py): none | selective (attention core) |
+    # full (every layer) | loops (the layers of all but the last recompute_keep_last_loops)
+    recompute: Literal["none", "selective", "full", "loops"] = "none"
+    recompute_keep_last_loops: int = 1
+    loss_chunk_tokens: int = 0  # readout + CE per chunk of this many tokens; 0: whole logits
+    # bf16: autocast (fp32 master weights, optimizer state and loss); fp32: no autocast
+    precision: Literal["bf16", "fp32"] = "fp32"
+    compile: bool = False  # torch.compile each decoder layer (one graph for every loop)
 
 
 @dataclass
@@ -104,12 +112,27 @@ def validate_train(t: TrainConfig, max_seq_len: int) -> None:
                 "delta needs the hidden states of every step: use `pretrain eval --exit delta:EPS`")
 
 
+def validate_memory(t: TrainConfig, loops: int, tensor: int) -> None:
+    """Recompute, chunked loss and compile: each field's range, and the pairs that cannot work."""
+    require(0 <= t.recompute_keep_last_loops <= loops, "train.recompute_keep_last_loops",
+            f"must be in 0..model.loops {loops}, got {t.recompute_keep_last_loops}")
+    require(t.loss_chunk_tokens >= 0, "train.loss_chunk_tokens",
+            f"must be >= 0, got {t.loss_chunk_tokens}")
+    require(not (t.compile and tensor > 1), "train.compile",
+            f"cannot compile megatron-core's tensor-parallel layers (parallel.tensor {tensor}): "
+            "use train.compile=false with parallel.tensor > 1")
+    require(not (t.compile and t.recompute == "selective"), "train.compile",
+            "train.recompute=selective checkpoints inside the compiled layer: use full or loops "
+            "with train.compile")
+
+
 def validate(cfg: Config) -> None:
     """Semantic checks that types alone cannot express, section by section."""
     validate_model(cfg.model)
     validate_objective(cfg.objective, cfg.model)
     validate_optim(cfg.optim, cfg.train.max_steps, cfg.parallel.zero_stage, cfg.parallel.tensor)
     validate_train(cfg.train, cfg.model.max_seq_len)
+    validate_memory(cfg.train, cfg.model.loops, cfg.parallel.tensor)
     validate_data(cfg.data)
     if cfg.train.eval_every:
         require(bool(cfg.data.validation), "train.eval_every",

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from core.config_schema import require
+from pretrain.kernels import adamw
 
 
 @dataclass
@@ -164,8 +165,9 @@ class _JointState:
 def build_optimizer(model: nn.Module, cfg: OptimConfig):
     if cfg.name == "muon":
         return MuonAdamW(model, cfg)
-    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                             eps=cfg.eps)
+    device = next(model.parameters()).device
+    return adamw(param_groups(model, cfg), device, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                 eps=cfg.eps)
 
 
 def lr_at(cfg: OptimConfig, step: int, max_steps: int) -> float:

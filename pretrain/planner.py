@@ -13,18 +13,24 @@ run. Per token (per GPU: divided by TP; per step: times the GPU's tokens):
               once 12, the dense gradient NLL writes 4, log-softmax backward 12, cast back 6).
               At a 131k vocabulary this is as much traffic as all the layers' elementwise work
   TP          4 collectives of s x b x h bf16 per layer per loop (2 forward, 2 backward),
-              ring cost 2 (t-1)/t over NVLink, not overlapped
-  DP          gradient reduce-scatter + parameter all-gather (fp32 grads, bf16 params), ring
-              cost over InfiniBand once DP leaves the node; the reduce-scatter overlapped with
-              the backward of the last microbatch (Megatron's --overlap-grad-reduce), the
-              all-gather with the next step's first forward (--overlap-param-gather); the rest
-              exposed
+              ring cost 2 (t-1)/t over NVLink, not overlapped; sequence parallelism on
+  DP          without ZeRO an all-reduce of the fp32 gradients; with ZeRO a reduce-scatter of
+              the gradients + an all-gather of the parameters; ring cost over InfiniBand once
+              DP leaves the node. With `parallel.overlap_grad_reduce` the gradient reduction
+              hides behind the backward of the last microbatch (parallelism/grad_overlap.py,
+              DeepSpeed's overlap_comm), the all-gather behind the next forward; the rest is
+              exposed. Without it, all of it is exposed.
   PP          the circular pipeline's bubble: (p-1)/(R m + p-1) of the step; p2p overlapped
   optimizer   Adam over this rank's shard: ~32 bytes per parameter through HBM
-Memory: bf16 weights 2 B + fp32 grads 4 B + fp32 master and Adam moments 12 B per parameter
-(the 12 B divided over DP with ZeRO-1 / a distributed optimizer); activations with selective
-recompute of attention (Korthikanti et al. 2022): 34 s b h bytes per layer per loop, / t with
-sequence parallelism, kept for R laps of up to p in-flight microbatches, plus the fp32 logits.
+Recompute (`train.recompute`) adds the recomputed forward: `full` every layer's, `loops` that
+of the first R-k loops' layers, `selective` the attention core's; the chunked readout
+(`train.loss_chunk_tokens`) the head's and the loss's. `train.precision: fp32` runs GEMMs at
+the TF32 rate (half the bf16 peak) and moves twice the elementwise bytes.
+Memory, as the trainer holds it: fp32 weights 4 B (bf16 is autocast, the weights are the
+master copy) + fp32 grads 4 B + Adam moments 8 B per parameter (the 8 B divided over DP with
+ZeRO); activations from pretrain/model/activations.py (what this code saves for backward,
+checked exactly by bench/activation_memory.py) for the worst pipeline stage, times the pieces
+the schedule keeps alive at once.
 MFU counts model FLOPs (flops_per_token: full attention scores, as Megatron counts them).
 """
 
@@ -33,9 +39,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from parallelism.pipeline_schedule import peak_live, schedule
 from pretrain.config import Config
 from pretrain.hardware import Accelerator
+from pretrain.model.activations import Shard, saved_bytes
 from pretrain.model.flops import count_parameters, flops_per_token, layer_matmul_flops, readouts
+from pretrain.model.memory import MemoryPolicy
 
 GEMM_EFFICIENCY = 0.80  # large bf16 GEMMs reach ~80% of the dense peak (cuBLAS, Hopper)
 NARROW_GEMM = 512  # efficiency halves at a GEMM width this small (tile quantisation, waves)
@@ -44,6 +53,7 @@ ELEMENTWISE_BANDWIDTH = 0.80  # memory-bound kernels, fraction of HBM bandwidth
 LOSS_BYTES_PER_LOGIT = 40  # fp32 cross-entropy forward + backward, counted in the docstring
 COLLECTIVE_EFFICIENCY = 0.80  # NCCL ring bus bandwidth, fraction of the link
 MEMORY_HEADROOM = 0.90  # usable fraction of device memory (allocator, CUDA context)
+TF32_RATE = 0.5  # fp32 GEMMs run as TF32 at half the dense bf16 peak (H100, A100)
 
 
 @dataclass(frozen=True)
@@ -94,8 +104,32 @@ def check(cfg: Config, lay: Layout, gpu: Accelerator, global_batch: int) -> str:
     return ""
 
 
+def _recomputed_share(cfg: Config) -> float:
+    """Fraction of the layers' forward that backward runs again (train.recompute)."""
+    t, loops = cfg.train, cfg.model.loops
+    policy = MemoryPolicy(t.recompute, t.recompute_keep_last_loops)
+    return sum(policy.recomputes_layer(i, loops) for i in range(loops)) / loops
+
+
+def activation_bytes(cfg: Config, lay: Layout) -> float:
+    """Bytes kept for backward on the fullest pipeline stage: one microbatch's (all R laps)
+    per lap, times the pieces the circular schedule keeps alive at once."""
+    m, tp, pp = cfg.model, lay.tp, lay.pp
+    shards = tp if tp > 1 else 1
+    policy = MemoryPolicy.of(cfg.train, shards)
+    bf16 = cfg.train.precision == "bf16"
+    stages = [Shard(tp, tp > 1, layers=-(-m.num_layers // pp), first=k == 0, last=k == pp - 1)
+              for k in {0, pp - 1}]
+    per_mb = max(saved_bytes(cfg, lay.micro_batch, policy, st, bf16, readouts(cfg)) for st in stages)
+    if pp == 1:
+        return per_mb
+    kind = cfg.parallel.pipeline_schedule
+    live = max(peak_live(schedule(kind, pp, m.loops, lay.microbatches, r)) for r in range(pp))
+    return per_mb / m.loops * live
+
+
 def estimate(cfg: Config, lay: Layout, gpu: Accelerator, global_batch: int) -> Estimate:
-    m, s = cfg.model, cfg.train.seq_len
+    m, s, tr = cfg.model, cfg.train.seq_len, cfg.train
     h, f, r = m.hidden_size, m.ffn_hidden_size, m.loops
     t, p, d = lay.tp, lay.pp, lay.dp
     params = count_parameters(m)
@@ -105,24 +139,35 @@ def estimate(cfg: Config, lay: Layout, gpu: Accelerator, global_batch: int) -> E
     q = m.num_heads * m.kv_channels
     heads = readouts(cfg)  # loop steps whose LM head and loss run (all, for the ELBO)
     layer_passes = m.num_layers * r + m.prelude_layers + m.coda_layers * r
-    gemm = 3 * tokens * layer_matmul_flops(m) * layer_passes / t
-    head = 3 * tokens * 2 * h * m.vocab_size * heads / t
-    attn = 3 * tokens * 2 * s * q * layer_passes / t  # causal: half of 2 x 2 s q
+    again = _recomputed_share(cfg)  # recomputed forward, as a fraction of the layers' forward
+    chunked = tr.loss_chunk_tokens > 0
+    rate = 1.0 if tr.precision == "bf16" else TF32_RATE
+    gemm = (3 + again) * tokens * layer_matmul_flops(m) * layer_passes / t
+    head = (3 + chunked) * tokens * 2 * h * m.vocab_size * heads / t
+    core_again = 1 if tr.recompute == "selective" else again
+    attn = (3 + core_again) * tokens * 2 * s * q * layer_passes / t  # causal: half of 2 x 2 s q
     t_gemm = (_gemm_time(gemm, min(h, f / t, q / t), gpu)
-              + _gemm_time(head, min(h, m.vocab_size / t), gpu))
-    t_attn = attn / (gpu.peak_flops * ATTENTION_EFFICIENCY)
-    elementwise_bytes = tokens * layer_passes * 3 * (12 * h + 3 * f) * 2 / t \
-        + tokens * heads * LOSS_BYTES_PER_LOGIT * m.vocab_size / t
+              + _gemm_time(head, min(h, m.vocab_size / t), gpu)) / rate
+    t_attn = attn / (gpu.peak_flops * rate * ATTENTION_EFFICIENCY)
+    act_size = 2 if tr.precision == "bf16" else 4
+    elementwise_bytes = tokens * layer_passes * (3 + again) * (12 * h + 3 * f) * act_size / t \
+        + tokens * heads * LOSS_BYTES_PER_LOGIT * (1 + chunked / 3) * m.vocab_size / t
     t_elem = elementwise_bytes / (gpu.hbm_bw * ELEMENTWISE_BANDWIDTH)
     compute = (t_gemm + t_attn + t_elem) / p  # each stage does 1/p of the layers
     # -- communication --
     act_bytes = lay.micro_batch * s * h * 2
     t_tp = _ring(act_bytes, t, gpu.intra_node_bw) * 4 * layer_passes / p * lay.microbatches
     dp_bw = gpu.intra_node_bw if t * p * d <= gpu.per_node else gpu.inter_node_bw
-    reduce_scatter = _ring(per_gpu_params * 4, d, dp_bw) / 2  # fp32 gradients
-    all_gather = _ring(per_gpu_params * 2, d, dp_bw) / 2  # bf16 parameters
+    if lay.zero:
+        reduce = _ring(per_gpu_params * 4, d, dp_bw) / 2  # reduce-scatter of fp32 gradients
+        gather = _ring(per_gpu_params * 4, d, dp_bw) / 2  # all-gather of the updated weights
+    else:
+        reduce, gather = _ring(per_gpu_params * 4, d, dp_bw), 0.0  # all-reduce
     microbatch = compute / lay.microbatches  # forward 1/3, backward 2/3
-    t_dp = max(0.0, reduce_scatter - microbatch * 2 / 3) + max(0.0, all_gather - microbatch / 3)
+    if cfg.parallel.overlap_grad_reduce:
+        t_dp = max(0.0, reduce - microbatch * 2 / 3) + max(0.0, gather - microbatch / 3)
+    else:
+        t_dp = reduce + gather
     bubble = (p - 1) / (r * lay.microbatches + p - 1) if p > 1 else 0.0
     shard = d if lay.zero else 1
     t_opt = per_gpu_params / shard * 32 / gpu.hbm_bw
@@ -132,11 +177,8 @@ def estimate(cfg: Config, lay: Layout, gpu: Accelerator, global_batch: int) -> E
     flops = flops_per_token(m, s, readouts=readouts(cfg)) * tokens * d
     mfu = flops / (step * t * p * d * gpu.peak_flops)
     # -- memory --
-    live = min(p, lay.microbatches) * r
-    act = 34 * s * lay.micro_batch * h / t * (m.num_layers / p) * live
-    logits = s * lay.micro_batch * m.vocab_size / t * 4 * heads
-    mem = {"weights": per_gpu_params * 2, "grads": per_gpu_params * 4,
-           "optimizer": per_gpu_params * 12 / shard, "activations": act + logits}
+    mem = {"weights": per_gpu_params * 4, "grads": per_gpu_params * 4,
+           "optimizer": per_gpu_params * 8 / shard, "activations": activation_bytes(cfg, lay)}
     mem = {k: v / 2**30 for k, v in mem.items()}
     mem["total"] = sum(mem.values())
     why = check(cfg, lay, gpu, global_batch)
@@ -145,6 +187,22 @@ def estimate(cfg: Config, lay: Layout, gpu: Accelerator, global_batch: int) -> E
     return Estimate(lay, mem, {"compute": compute, "tp_comm": t_tp, "bubble": t_bubble,
                                "dp_comm_exposed": t_dp, "optimizer": t_opt},
                     step, mfu, tokens * d / step, not why, why)
+
+
+def realising_config(cfg: Config, lay: Layout) -> list[str]:
+    """The overrides that run `lay` with this plan's assumptions (what `pretrain train` and
+    `pretrain slurm submit` take after the config file)."""
+    t, p = cfg.train, cfg.parallel
+    out = [f"parallel.tensor={lay.tp}", f"parallel.pipeline={lay.pp}", f"parallel.data={lay.dp}",
+           f"train.micro_batch_size={lay.micro_batch}", f"train.grad_accum_steps={lay.microbatches}",
+           f"parallel.sequence_parallel={str(lay.tp > 1).lower()}",
+           f"parallel.zero_stage={1 if lay.zero and lay.dp > 1 else 0}",
+           f"train.recompute={t.recompute}", f"train.loss_chunk_tokens={t.loss_chunk_tokens}",
+           f"train.precision={t.precision}",
+           f"parallel.overlap_grad_reduce={str(p.overlap_grad_reduce).lower()}"]
+    if t.recompute == "loops":
+        out.append(f"train.recompute_keep_last_loops={t.recompute_keep_last_loops}")
+    return out
 
 
 def layouts(cfg: Config, gpus: int, global_batch: int) -> list[Layout]:
@@ -174,5 +232,8 @@ def megatron_gpt_1p7b(base: Config) -> Config:
                                 num_heads=16, num_kv_heads=16, head_dim=0,
                                 ffn_hidden_size=8 * 2048 // 3, loops=1, max_seq_len=4096,
                                 tie_embeddings=False, prelude_layers=0, coda_layers=0)
-    return dataclasses.replace(base, model=model,
-                               train=dataclasses.replace(base.train, seq_len=4096))
+    # Megatron's recipe for it: bf16, selective recompute, --overlap-grad-reduce
+    train = dataclasses.replace(base.train, seq_len=4096, precision="bf16", recompute="selective",
+                                loss_chunk_tokens=0)
+    return dataclasses.replace(base, model=model, train=train,
+                               parallel=dataclasses.replace(base.parallel, overlap_grad_reduce=True))

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from parallelism.grads import all_ranks_agree, finalize_grads, global_grad_norm, layer_grad_norms
+from parallelism.grad_overlap import OverlappedGradReducer
+from parallelism.grads import all_ranks_agree, global_grad_norm, layer_grad_norms
 from parallelism.pipeline import PipelineStage, keep_stage
 from parallelism.pipeline_balance import describe
 from parallelism.tensor_parallel import parallelize_tensor, vocab_parallel_token_ce
@@ -30,6 +31,7 @@ from parallelism.zero import build_zero_engine
 from pretrain.config import Config
 from pretrain.model.flops import pipeline_split, stage_cost_model
 from pretrain.model.looped import LoopedOutput
+from pretrain.model.memory import MemoryPolicy
 from pretrain.model.objective import (
     compute_objective,
     readout_steps,
@@ -86,17 +88,21 @@ class PipelinePass:
 
 
 class PlainUpdate:
-    """Gradients averaged over DP, one global norm, clip, step (or skip on every rank)."""
+    """Gradients averaged over DP (bucket by bucket during backward: parallelism/grad_overlap.py),
+    one global norm, clip, step (or skip on every rank)."""
 
-    def __init__(self, model: nn.Module, optimizer, topo: Topology, grad_clip: float):
+    def __init__(self, model: nn.Module, optimizer, topo: Topology, grad_clip: float,
+                 reducer: OverlappedGradReducer | None):
         self.model, self.optimizer, self.topo, self.clip = model, optimizer, topo, grad_clip
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.reducer = reducer  # None: one process per model replica, nothing to average
 
     def backward(self, loss: Tensor, micro_batches: int) -> None:
         (loss / micro_batches).backward()
 
     def step(self, loss: Tensor, diagnostics: bool) -> tuple[Tensor, bool, list[float] | None]:
-        finalize_grads(self.model, self.topo)
+        if self.reducer is not None:
+            self.reducer.finish()
         grad_norm = global_grad_norm(self.params, self.topo)
         layers = (layer_grad_norms(self.model, self.topo, self.model.cfg.num_layers)
                   if diagnostics else None)
@@ -173,26 +179,40 @@ class StepEngine:
             return self.passes.evaluate(batches, readout)
 
 
-def build_engine(cfg: Config, model: nn.Module, topo: Topology,
-                 log: Callable[[str], None]) -> StepEngine:
-    """Shape `model` (built whole from the seed) for this rank and pick the two halves."""
+def shape_for_layout(cfg: Config, model: nn.Module, topo: Topology,
+                     log: Callable[[str], None]) -> tuple[Callable, list[int]]:
+    """Make `model` (built whole from the seed) this rank's part of the layout: TP layers, the
+    memory policy, the pipeline stage's slice, what the objective freezes. Returns the
+    per-token CE to use and the pipeline split ([] without the pipeline). `pretrain plan
+    --rehearse` runs exactly this on the meta device."""
+    t = cfg.train
     cross_entropy = token_cross_entropy
     if topo.tp > 1:
         parallelize_tensor(model, topo, cfg.parallel.sequence_parallel)
         cross_entropy = vocab_parallel_token_ce
-    heads = readout_steps(cfg.objective.kind, cfg.model.loops)
-    pipeline, split = None, []
+    model.set_memory(MemoryPolicy.of(t, topo.tp if cfg.parallel.sequence_parallel else 1))
+    split = []
     if topo.pp > 1:
         split = pipeline_split(cfg)
         keep_stage(model, split, topo.pp_rank)
         log(f"pipeline split ({'explicit' if cfg.parallel.pipeline_split else 'auto'}): "
             f"{describe(stage_cost_model(cfg), split)}")
-    model.to(topo.device)
     for name, p in model.named_parameters():
         if cfg.objective.kind == "adaptive_gate":  # stage 2: LM frozen, only the gate learns
             p.requires_grad_(name.startswith("gate."))
         elif not trains_gate(cfg.objective.kind):  # the FLT objectives leave the gate alone
             p.requires_grad_(not name.startswith("gate."))
+    return cross_entropy, split
+
+
+def build_engine(cfg: Config, model: nn.Module, topo: Topology,
+                 log: Callable[[str], None]) -> StepEngine:
+    """Shape `model` for this rank and pick the two halves."""
+    t = cfg.train
+    cross_entropy, split = shape_for_layout(cfg, model, topo, log)
+    heads = readout_steps(cfg.objective.kind, cfg.model.loops)
+    model.to(topo.device)
+    pipeline = None
     if topo.pp > 1:
         pipeline = PipelineStage(model, topo, cfg, range(cfg.model.loops)[heads])
         passes = PipelinePass(pipeline, cfg.parallel.pipeline_schedule)
@@ -203,7 +223,15 @@ def build_engine(cfg: Config, model: nn.Module, topo: Topology,
                                  pipeline=pipeline is not None)
         update = ZeroUpdate(zero, pipelined=pipeline is not None)
     else:
-        update = PlainUpdate(model, build_optimizer(model, cfg.optim), topo, cfg.optim.grad_clip)
-    cuda = topo.device.type == "cuda"
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else nullcontext
+        p = cfg.parallel
+        reducer = (OverlappedGradReducer(model, topo.dp_group, topo.dp, p.grad_bucket_mb,
+                                         p.overlap_grad_reduce) if topo.dp > 1 else None)
+        update = PlainUpdate(model, build_optimizer(model, cfg.optim), topo, cfg.optim.grad_clip,
+                             reducer)
+    if t.compile:
+        for layer in (*model.prelude, *model.block, *model.coda):
+            layer.compile()  # one graph: every loop (and layer) calls the same code
+    device = topo.device.type
+    autocast = ((lambda: torch.autocast(device, dtype=torch.bfloat16))
+                if t.precision == "bf16" else nullcontext)
     return StepEngine(cfg, model, passes, update, cross_entropy, autocast, pipeline, split)

@@ -56,7 +56,7 @@ def test_ring_bytes_per_loop_mode(results):
             continue
         r_, m_, _, variant, _ = case.split("-")
         loops, m = int(r_[1:]), int(m_[1:])
-        reads_h = variant in ("flt_recipe", "flt_res", "flt_few")  # every layer reads h_t-1
+        reads_h = variant.startswith("flt")  # every layer reads h_t-1
         in_lap = loops + (loops - 1 if reads_h else 0)  # stage 0 -> 1, per microbatch
         for rank in (ranks[0], ranks[-1]):
             assert rank[case]["sent_bytes"] == m * (in_lap + loops - 1) * message, case

@@ -83,3 +83,67 @@ def test_plan_command(capsys):
     assert "layouts fit (64 x H100 SXM" in out and out.count("%") >= 6
     assert main(["plan", "--config", str(ROOT / "configs/ouro-1.4b.yaml"), "--gpus", "8",
                  "--gpu", "tpu"]) == 2
+
+
+REHEARSED = [(1, 1, 8, 1), (2, 1, 4, 2), (4, 1, 2, 0), (8, 1, 1, 0), (1, 2, 4, 1), (2, 4, 1, 0),
+             (1, 8, 1, 0)]
+
+
+@pytest.mark.parametrize("model", ["ouro-1.4b", "ouro-2.6b"])
+def test_rehearse_sets_up_real_layouts_on_meta(model):
+    """TP 1-8 x PP 1-8 (auto split) x ZeRO 0-2 for the released shapes, one rank per stage on
+    torch's fake process group and the meta device: megatron's TP layers, the stage slices,
+    the pipeline, the ZeRO config and checkpoint entries whose global shapes equal one
+    process's. 7 layouts per model, 14 in all."""
+    from pretrain.rehearse import reference_shapes, rehearse
+
+    config = str(ROOT / f"configs/{model}.yaml")
+    reference = reference_shapes(config, [])
+    for lay in REHEARSED:
+        r = rehearse(config, [], *lay, reference)
+        assert r.error == "", (r.name, r.error)
+
+
+@pytest.mark.parametrize("layout,overrides,message", [
+    ((3, 1, 1, 0), [], "model.hidden_size: 2048 is not divisible by parallel.tensor 3"),
+    ((1, 2, 4, 0), ["parallel.pipeline_split=[24,0]"],
+     "parallel.pipeline_split: [24, 0] must be 2 positive layer counts"),
+    ((1, 2, 4, 2), [], "parallel.zero_stage: ZeRO-2 does not compose with the circular pipeline"),
+])
+def test_rehearse_names_the_field_of_a_layout_that_cannot_work(layout, overrides, message):
+    from pretrain.rehearse import reference_shapes, rehearse
+
+    config = str(ROOT / "configs/ouro-1.4b.yaml")
+    r = rehearse(config, overrides, *layout, reference_shapes(config, []))
+    assert r.error.startswith(message) and "\n" not in r.error, r.error
+
+
+def test_plan_rehearse_command(capsys):
+    assert main(["plan", "--config", str(ROOT / "configs/ouro-1.4b.yaml"), "--gpus", "4",
+                 "--rehearse"]) == 0
+    out = capsys.readouterr().out
+    assert "TP 2 x PP 2 x DP 1, ZeRO 0" in out and "set up" in out
+    assert "TP 1 x PP 2 x DP 2, ZeRO 2       cannot run: parallel.zero_stage" in out
+
+
+def test_plan_names_the_trainer_options_and_the_config_that_runs_it(capsys):
+    """Recompute, loss chunks, precision and overlap enter the plan: the header states them,
+    they change the prediction, and the best row is printed as the overrides that run it."""
+    config = str(ROOT / "configs/ouro-1.4b.yaml")
+    assert main(["plan", "--config", config, "--gpus", "64", "--global-batch", "512",
+                 "--top", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "bf16, recompute loops (last 1 kept), loss chunks 1024, grad-reduce overlap on" in out
+    assert "pretrain train --config" in out and "train.recompute=loops" in out
+    cfg = load_config(config)
+    lay = Layout(tp=1, pp=1, dp=64, micro_batch=1, microbatches=8)
+    base = estimate(cfg, lay, GPUS["h100"], 512)
+    for override in ("train.recompute=none", "train.loss_chunk_tokens=0"):
+        more = estimate(load_config(config, [override]), lay, GPUS["h100"], 512)
+        assert more.memory_gb["activations"] > base.memory_gb["activations"]
+        assert more.step_s < base.step_s  # nothing recomputed
+    slow = estimate(load_config(config, ["train.precision=fp32"]), lay, GPUS["h100"], 512)
+    assert slow.step_s > 1.5 * base.step_s
+    exposed = estimate(load_config(config, ["parallel.overlap_grad_reduce=false"]), lay,
+                       GPUS["h100"], 512)
+    assert exposed.time_s["dp_comm_exposed"] > base.time_s["dp_comm_exposed"]

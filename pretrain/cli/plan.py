@@ -9,7 +9,7 @@ from pretrain.config import ConfigError, load_config
 
 def _plan(args: argparse.Namespace) -> int:
     from pretrain.hardware import GPUS
-    from pretrain.planner import plan
+    from pretrain.planner import plan, realising_config
 
     cfg = load_config(args.config, args.overrides)
     if args.gpu not in GPUS:
@@ -17,8 +17,13 @@ def _plan(args: argparse.Namespace) -> int:
     batch = args.global_batch or cfg.train.micro_batch_size * cfg.train.grad_accum_steps * args.gpus
     ests = plan(cfg, args.gpus, GPUS[args.gpu], batch)
     ok = [e for e in ests if e.feasible]
+    t = cfg.train
     print(f"{len(ok)} of {len(ests)} layouts fit ({args.gpus} x {GPUS[args.gpu].name}, global "
-          f"batch {batch} x {cfg.train.seq_len} tokens, R={cfg.model.loops})")
+          f"batch {batch} x {cfg.train.seq_len} tokens, R={cfg.model.loops}; {t.precision}, "
+          f"recompute {t.recompute}"
+          + (f" (last {t.recompute_keep_last_loops} kept)" if t.recompute == "loops" else "")
+          + f", loss chunks {t.loss_chunk_tokens or 'off'}, grad-reduce overlap "
+          f"{'on' if cfg.parallel.overlap_grad_reduce else 'off'})")
     print(f"{'TP':>3} {'PP':>3} {'DP':>4} {'mb':>3} {'m':>4} | {'mem GiB':>8} | {'bubble':>6} | "
           f"{'TP comm':>8} | {'DP comm':>8} | {'step s':>7} | {'MFU':>6} | tokens/s")
     for e in ok[:args.top]:
@@ -27,11 +32,29 @@ def _plan(args: argparse.Namespace) -> int:
               f"{e.memory_gb['total']:8.1f} | {100 * t['bubble'] / e.step_s:5.1f}% | "
               f"{1e3 * t['tp_comm']:6.0f}ms | {1e3 * t['dp_comm_exposed']:6.0f}ms | "
               f"{e.step_s:7.3f} | {100 * e.mfu:5.1f}% | {e.tokens_per_s:,.0f}")
+    if ok:
+        print(f"the first row, as run: pretrain train --config {args.config} "
+              + " ".join(realising_config(cfg, ok[0].layout)))
     for e in [e for e in ests if not e.feasible][:3]:
         lay = e.layout
         print(f"rejected TP {lay.tp} PP {lay.pp} DP {lay.dp} mb {lay.micro_batch}: {e.why}")
     if not ok:
         raise ConfigError(f"plan: no layout of {args.gpus} GPUs fits (reasons above)")
+    return 0
+
+
+def _rehearse(args: argparse.Namespace) -> int:
+    """Every TP x PP x DP x ZeRO layout of --gpus, set up on meta (pretrain/rehearse.py)."""
+    from pretrain.rehearse import layouts, reference_shapes, rehearse
+
+    reference = reference_shapes(args.config, args.overrides)
+    results = [rehearse(args.config, args.overrides, *lay, reference) for lay in layouts(args.gpus)]
+    for r in results:
+        print(f"{r.name:<32} {'ok' if not r.error else 'cannot run: ' + r.error}")
+    ok = sum(not r.error for r in results)
+    print(f"rehearsed {len(results)} layouts of {args.gpus} GPUs on the meta device: {ok} set up")
+    if not ok:
+        raise ConfigError(f"plan --rehearse: no layout of {args.gpus} GPUs can be set up")
     return 0
 
 
@@ -43,4 +66,7 @@ def add_commands(sub) -> None:
     pl.add_argument("--gpu", default="h100", help="h100, h200, a100, b200")
     pl.add_argument("--global-batch", type=int, default=0, help="sequences per step")
     pl.add_argument("--top", type=int, default=10)
-    pl.set_defaults(fn=_plan)
+    pl.add_argument("--rehearse", action="store_true",
+                    help="set every layout up on the meta device (TP layers, pipeline stages, "
+                         "ZeRO config, checkpoint entries) instead of ranking them")
+    pl.set_defaults(fn=lambda a: _rehearse(a) if a.rehearse else _plan(a))

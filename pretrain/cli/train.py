@@ -14,6 +14,7 @@ from pretrain.preemption import Preempted
 
 def _train(args: argparse.Namespace) -> int:
     from parallelism.topology import shutdown
+    from pretrain.kernels import describe
     from pretrain.model.flops import count_parameters
     from pretrain.train import Trainer, TrainingDiverged
 
@@ -28,6 +29,7 @@ def _train(args: argparse.Namespace) -> int:
           f"{count_parameters(m)['total']:,} parameters; "
           f"device {trainer.device}; {trainer.tokens_per_step:,} tokens/step; layout tensor "
           f"{trainer.topo.tp} x pipeline {trainer.topo.pp} x data {trainer.topo.dp}")
+    say(describe(cfg, trainer.device, trainer.optimizer, trainer.topo.dp))
     resume = args.resume or ("auto" if "SLURM_JOB_ID" in os.environ else "none")
     try:
         if resume != "none":

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pretrain.model.config import ModelConfig
+from pretrain.model.memory import plain, recomputed
 
 KV = tuple[Tensor, Tensor]
 
@@ -85,6 +86,7 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.kv_channels
         self.qk_norm, self.eps = cfg.qk_norm, cfg.norm_eps
+        self.recompute_core = False  # `train.recompute: selective` (model/memory.py)
         q, kv = self.n_heads * self.hd, self.n_kv * self.hd
         self.qkv_proj = FusedLinear(cfg.hidden_size, (q, kv, kv))
         self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=False)
@@ -129,12 +131,14 @@ class Attention(nn.Module):
         if past is not None:
             k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
         seen = k.shape[2]
+        core = recomputed if self.recompute_core else plain
         if seen == n:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            out = core(F.scaled_dot_product_attention, q, k, v, is_causal=True, enable_gqa=True)
         else:
             q_pos = torch.arange(seen - n, seen, device=x.device)
             allowed = torch.arange(seen, device=x.device)[None, :] <= q_pos[:, None]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True)
+            out = core(F.scaled_dot_product_attention, q, k, v, attn_mask=allowed,
+                       enable_gqa=True)
         out = out.permute(2, 0, 1, 3).reshape(n, b, self.n_heads * self.hd)
         return self.o_proj(out), k, v
 

@@ -36,6 +36,9 @@ theirs). Queries from h use the layer's own input norm (attn_norm(h)), which is 
 when the norms are weightless. The FLT paper has no exit gate: its configs train the CE of the
 last / every / the last third of the loops (`objective.kind`), and the gate is left untrained.
 
+What training keeps for backward (activation recompute, a deferred chunked readout) is the
+`MemoryPolicy` set by `set_memory` (model/memory.py); it changes no value.
+
 The model holds no process-group logic. `layer_offset` is the index of `block[0]` in the whole
 shared block: the circular pipeline keeps a slice of the layers on each stage, and lt_ia needs
 to know which layer is the first.
@@ -51,14 +54,17 @@ from torch import Tensor, nn
 
 from core.model_interface import KVStore, NoKV
 from pretrain.model.config import ModelConfig
-from pretrain.model.layers import DecoderLayer, RMSNorm, rms_norm, rope_tables
+from pretrain.model.layers import Attention, DecoderLayer, RMSNorm, rms_norm, rope_tables
+from pretrain.model.memory import DeferredLogits, MemoryPolicy, plain, recomputed
 
 
 @dataclass
 class LoopedOutput:
     """Sequence-first, like the activations: labels [B, S] pair with logits[t].transpose(0, 1)."""
 
-    logits: list[Tensor | None]  # [S, B, V] per loop step (V / tp under TP); None: not read out
+    # [S, B, V] per loop step (V / tp under TP); None: not read out; DeferredLogits: computed
+    # chunk by chunk by the loss (train.loss_chunk_tokens)
+    logits: list[Tensor | DeferredLogits | None]
     gate_logits: Tensor  # [R, S, B]; lambda_t = sigmoid(gate_logits[t]) (NaN: not read out)
     hidden_norm: Tensor | None = None  # [R] mean L2 norm of the block output x_t (detached)
 
@@ -80,7 +86,15 @@ class LoopedLM(nn.Module):
         cos, sin = rope_tables(cfg.kv_channels, cfg.max_seq_len, cfg.rope_theta, cfg.rope_reverse)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.memory = MemoryPolicy()
         self.reset_parameters()
+
+    def set_memory(self, policy: MemoryPolicy) -> None:
+        """What training keeps for backward (recompute, deferred readout); values unchanged."""
+        self.memory = policy
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.recompute_core = policy.recompute == "selective"
 
     def reset_parameters(self) -> None:
         """`normal`: N(0, init_std), residual output projections shrunk by the unrolled depth.
@@ -130,6 +144,7 @@ class LoopedLM(nn.Module):
                   store: KVStore) -> Tensor:
         """This module's layers of the shared block on loop t; h: h_{t-1} where the mode reads it."""
         mode = self.cfg.loop_mode
+        call = recomputed if self.memory.recomputes_layer(t, self.cfg.loops) else plain
         for i, layer in enumerate(self.block):
             q_input = None
             if h is not None:
@@ -137,7 +152,7 @@ class LoopedLM(nn.Module):
                     x = rms_norm(x + h, self.cfg.norm_eps)
                 elif mode == "flt" or self.layer_offset + i == 0:
                     q_input = h
-            x, k, v = layer(x, *rope, q_input=q_input, **store.attn_inputs("block", t, i))
+            x, k, v = call(layer, x, *rope, q_input=q_input, **store.attn_inputs("block", t, i))
             store.save("block", t, i, k, v)
         return x
 
@@ -146,11 +161,19 @@ class LoopedLM(nn.Module):
         """Logits and exit-gate logit of loop step t from its state h_t = N(x_t)."""
         if self.coda:
             h = self.norm(self.run_layers("coda", t, h, rope, store))
+        gate = self.gate(h).squeeze(-1)
+        chunk = self.memory.loss_chunk_tokens
+        if chunk and self.training and torch.is_grad_enabled():
+            return DeferredLogits(h, self.head, chunk, self.memory.seq_shards), gate
+        return self.head(h), gate
+
+    def head(self, h: Tensor) -> Tensor:
+        """Logits from the readout state: LMHead(h), soft-capped when model.logit_softcap > 0."""
         logits = self.lm_head(h)
         cap = self.cfg.logit_softcap
         if cap > 0:
             logits = cap * torch.tanh(logits.float() / cap)
-        return logits, self.gate(h).squeeze(-1)
+        return logits
 
     @staticmethod
     def stream_norm(x: Tensor) -> Tensor:
@@ -169,8 +192,9 @@ class LoopedLM(nn.Module):
     def run_layers(self, segment: str, loop: int, x: Tensor, rope: tuple[Tensor, Tensor],
                    store: KVStore) -> Tensor:
         """The prelude's or the coda's layers (plain layers, no loop signal)."""
+        call = recomputed if self.memory.recompute == "full" else plain
         for i, layer in enumerate(getattr(self, segment)):
-            x, k, v = layer(x, *rope, **store.attn_inputs(segment, loop, i))
+            x, k, v = call(layer, x, *rope, **store.attn_inputs(segment, loop, i))
             store.save(segment, loop, i, k, v)
         return x
 

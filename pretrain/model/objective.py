@@ -32,6 +32,7 @@ from torch import Tensor
 from core.model_interface import IGNORE_INDEX
 from pretrain.model.config import ObjectiveConfig
 from pretrain.model.looped import LoopedOutput
+from pretrain.model.memory import DeferredLogits
 
 
 @dataclass
@@ -52,21 +53,23 @@ def token_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
                            ignore_index=IGNORE_INDEX, reduction="none").view_as(labels)
 
 
-def per_step_ce(logits: list[Tensor], labels: Tensor, cross_entropy=token_cross_entropy,
-                trained: slice | None = None) -> Tensor:
+def per_step_ce(logits: list[Tensor | DeferredLogits | None], labels: Tensor,
+                cross_entropy=token_cross_entropy, trained: slice | None = None) -> Tensor:
     """Token-level cross entropy of every loop step: [R, S, B], 0 where ignored. Steps outside
-    `trained` (default: all) are measured without a graph: they are only logged."""
+    `trained` (default: all) are measured without a graph: they are only logged. Deferred
+    logits (train.loss_chunk_tokens) are scored chunk by chunk, never materialised."""
     steps = range(len(logits))
     keep = set(steps[trained] if trained is not None else steps)
     out = []
     for t, lg in enumerate(logits):
         if lg is None:  # not read out in training: no CE to log
             out.append(torch.full(labels.shape, float("nan"), device=labels.device))
-        elif t in keep:
-            out.append(cross_entropy(lg, labels))
-        else:
-            with torch.no_grad():
-                out.append(cross_entropy(lg.detach(), labels))
+            continue
+        with torch.set_grad_enabled(torch.is_grad_enabled() and t in keep):
+            if isinstance(lg, DeferredLogits):
+                out.append(lg.cross_entropy(labels, cross_entropy))
+            else:
+                out.append(cross_entropy(lg if t in keep else lg.detach(), labels))
     return torch.stack(out)
 
 

@@ -18,6 +18,7 @@ from parallelism.tensor_parallel import gather_full, parallelize_tensor, vocab_p
 from parallelism.topology import Topology, init_topology
 from pretrain.config import ConfigError
 from pretrain.model.looped import LoopedLM
+from pretrain.model.memory import MemoryPolicy
 from pretrain.model.objective import compute_objective, readout_steps, token_cross_entropy
 from pretrain.step_engine import at_last_lap
 from pretrain.train import Trainer
@@ -26,7 +27,12 @@ from tests.conftest import VARIANTS as ALL_VARIANTS
 from tests.multiproc.compare import close_to, finish, rel
 
 SHAPES = ["model.vocab_size=260", "model.num_kv_heads=4", "model.num_layers=3", "train.seq_len=16"]
-VARIANTS = {**PARALLEL_VARIANTS, "ouro_no_norm": ALL_VARIANTS["ouro_no_norm"]}
+VARIANTS = {**PARALLEL_VARIANTS, "ouro_no_norm": ALL_VARIANTS["ouro_no_norm"],
+            # what backward keeps (pretrain/model/memory.py) inside every piece of the ring
+            "ouro_mem": ["train.recompute=loops", "train.recompute_keep_last_loops=1",
+                         "train.loss_chunk_tokens=6"],
+            "flt_mem": [*PARALLEL_VARIANTS["flt_recipe"], "train.recompute=full",
+                        "train.loss_chunk_tokens=5"]}
 
 
 def one_case(topo, loops, m, kind, variant, split, sp) -> dict:
@@ -52,6 +58,7 @@ def one_case(topo, loops, m, kind, variant, split, sp) -> dict:
     if topo.tp > 1:
         parallelize_tensor(stage, topo, sp)
         ce = vocab_parallel_token_ce
+    stage.set_memory(MemoryPolicy.of(cfg.train, topo.tp if sp else 1))
     keep_stage(stage, split, topo.pp_rank)
     pipe = PipelineStage(stage, topo, cfg, range(loops)[readout_steps(cfg.objective.kind, loops)])
     out = pipe.run(batches, kind, at_last_lap(

@@ -19,6 +19,7 @@ from parallelism.tensor_parallel import (
 )
 from parallelism.topology import Topology, init_topology
 from pretrain.model.looped import LoopedLM
+from pretrain.model.memory import DeferredLogits, MemoryPolicy
 from pretrain.model.objective import compute_objective, readout_steps
 from pretrain.train import Trainer
 from tests.conftest import PARALLEL_VARIANTS, tiny_config
@@ -28,13 +29,19 @@ TP_SHAPES = ["model.vocab_size=260", "model.num_kv_heads=4", "train.seq_len=16"]
 VARIANTS = PARALLEL_VARIANTS
 
 
-def one_case(topo, loops: int, variant: str, sp: bool) -> dict:
-    cfg = tiny_config(*TP_SHAPES, f"model.loops={loops}", *VARIANTS[variant],
+# what backward keeps (pretrain/model/memory.py) under TP (+SP): recompute in every layer and
+# the vocab-parallel CE over uneven chunks of each rank's sequence shard
+MEMORY = ["train.recompute=full", "train.loss_chunk_tokens=6"]
+
+
+def one_case(topo, loops: int, variant: str, sp: bool, memory: list[str] = ()) -> dict:
+    cfg = tiny_config(*TP_SHAPES, f"model.loops={loops}", *VARIANTS[variant], *memory,
                       f"parallel.tensor={topo.tp}", f"parallel.sequence_parallel={str(sp).lower()}")
     torch.manual_seed(cfg.train.seed)
     ref = LoopedLM(cfg.model)
     par = copy.deepcopy(ref)
     parallelize_tensor(par, topo, sp)
+    par.set_memory(MemoryPolicy.of(cfg.train, topo.tp if sp else 1))
     g = torch.Generator().manual_seed(11)
     ids = torch.randint(0, 257, (2, 16), generator=g)
     labels = torch.randint(0, 257, (2, 16), generator=g)
@@ -50,6 +57,7 @@ def one_case(topo, loops: int, variant: str, sp: bool) -> dict:
         if lr is None:
             assert lp is None
             continue
+        lp = lp.materialize() if isinstance(lp, DeferredLogits) else lp
         full = gather_full(lp.detach().transpose(0, 2), head_split, topo).transpose(0, 2)
         errs["logits"] = max(errs["logits"], rel(full, lr.detach()))
     loss_ref = compute_objective(cfg.objective, out_ref, labels).loss
@@ -101,6 +109,9 @@ def main() -> None:
         for variant in VARIANTS:
             for sp in (False, True):
                 results[f"R{loops}-{variant}-sp{int(sp)}"] = one_case(topo, loops, variant, sp)
+    for variant in ("ouro", "flt_recipe"):
+        for sp in (False, True):
+            results[f"R3-{variant}-sp{int(sp)}-memory"] = one_case(topo, 3, variant, sp, MEMORY)
     for sp in (False, True):
         results[f"train-sp{int(sp)}"] = training_case(topo, sp)
     finish(topo, results, args.out)
