@@ -72,7 +72,7 @@ def count_stage(cfg, model, pol: MemoryPolicy, stage: int, stages: int) -> int:
     store = NoKV()
     with SavedForBackward(model.parameters()) as c:
         e = model.embed_stream(ids, rope, store) if first else None
-        logits, gates = [], []
+        logits, gates, sent = [], [], []
         for t in range(m.loops):
             if first:
                 x, h = model.loop_input(t, e, None if t == 0 else torch.randn(s, b, m.hidden_size,
@@ -80,6 +80,7 @@ def count_stage(cfg, model, pol: MemoryPolicy, stage: int, stages: int) -> int:
             else:
                 x, h = torch.randn(s, b, m.hidden_size, requires_grad=True), None
             x = model.run_block(t, x, h, rope, store)
+            sent.append(x)  # the message stays alive, as the pipeline holds its piece's graph
             if last:
                 hn = model.norm(x)
                 lg, g = model.readout(hn, t, rope, store)

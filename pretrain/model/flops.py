@@ -7,6 +7,8 @@ weighted sum count 2 * 2 * seq_len * (heads * head_dim) per layer per loop (full
 PaLM/Chinchilla convention); the LM head and exit gate run on every loop step; the prelude runs
 once, the coda R times. Every loop mode costs the same: FLT's queries from h_{t-1} use the
 query rows of the same projection (model/layers.py `FusedLinear.rows`), no extra matmul.
+Functions of `cfg` without a type take the run config (its model, objective, train and
+parallel sections; pretrain/config.py, a floor above this one).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from parallelism.pipeline_balance import StageCosts, auto_split
-from pretrain.config import Config, ModelConfig
+from pretrain.model.config import ModelConfig
 from pretrain.model.looped import LoopedLM
 from pretrain.model.objective import readout_steps, trains_gate
 
@@ -68,18 +70,18 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, loops: int | None = None,
     return 3 * forward + gate
 
 
-def readouts(cfg: Config) -> int:
+def readouts(cfg) -> int:
     """Loop steps whose LM head a training step runs (model/objective.py `readout_steps`)."""
     return len(range(cfg.model.loops)[readout_steps(cfg.objective.kind, cfg.model.loops)])
 
 
-def run_flops_per_token(cfg: Config) -> int:
+def run_flops_per_token(cfg) -> int:
     """Training FLOPs per token of a run: its context and the readouts its objective needs."""
     return flops_per_token(cfg.model, cfg.train.seq_len, readouts=readouts(cfg),
                            train_gate=trains_gate(cfg.objective.kind))
 
 
-def stage_cost_model(cfg: Config) -> StageCosts:
+def stage_cost_model(cfg) -> StageCosts:
     """The circular pipeline's balance (parallelism/pipeline_balance.py): every block layer
     runs R times per microbatch, and so does the last stage's readout -- once per lap -- so a
     split that only counted layers would overload the last stage by R x (head + gate + coda)."""
@@ -91,7 +93,7 @@ def stage_cost_model(cfg: Config) -> StageCosts:
                       + readouts(cfg) * head_flops(m))
 
 
-def pipeline_split(cfg: Config) -> list[int]:
+def pipeline_split(cfg) -> list[int]:
     """Block layers per pipeline stage: `parallel.pipeline_split`, or the balanced split."""
     p = cfg.parallel
     return list(p.pipeline_split) or auto_split(stage_cost_model(cfg), cfg.model.num_layers,
