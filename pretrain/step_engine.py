@@ -25,7 +25,6 @@ from parallelism.grad_overlap import OverlappedGradReducer
 from parallelism.grads import all_ranks_agree, global_grad_norm, layer_grad_norms
 from parallelism.pipeline import PipelineStage, keep_stage
 from parallelism.pipeline_balance import describe
-from parallelism.tensor_parallel import parallelize_tensor, vocab_parallel_token_ce
 from parallelism.topology import Topology
 from parallelism.zero import build_zero_engine
 from pretrain.config import Config
@@ -188,6 +187,9 @@ def shape_for_layout(cfg: Config, model: nn.Module, topo: Topology,
     t = cfg.train
     cross_entropy = token_cross_entropy
     if topo.tp > 1:
+        # imported here: megatron-core takes seconds to import, a run without TP never does
+        from parallelism.tensor_parallel import parallelize_tensor, vocab_parallel_token_ce
+
         parallelize_tensor(model, topo, cfg.parallel.sequence_parallel)
         cross_entropy = vocab_parallel_token_ce
     model.set_memory(MemoryPolicy.of(t, topo.tp if cfg.parallel.sequence_parallel else 1))
