@@ -5,8 +5,9 @@ without these, a 2.6B model's unrolled 192 layers and its R logits tensors [S, B
 whether it fits. Both are policies applied to an unchanged function -- the recomputed forward
 runs the same operations, so gradients are bit-equal (fp32, CPU; tests/test_memory.py).
 
-Recompute (`train.recompute`, torch's non-reentrant checkpoint, which also replays the RNG for
-dropout):
+Recompute (`train.recompute`, torch's non-reentrant checkpoint): it restores the default CPU
+and CUDA generators before recomputing, and dropout here draws from them (no megatron RNG
+tracker), so the recomputed masks are the first ones, under TP too.
   none       keep every activation
   selective  recompute the attention core only (Korthikanti et al. 2022: scores, softmax and
              the weighted sum are most of the bytes and few of the FLOPs)
