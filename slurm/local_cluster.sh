@@ -44,7 +44,9 @@ start() {
     [ -f "$key" ] || { head -c 1024 /dev/urandom > "$key"; chmod 400 "$key"; }
     local host cpus mem user
     host=$(hostname -s)
-    cpus=$(nproc)
+    # the machine's CPUs: GNU nproc would honour OMP_NUM_THREADS (1 in a test's environment)
+    # and declare a node too small for a 2-task job
+    cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
     mem=$(awk '/MemTotal/ {printf "%d", $2 / 1024 * 0.8}' /proc/meminfo)
     user=$(id -un)
     cat > "$dir/slurm.conf" <<CONF

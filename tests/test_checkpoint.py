@@ -149,9 +149,17 @@ def _wait_for_step(proc: subprocess.Popen, out: Path, step: int) -> None:
 LONG = ["train.max_steps=60", "train.checkpoint_every=5", "train.micro_batch_size=32"]
 
 
-def test_kill_9_then_resume_gives_the_uninterrupted_losses(tmp_path):
-    ref = _popen(tmp_path / "ref", *LONG)
+@pytest.fixture(scope="module")
+def long_losses(tmp_path_factory) -> dict[int, float]:
+    """The uninterrupted LONG run's losses, which every interrupted one must reproduce (one
+    run for the module: the same config gives the same losses bit for bit)."""
+    out = tmp_path_factory.mktemp("long-ref")
+    ref = _popen(out, *LONG)
     assert ref.wait(300) == 0, ref.communicate()
+    return losses_by_step(out)
+
+
+def test_kill_9_then_resume_gives_the_uninterrupted_losses(tmp_path, long_losses):
     kill_at = random.Random().randint(7, 45)  # a random step; printed on failure
     run = _popen(tmp_path / "run", *LONG)
     _wait_for_step(run, tmp_path / "run", kill_at)
@@ -162,13 +170,11 @@ def test_kill_9_then_resume_gives_the_uninterrupted_losses(tmp_path):
     out, err = again.communicate(timeout=300)
     assert again.returncode == 0, err
     assert "resumed from" in out
-    assert losses_by_step(tmp_path / "run") == losses_by_step(tmp_path / "ref"), f"killed at {kill_at}"
+    assert losses_by_step(tmp_path / "run") == long_losses, f"killed at {kill_at}"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=["USR1", "TERM"])
-def test_a_signal_checkpoints_exits_75_and_resumes_exactly(tmp_path, sig):
-    ref = _popen(tmp_path / "ref", *LONG)
-    assert ref.wait(300) == 0
+def test_a_signal_checkpoints_exits_75_and_resumes_exactly(tmp_path, sig, long_losses):
     run = _popen(tmp_path / "run", *LONG)
     _wait_for_step(run, tmp_path / "run", 12)
     run.send_signal(sig)
@@ -179,7 +185,7 @@ def test_a_signal_checkpoints_exits_75_and_resumes_exactly(tmp_path, sig):
     assert f"checkpoint {tmp_path / 'run/checkpoints'}/step_{stopped:07d} at step {stopped}" in out
     again = _popen(tmp_path / "run", *LONG, "--resume", "auto")
     assert again.wait(300) == 0
-    assert losses_by_step(tmp_path / "run") == losses_by_step(tmp_path / "ref")
+    assert losses_by_step(tmp_path / "run") == long_losses
 
 
 def _children(pid: int) -> list[int]:
