@@ -53,8 +53,8 @@ def optimizer_kernel(optimizer) -> str:
         return f"{type(inner).__module__.split('.')[0]} FusedAdam"
     if name == "MuonAdamW":
         return "torch Muon + AdamW"
-    groups = getattr(inner, "param_groups", [{}])
-    mode = "fused" if groups[0].get("fused") else "foreach"
+    group = getattr(inner, "param_groups", [{}])[0]
+    mode = "fused" if group.get("fused") else "foreach" if group.get("foreach") else "per-tensor"
     return f"torch {name} ({mode})"
 
 
