@@ -6,11 +6,13 @@ import json
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from parallelism.grad_overlap import OverlappedGradReducer
 from pretrain.cli import main
 from tests.conftest import ROOT
-from tests.distributed import torchrun
+from tests.distributed import free_port, torchrun
 
 
 @pytest.mark.parametrize("world", [2, 4], ids=["dp2", "pp2xdp2"])
@@ -29,11 +31,6 @@ def test_overlapped_reduction_is_bit_identical(world, tmp_path):
 def test_a_changed_schedule_raises_instead_of_reducing_a_stale_gradient():
     """A contribution after its bucket went out (the backward schedule changed between steps)
     is an error, not a silently stale average."""
-    import torch.distributed as dist
-
-    from parallelism.grad_overlap import OverlappedGradReducer
-    from tests.distributed import free_port
-
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
                             world_size=1)
     model = nn.Linear(4, 4)

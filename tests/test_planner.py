@@ -16,6 +16,7 @@ from pretrain.model.flops import run_flops_per_token
 from pretrain.model.looped import LoopedLM
 from pretrain.model.objective import compute_objective, readout_steps, token_cross_entropy
 from pretrain.planner import Layout, check, estimate, megatron_gpt_1p7b, plan
+from pretrain.rehearse import reference_shapes, rehearse
 from tests.conftest import ROOT, VARIANTS, tiny_config
 
 
@@ -95,8 +96,6 @@ def test_rehearse_sets_up_real_layouts_on_meta(model):
     torch's fake process group and the meta device: megatron's TP layers, the stage slices,
     the pipeline, the ZeRO config and checkpoint entries whose global shapes equal one
     process's. 7 layouts per model, 14 in all."""
-    from pretrain.rehearse import reference_shapes, rehearse
-
     config = str(ROOT / f"configs/{model}.yaml")
     reference = reference_shapes(config, [])
     for lay in REHEARSED:
@@ -111,8 +110,6 @@ def test_rehearse_sets_up_real_layouts_on_meta(model):
     ((1, 2, 4, 2), [], "parallel.zero_stage: ZeRO-2 does not compose with the circular pipeline"),
 ])
 def test_rehearse_names_the_field_of_a_layout_that_cannot_work(layout, overrides, message):
-    from pretrain.rehearse import reference_shapes, rehearse
-
     config = str(ROOT / "configs/ouro-1.4b.yaml")
     r = rehearse(config, overrides, *layout, reference_shapes(config, []))
     assert r.error.startswith(message) and "\n" not in r.error, r.error
