@@ -161,11 +161,14 @@ class LoopedLM(nn.Module):
         """Logits and exit-gate logit of loop step t from its state h_t = N(x_t)."""
         if self.coda:
             h = self.norm(self.run_layers("coda", t, h, rope, store))
-        gate = self.gate(h).squeeze(-1)
         chunk = self.memory.loss_chunk_tokens
         if chunk and self.training and torch.is_grad_enabled():
-            return DeferredLogits(h, self.head, chunk, self.memory.seq_shards), gate
-        return self.head(h), gate
+            logits = DeferredLogits(h, self.head, chunk, self.memory.seq_shards)
+        else:
+            logits = self.head(h)
+        # the gate after the head: the order fixes how h's two gradients are summed, and with
+        # it every run's exact numbers
+        return logits, self.gate(h).squeeze(-1)
 
     def head(self, h: Tensor) -> Tensor:
         """Logits from the readout state: LMHead(h), soft-capped when model.logit_softcap > 0."""
