@@ -15,6 +15,7 @@ logits bytes.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -48,8 +49,10 @@ def config(loops: int, *extra: str):
     return load_config(ROOT / "configs/tiny.yaml", [*MODEL, f"model.loops={loops}", *extra])
 
 
-def policy(mode: str, chunk: int, shards: int = 1) -> MemoryPolicy:
-    return MemoryPolicy(mode, 1, -(-chunk // shards), shards)
+def policy(cfg, mode: str, chunk: int, shards: int = 1) -> MemoryPolicy:
+    train = dataclasses.replace(cfg.train, recompute=mode, recompute_keep_last_loops=1,
+                                loss_chunk_tokens=chunk)
+    return MemoryPolicy.of(train, shards)
 
 
 def count_whole(cfg, model, pol: MemoryPolicy, ce=token_cross_entropy) -> int:
@@ -106,8 +109,8 @@ def tp_worker(rank: int, world: int, port: int, queue) -> None:
         torch.manual_seed(cfg.train.seed)
         model = LoopedLM(cfg.model)
         parallelize_tensor(model, topo, True)
-        n = count_whole(cfg, model, policy(mode, chunk, 2), vocab_parallel_token_ce)
-        pred = saved_bytes(cfg, cfg.train.micro_batch_size, policy(mode, chunk, 2),
+        n = count_whole(cfg, model, policy(cfg, mode, chunk, 2), vocab_parallel_token_ce)
+        pred = saved_bytes(cfg, cfg.train.micro_batch_size, policy(cfg, mode, chunk, 2),
                            Shard(tp=2, sp=True))
         out.append((f"TP=2+SP R=4 {mode}{' chunked' if chunk else ''} (rank {rank})", n, pred))
     if rank == 0:
@@ -130,8 +133,8 @@ def main() -> None:
         torch.manual_seed(cfg.train.seed)
         model = LoopedLM(cfg.model)
         for mode, chunk in MODES:
-            n = count_whole(cfg, model, policy(mode, chunk))
-            pred = saved_bytes(cfg, cfg.train.micro_batch_size, policy(mode, chunk))
+            n = count_whole(cfg, model, policy(cfg, mode, chunk))
+            pred = saved_bytes(cfg, cfg.train.micro_batch_size, policy(cfg, mode, chunk))
             counted[(loops, mode, chunk)] = n
             worst = max(worst, abs(pred / n - 1))
             print(row(f"1 process R={loops} {mode}{' chunked' if chunk else ''}", n, pred))
@@ -153,9 +156,9 @@ def main() -> None:
             torch.manual_seed(cfg.train.seed)
             model = LoopedLM(cfg.model)
             keep_stage(model, split, stage)
-            n = count_stage(cfg, model, policy(mode, chunk), stage, 2)
+            n = count_stage(cfg, model, policy(cfg, mode, chunk), stage, 2)
             shard = Shard(layers=split[stage], first=stage == 0, last=stage == 1)
-            pred = saved_bytes(cfg, cfg.train.micro_batch_size, policy(mode, chunk), shard)
+            pred = saved_bytes(cfg, cfg.train.micro_batch_size, policy(cfg, mode, chunk), shard)
             worst = max(worst, abs(pred / n - 1))
             print(row(f"PP=2 stage {stage} R=4 {mode}{' chunked' if chunk else ''}", n, pred))
     cfg8 = config(8)

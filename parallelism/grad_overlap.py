@@ -14,8 +14,9 @@ schedule is the same every step, so the first step counts (reducing after backwa
 overlap) and later steps launch each bucket at its count. A contribution that arrives after its
 bucket was launched means the schedule changed: it raises instead of reducing a stale gradient.
 
-Each element is summed and scaled exactly as by `grads.finalize_grads` (one flat all-reduce,
-then * 1/dp), so weights match the non-overlapped run bit for bit on 2 ranks (bench/grad_overlap.py).
+Each element is summed and scaled the same way with or without overlap (a flat all-reduce of
+its bucket, then * 1/dp), so weights match the run that reduces after backward bit for bit on 2
+ranks (tests/test_grad_overlap.py, bench/grad_overlap.py).
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ class OverlappedGradReducer:
         self.expected: dict[nn.Parameter, int] | None = None  # contributions per step
         self.seen: dict[nn.Parameter, int] = dict.fromkeys(params, 0)
         self.exposed_s = 0.0  # time `finish` waited in the last step: reduction not hidden
-        self.hooks = [p.register_post_accumulate_grad_hook(self._arrived) for p in params]
+        for p in params:
+            p.register_post_accumulate_grad_hook(self._arrived)
 
     def _arrived(self, p: nn.Parameter) -> None:
         self.seen[p] += 1
@@ -91,7 +93,3 @@ class OverlappedGradReducer:
         if self.expected is None:
             self.expected = dict(self.seen)
         self.seen = dict.fromkeys(self.seen, 0)
-
-    def remove(self) -> None:
-        for h in self.hooks:
-            h.remove()

@@ -1,7 +1,7 @@
-"""Gradient communication after backward, kept apart from the trainer's step logic.
+"""Gradient statistics after backward, kept apart from the trainer's step logic.
 
 - sequence-parallel replicated weights: summed over TP by gradient hooks (tensor_parallel.py);
-- data parallelism: gradients averaged over the DP group (one coalesced all-reduce);
+- data parallelism: gradients averaged over the DP group during backward (grad_overlap.py);
 - the global gradient norm counts every parameter once: TP-sharded parameters (those with a
   `tp_split`) on every TP rank, replicated ones on TP rank 0 only, summed over the model-parallel
   (TP x PP) group, since each pipeline stage holds its own parameters.
@@ -14,22 +14,6 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from parallelism.topology import Topology
-
-
-def _all_reduce_coalesced(grads: list[Tensor], group, scale: float = 1.0) -> None:
-    flat = torch.cat([g.flatten() for g in grads])
-    dist.all_reduce(flat, group=group)
-    if scale != 1.0:
-        flat.mul_(scale)
-    for g, new in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
-        g.copy_(new.view_as(g))
-
-
-def finalize_grads(model: nn.Module, topo: Topology) -> None:
-    """Average gradients over data-parallel ranks (without ZeRO; DeepSpeed does its own)."""
-    if topo.dp > 1:
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        _all_reduce_coalesced(grads, topo.dp_group, 1.0 / topo.dp)
 
 
 def global_grad_norm(params: list[nn.Parameter], topo: Topology) -> Tensor:

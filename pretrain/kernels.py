@@ -3,7 +3,7 @@
 apex is not on PyPI (the PyPI package named `apex` is unrelated); a cluster user builds it
 from source (README, "Fused kernels"). Where it imports on a CUDA device, AdamW is apex's
 FusedAdam (one multi-tensor kernel for the whole update); otherwise torch's AdamW, fused on
-CUDA, the foreach path on CPU. megatron-core's `gradient_accumulation_fusion` is not used even
+CUDA, its default per-tensor path on CPU. megatron-core's `gradient_accumulation_fusion` is not used even
 with apex: it writes weight gradients into the `main_grad` buffers of megatron's own DDP, which
 this trainer does not use (its reducer reads `.grad`). Norms: the weighted RMSNorm in fp32 torch
 ops, the weightless one `F.rms_norm`; attention: torch's scaled_dot_product_attention, which
@@ -58,16 +58,23 @@ def optimizer_kernel(optimizer) -> str:
     return f"torch {name} ({mode})"
 
 
-def describe(cfg, device: torch.device, optimizer, dp: int) -> str:
-    """One line: kernels and the memory/speed options in force (`dp`: data-parallel ranks)."""
-    t, p = cfg.train, cfg.parallel
+def train_options(train) -> str:
+    """The memory/speed options of the train section, as the run header and `plan` print them."""
+    t = train
     recompute = t.recompute + (f" (last {t.recompute_keep_last_loops} loops kept)"
                                if t.recompute == "loops" else "")
+    return (f"{t.precision}{' autocast' if t.precision == 'bf16' else ''}, recompute "
+            f"{recompute}, loss chunks {t.loss_chunk_tokens or 'off'}, compile "
+            f"{'on' if t.compile else 'off'}")
+
+
+def describe(cfg, device: torch.device, optimizer, dp: int) -> str:
+    """One line: kernels and the memory/speed options in force (`dp`: data-parallel ranks)."""
+    p = cfg.parallel
     return (f"kernels: attention {attention_backend(device)}, optimizer "
             f"{optimizer_kernel(optimizer)}, norms fp32 RMSNorm / F.rms_norm, apex "
-            f"{'yes' if apex_fused_adam(device) else 'no'} | {t.precision}"
-            f"{' autocast' if t.precision == 'bf16' else ''}, recompute {recompute}, loss chunks "
-            f"{t.loss_chunk_tokens or 'off'}, compile {'on' if t.compile else 'off'}, grad reduce "
+            f"{'yes' if apex_fused_adam(device) else 'no'} | {train_options(cfg.train)}, "
+            "grad reduce "
             + ("none (one replica)" if dp == 1 else
                f"{'overlapped' if p.overlap_grad_reduce else 'after backward'} "
                f"({p.grad_bucket_mb:g} MB buckets)"))

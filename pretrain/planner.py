@@ -106,8 +106,8 @@ def check(cfg: Config, lay: Layout, gpu: Accelerator, global_batch: int) -> str:
 
 def _recomputed_share(cfg: Config) -> float:
     """Fraction of the layers' forward that backward runs again (train.recompute)."""
-    t, loops = cfg.train, cfg.model.loops
-    policy = MemoryPolicy(t.recompute, t.recompute_keep_last_loops)
+    loops = cfg.model.loops
+    policy = MemoryPolicy.of(cfg.train)
     return sum(policy.recomputes_layer(i, loops) for i in range(loops)) / loops
 
 

@@ -64,7 +64,7 @@ def test_chunked_readout_equals_whole_logits(variant, kind, chunk):
     model = LoopedLM(cfg.model)
     ids, labels = _batch(cfg)
     loss0, grads0 = _loss_and_grads(cfg, model, MemoryPolicy(), ids, labels)
-    loss, grads = _loss_and_grads(cfg, model, MemoryPolicy(loss_chunk_tokens=chunk), ids, labels)
+    loss, grads = _loss_and_grads(cfg, model, MemoryPolicy(chunk_rows=chunk), ids, labels)
     torch.testing.assert_close(loss, loss0, rtol=1e-6, atol=0)
     assert grads.keys() == grads0.keys()
     for name, g in grads.items():
@@ -78,7 +78,7 @@ def test_chunked_readout_keeps_no_logits():
     ids, labels = _batch(cfg)
     counts = {}
     for chunk in (0, 16):
-        model.set_memory(MemoryPolicy(loss_chunk_tokens=chunk))
+        model.set_memory(MemoryPolicy(chunk_rows=chunk))
         with SavedForBackward(model.parameters()) as c:
             compute_objective(cfg.objective, model(ids), labels)
         counts[chunk] = c.bytes
@@ -95,7 +95,7 @@ def test_planner_predicts_saved_bytes(variant, policy):
              "relu2_plain": ["model.mlp=relu2", "model.sandwich_norm=false"]}
     cfg = tiny_config(*(extra.get(variant) or VARIANTS[variant]), "model.loops=4",
                       "train.seq_len=32", "train.micro_batch_size=3")
-    pol = {"none": MemoryPolicy(), "chunked": MemoryPolicy(loss_chunk_tokens=8),
+    pol = {"none": MemoryPolicy(), "chunked": MemoryPolicy(chunk_rows=8),
            **POLICIES}[policy]
     model = LoopedLM(cfg.model)
     model.set_memory(pol)

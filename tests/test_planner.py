@@ -130,7 +130,8 @@ def test_plan_names_the_trainer_options_and_the_config_that_runs_it(capsys):
     assert main(["plan", "--config", config, "--gpus", "64", "--global-batch", "512",
                  "--top", "1"]) == 0
     out = capsys.readouterr().out
-    assert "bf16, recompute loops (last 1 kept), loss chunks 1024, grad-reduce overlap on" in out
+    assert ("bf16 autocast, recompute loops (last 1 loops kept), loss chunks 1024, compile off, "
+            "grad-reduce overlap on") in out
     assert "pretrain train --config" in out and "train.recompute=loops" in out
     cfg = load_config(config)
     lay = Layout(tp=1, pp=1, dp=64, micro_batch=1, microbatches=8)

@@ -9,6 +9,7 @@ from pretrain.config import ConfigError, load_config
 
 def _plan(args: argparse.Namespace) -> int:
     from pretrain.hardware import GPUS
+    from pretrain.kernels import train_options
     from pretrain.planner import plan, realising_config
 
     cfg = load_config(args.config, args.overrides)
@@ -17,12 +18,9 @@ def _plan(args: argparse.Namespace) -> int:
     batch = args.global_batch or cfg.train.micro_batch_size * cfg.train.grad_accum_steps * args.gpus
     ests = plan(cfg, args.gpus, GPUS[args.gpu], batch)
     ok = [e for e in ests if e.feasible]
-    t = cfg.train
     print(f"{len(ok)} of {len(ests)} layouts fit ({args.gpus} x {GPUS[args.gpu].name}, global "
-          f"batch {batch} x {cfg.train.seq_len} tokens, R={cfg.model.loops}; {t.precision}, "
-          f"recompute {t.recompute}"
-          + (f" (last {t.recompute_keep_last_loops} kept)" if t.recompute == "loops" else "")
-          + f", loss chunks {t.loss_chunk_tokens or 'off'}, grad-reduce overlap "
+          f"batch {batch} x {cfg.train.seq_len} tokens, R={cfg.model.loops}; "
+          f"{train_options(cfg.train)}, grad-reduce overlap "
           f"{'on' if cfg.parallel.overlap_grad_reduce else 'off'})")
     print(f"{'TP':>3} {'PP':>3} {'DP':>4} {'mb':>3} {'m':>4} | {'mem GiB':>8} | {'bubble':>6} | "
           f"{'TP comm':>8} | {'DP comm':>8} | {'step s':>7} | {'MFU':>6} | tokens/s")

@@ -133,7 +133,7 @@ def saved_bytes(cfg, micro_batch: int, policy: MemoryPolicy, shard: Shard = Shar
             total += h_bytes + 4 / (shard.tp if shard.sp else 1)
         total += m.kv_channels * big / micro_batch  # rope cos/sin rows of the sequence
     if shard.last:
-        hidden_r, other_r = readout_elements(m, shard.tp, shard.sp, policy.loss_chunk_tokens > 0)
+        hidden_r, other_r = readout_elements(m, shard.tp, shard.sp, policy.chunk_rows > 0)
         steps = loops if readouts is None else readouts
         total += loops * hidden_r * big + steps * other_r * 4  # the loss path is fp32
         total += (7 * loops + 1) * 4  # gate, exit distribution and ELBO terms of the objective

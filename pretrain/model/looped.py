@@ -161,7 +161,7 @@ class LoopedLM(nn.Module):
         """Logits and exit-gate logit of loop step t from its state h_t = N(x_t)."""
         if self.coda:
             h = self.norm(self.run_layers("coda", t, h, rope, store))
-        chunk = self.memory.loss_chunk_tokens
+        chunk = self.memory.chunk_rows
         if chunk and self.training and torch.is_grad_enabled():
             logits = DeferredLogits(h, self.head, chunk, self.memory.seq_shards)
         else:

@@ -33,14 +33,12 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-RECOMPUTE_MODES = ("none", "selective", "full", "loops")
-
 
 @dataclass(frozen=True)
 class MemoryPolicy:
     recompute: str = "none"
     keep_last_loops: int = 0  # `loops` mode: the last k loops keep their activations
-    loss_chunk_tokens: int = 0  # sequence rows per chunk of the deferred readout; 0: off
+    chunk_rows: int = 0  # rows of each sequence shard per chunk of the deferred readout; 0: off
     seq_shards: int = 1  # TP ranks sharing the sequence (sequence parallelism), else 1
 
     @classmethod

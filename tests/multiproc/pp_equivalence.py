@@ -11,7 +11,6 @@ import os
 import torch
 import torch.distributed as dist
 
-from parallelism.grads import finalize_grads
 from parallelism.pipeline import PipelineStage, global_name, keep_stage
 from parallelism.pipeline_schedule import peak_live, schedule, warmup_count
 from parallelism.tensor_parallel import gather_full, parallelize_tensor, vocab_parallel_token_ce
@@ -63,7 +62,6 @@ def one_case(topo, loops, m, kind, variant, split, sp) -> dict:
     pipe = PipelineStage(stage, topo, cfg, range(loops)[readout_steps(cfg.objective.kind, loops)])
     out = pipe.run(batches, kind, at_last_lap(
         lambda o, lb: compute_objective(cfg.objective, o, lb, ce or token_cross_entropy)))
-    finalize_grads(stage, topo)
     total = sum(compute_objective(cfg.objective, ref(ids), labels).loss for ids, labels in batches) / m
     total.backward()
     ref_grads = {n: p.grad for n, p in ref.named_parameters()}

@@ -10,7 +10,6 @@ import os
 
 import torch
 
-from parallelism.grads import finalize_grads
 from parallelism.tensor_parallel import (
     full_state_dict,
     gather_full,
@@ -65,7 +64,6 @@ def one_case(topo, loops: int, variant: str, sp: bool, memory: list[str] = ()) -
     errs["loss"] = rel(loss_par.detach(), loss_ref.detach())
     loss_ref.backward()
     loss_par.backward()
-    finalize_grads(par, topo)
     ref_grads = {n: p.grad for n, p in ref.named_parameters()}
     worst, worst_name, close = 0.0, "", True
     for name, p in par.named_parameters():
