@@ -84,6 +84,24 @@ def init_topology(cfg) -> Topology:
                         Watchdog(dist.get_rank(), world, grace=p.peer_timeout_s))
 
 
+def join_replicas(device_name: str) -> Topology:
+    """Join a launched job in which every process holds the whole model (evaluation: each
+    scores its share of the requests): data parallel over the world, no model-parallel
+    groups; one process needs no process group."""
+    launch = discover()
+    device = pick_device(device_name, launch.local_rank)
+    if launch.world == 1:
+        return Topology(device=device)
+    export(launch)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Topology(world=launch.world, rank=dist.get_rank(), local_rank=launch.local_rank,
+                    dp=launch.world, dp_rank=dist.get_rank(), device=device,
+                    dp_group=dist.group.WORLD)
+
+
 def rehearsal_topology(p, rank: int) -> Topology:
     """This one process as rank `rank` of layout `p` (the parallel section) on torch's fake
     process group, whose collectives do nothing: `pretrain plan --rehearse` runs the real

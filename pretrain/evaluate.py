@@ -12,6 +12,7 @@ from pretrain.data import default_data, heldout_data
 from pretrain.model.generate import ExitRule, score
 from pretrain.model.looped import LoopedLM
 from pretrain.model.objective import IGNORE_INDEX, compute_objective, per_step_ce, token_cross_entropy
+from pretrain.text import TextCodec, bits_per_byte
 
 EVAL_SEED_OFFSET = 1_000_003  # without validation data: training data in another order
 
@@ -50,29 +51,41 @@ def evaluate(cfg: Config, model: LoopedLM, batches: int) -> dict:
 @torch.no_grad()
 def exit_table(cfg: Config, model: LoopedLM, batches: int, rules: tuple[ExitRule, ...],
                policy: str = "full", prefill: int = 0) -> dict:
-    """Held-out CE per loop step (every loop run), and per exit rule the CE and mean loops of
-    the tokens after the first `prefill` of each sequence, decoded exactly as `generate`
-    decodes them (model/generate.py `score`: early exit, the `policy` KV cache).
-    Returns {"steps": [(R, ce)], "exits": [(rule, ce, mean loops)], "tokens": n, "data": which}."""
+    """Held-out CE and bits per byte per loop step (every loop run), and per exit rule the CE,
+    bits per byte and mean loops of the tokens after the first `prefill` of each sequence,
+    decoded exactly as `generate` decodes them (model/generate.py `score`: early exit, the
+    `policy` KV cache). Bits per byte: pretrain/text.py (tokens that stand for no text, EOS,
+    are left out of it).
+    Returns {"steps": [(R, ce, bpb)], "exits": [(rule, ce, bpb, mean loops)], "tokens": n,
+    "bytes": n, "data": which}."""
     model.eval()
     data, which, validation = heldout_batches(cfg, batches)
+    codec = TextCodec.of(cfg.data.tokenizer)
     r = cfg.model.loops
     ce_sum = torch.zeros(r, dtype=torch.float64)
+    nats = torch.zeros(r, dtype=torch.float64)  # CE of the tokens that stand for text
     exit_ce = torch.zeros(len(rules), dtype=torch.float64)
+    exit_nats = torch.zeros(len(rules), dtype=torch.float64)
     exit_loops = torch.zeros(len(rules), dtype=torch.float64)
-    count = 0
+    count, n_bytes = 0, 0
     for inputs, labels in data:
         target = labels[:, prefill:]
         keep = target != IGNORE_INDEX
+        text = (codec.bytes_of(target) > 0) & keep
         steps = per_step_ce(model(inputs).logits, labels.t())[:, prefill:]  # [R, S', B]
         ce_sum += (steps * keep.t()).sum((1, 2)).double()
+        nats += (steps * text.t()).sum((1, 2)).double()
         for j, rule in enumerate(rules):
             logits, exit_step = score(model, inputs, prefill, r, rule, policy)
             ce = token_cross_entropy(logits[:, prefill:].transpose(0, 1), target.t()).t()
             exit_ce[j] += (ce * keep).sum().double()
+            exit_nats[j] += (ce * text).sum().double()
             exit_loops[j] += (exit_step[:, prefill:] * keep).sum().double()
         count += int(keep.sum())
-    return {"steps": [(t + 1, (ce_sum[t] / count).item()) for t in range(r)],
-            "exits": [(str(rule), (exit_ce[j] / count).item(), (exit_loops[j] / count).item())
-                      for j, rule in enumerate(rules)], "tokens": count, "data": which,
-            "validation": validation}
+        n_bytes += int(codec.bytes_of(target)[keep].sum())
+    return {"steps": [(t + 1, (ce_sum[t] / count).item(), bits_per_byte(nats[t].item(), n_bytes))
+                      for t in range(r)],
+            "exits": [(str(rule), (exit_ce[j] / count).item(),
+                       bits_per_byte(exit_nats[j].item(), n_bytes), (exit_loops[j] / count).item())
+                      for j, rule in enumerate(rules)], "tokens": count, "bytes": n_bytes,
+            "data": which, "validation": validation}

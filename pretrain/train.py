@@ -124,7 +124,7 @@ class Trainer:
                                    self.topo, self.log)
         self.model, self.optimizer = self.engine.model, self.engine.optimizer
         self.data = data if data is not None else default_data(cfg, self.topo)
-        self.heldout = None  # validation samples, opened by the first validation pass
+        self.heldout = None  # (validation samples, text codec), opened by the first validation pass
         zero = self.engine.zero
         self.state = ShardedState(self.model, self.topo, None if zero else self.optimizer, zero)
         self._batches = None  # the data's micro-batch iterator, opened on the first step

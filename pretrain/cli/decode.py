@@ -1,5 +1,6 @@
-"""`pretrain generate` and `pretrain eval`: decoding with early exit, and held-out loss per
-loop step and exit rule through the same path."""
+"""`pretrain generate` and `pretrain eval`: decoding with early exit; downstream tasks through
+lm-eval (pretrain/downstream) and held-out loss and bits per byte, per loop count and exit
+rule, through the same decoding path."""
 
 from __future__ import annotations
 
@@ -13,19 +14,14 @@ def _generate(args: argparse.Namespace) -> int:
     import torch
 
     from pretrain.checkpoint.offline import load_model
-    from pretrain.data import ByteTokenizer
     from pretrain.model.generate import generate
+    from pretrain.text import TextCodec
 
     (rule,) = _parse_exit_rules([args.exit])
     overrides = [f"model.loops={args.loops}"] if args.loops else []
     cfg, model = load_model(args.checkpoint, overrides)
-    if cfg.data.tokenizer:
-        from data_pipeline.tokenizer import load_tokenizer
-
-        hf = load_tokenizer(cfg.data.tokenizer)
-        encode, decode = (lambda s: hf.encode(s, add_special_tokens=False).ids), hf.decode
-    else:
-        encode, decode = ByteTokenizer().encode, ByteTokenizer().decode
+    codec = TextCodec.of(cfg.data.tokenizer)
+    encode, decode = codec.encode, codec.decode
     prompt = torch.tensor([encode(args.prompt)])
     gen = generate(model, prompt, args.max_new_tokens, rule=rule, kv_cache=args.kv_cache,
                    temperature=args.temperature, top_p=args.top_p,
@@ -38,25 +34,60 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    loops = args.loops or []
+    if any(r < 1 for r in loops):
+        raise ConfigError(f"--loops: every loop count must be >= 1, got {loops}")
+    if args.tasks:
+        return _downstream(args, loops)
     from pretrain.checkpoint.offline import load_model
     from pretrain.evaluate import exit_table
 
-    overrides = []
+    overrides = [f"model.loops={max(loops)}"] if loops else []
     if args.data:  # shards to measure instead of the run's data.validation
-        overrides = ["data.source=shards", f"data.sources=[{{path: {args.data}}}]",
-                     f"data.validation=[{{path: {args.data}}}]"]
-    rules = _parse_exit_rules(args.exit)
+        overrides += ["data.source=shards", f"data.sources=[{{path: {args.data}}}]",
+                      f"data.validation=[{{path: {args.data}}}]"]
+    rules = _parse_exit_rules(args.exit or ["gate:0.3", "gate:0.5", "gate:0.7", "gate:0.9"])
     cfg, model = load_model(args.checkpoint, overrides)
     table = exit_table(cfg, model, args.batches, rules, args.kv_cache, args.prefill)
     print(f"data: {table['data']}")
-    print(f"held-out tokens: {table['tokens']:,} (after a prefill of {args.prefill} per sequence)")
-    print(f"{'loop step':>10} | {'CE':>7} | {'ppl':>8}")
-    for step, ce in table["steps"]:
-        print(f"{step:>10} | {ce:7.4f} | {math.exp(ce):8.2f}")
-    print(f"{'exit rule':>10} | {'CE':>7} | {'ppl':>8} | loops used (of {cfg.model.loops}), "
-          f"decoded with the {args.kv_cache} KV cache")
-    for rule, ce, loops in table["exits"]:
-        print(f"{rule:>10} | {ce:7.4f} | {math.exp(ce):8.2f} | {loops:.2f}")
+    print(f"held-out tokens: {table['tokens']:,} (after a prefill of {args.prefill} per sequence), "
+          f"{table['bytes']:,} bytes of text")
+    print(f"{'loop step':>10} | {'CE':>7} | {'ppl':>8} | {'bpb':>6}")
+    for step, ce, bpb in table["steps"]:
+        print(f"{step:>10} | {ce:7.4f} | {math.exp(ce):8.2f} | {bpb:6.4f}")
+    print(f"{'exit rule':>10} | {'CE':>7} | {'ppl':>8} | {'bpb':>6} | loops used (of "
+          f"{cfg.model.loops}), decoded with the {args.kv_cache} KV cache")
+    for rule, ce, bpb, used in table["exits"]:
+        print(f"{rule:>10} | {ce:7.4f} | {math.exp(ce):8.2f} | {bpb:6.4f} | {used:.2f}")
+    return 0
+
+
+def _downstream(args: argparse.Namespace, loops: list[int]) -> int:
+    """lm-eval tasks at every (loop count, exit rule); tasks load before the model."""
+    from pathlib import Path
+
+    from parallelism.topology import join_replicas
+    from pretrain.checkpoint import store
+    from pretrain.checkpoint.offline import load_model
+    from pretrain.config import load_config
+    from pretrain.downstream.report import table, write_report
+    from pretrain.downstream.run import evaluate_model
+    from pretrain.downstream.tasks import load_tasks
+
+    rules = list(_parse_exit_rules(args.exit or ["all"]))
+    path = store.resolve(args.checkpoint)
+    trained = load_config(path / "config.yaml").model.loops
+    loops = loops or [trained]
+    tasks = load_tasks(args.tasks.split(","), args.num_fewshot, args.include_path)
+    topo = join_replicas(args.device)
+    cfg, model = load_model(path, [f"model.loops={max(loops)}"] if max(loops) != trained else [])
+    results = evaluate_model(cfg, model.to(topo.device), tasks, loops, rules, args.kv_cache,
+                             args.batch_size, args.limit, args.bootstrap_iters)
+    if topo.is_main:
+        out = Path(args.output) if args.output else path.parent.parent / "downstream" / path.name
+        write_report(out, results)
+        print(table(results))
+        print(f"results, table and Pareto plot: {out}")
     return 0
 
 
@@ -87,15 +118,30 @@ def add_commands(sub) -> None:
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     g.add_argument("--top-p", type=float, default=1.0)
     g.set_defaults(fn=_generate)
-    ev = sub.add_parser("eval", help="held-out loss per loop step and per early-exit rule")
-    ev.add_argument("--checkpoint", required=True)
+    ev = sub.add_parser("eval", help="downstream tasks (lm-eval) or held-out loss, per loop "
+                                     "count and early-exit rule")
+    ev.add_argument("--checkpoint", required=True, help="checkpoint of any layout")
+    ev.add_argument("--tasks", default="", help="lm-eval tasks, comma-separated: registry names "
+                                                "(hellaswag,arc_easy) or task YAML files")
+    ev.add_argument("--include-path", default="", help="directory of extra lm-eval task YAMLs")
+    ev.add_argument("--num-fewshot", type=int, default=None)
+    ev.add_argument("--limit", type=int, default=None, help="documents per task (for testing)")
+    ev.add_argument("--loops", type=int, nargs="+", default=None,
+                    help="loop counts to evaluate (default: the trained one)")
+    ev.add_argument("--exit", nargs="+", default=None,
+                    help="exit rules: gate:Q (cumulative exit probability), delta:EPS "
+                         "(|h_t - h_t-1| < EPS), fixed:N, all (default: all with --tasks, "
+                         "gate:0.3..0.9 on held-out data)")
+    _add_decoding_flags(ev)
+    ev.add_argument("--batch-size", type=int, default=8, help="sequences per forward (--tasks)")
+    ev.add_argument("--bootstrap-iters", type=int, default=100000,
+                    help="lm-eval's bootstrap samples for stderr (0: none)")
+    ev.add_argument("--output", default="", help="results directory (default: <run>/downstream/"
+                                                 "<step>)")
+    ev.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ev.add_argument("--data", default="", help="held-out shards directory (default: the run's "
                                                "data.validation)")
-    ev.add_argument("--batches", type=int, default=8)
-    ev.add_argument("--exit", nargs="+", default=["gate:0.3", "gate:0.5", "gate:0.7", "gate:0.9"],
-                    help="exit rules: gate:Q (cumulative exit probability), delta:EPS "
-                         "(|h_t - h_t-1| < EPS), fixed:N, all")
-    _add_decoding_flags(ev)
+    ev.add_argument("--batches", type=int, default=8, help="held-out micro-batches")
     ev.add_argument("--prefill", type=int, default=0,
-                    help="tokens of each sequence prefilled (every loop) before decoding")
+                    help="held-out: tokens of each sequence prefilled (every loop) before decoding")
     ev.set_defaults(fn=_eval)

@@ -74,26 +74,28 @@ class _ExitState:
         self.rule = rule
         self.log_survive = torch.zeros(shape, device=device)
         self.cdf = torch.zeros(shape, device=device)
-        self.h_prev: Tensor | None = None
 
-    def stops(self, t: int, loops: int, gate: Tensor, h: Tensor) -> Tensor:
-        """Which tokens exit at step t (0-based) by the rule: gate [B, n], h [B, n, H]."""
+    def stops(self, t: int, loops: int, gate: Tensor, change: Tensor | None) -> Tensor:
+        """Which tokens exit at step t (0-based) by the rule: gate [B, n]; change [B, n] the
+        size of the step's hidden-state change ||h_t - h_{t-1}|| (None on the first step)."""
         r = self.rule
         if r.kind == "gate":
             g = gate.float()
             self.cdf = self.cdf + torch.exp(F.logsigmoid(g) + self.log_survive)
             self.log_survive = self.log_survive + F.logsigmoid(-g)
             stop = self.cdf >= r.value if r.value < 1 else torch.zeros_like(self.cdf, dtype=torch.bool)
-        elif r.kind == "delta":
-            stop = torch.zeros(gate.shape, dtype=torch.bool, device=gate.device)
-            if self.h_prev is not None:
-                stop = (h.float() - self.h_prev).norm(dim=-1) < r.value
-            self.h_prev = h.float()
+        elif r.kind == "delta" and change is not None:
+            stop = change < r.value
         elif r.kind == "fixed":
             stop = torch.full(gate.shape, t + 1 >= r.value, device=gate.device)
         else:
             stop = torch.zeros(gate.shape, dtype=torch.bool, device=gate.device)
         return stop | (t == loops - 1)
+
+
+def hidden_change(h: Tensor, h_prev: Tensor | None) -> Tensor | None:
+    """||h_t - h_{t-1}||_2 per token (the delta rule's measure), in fp32."""
+    return None if h_prev is None else (h.float() - h_prev.float()).norm(dim=-1)
 
 
 class LoopKVCache:
@@ -189,12 +191,13 @@ class LoopKVCache:
 
 
 def forward_chunk(model: LoopedLM, ids: Tensor, cache: LoopKVCache, loops: int,
-                  rule: ExitRule, prefill: bool = False) -> tuple[Tensor, Tensor]:
+                  rule: ExitRule, prefill: bool = False, observe=None) -> tuple[Tensor, Tensor]:
     """Run new tokens ids [B, n] through the model against the cache.
 
     prefill: every token runs every loop (the exit step only picks its output).
     Otherwise tokens stop at their exit step; with a collapsed cache (last/average) tokens are
     decoded one at a time, since every loop of a token reads the finished cache of the others.
+    `observe(t, logits [B, n, V], gate [B, n], change [B, n] | None)` sees every step run.
     Returns (logits of each token's exit step [B, n, V], exit step 1..loops [B, n])."""
     b, n = ids.shape
     if cache.length + n > model.cfg.max_seq_len:
@@ -209,7 +212,7 @@ def forward_chunk(model: LoopedLM, ids: Tensor, cache: LoopKVCache, loops: int,
     state = _ExitState(rule, (b, n), ids.device)
     decided = torch.zeros(b, n, dtype=torch.bool, device=ids.device)
     exit_step = torch.full((b, n), loops, dtype=torch.long, device=ids.device)
-    out, h, x = None, None, None
+    out, h, x, h_prev = None, None, None, None
     for t in range(loops):
         if not prefill and decided.all():
             if not cache.collapsed:
@@ -220,7 +223,11 @@ def forward_chunk(model: LoopedLM, ids: Tensor, cache: LoopKVCache, loops: int,
         h = model.norm(x)
         logits, gate = model.readout(h, t, rope, cache)
         logits, gate = logits.transpose(0, 1), gate.t()  # to batch-first, like ids
-        stop = ~decided & state.stops(t, loops, gate, h.transpose(0, 1))
+        change = hidden_change(h.transpose(0, 1), h_prev)
+        h_prev = h.transpose(0, 1)
+        if observe is not None:
+            observe(t, logits, gate, change)
+        stop = ~decided & state.stops(t, loops, gate, change)
         out = logits if out is None else torch.where(stop[..., None], logits, out)
         exit_step[stop] = t + 1
         if not prefill and not cache.collapsed and t < loops - 1 and stop.any():
@@ -312,16 +319,19 @@ def generate(
     return Generation(tokens, torch.stack(chosen, 1), exit_steps, used, cache.bytes_per_token())
 
 
-def readout_exit_steps(rule: ExitRule, gate_logits: Tensor) -> Tensor:
+def readout_exit_steps(rule: ExitRule, gate_logits: Tensor, changes: Tensor | None = None) -> Tensor:
     """The 0-based step at which `rule` exits each token when every loop has run (gate
-    logits [R, S, B] -> [S, B]): the readout of validation during training. (Decoding also
-    changes what later tokens attend to -- `score` measures that.) Not for delta rules."""
+    logits [R, ...] -> [...]): validation's readout during training and the harness's
+    (pretrain/downstream). Decoding also changes what later tokens attend to -- `score`
+    measures that. delta rules need `changes` [R, ...] (hidden_change of each step; step 0's
+    is ignored); without them a delta rule never exits early."""
     loops = gate_logits.shape[0]
     state = _ExitState(rule, gate_logits.shape[1:], gate_logits.device)
     step = torch.full(gate_logits.shape[1:], loops - 1, device=gate_logits.device)
     done = torch.zeros(gate_logits.shape[1:], dtype=torch.bool, device=gate_logits.device)
     for t in range(loops):
-        stop = state.stops(t, loops, gate_logits[t], None) & ~done
+        change = changes[t] if changes is not None and t > 0 else None
+        stop = state.stops(t, loops, gate_logits[t], change) & ~done
         step[stop] = t
         done |= stop
     return step
