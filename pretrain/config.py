@@ -19,6 +19,7 @@ import yaml
 from core.config_schema import ConfigError, build, load_tree, require
 from data_pipeline.config import DataConfig, SourceConfig, validate_data
 from parallelism.config import ParallelConfig, validate_layout
+from pretrain.downstream.config import DownstreamConfig, validate_downstream
 from pretrain.model.config import (
     ModelConfig,
     ObjectiveConfig,
@@ -61,6 +62,8 @@ class TrainConfig:
     # bf16: autocast (fp32 master weights, optimizer state and loss); fp32: no autocast
     precision: Literal["bf16", "fp32"] = "fp32"
     compile: bool = False  # torch.compile each decoder layer (one graph for every loop)
+    # lm-eval tasks during training (pretrain/downstream/config.py, callbacks/downstream.py)
+    downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
 
 
 @dataclass
@@ -133,6 +136,7 @@ def validate(cfg: Config) -> None:
     validate_optim(cfg.optim, cfg.train.max_steps, cfg.parallel.zero_stage, cfg.parallel.tensor)
     validate_train(cfg.train, cfg.model.max_seq_len)
     validate_memory(cfg.train, cfg.model.loops, cfg.parallel.tensor)
+    validate_downstream(cfg.train.downstream)
     validate_data(cfg.data)
     if cfg.train.eval_every:
         require(bool(cfg.data.validation), "train.eval_every",

@@ -46,7 +46,8 @@ class Callback:
 
 def default_callbacks(cfg, log, tensorboard: bool) -> list[Callback]:
     """The outputs a run writes: console (`log`; None: silent), metrics.jsonl, TensorBoard,
-    Weights & Biases (train.wandb_project), validation (train.eval_every), checkpoints."""
+    Weights & Biases (train.wandb_project), validation (train.eval_every), checkpoints,
+    downstream tasks (train.downstream.every)."""
     from pretrain.callbacks.checkpointing import Checkpointing
     from pretrain.callbacks.console import Console
     from pretrain.callbacks.jsonl import MetricsFile
@@ -66,4 +67,8 @@ def default_callbacks(cfg, log, tensorboard: bool) -> list[Callback]:
     if cfg.train.eval_every:
         out.append(Validation(cfg.train.eval_every))
     out.append(Checkpointing())
+    if cfg.train.downstream.every:  # after Checkpointing: it evaluates the step's checkpoint
+        from pretrain.callbacks.downstream import Downstream
+
+        out.append(Downstream(cfg))
     return out

@@ -33,6 +33,11 @@ class Console(Callback):
             self.log(f"step {step:>6} | val loss {m['val/loss']:.4f} | val ce/loop "
                      f"{_per_step(m, 'val/ce_step', trainer)} | exit ce {exits}")
             return
+        if any(k.startswith("downstream/") for k in m):
+            self.log(f"step {step:>6} | downstream " + " | ".join(
+                f"{k[len('downstream/'):]} {v:.4f}" for k, v in m.items()
+                if not k.endswith("/mean_loops")))
+            return
         done = step - self.first_step
         left = (time.perf_counter() - self.start) / max(done, 1) * (trainer.cfg.train.max_steps - step)
         self.log(f"step {step:>6}/{trainer.cfg.train.max_steps} | loss {m['train/loss']:.4f} | "

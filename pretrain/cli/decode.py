@@ -75,10 +75,10 @@ def _downstream(args: argparse.Namespace, loops: list[int]) -> int:
     from pretrain.downstream.tasks import load_tasks
 
     rules = list(_parse_exit_rules(args.exit or ["all"]))
+    tasks = load_tasks(args.tasks.split(","), args.num_fewshot, args.include_path)
     path = store.resolve(args.checkpoint)
     trained = load_config(path / "config.yaml").model.loops
     loops = loops or [trained]
-    tasks = load_tasks(args.tasks.split(","), args.num_fewshot, args.include_path)
     topo = join_replicas(args.device)
     cfg, model = load_model(path, [f"model.loops={max(loops)}"] if max(loops) != trained else [])
     results = evaluate_model(cfg, model.to(topo.device), tasks, loops, rules, args.kv_cache,
