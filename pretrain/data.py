@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from core.config_schema import ConfigError
 from data_pipeline.loader import RankSpec, StreamingData
 from data_pipeline.validation import HeldOut, shard_heldout
-from pretrain.config import ConfigError
 
 
 class ByteTokenizer:

@@ -93,7 +93,7 @@ def test_eval_and_generate_on_a_demo_checkpoint(tmp_path, capsys):
     out = capsys.readouterr().out
     rows = re.findall(r"^\s+(\d) \| +([\d.]+) \|", out, re.M)
     assert [int(r) for r, _ in rows] == [1, 2, 3]
-    exits = re.findall(r"^\s+(\S+) \| +([\d.]+) \| +[\d.]+ \| ([\d.]+)$", out, re.M)
+    exits = re.findall(r"^\s+(\S+) \| +([\d.]+) \| +[\d.]+ \| +[\d.]+ \| ([\d.]+)$", out, re.M)
     assert [q for q, _, _ in exits] == ["gate:0.5", "all", "fixed:1"]
     assert float(exits[1][2]) == 3.0 and 1.0 <= float(exits[0][2]) <= 3.0
     assert float(exits[2][2]) == 1.0

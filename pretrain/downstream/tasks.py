@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from pretrain.config import ConfigError
+from core.config_schema import ConfigError
 
 FEWSHOT_SEED = 1234  # lm-eval's default fewshot_random_seed
 
