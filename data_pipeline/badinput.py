@@ -25,10 +25,17 @@ class BadInput:
             raise DataError(f"data.on_error: expected 'raise' or 'skip', got {policy!r}")
         self.policy = policy
         self.counts: Counter[str] = Counter()
+        self.source = ""  # the input being read: counts are kept per input too
+        self.by_input: dict[str, Counter[str]] = {}
 
     def __call__(self, kind: str, message: str, amount: int = 1) -> None:
         """Report `amount` units of bad input of `kind` (e.g. 'documents', 'samples')."""
         if self.policy == "raise":
             raise DataError(message)
-        self.counts[kind] += amount
+        self.count(kind, amount)
         log.warning("skipped %d %s: %s", amount, kind, message)
+
+    def count(self, kind: str, amount: int = 1) -> None:
+        """Count a skip that is no error (e.g. an empty document) without a warning."""
+        self.counts[kind] += amount
+        self.by_input.setdefault(self.source, Counter())[kind] += amount

@@ -22,7 +22,8 @@ import numpy as np
 import webdataset as wds
 
 from data_pipeline.badinput import BadInput, DataError
-from data_pipeline.documents import iter_documents
+from data_pipeline.documents import Reader
+from data_pipeline.inputs import Unit, expand_inputs, units_of
 from data_pipeline.tokenizer import EOS_TOKEN, eos_id, load_tokenizer, tokenizer_hash
 
 MANIFEST = "manifest.json"
@@ -49,6 +50,8 @@ class Manifest:
     skipped: dict[str, int] = field(default_factory=dict)
     # the held-out split written beside these shards: {"path", "fraction", "documents", "tokens"}
     validation: dict = field(default_factory=dict)
+    # per input file: {"path", "documents", "tokens" (EOS included; both splits), "skipped"}
+    inputs: list[dict] = field(default_factory=list)
     format: str = FORMAT
 
     @property
@@ -90,7 +93,8 @@ class Manifest:
         return cls(shards=shards, dtype=raw["dtype"], vocab_size=raw["vocab_size"],
                    eos_id=raw["eos_id"], tokenizer_sha256=raw["tokenizer_sha256"],
                    chunk_tokens=raw["chunk_tokens"], documents=raw.get("documents", 0),
-                   skipped=raw.get("skipped", {}), validation=raw.get("validation", {}))
+                   skipped=raw.get("skipped", {}), validation=raw.get("validation", {}),
+                   inputs=raw.get("inputs", []))
 
 
 VALIDATION_DIR = "validation"
@@ -110,13 +114,15 @@ def held_out(text: str, fraction: float) -> bool:
     return int.from_bytes(digest, "big") < fraction * 2**64
 
 
-def _encode(batch: list[str]) -> list[tuple[bool, list[int]]]:
-    encoded = _worker_tokenizer.encode_batch(batch, add_special_tokens=False)
-    return [(held_out(text, _worker_fraction), e.ids) for text, e in zip(batch, encoded, strict=True)]
+def _encode(batch: list[tuple[int, str]]) -> list[tuple[int, bool, list[int]]]:
+    encoded = _worker_tokenizer.encode_batch([t for _, t in batch], add_special_tokens=False)
+    return [(i, held_out(text, _worker_fraction), e.ids)
+            for (i, text), e in zip(batch, encoded, strict=True)]
 
 
-class _ShardSink:
-    """Token chunks of one output directory: `add` a document's ids (EOS included)."""
+class ShardSink:
+    """Token chunks of one output directory: `add` a document's ids (EOS included), or a run
+    of several documents' (`documents`: how many). The chunks depend only on the stream."""
 
     def __init__(self, out: Path, dtype, chunk_tokens: int, per_shard: int):
         self.out, self.dtype, self.chunk, self.per_shard = out, dtype, chunk_tokens, per_shard
@@ -127,8 +133,8 @@ class _ShardSink:
         self.documents = 0
         self.writer = None
 
-    def add(self, ids: np.ndarray) -> None:
-        self.documents += 1
+    def add(self, ids: np.ndarray, documents: int = 1) -> None:
+        self.documents += documents
         self.pending.append(ids)
         self.pending_len += len(ids)
         if self.pending_len >= self.chunk:
@@ -157,85 +163,150 @@ class _ShardSink:
                           len(self.chunks[i * k:(i + 1) * k])) for i, name in enumerate(self.names)]
 
 
+@dataclass
+class Tokenizing:
+    """What every tokenisation shares: the tokenizer and the settings of the output."""
+
+    tokenizer_path: str
+    shard_tokens: int = 1 << 26
+    chunk_tokens: int = 8192
+    text_field: str = "text"
+    eos_token: str = EOS_TOKEN
+    on_error: str = "raise"
+    empty: str = "skip"  # empty documents: skip (counted) or error
+    validation_fraction: float = 0.0
+    workers: int = 1
+
+    def check(self) -> None:
+        if self.chunk_tokens < 1 or self.shard_tokens < self.chunk_tokens:
+            raise DataError(f"--shard-tokens ({self.shard_tokens}) must be >= --chunk-tokens "
+                            f"({self.chunk_tokens}) >= 1")
+        if not 0 <= self.validation_fraction < 1:
+            raise DataError(f"--validation-fraction: must be in [0, 1), got "
+                            f"{self.validation_fraction}")
+
+    def vocabulary(self) -> tuple:
+        """(tokenizer, EOS id, vocabulary size, the token dtype)."""
+        tok = load_tokenizer(self.tokenizer_path)
+        vocab = tok.get_vocab_size(with_added_tokens=True)
+        return tok, eos_id(tok, self.eos_token), vocab, np.uint16 if vocab <= 1 << 16 else np.uint32
+
+
 def _batches(docs, size: int):
     it = iter(docs)
     while batch := list(islice(it, size)):
         yield batch
 
 
-def tokenize_to_shards(
-    inputs: list[str],
-    output: str | Path,
-    tokenizer_path: str | Path,
-    shard_tokens: int = 1 << 26,
-    chunk_tokens: int = 8192,
-    workers: int = 1,
-    text_field: str = "text",
-    eos_token: str = EOS_TOKEN,
-    on_error: str = "raise",
-    progress: bool = True,
-    validation_fraction: float = 0.0,
-) -> Manifest:
-    """Shards of `inputs` in `output`; with `validation_fraction` f > 0 the documents whose
-    hash falls below f go to `output/validation/` instead (its own manifest, recorded in the
-    training manifest's `validation`)."""
+class InputCounts:
+    """Documents and tokens per input file (one row per file, in reading order, also when
+    nothing of it was kept), with the skips the reader counted there."""
+
+    def __init__(self, units: list[Unit]):
+        self.rows = {u.path: {"path": u.path, "documents": 0, "tokens": 0, "skipped": {}}
+                     for u in units}
+
+    def add(self, path: str, tokens: int, documents: int = 1) -> None:
+        self.rows[path]["documents"] += documents
+        self.rows[path]["tokens"] += tokens
+
+    def merge_skips(self, by_input: dict) -> None:
+        for path, counts in by_input.items():
+            row = self.rows[path]["skipped"]
+            for kind, n in counts.items():
+                row[kind] = row.get(kind, 0) + n
+
+    def table(self) -> list[dict]:
+        return list(self.rows.values())
+
+
+def encode_units(units: list[Unit], how: Tokenizing, bad: BadInput, eos: int, dtype,
+                 counts: InputCounts, progress: str = ""):
+    """(held out?, ids + EOS) of every document of the units, in order, counted per input
+    (a process pool, which keeps order, with workers > 1)."""
     from tqdm import tqdm
 
-    if chunk_tokens < 1 or shard_tokens < chunk_tokens:
-        raise DataError(f"--shard-tokens ({shard_tokens}) must be >= --chunk-tokens ({chunk_tokens}) >= 1")
-    if not 0 <= validation_fraction < 1:
-        raise DataError(f"--validation-fraction: must be in [0, 1), got {validation_fraction}")
-    out = Path(output)
-    if (out / MANIFEST).exists():
-        raise DataError(f"{out}: already holds a {MANIFEST}; write shards to a new directory")
-    out.mkdir(parents=True, exist_ok=True)
-    tok = load_tokenizer(tokenizer_path)
-    eos, vocab = eos_id(tok, eos_token), tok.get_vocab_size(with_added_tokens=True)
-    dtype = np.uint16 if vocab <= 1 << 16 else np.uint32
-    bad = BadInput(on_error)
-    docs = iter_documents(inputs, bad, text_field)
-    per_shard = shard_tokens // chunk_tokens
-    train = _ShardSink(out, dtype, chunk_tokens, per_shard)
-    held = _ShardSink(out / VALIDATION_DIR, dtype, chunk_tokens, per_shard)
+    reader = Reader(bad, how.text_field, how.empty)
+    docs = ((i, text) for i, u in enumerate(units) for text in reader.unit(u))
     pool = None
-    if workers > 1:
+    if how.workers > 1:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         pool = multiprocessing.get_context("fork").Pool(
-            workers, _init_worker, (str(tokenizer_path), validation_fraction))
+            how.workers, _init_worker, (how.tokenizer_path, how.validation_fraction))
         encoded = pool.imap(_encode, _batches(docs, 64), chunksize=4)
     else:
-        _init_worker(str(tokenizer_path), validation_fraction)
+        _init_worker(how.tokenizer_path, how.validation_fraction)
         encoded = map(_encode, _batches(docs, 64))
-    bar = tqdm(unit=" docs", desc=f"tokenizing -> {out}", disable=None if progress else True,
-               mininterval=1.0)
-    ok = False
+    bar = tqdm(unit=" docs", desc=progress, disable=None if progress else True, mininterval=1.0)
     try:
         for batch in encoded:
-            for is_held, ids in batch:
-                (held if is_held else train).add(np.array([*ids, eos], dtype=dtype))
+            for i, is_held, ids in batch:
+                counts.add(units[i].path, len(ids) + 1)
+                yield is_held, np.array([*ids, eos], dtype=dtype)
             bar.update(len(batch))
-        ok = True
     finally:
-        shards, held_shards = train.close(ok), held.close(ok)
         bar.close()
         if pool is not None:
             pool.terminate()
-    if not shards:
-        raise DataError(f"{', '.join(inputs)}: no documents to tokenize"
-                        + (" (all held out)" if held_shards else ""))
+        counts.merge_skips(bad.by_input)
 
-    def manifest(shard_list, documents, validation=None) -> Manifest:
-        return Manifest(shards=shard_list, dtype=np.dtype(dtype).name, vocab_size=vocab,
-                        eos_id=eos, tokenizer_sha256=tokenizer_hash(tok),
-                        chunk_tokens=chunk_tokens, documents=documents, skipped=dict(bad.counts),
-                        validation=validation or {})
+
+def write_manifests(out: Path, how: Tokenizing, vocab: tuple, train: list[ShardInfo],
+                    train_docs: int, held: list[ShardInfo], held_docs: int, skipped: dict,
+                    inputs: list[dict], what: str) -> Manifest:
+    """The training manifest (and the held-out split's), written last; no shards at all is a
+    DataError naming `what` was read."""
+    tok, eos, size, dtype = vocab
+    if not train:
+        raise DataError(f"{what}: no documents to tokenize" + (" (all held out)" if held else ""))
+
+    def manifest(shards, documents, validation=None, rows=()) -> Manifest:
+        return Manifest(shards=shards, dtype=np.dtype(dtype).name, vocab_size=size, eos_id=eos,
+                        tokenizer_sha256=tokenizer_hash(tok), chunk_tokens=how.chunk_tokens,
+                        documents=documents, skipped=dict(skipped), validation=validation or {},
+                        inputs=list(rows))
 
     record = {}
-    if held_shards:
-        split = manifest(held_shards, held.documents)
+    if held:
+        split = manifest(held, held_docs)
         split.save(out / VALIDATION_DIR)
-        record = {"path": VALIDATION_DIR, "fraction": validation_fraction,
-                  "documents": held.documents, "tokens": split.total_tokens}
-    result = manifest(shards, train.documents, record)
+        record = {"path": VALIDATION_DIR, "fraction": how.validation_fraction,
+                  "documents": held_docs, "tokens": split.total_tokens}
+    result = manifest(train, train_docs, record, inputs)
     result.save(out)
     return result
+
+
+def check_output(out: Path) -> None:
+    if (out / MANIFEST).exists():
+        raise DataError(f"{out}: already holds a {MANIFEST}; write shards to a new directory")
+
+
+def tokenize_to_shards(inputs: list[str], output: str | Path, tokenizer_path: str | Path,
+                       progress: bool = True, **settings) -> Manifest:
+    """Shards of `inputs` in `output` (settings: the fields of `Tokenizing`); with
+    validation_fraction f > 0 the documents whose hash falls below f go to
+    `output/validation/` instead (its own manifest, recorded in the training manifest's
+    `validation`)."""
+    how = Tokenizing(str(tokenizer_path), **settings)
+    how.check()
+    out = Path(output)
+    check_output(out)
+    units = units_of(expand_inputs(inputs))
+    out.mkdir(parents=True, exist_ok=True)
+    vocab = how.vocabulary()
+    _, eos, _, dtype = vocab
+    bad, counts = BadInput(how.on_error), InputCounts(units)
+    per_shard = how.shard_tokens // how.chunk_tokens
+    train = ShardSink(out, dtype, how.chunk_tokens, per_shard)
+    held = ShardSink(out / VALIDATION_DIR, dtype, how.chunk_tokens, per_shard)
+    ok = False
+    try:
+        for is_held, ids in encode_units(units, how, bad, eos, dtype, counts,
+                                         f"tokenizing -> {out}" if progress else ""):
+            (held if is_held else train).add(ids)
+        ok = True
+    finally:
+        shards, held_shards = train.close(ok), held.close(ok)
+    return write_manifests(out, how, vocab, shards, train.documents, held_shards, held.documents,
+                           bad.counts, counts.table(), ", ".join(inputs))

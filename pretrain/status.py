@@ -1,4 +1,5 @@
-"""`pretrain status RUN_DIR`: where a run stands, from its files and SLURM."""
+"""`pretrain status DIR`: where a run -- or a tokenisation job's output directory -- stands,
+from its files and SLURM."""
 
 from __future__ import annotations
 
@@ -50,3 +51,23 @@ def run_status(run_dir: Path) -> str:
         job = job_file.read_text().strip()
         out.append(f"slurm job: {job} {job_state(job) or 'unknown to SLURM'}")
     return "\n".join(out)
+
+
+def is_tokenisation(path: Path) -> bool:
+    from data_pipeline.parts import PARTS, PLAN
+    from data_pipeline.shards import MANIFEST
+
+    return (path / PARTS / PLAN).is_file() or (path / MANIFEST).is_file()
+
+
+def tokenisation_status(out: Path) -> str:
+    """Parts done of the plan (or the merged manifest), and the SLURM jobs' states."""
+    from data_pipeline.parts import PARTS, job_status
+    from slurm.submit import job_state
+
+    lines = [job_status(out)]
+    jobs = out / PARTS / "jobs.json"
+    if jobs.is_file():
+        for what, job in json.loads(jobs.read_text()).items():
+            lines.append(f"slurm {what} job: {job} {job_state(job) or 'unknown to SLURM'}")
+    return "\n".join(lines)

@@ -80,12 +80,15 @@ def render(spec: JobSpec, name: str, run_dir: Path, command: str) -> str:
         command=command, exit_preempted=EXIT_PREEMPTED)
 
 
-def sbatch(script: Path, run_dir: Path, array: bool = False) -> str:
+def sbatch(script: Path, run_dir: Path, array: bool = False, after: str = "") -> str:
     """Submit; returns the job id. Logs go next to the script (one file per job, appended
-    across requeues)."""
+    across requeues). `after`: a job id this one waits for (it runs only if that succeeded)."""
     log = run_dir / ("slurm-%A_%a.out" if array else "slurm-%j.out")
+    if after and not after.isdigit():
+        raise ConfigError(f"sbatch {script}: job id {after!r} is not a number")
     res = subprocess.run(["sbatch", "--parsable", f"--output={log}", f"--chdir={run_dir}",
-                          str(script)], capture_output=True, text=True)
+                          *([f"--dependency=afterok:{after}"] if after else []), str(script)],
+                         capture_output=True, text=True)
     if res.returncode != 0:
         raise ConfigError(f"sbatch {script}: {res.stderr.strip() or res.stdout.strip()}")
     job = res.stdout.strip().split(";")[0]

@@ -42,9 +42,10 @@ def _submit(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from pretrain.status import run_status
+    from pretrain.status import is_tokenisation, run_status, tokenisation_status
 
-    print(run_status(Path(args.run_dir)))
+    path = Path(args.run_dir)
+    print(tokenisation_status(path) if is_tokenisation(path) else run_status(path))
     return 0
 
 
@@ -106,6 +107,7 @@ def add_commands(sub) -> None:
     sw.add_argument("--submit", action="store_true", help="submit one SLURM job array")
     sw.add_argument("--budget", type=float, default=None, help="FLOPs for the compute optimum")
     sw.set_defaults(fn=_sweep)
-    st = sub.add_parser("status", help="step, tokens, loss, checkpoint and SLURM state of a run")
+    st = sub.add_parser("status", help="step, tokens, loss, checkpoint and SLURM state of a run "
+                                       "(or the parts done of a tokenisation job)")
     st.add_argument("run_dir")
     st.set_defaults(fn=_status)
