@@ -42,6 +42,7 @@ test: install lint
 bench: install
 	$(PY) bench/overhead.py
 	$(PY) bench/data_throughput.py
+	$(PY) bench/data_throughput.py --array
 	$(PY) bench/comm_volume.py
 	$(PY) bench/pipeline_bubble.py
 	$(PY) bench/zero_memory.py

@@ -11,7 +11,7 @@ one process writes.
          failed task is simply run again.
   merge  the streams in part order through the ShardSink a single run uses: the chunks, shards
          and manifest equal `tokenize_to_shards` over the same inputs (a sink's output depends
-         only on the stream). The parts directory goes once the manifest is written.
+         only on the stream). Then the streams go; plan, part records and logs stay.
 """
 
 from __future__ import annotations
@@ -182,7 +182,9 @@ def merge_parts(out: Path) -> Manifest:
     manifest = write_manifests(out, how, vocab, shards["train"], sinks["train"].documents,
                                shards["validation"], sinks["validation"].documents, skipped,
                                counts.table(), ", ".join(plan["inputs"]))
-    shutil.rmtree(out / PARTS)
+    for k in range(len(records)):  # the streams are in the shards now; the records stay
+        for name in STREAMS.values():
+            (part_dir(out, k) / name).unlink()
     return manifest
 
 

@@ -216,9 +216,12 @@ def test_pareto_plot_has_one_curve_per_criterion(run):
     assert unused.sum() == 0
 
 
-def test_exported_model_through_lm_evals_hf_type_scores_as_our_wrapper(run):
+def test_exported_model_through_lm_evals_hf_type_scores_as_our_wrapper(run, monkeypatch):
     """lm-eval's own `hf` model (trust_remote_code) on the export, against our wrapper at the
     export's loop count: the same loglikelihood for every request, the same accuracy."""
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                "MASTER_PORT"):  # one process: accelerate must not look for a launcher
+        monkeypatch.delenv(var, raising=False)
     from pretrain.downstream.harness_lm import LoopedHarnessLM
     from pretrain.downstream.tasks import load_tasks
     from pretrain.hf import export

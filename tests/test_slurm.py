@@ -8,6 +8,7 @@ import re
 import shlex
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -58,6 +59,19 @@ def _wait(job: str, timeout: float = 300) -> str:
         assert time.time() < deadline, f"job {job} still {state}"
         time.sleep(1)
     return state
+
+
+def _wait_array(job: str, n: int, timeout: float = 300) -> dict[str, str]:
+    """Task id -> state of a job array, once all its n tasks have ended."""
+    deadline = time.time() + timeout
+    while True:
+        states = subprocess.run(["squeue", "-h", "-t", "all", "-j", job, "-o", "%i %T"],
+                                capture_output=True, text=True).stdout.split("\n")
+        tasks = dict(line.split() for line in states if line.strip())
+        if len(tasks) == n and set(tasks.values()) <= DONE:
+            return tasks
+        assert time.time() < deadline, tasks
+        time.sleep(1)
 
 
 def test_submit_runs_a_two_task_job_to_completion(cluster, tmp_path):
@@ -119,15 +133,7 @@ def test_a_sweep_runs_as_a_job_array_then_collects_and_fits(cluster, tmp_path):
     job = re.search(r"submitted job array (\d+)", res.stdout).group(1)
     script = (tmp_path / "sweep/sweep.sbatch").read_text()
     assert "#SBATCH --array=0-2%2" in script
-    deadline = time.time() + 300
-    while True:
-        states = subprocess.run(["squeue", "-h", "-t", "all", "-j", job, "-o", "%i %T"],
-                                capture_output=True, text=True).stdout.split("\n")
-        tasks = dict(line.split() for line in states if line.strip())
-        if len(tasks) == 3 and set(tasks.values()) <= DONE:
-            break
-        assert time.time() < deadline, tasks
-        time.sleep(1)
+    tasks = _wait_array(job, 3)
     assert set(tasks.values()) == {"COMPLETED"}, tasks
     assert _cli("sweep", "collect", str(tmp_path / "sweep")).returncode == 0
     fit = _cli("sweep", "fit", str(tmp_path / "sweep"))
@@ -137,3 +143,50 @@ def test_a_sweep_runs_as_a_job_array_then_collects_and_fits(cluster, tmp_path):
     assert "L(R) = " in fit.stdout  # R in {1, 2, 3} at one size: the loop-count law
     for png in ("fit_vs_points.png", "isoflop.png", "loops.png"):
         assert (tmp_path / "sweep" / png).is_file()
+
+
+def test_tokenisation_array_merges_to_one_process_and_resubmits_only_what_is_missing(
+        cluster, tmp_path):
+    """A 4-task array over CPython's standard library sources (the bench runs ~50 MB:
+    bench/data_throughput.py): its merged manifest and tokens equal one process's; a killed
+    task is resubmitted with the same command and the finished parts are not redone."""
+    from data_pipeline.shards import Manifest
+    from data_pipeline.stream import ShardSource
+
+    std = Path(sysconfig.get_paths()["stdlib"])
+    inputs = [str(std / "*.py"), str(std / "[a-f]*/**/*.py")]
+    tok = tmp_path / "tok.json"
+    res = _cli("data", "train-tokenizer", "--input", *inputs, "--sample-bytes", "1000000",
+               "--vocab-size", "1024", "--output", str(tok), "--on-error", "skip")
+    assert res.returncode == 0, res.stderr
+    common = ["--input", *inputs, "--tokenizer", str(tok), "--on-error", "skip",
+              "--shard-tokens", str(1 << 19), "--chunk-tokens", "4096"]
+    assert _cli("data", "tokenize", *common, "--output", str(tmp_path / "one")).returncode == 0
+    job = tmp_path / "job"
+    submit = ["data", "tokenize", *common, "--output", str(job), "--tasks", "4", "--submit",
+              "--time", "00:10:00"]
+    res = _cli(*submit)
+    assert res.returncode == 0, res.stderr
+    array, merge = re.search(r"job array (\d+) .* merge job (\d+)", res.stdout).groups()
+    subprocess.run(["scancel", f"{array}_2"], check=True)  # killed before it could finish
+    tasks = _wait_array(array, 4)
+    assert tasks[f"{array}_2"] == "CANCELLED" and list(tasks.values()).count("COMPLETED") == 3
+    subprocess.run(["scancel", merge], check=True)  # its dependency can no longer be met
+    said = _cli("status", str(job)).stdout
+    assert "3 of 4 parts done" in said and "not done: parts 2" in said
+    done = {k: (job / f"parts/part-{k:05d}/part.json").stat().st_mtime_ns for k in (0, 1, 3)}
+    res = _cli(*submit)  # the same command again
+    assert res.returncode == 0, res.stderr
+    array, merge = re.search(r"job array (\d+) .* merge job (\d+)", res.stdout).groups()
+    assert _wait(merge) == "COMPLETED", (job / "parts").exists()
+    assert Manifest.load(job) == Manifest.load(tmp_path / "one")
+    m = Manifest.load(job)
+    assert m.skipped.get("documents", 0) > 0 or m.documents > 100  # real files, counted skips
+    read = [ShardSource(str(d), 0, 0, 0, False, 1 << 20, None)._read(0, 0, m.total_tokens)
+            for d in (job, tmp_path / "one")]
+    assert (read[0] == read[1]).all()
+    for k in range(4):  # the second array: three parts found done, one tokenised
+        log = (job / f"parts/slurm-{array}_{k}.out").read_text()
+        assert ("done already" in log) == (k != 2), log
+    assert done == {k: (job / f"parts/part-{k:05d}/part.json").stat().st_mtime_ns for k in done}
+    assert "merged" in _cli("status", str(job)).stdout

@@ -53,7 +53,9 @@ def _job(args: argparse.Namespace, how) -> int:
     if args.submit == args.local or args.tasks < 1:
         raise ConfigError("tokenize: give --tasks N with exactly one of --submit / --local")
     out = Path(args.output).resolve()
-    plan = plan_job(args.input, out, how, args.tasks)
+    how.tokenizer_path = str(Path(how.tokenizer_path).resolve())  # tasks run elsewhere
+    inputs = [i if i.startswith("pipe:") else str(Path(i).absolute()) for i in args.input]
+    plan = plan_job(inputs, out, how, args.tasks)
     print(f"plan: {len(plan['units'])} units in {args.tasks} parts -> {out / PARTS}")
     if args.local:
         for k in range(args.tasks):
