@@ -88,7 +88,8 @@ def array_bench(root: Path, megabytes: float) -> None:
 
     std = Path(sysconfig.get_paths()["stdlib"])
     inputs = [str(std / "*.py")] + [str(d / "**/*.py") for d in sorted(std.iterdir())
-                                    if d.is_dir() and d.name != "site-packages"]
+                                    if d.is_dir() and d.name != "site-packages"
+                                    and glob.glob(str(d / "**/*.py"), recursive=True)]
     have = sum(os.path.getsize(f) for pat in inputs for f in glob.glob(pat, recursive=True))
     sample = (ROOT / "data/sample.txt").read_text()
     copies = max(0, int((megabytes * 1e6 - have) // len(sample)))
