@@ -185,7 +185,7 @@ def iter_documents(paths: list[str], bad: BadInput, text_field: str = "text",
     of each unit up to its share of that many bytes (inputs.sample_shares): a deterministic
     sample across all inputs that reads little more than it keeps."""
     reader = Reader(bad, text_field, empty)
-    units = units_of(expand_inputs(paths))
+    units = units_of(expand_inputs(paths), bad)
     shares = sample_shares(units, sample_bytes) if sample_bytes else [0] * len(units)
     for u, share in zip(units, shares, strict=True):
         yield from reader.unit(u, share)

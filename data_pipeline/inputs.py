@@ -21,7 +21,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from data_pipeline.badinput import DataError
+from data_pipeline.badinput import BadInput, DataError
 
 PARQUET = (".parquet", ".pq")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".json.zst")
@@ -99,9 +99,10 @@ def expand_inputs(paths: list[str]) -> list[str]:
     return files
 
 
-def units_of(files: list[str]) -> list[Unit]:
-    """Every file's units (a Parquet file's row groups are read from its footer here: an
-    unreadable file is a DataError naming it)."""
+def units_of(files: list[str], bad: BadInput | None = None) -> list[Unit]:
+    """Every file's units. A Parquet file's row groups come from its footer, read here: an
+    unreadable one is a DataError naming it, or -- under a `bad` policy of skip -- a counted
+    skipped file."""
     units: list[Unit] = []
     for f in files:
         kind = kind_of(f.split()[-1] if f.startswith("pipe:") else f)
@@ -110,7 +111,13 @@ def units_of(files: list[str]) -> list[Unit]:
                 raise DataError(f"{f}: {kind} needs a seekable file; copy it or mount the store")
             units.append(Unit(f, kind))
         elif kind == "parquet":
-            units.extend(Unit(f, kind, g, max(size, 1)) for g, size in _row_groups(f))
+            try:
+                units.extend(Unit(f, kind, g, max(size, 1)) for g, size in _row_groups(f))
+            except DataError as e:
+                if bad is None:
+                    raise
+                bad.source = f
+                bad("files", str(e))
         else:
             units.append(Unit(f, kind, bytes=max(Path(f).stat().st_size, 1)))
     return units

@@ -59,10 +59,12 @@ def plan_job(inputs: list[str], out: Path, how: Tokenizing, tasks: int) -> dict:
     if tasks < 1:
         raise DataError(f"--tasks: must be >= 1, got {tasks}")
     check_output(out)
-    units = units_of(expand_inputs(inputs))
+    bad = BadInput(how.on_error)
+    units = units_of(expand_inputs(inputs), bad)
     tok = how.vocabulary()[0]
     plan = {"inputs": list(inputs), "settings": asdict(how), "tokenizer_sha256": tokenizer_hash(tok),
-            "units": [u.to_dict() for u in units], "parts": split_parts(units, tasks)}
+            "units": [u.to_dict() for u in units], "parts": split_parts(units, tasks),
+            "skipped_files": {path: dict(c) for path, c in bad.by_input.items()}}
     path = out / PARTS / PLAN
     if path.is_file():
         if load_plan(out) != plan:
@@ -168,6 +170,9 @@ def merge_parts(out: Path) -> Manifest:
              "validation": ShardSink(out / VALIDATION_DIR, dtype, how.chunk_tokens, per_shard)}
     skipped: dict[str, int] = {}
     counts = InputCounts([Unit(**u) for u in plan["units"]])
+    for counted in plan["skipped_files"].values():  # unreadable files, found while planning
+        for kind, n in counted.items():
+            skipped[kind] = skipped.get(kind, 0) + n
     for k, record in enumerate(records):
         for split, sink in sinks.items():
             for piece in _stream(part_dir(out, k) / STREAMS[split], dtype):
@@ -178,6 +183,7 @@ def merge_parts(out: Path) -> Manifest:
         for row in record["inputs"]:
             counts.add(row["path"], row["tokens"], row["documents"])
             counts.merge_skips({row["path"]: row["skipped"]})
+    counts.merge_skips(plan["skipped_files"])
     shards = {split: sink.close(True) for split, sink in sinks.items()}
     manifest = write_manifests(out, how, vocab, shards["train"], sinks["train"].documents,
                                shards["validation"], sinks["validation"].documents, skipped,

@@ -211,8 +211,9 @@ class InputCounts:
         self.rows[path]["tokens"] += tokens
 
     def merge_skips(self, by_input: dict) -> None:
-        for path, counts in by_input.items():
-            row = self.rows[path]["skipped"]
+        for path, counts in by_input.items():  # a file skipped whole has no units: a row now
+            row = self.rows.setdefault(path, {"path": path, "documents": 0, "tokens": 0,
+                                              "skipped": {}})["skipped"]
             for kind, n in counts.items():
                 row[kind] = row.get(kind, 0) + n
 
@@ -292,11 +293,12 @@ def tokenize_to_shards(inputs: list[str], output: str | Path, tokenizer_path: st
     how.check()
     out = Path(output)
     check_output(out)
-    units = units_of(expand_inputs(inputs))
+    bad = BadInput(how.on_error)
+    units = units_of(expand_inputs(inputs), bad)
     out.mkdir(parents=True, exist_ok=True)
     vocab = how.vocabulary()
     _, eos, _, dtype = vocab
-    bad, counts = BadInput(how.on_error), InputCounts(units)
+    counts = InputCounts(units)
     per_shard = how.shard_tokens // how.chunk_tokens
     train = ShardSink(out, dtype, how.chunk_tokens, per_shard)
     held = ShardSink(out / VALIDATION_DIR, dtype, how.chunk_tokens, per_shard)

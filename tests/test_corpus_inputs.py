@@ -127,11 +127,14 @@ def test_bad_columnar_input_is_named_or_counted(corpus, tmp_path, name, message)
     _write_bad_parquet(tmp_path)
     with pytest.raises(DataError, match=message):
         tokenize_to_shards([str(tmp_path / name)], tmp_path / "o", corpus["tok"], progress=False)
-    if name == "garbage.parquet":  # its footer is read while planning: nothing to count
-        return
     inputs = [str(tmp_path / "good.parquet")] + ([str(tmp_path / name)] if name != "good.parquet"
                                                  else [])
     m = tokenize_to_shards(inputs, tmp_path / "s", corpus["tok"], on_error="skip", progress=False)
+    if name == "garbage.parquet":  # its footer is read while planning: the file is skipped
+        assert m.skipped == {"files": 1, "documents": 1} and m.documents == 3
+        assert m.inputs[-1] == {"path": inputs[1], "documents": 0, "tokens": 0,
+                                "skipped": {"files": 1}}
+        return
     skipped = {"ints.parquet": 3, "nofield.parquet": 2, "good.parquet": 0}[name] + 1
     assert m.skipped == {"documents": skipped} and m.documents == 3
 
@@ -202,3 +205,15 @@ def test_job_parts_merge_into_the_single_process_shards(corpus, tmp_path):
     assert not list((out / "parts").glob("*/*.bin")) and (out / "parts/plan.json").is_file()
     assert np.sum([r["documents"] for r in merged.inputs]) == merged.documents + merged.validation[
         "documents"]
+
+
+def test_parts_count_an_unreadable_file_as_one_process_does(corpus, tmp_path):
+    (tmp_path / "garbage.parquet").write_bytes(b"PAR1 not parquet")
+    inputs = [str(corpus["root"] / "docs.jsonl"), str(tmp_path / "garbage.parquet")]
+    single = tokenize_to_shards(inputs, tmp_path / "single", corpus["tok"], progress=False,
+                                on_error="skip", **SETTINGS)
+    out = tmp_path / "job"
+    plan_job(inputs, out, Tokenizing(str(corpus["tok"]), on_error="skip", **SETTINGS), 2)
+    for k in range(2):
+        tokenize_part(out, k)
+    assert merge_parts(out) == single and single.skipped == {"files": 1}

@@ -53,6 +53,12 @@ def _task_files(root):
         "output_type: generate_until\ndoc_to_text: '{{prompt}}'\ndoc_to_target: '{{answer}}'\n"
         "generation_kwargs: {until: ['\\n'], max_gen_toks: 6}\n"
         "metric_list: [{metric: exact_match}]\n")
+    texts = [lines[0][:60], " ".join(lines[:8])]  # the second is longer than the model's context
+    (root / "ppl.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    (root / "ppl.yaml").write_text(
+        f"task: local_ppl\n{common}dataset_kwargs: {{data_files: {{test: {root / 'ppl.jsonl'}}}}}\n"
+        "output_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{text}}'\n"
+        "metric_list: [{metric: word_perplexity}, {metric: bits_per_byte}]\n")
     return mc
 
 
@@ -145,7 +151,7 @@ def test_multiple_choice_accuracy_is_the_hand_computed_one(run):
         for rule in RULES:
             hand = [_hand_scores(model, codec, q, c, loops, rule) for q, c in pairs]
             wrapper.use(loops, ExitRule.parse(rule))
-            got = wrapper.loglikelihood([Instance("loglikelihood", {}, p, i, task_name="t")
+            got = wrapper.loglikelihood([Instance("loglikelihood", {}, p, i, metadata=("t", i, 1))
                                          for i, p in enumerate(pairs)])
             assert [g[0] for g in got] == pytest.approx([h[0] for h in hand], abs=1e-4)
             correct = sum(max(range(4), key=lambda k: hand[4 * i + k][0]) == doc["label"]
@@ -227,7 +233,7 @@ def test_exported_model_through_lm_evals_hf_type_scores_as_our_wrapper(run, monk
     from pretrain.hf import export
 
     hf_dir = export(run["ckpt"], run["root"] / "hf")
-    tasks = load_tasks([str(run["root"] / "mc.yaml")])
+    tasks = load_tasks([str(run["root"] / "mc.yaml"), str(run["root"] / "ppl.yaml")])
     theirs = lm_eval.evaluator.simple_evaluate(
         model="hf", model_args=f"pretrained={hf_dir},trust_remote_code=True,dtype=float32",
         tasks=list(tasks.task_dict["tasks"].values()), device="cpu", batch_size=4,
@@ -242,6 +248,52 @@ def test_exported_model_through_lm_evals_hf_type_scores_as_our_wrapper(run, monk
     assert len(a) == 20
     for x, y in zip(a, b, strict=True):
         assert [float(v[0]) for v in x] == pytest.approx([float(v[0]) for v in y], abs=1e-4)
+    # loglikelihood_rolling, one text longer than the context (several windows)
+    a = [float(s["filtered_resps"][0]) for s in ours["samples"]["local_ppl"]]
+    b = [float(s["filtered_resps"][0]) for s in theirs["samples"]["local_ppl"]]
+    assert a == pytest.approx(b, abs=1e-3) and len(a) == 2
+    for metric in ("word_perplexity,none", "bits_per_byte,none"):
+        assert ours["results"]["local_ppl"][metric] == pytest.approx(
+            theirs["results"]["local_ppl"][metric], rel=1e-5)
+
+
+def test_rolling_loglikelihood_is_the_sum_over_the_text(run):
+    """A text within the context: log P(text | EOS), every token at the last loop."""
+    from lm_eval.api.instance import Instance
+
+    from pretrain.downstream.harness_lm import LoopedHarnessLM
+
+    cfg, model = load_model(run["ckpt"])
+    codec = TextCodec.of(cfg.data.tokenizer)
+    text = json.loads((run["root"] / "ppl.jsonl").read_text().splitlines()[0])["text"]
+    ids = [codec.eos_id, *codec.encode(text)]
+    with torch.no_grad():
+        logp = F.log_softmax(model(torch.tensor([ids[:-1]])).logits[-1][:, 0].float(), -1)
+    want = sum(logp[i, ids[i + 1]].item() for i in range(len(ids) - 1))
+    lm = LoopedHarnessLM(model, codec, cfg.model.loops)
+    (got,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0,
+                                                metadata=("t", 0, 1))])
+    assert got == pytest.approx(want, abs=1e-4)
+    assert lm.loops_used["t"] == [3.0 * (len(ids) - 1), len(ids) - 1]
+
+
+def test_every_setting_reads_one_scoring_of_each_request(run, monkeypatch):
+    """Six settings (3 loop counts x 2 rules) over 20 items x 4 choices: 80 continuations run
+    through the model once, in batches."""
+    from pretrain.downstream.harness_lm import LoopedHarnessLM
+    from pretrain.downstream.run import evaluate_model
+    from pretrain.downstream.tasks import load_tasks
+    from pretrain.model.generate import ExitRule
+
+    batches = []
+    real = LoopedHarnessLM._score_batch
+    monkeypatch.setattr(LoopedHarnessLM, "_score_batch",
+                        lambda self, pairs: batches.append(len(pairs)) or real(self, pairs))
+    cfg, model = load_model(run["ckpt"])
+    results = evaluate_model(cfg, model, load_tasks([str(run["root"] / "mc.yaml")]), [1, 2, 3],
+                             [ExitRule("all"), ExitRule.parse("gate:0.5")], batch_size=16,
+                             bootstrap_iters=0)
+    assert len(results) == 6 and batches == [16] * 5
 
 
 @pytest.mark.parametrize("spec", ["no_such_task_xyz", "broken.yaml"])
