@@ -285,13 +285,15 @@ def check_output(out: Path) -> None:
 
 def tokenize_to_shards(inputs: list[str], output: str | Path, tokenizer_path: str | Path,
                        progress: bool = True, **settings) -> Manifest:
-    """Shards of `inputs` in `output` (settings: the fields of `Tokenizing`); with
-    validation_fraction f > 0 the documents whose hash falls below f go to
-    `output/validation/` instead (its own manifest, recorded in the training manifest's
-    `validation`)."""
-    how = Tokenizing(str(tokenizer_path), **settings)
+    """`write_shards` with the settings as keywords (the fields of `Tokenizing`)."""
+    return write_shards(inputs, Path(output), Tokenizing(str(tokenizer_path), **settings), progress)
+
+
+def write_shards(inputs: list[str], out: Path, how: Tokenizing, progress: bool = True) -> Manifest:
+    """Shards of `inputs` in `out`; with validation_fraction f > 0 the documents whose hash
+    falls below f go to `out/validation/` instead (its own manifest, recorded in the training
+    manifest's `validation`)."""
     how.check()
-    out = Path(output)
     check_output(out)
     bad = BadInput(how.on_error)
     units = units_of(expand_inputs(inputs), bad)

@@ -75,13 +75,21 @@ def init_topology(cfg) -> Topology:
     device = pick_device(cfg.train.device, local_rank)
     if world == 1:
         return Topology(device=device)
-    backend = p.backend if p.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+    _init_default_group(device, p.backend, timedelta(minutes=p.timeout_minutes))
+    return _with_groups(p, world, local_rank, device,
+                        Watchdog(dist.get_rank(), world, grace=p.peer_timeout_s))
+
+
+def _init_default_group(device: torch.device, backend: str = "auto",
+                        timeout: timedelta | None = None) -> None:
+    """The default process group over the launched world (env://): NCCL with CUDA, else
+    gloo; the process's GPU selected first."""
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=timedelta(minutes=p.timeout_minutes))
-    return _with_groups(p, world, local_rank, device,
-                        Watchdog(dist.get_rank(), world, grace=p.peer_timeout_s))
+        dist.init_process_group(backend, **({} if timeout is None else {"timeout": timeout}))
 
 
 def join_replicas(device_name: str) -> Topology:
@@ -93,10 +101,7 @@ def join_replicas(device_name: str) -> Topology:
     if launch.world == 1:
         return Topology(device=device)
     export(launch)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    _init_default_group(device)
     return Topology(world=launch.world, rank=dist.get_rank(), local_rank=launch.local_rank,
                     dp=launch.world, dp_rank=dist.get_rank(), device=device,
                     dp_group=dist.group.WORLD)

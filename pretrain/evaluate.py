@@ -71,7 +71,8 @@ def exit_table(cfg: Config, model: LoopedLM, batches: int, rules: tuple[ExitRule
     for inputs, labels in data:
         target = labels[:, prefill:]
         keep = target != IGNORE_INDEX
-        text = (codec.bytes_of(target) > 0) & keep
+        target_bytes = codec.bytes_of(target)
+        text = (target_bytes > 0) & keep
         steps = per_step_ce(model(inputs).logits, labels.t())[:, prefill:]  # [R, S', B]
         ce_sum += (steps * keep.t()).sum((1, 2)).double()
         nats += (steps * text.t()).sum((1, 2)).double()
@@ -82,7 +83,7 @@ def exit_table(cfg: Config, model: LoopedLM, batches: int, rules: tuple[ExitRule
             exit_nats[j] += (ce * text).sum().double()
             exit_loops[j] += (exit_step[:, prefill:] * keep).sum().double()
         count += int(keep.sum())
-        n_bytes += int(codec.bytes_of(target)[keep].sum())
+        n_bytes += int(target_bytes[keep].sum())
     return {"steps": [(t + 1, (ce_sum[t] / count).item(), bits_per_byte(nats[t].item(), n_bytes))
                       for t in range(r)],
             "exits": [(str(rule), (exit_ce[j] / count).item(),

@@ -32,18 +32,14 @@ def _summary(m, out: str) -> None:
 
 
 def _tokenize(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
-
-    from data_pipeline.shards import tokenize_to_shards
+    from data_pipeline.shards import write_shards
 
     how = _settings(args)
     if args.submit or args.local:
         return _job(args, how)
     if args.tasks:
         raise ConfigError("--tasks: give --submit (a SLURM job array) or --local (the parts here)")
-    settings = {k: v for k, v in asdict(how).items() if k != "tokenizer_path"}
-    _summary(tokenize_to_shards(args.input, args.output, how.tokenizer_path, **settings),
-             args.output)
+    _summary(write_shards(args.input, Path(args.output), how), args.output)
     return 0
 
 
@@ -62,6 +58,7 @@ def _job(args: argparse.Namespace, how) -> int:
             print(tokenize_part(out, k))
         _summary(merge_parts(out), args.output)
         return 0
+    import json
     import shlex
     import sys
 
@@ -81,7 +78,7 @@ def _job(args: argparse.Namespace, how) -> int:
                             f"merge-{out.name}", parts_dir, f"{cli} merge {shlex.quote(str(out))}"))
     job = sbatch(array, parts_dir, array=True)
     after = sbatch(merge, parts_dir, after=job)
-    (parts_dir / "jobs.json").write_text(f'{{"array": "{job}", "merge": "{after}"}}\n')
+    (parts_dir / "jobs.json").write_text(json.dumps({"array": job, "merge": after}) + "\n")
     print(f"submitted job array {job} ({args.tasks} tasks) and merge job {after} (after it); "
           f"progress: pretrain status {out}; a failed or killed task: submit the same command "
           "again (finished parts are skipped)")

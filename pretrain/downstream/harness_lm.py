@@ -166,8 +166,8 @@ class LoopedHarnessLM(TemplateLM):
         out = {}
         for i, (pair, row) in enumerate(zip(pairs, rows, strict=True)):
             span = slice(max(len(row) - 1 - len(pair[1]), 0), len(row) - 1)
-            out[pair] = ScoredSteps(lp[:, i, span], greedy[:, i, span],
-                                                   gate[:, i, span], change[:, i, span])
+            out[pair] = ScoredSteps(lp[:, i, span], greedy[:, i, span], gate[:, i, span],
+                                    change[:, i, span])
         return out
 
     # -- generation ---------------------------------------------------------------------------

@@ -213,6 +213,7 @@ def forward_chunk(model: LoopedLM, ids: Tensor, cache: LoopKVCache, loops: int,
     decided = torch.zeros(b, n, dtype=torch.bool, device=ids.device)
     exit_step = torch.full((b, n), loops, dtype=torch.long, device=ids.device)
     out, h, x, h_prev = None, None, None, None
+    watch_change = rule.kind == "delta" or observe is not None  # the rule or the observer reads it
     for t in range(loops):
         if not prefill and decided.all():
             if not cache.collapsed:
@@ -223,8 +224,9 @@ def forward_chunk(model: LoopedLM, ids: Tensor, cache: LoopKVCache, loops: int,
         h = model.norm(x)
         logits, gate = model.readout(h, t, rope, cache)
         logits, gate = logits.transpose(0, 1), gate.t()  # to batch-first, like ids
-        change = hidden_change(h.transpose(0, 1), h_prev)
-        h_prev = h.transpose(0, 1)
+        h_batch = h.transpose(0, 1)
+        change = hidden_change(h_batch, h_prev) if watch_change else None
+        h_prev = h_batch
         if observe is not None:
             observe(t, logits, gate, change)
         stop = ~decided & state.stops(t, loops, gate, change)
