@@ -10,7 +10,7 @@ Special tokens (EOS) stand for no bytes and are left out of both sums, as nanoch
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +46,15 @@ class TextCodec:
         table = self.byte_lengths.to(ids.device)
         inside = (ids >= 0) & (ids < table.numel())
         return torch.where(inside, table[ids.clamp(0, table.numel() - 1)], 0)
+
+
+    def stop_when(self, until: Sequence[str] = ()) -> Callable[[Tensor], bool]:
+        """For `generate(stop=)`: done once every sequence's new ids [B, k] hold EOS or decode
+        to text containing one of `until` (the rule of lm-eval's generate_until)."""
+        def done(new: Tensor) -> bool:
+            return all(self.eos_id in row or any(s and s in self.decode(row) for s in until)
+                       for row in new.tolist())
+        return done
 
 
 def _byte_lengths(tok) -> Tensor:

@@ -179,7 +179,7 @@ def test_data_parallel_evaluation_equals_one_process(run):
 @pytest.mark.parametrize("kv", ["full", "last", "average"])
 def test_generation_task_decodes_as_pretrain_generate(run, kv, capsys):
     """generate_until: each exit rule and KV policy; the mean loops per decoded token of a
-    one-prompt task is `pretrain generate`'s on that prompt with the same token budget."""
+    one-prompt task is `pretrain generate`'s on that prompt with the same budget and stop."""
     out = f"gen_{kv}"
     assert main(_eval(run, out, "--tasks", str(run["root"] / "gen.yaml"), "--limit", "1",
                       "--exit", *RULES, "--kv-cache", kv)) == 0
@@ -187,7 +187,7 @@ def test_generation_task_decodes_as_pretrain_generate(run, kv, capsys):
     for rule in RULES:
         capsys.readouterr()
         assert main(["generate", "--checkpoint", str(run["ckpt"]), "--prompt", prompt, "--exit",
-                     rule, "--kv-cache", kv, "--max-new-tokens", "6"]) == 0
+                     rule, "--kv-cache", kv, "--max-new-tokens", "6", "--stop", "\n"]) == 0
         said = capsys.readouterr().out
         used = float(re.search(r"per decoded token \(\S+\): ([\d.]+) of 3", said).group(1))
         name = "loops3" + ("" if rule == "all" else f"_{rule.replace(':', '-')}")

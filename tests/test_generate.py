@@ -5,6 +5,7 @@ import torch
 
 from pretrain.model.generate import ExitRule, LoopKVCache, forward_chunk, generate, score
 from pretrain.model.looped import LoopedLM
+from pretrain.text import TextCodec
 from pretrain.train import Trainer
 from tests.conftest import VARIANTS, tiny_config
 
@@ -106,6 +107,24 @@ def test_top_p_sampling_is_seeded_and_tiny_p_is_greedy(trained):
     tiny_p = generate(trained, prompt, 10, temperature=1.0, top_p=1e-6,
                       generator=torch.Generator().manual_seed(5))
     assert torch.equal(greedy.tokens, tiny_p.tokens)
+
+
+def test_stop_ends_decoding_at_the_first_stop_string_or_eos():
+    """The stopped run is the unstopped run's prefix (tokens and exit steps), ending with the
+    first new token after which the new text holds the stop string -- or that is EOS."""
+    model, prompt, rule = _model("model.loops=4"), _prompt(1, 16), ExitRule("gate", 0.6)
+    full = generate(model, prompt, 24, rule=rule)
+    new = full.tokens[0, 16:].tolist()
+    byte = TextCodec.of("")
+    text = byte.decode(new[15:17])
+    eos = TextCodec(byte.encode, byte.decode, new[11], byte.byte_lengths)
+    ends = (next(k for k in range(1, 25) if text in byte.decode(new[:k])), new.index(new[11]) + 1)
+    assert min(ends) > 2  # the model's output varies: neither stop comes at once
+    for codec, until, n in ((byte, [text], ends[0]), (eos, [], ends[1])):
+        got = generate(model, prompt, 24, rule=rule, stop=codec.stop_when(until))
+        assert torch.equal(got.tokens, full.tokens[:, :16 + n]), until
+        assert torch.equal(got.exit_steps, full.exit_steps[:, :n - 1])
+        assert got.loops_used == full.exit_steps[:, :n - 1].float().mean().item()
 
 
 def test_too_long_is_a_clear_error():

@@ -25,7 +25,8 @@ def _generate(args: argparse.Namespace) -> int:
     prompt = torch.tensor([encode(args.prompt)])
     gen = generate(model, prompt, args.max_new_tokens, rule=rule, kv_cache=args.kv_cache,
                    temperature=args.temperature, top_p=args.top_p,
-                   generator=torch.Generator().manual_seed(cfg.train.seed))
+                   generator=torch.Generator().manual_seed(cfg.train.seed),
+                   stop=codec.stop_when(args.stop) if args.stop else None)
     print(decode(gen.tokens[0].tolist()))
     print(f"average loops used per decoded token ({rule}): {gen.loops_used:.2f} of "
           f"{cfg.model.loops}; loops per token: {' '.join(map(str, gen.exit_steps[0].tolist()))}")
@@ -117,6 +118,8 @@ def add_commands(sub) -> None:
     g.add_argument("--loops", type=int, default=0, help="loop count (default: the trained one)")
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="end once the new text holds TEXT or EOS (repeatable)")
     g.set_defaults(fn=_generate)
     ev = sub.add_parser("eval", help="downstream tasks (lm-eval) or held-out loss, per loop "
                                      "count and early-exit rule")

@@ -15,7 +15,8 @@ The setting (`use(loops, rule)`) decides what a token's prediction is:
                  the largest loop count scores a request for every setting: each request is
                  run once and every setting reads its steps from `_steps`.
   generate_until greedy decoding by model/generate.py `generate` with early exit and the KV
-                 cache policy, exactly as `pretrain generate` decodes.
+                 cache policy, exactly as `pretrain generate --stop` decodes: decoding ends at
+                 a stop string or EOS (what lm-eval's `hf` stops at), one request at a time.
 `loops_used` tallies the mean exit step per scored or generated token, per task.
 
 Data parallel: with torch.distributed initialised every rank scores every world-th request
@@ -189,7 +190,8 @@ class LoopedHarnessLM(TemplateLM):
         return texts
 
     def _generate_one(self, context: str, gen_kwargs: dict) -> tuple[str, float, int]:
-        """(text up to the first stop string or EOS, summed exit steps, decoded tokens)."""
+        """(text up to the first stop string or EOS, summed exit steps and number of the tokens
+        decoded until then)."""
         kwargs = dict(gen_kwargs)
         until = kwargs.pop("until", None) or []
         until = [until] if isinstance(until, str) else list(until)
@@ -199,7 +201,7 @@ class LoopedHarnessLM(TemplateLM):
                              "0) is supported")
         ctx = self.tok_encode(context)[-(self.max_length - new):]
         gen = generate(self.model, torch.tensor([ctx], device=self.device), new, loops=self.loops,
-                       rule=self.rule, kv_cache=self.kv_cache)
+                       rule=self.rule, kv_cache=self.kv_cache, stop=self.codec.stop_when(until))
         ids = gen.tokens[0, len(ctx):].tolist()
         if self.eot_token_id in ids:
             ids = ids[:ids.index(self.eot_token_id)]

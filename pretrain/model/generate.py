@@ -28,6 +28,7 @@ decoding), so `pretrain eval` and `pretrain generate` agree token by token on th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -290,10 +291,12 @@ def generate(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    stop: Callable[[Tensor], bool] | None = None,
 ) -> Generation:
     """Greedy (temperature 0) or top-p sampling. `use_cache=False` re-scores the whole sequence
     from scratch for every new token (`score`: the reference the incremental cache is tested
-    against)."""
+    against). `stop(new tokens [B, k])` is asked after each chosen token: True ends decoding
+    there (stop strings and EOS: `TextCodec.stop_when`), so no loop runs past the answer."""
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be >= 1")
     loops = loops or model.cfg.loops
@@ -307,7 +310,7 @@ def generate(
     for i in range(max_new_tokens):
         chosen.append(logits[:, -1])
         tokens = torch.cat((tokens, _choose(logits[:, -1], temperature, top_p, generator)[:, None]), 1)
-        if i == max_new_tokens - 1:
+        if i == max_new_tokens - 1 or (stop is not None and stop(tokens[:, p:])):
             break
         if use_cache:
             logits, step = forward_chunk(model, tokens[:, -1:], cache, loops, rule)
