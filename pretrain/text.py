@@ -48,13 +48,18 @@ class TextCodec:
         return torch.where(inside, table[ids.clamp(0, table.numel() - 1)], 0)
 
 
+    def finished(self, ids: list[int], until: Sequence[str] = ()) -> bool:
+        """New ids hold EOS or decode to text containing one of `until`: the rule lm-eval's
+        generate_until stops at."""
+        return self.eos_id in ids or any(s and s in self.decode(ids) for s in until)
+
+    def answer_length(self, ids: list[int], until: Sequence[str] = ()) -> int:
+        """How many of the new `ids` a sequence decoded on its own would have produced."""
+        return next((k for k in range(1, len(ids)) if self.finished(ids[:k], until)), len(ids))
+
     def stop_when(self, until: Sequence[str] = ()) -> Callable[[Tensor], bool]:
-        """For `generate(stop=)`: done once every sequence's new ids [B, k] hold EOS or decode
-        to text containing one of `until` (the rule of lm-eval's generate_until)."""
-        def done(new: Tensor) -> bool:
-            return all(self.eos_id in row or any(s and s in self.decode(row) for s in until)
-                       for row in new.tolist())
-        return done
+        """For `generate(stop=)`: True once every sequence's new ids [B, k] are `finished`."""
+        return lambda new: all(self.finished(row, until) for row in new.tolist())
 
 
 def _byte_lengths(tok) -> Tensor:

@@ -255,6 +255,39 @@ def test_exported_model_through_lm_evals_hf_type_scores_as_our_wrapper(run, monk
             theirs["results"]["local_ppl"][metric], rel=1e-5)
 
 
+@pytest.mark.parametrize("kv", ["full", "last"])
+def test_batched_generation_equals_one_request_at_a_time(run, kv):
+    """Contexts of different lengths in one batch (left-padded) give the texts and loop tallies
+    of batches of one: each request stops at its own stop string and counts its own tokens.
+    (An untrained model: the trained tiny one answers every prompt with ' the the ...'.)"""
+    from lm_eval.api.instance import Instance
+
+    from pretrain.downstream.harness_lm import LoopedHarnessLM
+    from pretrain.model.generate import ExitRule
+    from pretrain.model.looped import LoopedLM
+
+    cfg, _ = load_model(run["ckpt"])
+    torch.manual_seed(0)
+    model = LoopedLM(cfg.model)
+    codec = TextCodec.of(cfg.data.tokenizer)
+    lines = [json.loads(ln)["prompt"] for ln in (run["root"] / "gen.jsonl").read_text().splitlines()]
+    contexts = [line[:n] for line in lines for n in (40, 23)]
+    assert len({len(codec.encode(c)) for c in contexts}) > 2
+
+    def generate(batch, until):
+        lm = LoopedHarnessLM(model, codec, cfg.model.loops, batch_size=batch, kv_cache=kv)
+        lm.use(cfg.model.loops, ExitRule.parse("gate:0.7"))
+        reqs = [Instance("generate_until", {}, (c, {"until": until, "max_gen_toks": 10}), i,
+                         metadata=("t", i, 1)) for i, c in enumerate(contexts)]
+        return lm.generate_until(reqs), list(lm.loops_used["t"])
+
+    texts, _ = generate(1, [])
+    until = [texts[0][3:5]]  # a stop some requests meet early, others late or never
+    alone, batched = generate(1, until), generate(8, until)
+    assert batched == alone
+    assert len(set(alone[0])) > 2 and 0 < alone[1][1] < len(contexts) * 9
+
+
 def test_rolling_loglikelihood_is_the_sum_over_the_text(run):
     """A text within the context: log P(text | EOS), every token at the last loop."""
     from lm_eval.api.instance import Instance

@@ -3,7 +3,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pretrain.model.generate import ExitRule, LoopKVCache, forward_chunk, generate, score
+from pretrain.model.generate import (
+    KV_POLICIES,
+    ExitRule,
+    LoopKVCache,
+    forward_chunk,
+    generate,
+    score,
+)
 from pretrain.model.looped import LoopedLM
 from pretrain.text import TextCodec
 from pretrain.train import Trainer
@@ -125,6 +132,26 @@ def test_stop_ends_decoding_at_the_first_stop_string_or_eos():
         assert torch.equal(got.tokens, full.tokens[:, :16 + n]), until
         assert torch.equal(got.exit_steps, full.exit_steps[:, :n - 1])
         assert got.loops_used == full.exit_steps[:, :n - 1].float().mean().item()
+
+
+@pytest.mark.parametrize("variant", ["ouro", "flt", "huginn"])
+@pytest.mark.parametrize("policy", KV_POLICIES)
+def test_left_padded_batch_decodes_each_prompt_as_alone(variant, policy):
+    """Prompts of 9, 4 and 7 tokens in one batch, the shorter left-padded: each decodes the
+    tokens, exit steps and (to rounding) logits it decodes alone; without the cache too."""
+    model, rule = _model(*VARIANTS[variant], "model.loops=4"), ExitRule("gate", 0.6)
+    prompts = [torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(n))
+               for n in (9, 4, 7)]
+    ids = torch.stack([torch.cat((torch.zeros(9 - len(x), dtype=torch.long), x)) for x in prompts])
+    real = torch.stack([torch.arange(9) >= 9 - len(x) for x in prompts])
+    got = generate(model, ids, 8, rule=rule, kv_cache=policy, real=real)
+    for i, x in enumerate(prompts):
+        alone = generate(model, x[None], 8, rule=rule, kv_cache=policy)
+        assert torch.equal(got.tokens[i, 9:], alone.tokens[0, len(x):]), i
+        assert torch.equal(got.exit_steps[i], alone.exit_steps[0]), i
+        torch.testing.assert_close(got.logits[i], alone.logits[0], rtol=1e-4, atol=1e-4)
+    again = generate(model, ids, 8, rule=rule, kv_cache=policy, real=real, use_cache=False)
+    assert torch.equal(again.tokens, got.tokens)
 
 
 def test_too_long_is_a_clear_error():

@@ -16,7 +16,9 @@ The setting (`use(loops, rule)`) decides what a token's prediction is:
                  run once and every setting reads its steps from `_steps`.
   generate_until greedy decoding by model/generate.py `generate` with early exit and the KV
                  cache policy, exactly as `pretrain generate --stop` decodes: decoding ends at
-                 a stop string or EOS (what lm-eval's `hf` stops at), one request at a time.
+                 a stop string or EOS (what lm-eval's `hf` stops at). Requests are batched,
+                 the shorter contexts left-padded (model/generate.py `real`): each decodes as
+                 it would alone, up to rounding; the tally counts its own tokens only.
 `loops_used` tallies the mean exit step per scored or generated token, per task.
 
 Data parallel: with torch.distributed initialised every rank scores every world-th request
@@ -174,8 +176,18 @@ class LoopedHarnessLM(TemplateLM):
     # -- generation ---------------------------------------------------------------------------
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """This rank's share of the requests, in batches of one generation setting (longest
+        contexts first, shorter ones left-padded), gathered from every rank."""
         rank, world = self.share
-        mine = {i: self._generate_one(*requests[i].args) for i in range(rank, len(requests), world)}
+        groups: dict[tuple, list[tuple[int, list[int]]]] = defaultdict(list)
+        for i in range(rank, len(requests), world):
+            context, gen_kwargs = requests[i].args
+            groups[_generation_setting(gen_kwargs)].append((i, self.tok_encode(context)))
+        mine: dict[int, tuple[str, float, int]] = {}
+        for (until, new), items in groups.items():
+            items.sort(key=lambda item: -len(item[1]))
+            for b in range(0, len(items), self.batch_size):
+                mine.update(self._generate_batch(items[b:b + self.batch_size], list(until), new))
         if world > 1:
             parts: list = [None] * world
             dist.all_gather_object(parts, mine)
@@ -189,24 +201,40 @@ class LoopedHarnessLM(TemplateLM):
             texts.append(text)
         return texts
 
-    def _generate_one(self, context: str, gen_kwargs: dict) -> tuple[str, float, int]:
-        """(text up to the first stop string or EOS, summed exit steps and number of the tokens
-        decoded until then)."""
-        kwargs = dict(gen_kwargs)
-        until = kwargs.pop("until", None) or []
-        until = [until] if isinstance(until, str) else list(until)
-        new = int(kwargs.pop("max_gen_toks", 256))
-        if kwargs.get("do_sample") or float(kwargs.get("temperature", 0.0) or 0.0) > 0:
-            raise ValueError("generate_until: only greedy decoding (do_sample false, temperature "
-                             "0) is supported")
-        ctx = self.tok_encode(context)[-(self.max_length - new):]
-        gen = generate(self.model, torch.tensor([ctx], device=self.device), new, loops=self.loops,
-                       rule=self.rule, kv_cache=self.kv_cache, stop=self.codec.stop_when(until))
-        ids = gen.tokens[0, len(ctx):].tolist()
-        if self.eot_token_id in ids:
-            ids = ids[:ids.index(self.eot_token_id)]
-        text = self.tok_decode(ids)
-        for stop in until:
-            if stop:
-                text = text.split(stop)[0]
-        return text, gen.exit_steps.sum().item(), gen.exit_steps.numel()
+    def _generate_batch(self, items: list[tuple[int, list[int]]], until: list[str],
+                        new: int) -> dict[int, tuple[str, float, int]]:
+        """request -> (text up to its first stop string or EOS, summed exit steps and number of
+        the tokens it decoded until then, as if decoded alone)."""
+        ctxs = [ids[-(self.max_length - new):] for _, ids in items]
+        width = max(map(len, ctxs))
+        prompt = torch.full((len(ctxs), width), self.eot_token_id, dtype=torch.long)
+        real = torch.zeros(len(ctxs), width, dtype=torch.bool)
+        for r, ctx in enumerate(ctxs):
+            prompt[r, width - len(ctx):], real[r, width - len(ctx):] = torch.tensor(ctx), True
+        gen = generate(self.model, prompt.to(self.device), new, loops=self.loops, rule=self.rule,
+                       kv_cache=self.kv_cache, stop=self.codec.stop_when(until),
+                       real=None if real.all() else real.to(self.device))
+        out = {}
+        for r, (i, _) in enumerate(items):
+            ids = gen.tokens[r, width:].tolist()
+            ids = ids[:self.codec.answer_length(ids, until)]
+            steps = gen.exit_steps[r, :len(ids) - 1]
+            if self.eot_token_id in ids:
+                ids = ids[:ids.index(self.eot_token_id)]
+            text = self.tok_decode(ids)
+            for stop in until:
+                if stop:
+                    text = text.split(stop)[0]
+            out[i] = (text, steps.sum().item(), steps.numel())
+        return out
+
+
+def _generation_setting(gen_kwargs: dict) -> tuple[tuple[str, ...], int]:
+    """(stop strings, token budget) of lm-eval's generation kwargs; greedy decoding only."""
+    kwargs = dict(gen_kwargs)
+    until = kwargs.pop("until", None) or []
+    until = [until] if isinstance(until, str) else list(until)
+    if kwargs.get("do_sample") or float(kwargs.get("temperature", 0.0) or 0.0) > 0:
+        raise ValueError("generate_until: only greedy decoding (do_sample false, temperature "
+                         "0) is supported")
+    return tuple(until), int(kwargs.get("max_gen_toks", 256))

@@ -101,9 +101,10 @@ def hidden_change(h: Tensor, h_prev: Tensor | None) -> Tensor | None:
 
 class LoopKVCache:
     """Keys/values per (segment, loop, layer) -- or, once `last`/`average` collapsed them, per
-    (segment, layer) -- plus, for the chunk being decoded, what exited tokens leave behind."""
+    (segment, layer) -- plus, for the chunk being decoded, what exited tokens leave behind.
+    `real` [B, P]: False at the left padding of prompts shorter than the batch's longest."""
 
-    def __init__(self, policy: str = "full"):
+    def __init__(self, policy: str = "full", real: Tensor | None = None):
         if policy not in KV_POLICIES:
             raise ValueError(f"kv cache policy {policy!r}: expected one of {', '.join(KV_POLICIES)}")
         self.policy = policy
@@ -113,6 +114,7 @@ class LoopKVCache:
         self.exited: Tensor | None = None  # full: [B, n] over the current chunk
         self.frozen: dict[tuple[str, int], KV] = {}  # full: (segment, layer) -> chunk keys/values
         self.fresh: dict[tuple[str, int], list[KV]] = {}  # collapsed: the new token, per loop
+        self.real = real  # [B, keys so far]: which keys are tokens, not padding
 
     def _key(self, segment: str, loop: int, layer: int) -> tuple:
         return (segment, layer) if self.collapsed and segment != "prelude" else (segment, loop, layer)
@@ -120,8 +122,16 @@ class LoopKVCache:
     def begin_chunk(self) -> None:
         self.exited, self.frozen, self.fresh = None, {}, {}
 
+    def cover(self, n: int) -> None:
+        """Extend the padding mask over the n new tokens of the next chunk (never padding)."""
+        if self.real is not None and self.real.shape[1] < self.length + n:
+            more = self.real.new_ones(self.real.shape[0], self.length + n - self.real.shape[1])
+            self.real = torch.cat((self.real, more), 1)
+
     def attn_inputs(self, segment: str, loop: int, layer: int) -> dict:
         args: dict = {"past": self.kv.get(self._key(segment, loop, layer))}
+        if self.real is not None:
+            args["keys"] = self.real
         if self.exited is not None and (segment, layer) in self.frozen:
             args["frozen"] = (self.exited, *self.frozen[(segment, layer)])
         return args
@@ -209,6 +219,7 @@ def forward_chunk(model: LoopedLM, ids: Tensor, cache: LoopKVCache, loops: int,
         return torch.cat([o[0] for o in outs], 1), torch.cat([o[1] for o in outs], 1)
     rope = model.rope(torch.arange(cache.length, cache.length + n, device=ids.device))
     cache.begin_chunk()
+    cache.cover(n)
     e = model.embed_stream(ids, rope, cache)
     state = _ExitState(rule, (b, n), ids.device)
     decided = torch.zeros(b, n, dtype=torch.bool, device=ids.device)
@@ -244,11 +255,11 @@ def forward_chunk(model: LoopedLM, ids: Tensor, cache: LoopKVCache, loops: int,
 
 @torch.no_grad()
 def score(model: LoopedLM, ids: Tensor, prefill: int, loops: int, rule: ExitRule,
-          policy: str = "full") -> tuple[Tensor, Tensor]:
+          policy: str = "full", real: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Teacher-forced decoding of ids [B, S]: the first `prefill` tokens are prefilled, the rest
-    decoded one after another (as `generate` would feed them). Returns (logits [B, S, V] of each
-    token's exit step, exit steps [B, S])."""
-    cache = LoopKVCache(policy)
+    decoded one after another (as `generate` would feed them); `real` as in `generate`. Returns
+    (logits [B, S, V] of each token's exit step, exit steps [B, S])."""
+    cache = LoopKVCache(policy, real)
     parts = []
     if prefill:
         parts.append(forward_chunk(model, ids[:, :prefill], cache, loops, rule, prefill=True))
@@ -292,17 +303,21 @@ def generate(
     generator: torch.Generator | None = None,
     use_cache: bool = True,
     stop: Callable[[Tensor], bool] | None = None,
+    real: Tensor | None = None,
 ) -> Generation:
     """Greedy (temperature 0) or top-p sampling. `use_cache=False` re-scores the whole sequence
     from scratch for every new token (`score`: the reference the incremental cache is tested
     against). `stop(new tokens [B, k])` is asked after each chosen token: True ends decoding
-    there (stop strings and EOS: `TextCodec.stop_when`), so no loop runs past the answer."""
+    there (stop strings and EOS: `TextCodec.stop_when`), so no loop runs past the answer.
+    `real` [B, P] (False at left padding) decodes prompts of different lengths in one batch:
+    no token attends to padding, and since RoPE scores depend only on the distance between
+    positions, each prompt decodes as it would alone (up to rounding)."""
     if max_new_tokens < 1:
         raise ValueError("max_new_tokens must be >= 1")
     loops = loops or model.cfg.loops
     was_training = model.training
     model.eval()
-    cache = LoopKVCache(kv_cache)
+    cache = LoopKVCache(kv_cache, real)
     p = prompt.shape[1]
     logits, _ = forward_chunk(model, prompt, cache, loops, rule, prefill=True)
     cache.collapse(loops)
@@ -315,7 +330,7 @@ def generate(
         if use_cache:
             logits, step = forward_chunk(model, tokens[:, -1:], cache, loops, rule)
         else:
-            logits, step = score(model, tokens, p, loops, rule, kv_cache)
+            logits, step = score(model, tokens, p, loops, rule, kv_cache, real)
             logits, step = logits[:, -1:], step[:, -1:]
         steps.append(step)
     model.train(was_training)

@@ -107,12 +107,15 @@ class Attention(nn.Module):
         past: KV | None = None,
         frozen: tuple[Tensor, Tensor, Tensor] | None = None,
         q_input: Tensor | None = None,
+        keys: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """x: [n, B, H] at positions len(past)..len(past)+n-1 (normed by the caller).
 
         past:    keys/values of earlier positions (a KV cache), prepended.
         frozen:  (mask [B, n], k, v): tokens that already exited keep these keys/values.
         q_input: queries come from this [n, B, H] instead of x (FLT).
+        keys:    [B, past + n], False at a batch's left padding: no query attends to those
+                 keys (a padding query sees itself alone, so no row of scores is empty).
         Returns (output [n, B, H], keys, values) with keys/values [B, heads, past + n, D].
         """
         q, kv = self._project(x, q_input)
@@ -132,11 +135,14 @@ class Attention(nn.Module):
             k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
         seen = k.shape[2]
         core = recomputed if self.recompute_core else plain
-        if seen == n:
+        if seen == n and keys is None:
             out = core(F.scaled_dot_product_attention, q, k, v, is_causal=True, enable_gqa=True)
         else:
-            q_pos = torch.arange(seen - n, seen, device=x.device)
-            allowed = torch.arange(seen, device=x.device)[None, :] <= q_pos[:, None]
+            q_pos = torch.arange(seen - n, seen, device=x.device)[:, None]
+            k_pos = torch.arange(seen, device=x.device)[None, :]
+            allowed = k_pos <= q_pos  # [n, seen]
+            if keys is not None:
+                allowed = allowed & (keys[:, None, None, :] | (k_pos == q_pos))  # [B, 1, n, seen]
             out = core(F.scaled_dot_product_attention, q, k, v, attn_mask=allowed,
                        enable_gqa=True)
         out = out.permute(2, 0, 1, 3).reshape(n, b, self.n_heads * self.hd)
