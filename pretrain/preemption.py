@@ -5,6 +5,11 @@ the run to checkpoint at the next step boundary and exit with `EXIT_PREEMPTED`
 The handler only records the signal; at each step boundary the ranks agree (any rank that
 got it stops everyone), so all of them save the same step -- whichever ranks the signal
 reached. The SLURM layer requeues a job that exits with EXIT_PREEMPTED.
+
+Once the ranks agree to stop, the handlers stay until the process ends: `srun
+--kill-on-bad-exit` sends TERM to the other tasks as soon as the first one exits 75, and a TERM
+caught by the default handler would turn a rank's 75 into 143 -- srun then reports 143 and the
+job is not requeued (seen on the local cluster).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ class Preempted(Exception):
 class PreemptionSignal:
     def __init__(self):
         self.received: int | None = None
+        self.stopping = False  # the ranks agreed to stop for a preemption
         self._previous = {}
 
     def install(self) -> None:
@@ -31,6 +37,9 @@ class PreemptionSignal:
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def uninstall(self) -> None:
+        """Restore the previous handlers, unless the run is stopping for a preemption."""
+        if self.stopping:
+            return
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
@@ -45,4 +54,5 @@ class PreemptionSignal:
             t = torch.tensor([float(flag)], device=device)
             dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
             flag = bool(t.item())
+        self.stopping = flag
         return flag

@@ -188,6 +188,22 @@ def test_a_signal_checkpoints_exits_75_and_resumes_exactly(tmp_path, sig, long_l
     assert losses_by_step(tmp_path / "run") == long_losses
 
 
+def test_a_term_after_the_agreed_preemption_leaves_exit_75():
+    """srun --kill-on-bad-exit sends TERM to the other ranks as soon as one exits 75; one that
+    is still leaving must exit 75 too, not die of the TERM (143: the job would not requeue)."""
+    script = ("import os, signal, sys, torch\n"
+              "from pretrain.preemption import PreemptionSignal\n"
+              "p = PreemptionSignal(); p.install()\n"
+              f"os.kill(os.getpid(), {int(signal.SIGUSR1)})\n"
+              "assert p.agreed(torch.device('cpu'))\n"
+              "p.uninstall()  # the trainer's end, as after the preemption checkpoint\n"
+              f"os.kill(os.getpid(), {int(signal.SIGTERM)})\n"
+              f"sys.exit({EXIT_PREEMPTED})\n")
+    res = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == EXIT_PREEMPTED, res.stderr
+
+
 def _children(pid: int) -> list[int]:
     kids = Path(f"/proc/{pid}/task/{pid}/children")
     return [int(x) for x in kids.read_text().split()] if kids.exists() else []
