@@ -1,6 +1,7 @@
 """Text <-> ids for a run: its tokenizer (`data.tokenizer`, a tokenizers JSON) or UTF-8 bytes
 (pretrain/data.py `ByteTokenizer`, when no tokenizer is configured), with what evaluation needs
-beyond encode/decode: the EOS id, and how many bytes of text each id stands for.
+beyond encode/decode: the EOS id, how many bytes of text each id stands for, and when generated
+text is finished (EOS or a stop string, as lm-eval's generate_until decides).
 
 Bits per byte is the tokenizer-independent loss (the FLT paper's and nanochat's bpb): the
 summed CE in nats over tokens that stand for text, divided by ln 2 x the bytes they stand for.
@@ -46,7 +47,6 @@ class TextCodec:
         table = self.byte_lengths.to(ids.device)
         inside = (ids >= 0) & (ids < table.numel())
         return torch.where(inside, table[ids.clamp(0, table.numel() - 1)], 0)
-
 
     def finished(self, ids: list[int], until: Sequence[str] = ()) -> bool:
         """New ids hold EOS or decode to text containing one of `until`: the rule lm-eval's
