@@ -27,7 +27,6 @@ import torch.multiprocessing as mp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from core.model_interface import NoKV  # noqa: E402
 from parallelism.pipeline import keep_stage  # noqa: E402
 from parallelism.tensor_parallel import parallelize_tensor, vocab_parallel_token_ce  # noqa: E402
 from parallelism.topology import init_topology  # noqa: E402
@@ -71,10 +70,9 @@ def count_stage(cfg, model, pol: MemoryPolicy, stage: int, stages: int) -> int:
     m, (b, s) = cfg.model, (cfg.train.micro_batch_size, cfg.train.seq_len)
     ids = torch.randint(0, m.vocab_size, (b, s))
     first, last = stage == 0, stage == stages - 1
-    rope = model.rope(torch.arange(s))
-    store = NoKV()
+    run = model.begin(ids)
     with SavedForBackward(model.parameters()) as c:
-        e = model.embed_stream(ids, rope, store) if first else None
+        e = model.embed_stream(ids, run) if first else None
         logits, gates, sent = [], [], []
         for t in range(m.loops):
             if first:
@@ -82,13 +80,12 @@ def count_stage(cfg, model, pol: MemoryPolicy, stage: int, stages: int) -> int:
                                                                               requires_grad=True))
             else:
                 x, h = torch.randn(s, b, m.hidden_size, requires_grad=True), None
-            x = model.run_block(t, x, h, rope, store)
+            x = model.run_block(t, x, h, run)
             sent.append(x)  # the message stays alive, as the pipeline holds its piece's graph
             if last:
-                hn = model.norm(x)
-                lg, g = model.readout(hn, t, rope, store)
-                logits.append(lg)
-                gates.append(g)
+                step = model.end_loop(t, x, run)
+                logits.append(step.logits)
+                gates.append(step.gate_logits)
         if last:
             compute_objective(cfg.objective, LoopedOutput(logits, torch.stack(gates)), ids)
     return c.bytes

@@ -133,7 +133,7 @@ def train_and_score(overrides: list[str], data: Path, tokens: int, device: str,
     torch.manual_seed(cfg.train.seed)
     model = LoopedLM(cfg.model).to(device)
     opt = build_optimizer(model, cfg.optim)
-    heads = readout_steps(cfg.objective.kind, r)
+    read_steps = readout_steps(cfg.objective.kind, r)
     gen = torch.Generator().manual_seed(cfg.train.seed)
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
     start = time.perf_counter()
@@ -142,7 +142,7 @@ def train_and_score(overrides: list[str], data: Path, tokens: int, device: str,
         starts = torch.randint(0, len(train) - t.seq_len - 1, (t.micro_batch_size,), generator=gen)
         x, y = (v.to(device) for v in _windows(train, starts, t.seq_len))
         with amp:
-            loss = compute_objective(cfg.objective, model(x, heads=heads), y).loss
+            loss = compute_objective(cfg.objective, model(x, read_steps=read_steps), y).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         opt.step()

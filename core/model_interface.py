@@ -50,11 +50,30 @@ class DeferredReadout(Protocol):
     def on(self, h: Tensor) -> DeferredReadout: ...
 
 
+class LoopPass(Protocol):
+    """What the loop steps of one forward share: rope, KV store, loop count, steps read out."""
+
+    loops: int
+    read_steps: range
+
+
+class LoopStep(Protocol):
+    """The end of one loop step: its readout (logits None where not read out), the diagnostic
+    and what the next loop step receives."""
+
+    logits: object
+    gate_logits: Tensor
+    handover: Tensor
+
+    def stream_norm(self) -> Tensor: ...
+
+
 class LoopedModel(Protocol):
     """The pieces of one forward pass, in the order the pipeline runs them on its stages:
-    embed_stream (stage 0, once) -> per loop t: loop_input (stage 0) -> run_block (every
-    stage, its slice of `block`) -> on the last stage norm, readout / no_readout, and handover
-    to loop t + 1. Modules a stage does not own are None (or empty)."""
+    begin -> embed_stream (stage 0, once) -> per loop step t: loop_input (stage 0) ->
+    run_block (every stage, its slice of `block`) -> end_loop (the last stage: norm, readout,
+    handover to step t + 1). Modules a stage does not own are None (or empty). Loop steps are
+    0-based in code; metric names count them from 1 (`loop/ce_step1` is step 0)."""
 
     cfg: object  # the model section of the config (hidden_size, loops, loop_mode, ...)
     layer_offset: int  # index of block[0] in the whole shared block
@@ -66,21 +85,14 @@ class LoopedModel(Protocol):
     lm_head: nn.Module | None
     gate: nn.Module | None
 
-    def rope(self, positions: Tensor) -> Rope: ...
+    def begin(self, ids: Tensor, store: KVStore | None = None, loops: int | None = None,
+              read_steps: range | None = None, start: int = 0) -> LoopPass: ...
 
-    def embed_stream(self, ids: Tensor, rope: Rope, store: KVStore) -> Tensor: ...
+    def embed_stream(self, ids: Tensor, run: LoopPass) -> Tensor: ...
 
     def loop_input(self, t: int, e: Tensor | None,
                    h: Tensor | None) -> tuple[Tensor, Tensor | None]: ...
 
-    def run_block(self, t: int, x: Tensor, h: Tensor | None, rope: Rope,
-                  store: KVStore) -> Tensor: ...
+    def run_block(self, t: int, x: Tensor, h: Tensor | None, run: LoopPass) -> Tensor: ...
 
-    def readout(self, h: Tensor, t: int, rope: Rope,
-                store: KVStore) -> tuple[Tensor | DeferredReadout | None, Tensor]: ...
-
-    def no_readout(self, ids: Tensor) -> tuple[None, Tensor]: ...
-
-    def stream_norm(self, x: Tensor) -> Tensor: ...
-
-    def handover(self, x: Tensor, h: Tensor) -> Tensor: ...
+    def end_loop(self, t: int, x: Tensor, run: LoopPass) -> LoopStep: ...

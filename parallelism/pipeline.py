@@ -2,9 +2,10 @@
 
 Stage k owns a contiguous slice of the block's layers (and nothing else of it); stage 0 also
 owns the embedding and prelude, the last stage the coda, final norm, LM head and exit gate. A
-microbatch makes R laps of the ring: lap t runs every slice in order, the last stage computes
-that step's per-token CE_t and gate logits and sends the hidden state back to stage 0 for lap
-t + 1; after lap R it combines all steps into the ELBO loss.
+*lap* is one pass of a microbatch around the ring: lap t (0-based) runs loop step t through
+every stage's slice in order, and a microbatch makes R laps. The last stage ends the loop step
+(`end_loop`: norm, readout, handover) and sends what it hands over back to stage 0 for lap
+t + 1; after the last lap the objective combines every step's readout into the loss.
 
 Why our own schedule over torch.distributed isend/irecv instead of torch.distributed.pipelining:
 the R laps of a rank are virtual stages that share one module, and the stock interleaved
@@ -40,7 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from core.model_interface import LAYERS_READ_H, READS_E, LoopedModel, NoKV
+from core.model_interface import LAYERS_READ_H, READS_E, LoopedModel
 from parallelism.pipeline_schedule import Piece, schedule
 from parallelism.topology import Topology
 
@@ -125,29 +126,29 @@ class _Microbatch:
 
 
 class PipelineStage:
-    """This rank's stage of the ring; `heads` are the loop steps training reads out (an
+    """This rank's stage of the ring; `read_steps` are the loop steps training reads out (an
     objective may skip some)."""
 
-    def __init__(self, model: LoopedModel, topo: Topology, cfg, heads: range):
+    def __init__(self, model: LoopedModel, topo: Topology, cfg, read_steps: range):
         self.model, self.topo, self.cfg = model, topo, cfg
         self.stages, self.rank = topo.pp, topo.pp_rank
         self.first, self.last = self.rank == 0, self.rank == topo.pp - 1
         self.loops = cfg.model.loops
-        self.heads = heads
+        self.read_steps = read_steps
         self.peak_live = 0  # most pieces alive at once in the last step (stashed activations)
         self.busy_s = self.wait_s = self.wall_s = 0.0  # compute / blocked in recv / wall, last step
         self.sent_bytes = 0  # point-to-point bytes this stage sent in the last step
 
     # -- one piece ---------------------------------------------------------------------------
     def _forward(self, mb: _Microbatch, lap: int, received: list[Tensor] | None,
-                 scale: float, objective: Objective, heads: range) -> dict:
+                 scale: float, objective: Objective, read_steps: range) -> dict:
         """Run piece (mb, lap); returns what its backward needs ('out' goes downstream)."""
-        model, store = self.model, NoKV()
-        rope = model.rope(torch.arange(mb.ids.shape[1], device=mb.ids.device))
+        model = self.model
+        run = model.begin(mb.ids, loops=self.loops, read_steps=read_steps)
         saved: dict = {"inputs": received or [], "handoffs": []}
         if self.first:
             if lap == 0:
-                e = model.embed_stream(mb.ids, rope, store)
+                e = model.embed_stream(mb.ids, run)
                 if model.cfg.loop_mode in READS_E and self.loops > 1:
                     mb.e = _Handoff.of(e)
                     saved["handoffs"].append(mb.e)
@@ -156,23 +157,22 @@ class PipelineStage:
                 x, h = model.loop_input(lap, None if mb.e is None else mb.e.leaf, received[0])
         else:
             x, h = received[0], (received[1] if len(received) > 1 else None)
-        x = model.run_block(lap, x, h, rope, store)
+        x = model.run_block(lap, x, h, run)
         if not self.last:
             saved["out"] = [x, h] if ring_payload(model.cfg.loop_mode, lap, False) == 2 else [x]
             return saved
-        mb.norms.append(model.stream_norm(x))
-        h = model.norm(x)
-        scored = lap in heads  # (an objective may not score every step)
-        logits, gate = model.readout(h, lap, rope, store) if scored else model.no_readout(mb.ids)
+        step = model.end_loop(lap, x, run)
+        mb.norms.append(step.stream_norm())
         if lap < self.loops - 1:
-            mb.steps.append((None if logits is None else _Handoff.of(logits), _Handoff.of(gate)))
+            mb.steps.append((None if step.logits is None else _Handoff.of(step.logits),
+                             _Handoff.of(step.gate_logits)))
             saved["handoffs"].extend(t for t in mb.steps[-1] if t is not None)
-            saved["out"] = [model.handover(x, h)]
+            saved["out"] = [step.handover]
             return saved
         mb.result = objective(
-            [None if st[0] is None else st[0].value for st in mb.steps] + [logits],
-            torch.stack([st[1].leaf for st in mb.steps] + [gate]), torch.stack(mb.norms),
-            mb.labels)
+            [None if st[0] is None else st[0].value for st in mb.steps] + [step.logits],
+            torch.stack([st[1].leaf for st in mb.steps] + [step.gate_logits]),
+            torch.stack(mb.norms), mb.labels)
         if torch.is_grad_enabled():
             saved["loss"] = mb.result.loss * scale
         return saved
@@ -204,7 +204,7 @@ class PipelineStage:
         the microbatches, None elsewhere."""
         mbs = [_Microbatch(ids, labels) for ids, labels in batches]
         total = self._drive(mbs, schedule(kind, self.stages, self.loops, len(mbs), self.rank),
-                            objective, self.heads)
+                            objective, self.read_steps)
         if not self.last:
             return None
         result = mbs[-1].result
@@ -222,7 +222,7 @@ class PipelineStage:
         return [mb.result for mb in mbs] if self.last else None
 
     def _drive(self, mbs: list[_Microbatch], pieces: list[Piece], objective: Objective,
-               heads: range) -> Tensor:
+               read_steps: range) -> Tensor:
         """Run `pieces` in order, posting receives ahead; returns the mean loss (last stage)."""
         m = len(mbs)
         b, s = mbs[0].ids.shape
@@ -248,7 +248,7 @@ class PipelineStage:
                 grad = torch.is_grad_enabled()
                 inputs = None if received is None else [t.requires_grad_(grad) for t in received]
                 mb.pieces[piece.lap] = saved = self._forward(mb, piece.lap, inputs, 1.0 / m,
-                                                             objective, heads)
+                                                             objective, read_steps)
                 if "out" in saved:
                     message = torch.stack([t.detach() for t in saved["out"]])
                     pending.append(self._send(message, piece, grad=False))

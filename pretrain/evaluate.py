@@ -77,11 +77,11 @@ def exit_table(cfg: Config, model: LoopedLM, batches: int, rules: tuple[ExitRule
         ce_sum += (steps * keep.t()).sum((1, 2)).double()
         nats += (steps * text.t()).sum((1, 2)).double()
         for j, rule in enumerate(rules):
-            logits, exit_step = score(model, inputs, prefill, r, rule, policy)
+            logits, used = score(model, inputs, prefill, r, rule, policy)
             ce = token_cross_entropy(logits[:, prefill:].transpose(0, 1), target.t()).t()
             exit_ce[j] += (ce * keep).sum().double()
             exit_nats[j] += (ce * text).sum().double()
-            exit_loops[j] += (exit_step[:, prefill:] * keep).sum().double()
+            exit_loops[j] += (used[:, prefill:] * keep).sum().double()
         count += int(keep.sum())
         n_bytes += int(target_bytes[keep].sum())
     return {"steps": [(t + 1, (ce_sum[t] / count).item(), bits_per_byte(nats[t].item(), n_bytes))

@@ -43,7 +43,7 @@ from parallelism.pipeline_schedule import peak_live, schedule
 from pretrain.config import Config
 from pretrain.hardware import Accelerator
 from pretrain.model.activations import Shard, saved_bytes
-from pretrain.model.flops import count_parameters, flops_per_token, layer_matmul_flops, readouts
+from pretrain.model.flops import count_parameters, flops_per_token, layer_matmul_flops, read_count
 from pretrain.model.memory import MemoryPolicy
 
 GEMM_EFFICIENCY = 0.80  # large bf16 GEMMs reach ~80% of the dense peak (cuBLAS, Hopper)
@@ -120,7 +120,7 @@ def activation_bytes(cfg: Config, lay: Layout) -> float:
     bf16 = cfg.train.precision == "bf16"
     stages = [Shard(tp, tp > 1, layers=-(-m.num_layers // pp), first=k == 0, last=k == pp - 1)
               for k in {0, pp - 1}]
-    per_mb = max(saved_bytes(cfg, lay.micro_batch, policy, st, bf16, readouts(cfg)) for st in stages)
+    per_mb = max(saved_bytes(cfg, lay.micro_batch, policy, st, bf16, read_count(cfg)) for st in stages)
     if pp == 1:
         return per_mb
     kind = cfg.parallel.pipeline_schedule
@@ -137,13 +137,13 @@ def estimate(cfg: Config, lay: Layout, gpu: Accelerator, global_batch: int) -> E
     tokens = lay.micro_batch * lay.microbatches * s  # per DP rank per step
     # -- compute (one model replica of t x p GPUs processes `tokens`) --
     q = m.num_heads * m.kv_channels
-    heads = readouts(cfg)  # loop steps whose LM head and loss run (all, for the ELBO)
+    reads = read_count(cfg)  # loop steps whose LM head and loss run (all, for the ELBO)
     layer_passes = m.num_layers * r + m.prelude_layers + m.coda_layers * r
     again = _recomputed_share(cfg)  # recomputed forward, as a fraction of the layers' forward
     chunked = tr.loss_chunk_tokens > 0
     rate = 1.0 if tr.precision == "bf16" else TF32_RATE
     gemm = (3 + again) * tokens * layer_matmul_flops(m) * layer_passes / t
-    head = (3 + chunked) * tokens * 2 * h * m.vocab_size * heads / t
+    head = (3 + chunked) * tokens * 2 * h * m.vocab_size * reads / t
     core_again = 1 if tr.recompute == "selective" else again
     attn = (3 + core_again) * tokens * 2 * s * q * layer_passes / t  # causal: half of 2 x 2 s q
     t_gemm = (_gemm_time(gemm, min(h, f / t, q / t), gpu)
@@ -151,7 +151,7 @@ def estimate(cfg: Config, lay: Layout, gpu: Accelerator, global_batch: int) -> E
     t_attn = attn / (gpu.peak_flops * rate * ATTENTION_EFFICIENCY)
     act_size = 2 if tr.precision == "bf16" else 4
     elementwise_bytes = tokens * layer_passes * (3 + again) * (12 * h + 3 * f) * act_size / t \
-        + tokens * heads * LOSS_BYTES_PER_LOGIT * (1 + chunked / 3) * m.vocab_size / t
+        + tokens * reads * LOSS_BYTES_PER_LOGIT * (1 + chunked / 3) * m.vocab_size / t
     t_elem = elementwise_bytes / (gpu.hbm_bw * ELEMENTWISE_BANDWIDTH)
     compute = (t_gemm + t_attn + t_elem) / p  # each stage does 1/p of the layers
     # -- communication --
@@ -174,7 +174,7 @@ def estimate(cfg: Config, lay: Layout, gpu: Accelerator, global_batch: int) -> E
     busy = compute + t_tp
     t_bubble = busy / (1 - bubble) - busy
     step = busy + t_bubble + t_dp + t_opt
-    flops = flops_per_token(m, s, readouts=readouts(cfg)) * tokens * d
+    flops = flops_per_token(m, s, read_count=read_count(cfg)) * tokens * d
     mfu = flops / (step * t * p * d * gpu.peak_flops)
     # -- memory --
     mem = {"weights": per_gpu_params * 4, "grads": per_gpu_params * 4,

@@ -54,8 +54,7 @@ def _stage(cfg, rank: int) -> tuple[dict[str, tuple], list[int]]:
             model = LoopedLM(cfg.model)
             _, split = shape_for_layout(cfg, model, topo, log=lambda _: None)
         if topo.pp > 1:
-            heads = readout_steps(cfg.objective.kind, cfg.model.loops)
-            PipelineStage(model, topo, cfg, range(cfg.model.loops)[heads])
+            PipelineStage(model, topo, cfg, readout_steps(cfg.objective.kind, cfg.model.loops))
         if cfg.parallel.zero_stage:
             zero_config(cfg, pipeline=topo.pp > 1)
         return _global_shapes(ShardedState(model, topo)), split

@@ -47,13 +47,13 @@ Readout = Callable[[LoopedOutput, Tensor], object]
 class LocalPass:
     """Every micro-batch forward and backward through this process's whole model."""
 
-    def __init__(self, model: nn.Module, heads: slice):
-        self.model, self.heads = model, heads
+    def __init__(self, model: nn.Module, read_steps: range):
+        self.model, self.read_steps = model, read_steps
 
     def train(self, batches: Batches, objective: Readout, backward: Callable[[Tensor], None]):
         total = torch.zeros((), device=batches[0][0].device)
         for inputs, labels in batches:
-            out = objective(self.model(inputs, heads=self.heads), labels)
+            out = objective(self.model(inputs, read_steps=self.read_steps), labels)
             backward(out.loss)
             total += out.loss.detach() / len(batches)
         return out, total
@@ -212,14 +212,14 @@ def build_engine(cfg: Config, model: nn.Module, topo: Topology,
     """Shape `model` for this rank and pick the two halves."""
     t = cfg.train
     cross_entropy, split = shape_for_layout(cfg, model, topo, log)
-    heads = readout_steps(cfg.objective.kind, cfg.model.loops)
+    read_steps = readout_steps(cfg.objective.kind, cfg.model.loops)
     model.to(topo.device)
     pipeline = None
     if topo.pp > 1:
-        pipeline = PipelineStage(model, topo, cfg, range(cfg.model.loops)[heads])
+        pipeline = PipelineStage(model, topo, cfg, read_steps)
         passes = PipelinePass(pipeline, cfg.parallel.pipeline_schedule)
     else:
-        passes = LocalPass(model, heads)
+        passes = LocalPass(model, read_steps)
     if cfg.parallel.zero_stage:
         zero = build_zero_engine(model, param_groups(model, cfg.optim), cfg, topo,
                                  pipeline=pipeline is not None)

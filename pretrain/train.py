@@ -29,9 +29,10 @@ from pretrain.callbacks import Callback, default_callbacks
 from pretrain.callbacks.checkpointing import Checkpointing
 from pretrain.checkpoint import store
 from pretrain.checkpoint.checkpointer import Checkpointer
-from pretrain.checkpoint.compat import incompatibility
+from pretrain.checkpoint.compat import resume_point
 from pretrain.checkpoint.offline import saved_tensors
-from pretrain.config import Config, dump_config, load_config
+from pretrain.checkpoint.record import make_record, trainer_state
+from pretrain.config import Config, dump_config
 from pretrain.data import default_data
 from pretrain.hardware import peak_flops, peak_memory_bytes
 from pretrain.model.flops import run_flops_per_token
@@ -205,52 +206,63 @@ class Trainer:
             if validation:
                 cb.on_eval(self, self.step, metrics)
 
-    def _meta(self) -> dict:
-        """The global record of a checkpoint (what no tensor holds)."""
+    def state_dict(self) -> dict:
+        """What a resumed run needs that no tensor holds: the step, the skip counters, the
+        data position and every callback's state (`load_state_dict` takes exactly this)."""
+        return {"step": self.step, "skipped": self.skipped, "bad_streak": self.bad_streak,
+                "data": self.data.state_dict(),
+                "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = self.saved_step = state["step"]
+        self.skipped, self.bad_streak = state["skipped"], state["bad_streak"]
+        for cb in self.callbacks:
+            cb.load_state_dict(state["callbacks"].get(cb.name, {}))
+        self.data.load_state_dict(state["data"])
+        self._batches = None
+
+    def _record(self) -> dict:
+        """The checkpoint's record (checkpoint/record.py): the trainer state and provenance."""
         c, t = self.cfg, self.topo
-        data = self.data.state_dict()
-        return {"format": 1, "step": self.step, "data": data,
-                "tokens": data.get("samples_consumed", 0) * c.train.seq_len,
-                "trainer": {"skipped": self.skipped, "bad_streak": self.bad_streak},
-                "callbacks": {cb.name: cb.state_dict() for cb in self.callbacks},
-                "layout": {"tensor": t.tp, "pipeline": t.pp, "data": t.dp,
-                           "zero_stage": c.parallel.zero_stage,
-                           "pipeline_split": self.engine.split},
-                "seed": c.train.seed, "lr": lr_at(c.optim, self.step, c.train.max_steps),
-                "code_version": __version__, "torch": torch.__version__, "time": time.time(),
-                "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT", 0))}
+        state = self.state_dict()
+        layout = {"tensor": t.tp, "pipeline": t.pp, "data": t.dp,
+                  "zero_stage": c.parallel.zero_stage, "pipeline_split": self.engine.split}
+        return make_record(state, state["data"].get("samples_consumed", 0) * c.train.seq_len,
+                           layout, seed=c.train.seed,
+                           lr=lr_at(c.optim, self.step, c.train.max_steps),
+                           code_version=__version__, torch=torch.__version__, time=time.time(),
+                           slurm_restart_count=int(os.environ.get("SLURM_RESTART_COUNT", 0)))
 
     def save_checkpoint(self) -> None:
         """A sharded checkpoint of this step (in the background with train.async_checkpoint)."""
-        self.checkpointer.save(self.step, self.state.state_dict(), self._meta(),
+        self.checkpointer.save(self.step, self.state.state_dict(), self._record(),
                                dump_config(self.cfg))
         self.saved_step = self.step
         for cb in self.callbacks:
             cb.on_checkpoint(self, self.step)
 
+    def wait_for_checkpoint(self) -> Path | None:
+        """Block until the last checkpoint is sealed; its directory (None: none was written)."""
+        return self.checkpointer.wait()
+
+    def checkpoint_dir(self, step: int) -> Path:
+        return store.step_dir(self.checkpointer.root, step)
+
     def resume(self, where: str) -> Path | None:
         """Continue from a checkpoint: 'auto' (this run's newest complete one, if any) or a
-        path as users type it (store.resolve). Any saved layout loads; the RNG state only
-        under the same layout."""
-        path = store.newest(self.checkpointer.root) if where == "auto" else store.resolve(where)
+        path as users type it (checkpoint/compat.py `resume_point`). Any saved layout loads;
+        the RNG state only under the same layout."""
+        path = resume_point(where, self.checkpointer.root, self.cfg)
         if path is not None:
-            why = incompatibility(load_config(path / "config.yaml"), self.cfg)
-            if why:
-                raise store.CheckpointError(f"{path}: incompatible checkpoint: {why}")
-            meta = store.read_meta(path)
+            record = store.read_meta(path)
             groups = self.state.targets(saved_tensors(path))
             self.checkpointer.load(path, {k: v for g in groups.values() for k, v in g.items()})
-            lay = meta["layout"]
+            lay = record["layout"]
             same = (lay["tensor"], lay["pipeline"], lay["data"]) == (self.topo.tp, self.topo.pp,
                                                                     self.topo.dp)
             self.state.load(groups, same_layout=same)
-            self.step = self.saved_step = meta["step"]
+            self.load_state_dict(trainer_state(record, str(path / store.META)))
             self.checkpointer.last = path
-            self.skipped, self.bad_streak = meta["trainer"]["skipped"], meta["trainer"]["bad_streak"]
-            for cb in self.callbacks:
-                cb.load_state_dict(meta.get("callbacks", {}).get(cb.name, {}))
-            self.data.load_state_dict(meta["data"])
-            self._batches = None
             self.log(f"resumed from {path} at step {self.step} (saved under tensor {lay['tensor']} "
                      f"x pipeline {lay['pipeline']} x data {lay['data']})")
         self.checkpointer.clean_incomplete()

@@ -63,6 +63,28 @@ def test_resume_in_process_is_bit_identical(tmp_path, extra):
     assert again == {k: v for k, v in full.items() if k > 4}  # exact floats
 
 
+def test_a_format_1_record_still_resumes_exactly(tmp_path):
+    """Checkpoints written before the trainer state was one save/load pair spread it over the
+    record's top level (format 1); they resume to the same losses, and the state read back is
+    the state saved (state_dict / load_state_dict are symmetric)."""
+    first = _trainer(tmp_path / "a")
+    full = _losses(first.fit())
+    ckpt = tmp_path / "a/checkpoints/step_0000004"
+    record = json.loads((ckpt / store.META).read_text())
+    saved = record["trainer"]
+    old = {k: v for k, v in record.items() if k not in ("format", "trainer")}
+    old |= {"format": 1, "data": saved["data"], "callbacks": saved["callbacks"],
+            "trainer": {"skipped": saved["skipped"], "bad_streak": saved["bad_streak"]}}
+    (ckpt / store.META).write_text(json.dumps(old))
+    resumed = _trainer(tmp_path / "b")
+    resumed.resume(str(ckpt))
+    assert resumed.state_dict() == saved
+    assert _losses(resumed.fit()) == {k: v for k, v in full.items() if k > 4}
+    (ckpt / store.META).write_text(json.dumps({**old, "format": 7}))
+    with pytest.raises(CheckpointError, match="unknown checkpoint record format 7"):
+        _trainer(tmp_path / "c").resume(str(ckpt))
+
+
 def test_incompatible_config_is_refused_naming_the_field(tmp_path):
     _trainer(tmp_path / "a", "train.max_steps=4").fit()
     other = _trainer(tmp_path / "b", "model.ffn_hidden_size=128")

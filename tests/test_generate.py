@@ -45,7 +45,7 @@ def test_kv_cache_equals_full_recompute(variant, loops):
     model = _model(f"model.loops={loops}", *VARIANTS[variant])
     prompt = _prompt()
     gen = generate(model, prompt, max_new_tokens=12)
-    assert gen.loops_used == loops and gen.exit_steps.shape == (2, 11)
+    assert gen.mean_loops == loops and gen.loops_used.shape == (2, 11)
     tokens = prompt
     with torch.no_grad():
         for i in range(12):
@@ -79,25 +79,25 @@ def test_early_exit_cache_equals_recompute(variant, policy):
                       generator=torch.Generator().manual_seed(6))
     full = generate(model, prompt, 10, rule=GATE, kv_cache=policy, use_cache=False, **sample,
                     generator=torch.Generator().manual_seed(6))
-    assert 1 < cached.loops_used < model.cfg.loops
-    assert len(set(cached.exit_steps.flatten().tolist())) > 1
+    assert 1 < cached.mean_loops < model.cfg.loops
+    assert len(set(cached.loops_used.flatten().tolist())) > 1
     assert torch.equal(cached.tokens, full.tokens)
-    assert torch.equal(cached.exit_steps, full.exit_steps)
+    assert torch.equal(cached.loops_used, full.loops_used)
     torch.testing.assert_close(cached.logits, full.logits, rtol=1e-5, atol=1e-5)
 
 
 def test_threshold_one_uses_all_loops_and_low_threshold_fewer(trained):
     prompt = _prompt(1, 16)
     full = generate(trained, prompt, 16, rule=ExitRule("gate", 1.0))
-    assert full.loops_used == trained.cfg.loops
+    assert full.mean_loops == trained.cfg.loops
     early = generate(trained, prompt, 16, rule=ExitRule("gate", 0.3))
-    assert early.loops_used < trained.cfg.loops - 0.5
-    assert early.exit_steps.min() == 1
+    assert early.mean_loops < trained.cfg.loops - 0.5
+    assert early.loops_used.min() == 1
 
 
 def test_test_time_loops_can_exceed_training(trained):
     gen = generate(trained, _prompt(1, 5), 4, loops=5)
-    assert gen.loops_used == 5
+    assert gen.mean_loops == 5
     with torch.no_grad():
         want = trained(gen.tokens[:, :5], loops=5).logits[-1][-1]
     torch.testing.assert_close(gen.logits[:, 0], want, rtol=1e-5, atol=1e-5)
@@ -130,8 +130,8 @@ def test_stop_ends_decoding_at_the_first_stop_string_or_eos():
     for codec, until, n in ((byte, [text], ends[0]), (eos, [], ends[1])):
         got = generate(model, prompt, 24, rule=rule, stop=codec.stop_when(until))
         assert torch.equal(got.tokens, full.tokens[:, :16 + n]), until
-        assert torch.equal(got.exit_steps, full.exit_steps[:, :n - 1])
-        assert got.loops_used == full.exit_steps[:, :n - 1].float().mean().item()
+        assert torch.equal(got.loops_used, full.loops_used[:, :n - 1])
+        assert got.mean_loops == full.loops_used[:, :n - 1].float().mean().item()
 
 
 @pytest.mark.parametrize("variant", ["ouro", "flt", "huginn"])
@@ -148,7 +148,7 @@ def test_left_padded_batch_decodes_each_prompt_as_alone(variant, policy):
     for i, x in enumerate(prompts):
         alone = generate(model, x[None], 8, rule=rule, kv_cache=policy)
         assert torch.equal(got.tokens[i, 9:], alone.tokens[0, len(x):]), i
-        assert torch.equal(got.exit_steps[i], alone.exit_steps[0]), i
+        assert torch.equal(got.loops_used[i], alone.loops_used[0]), i
         torch.testing.assert_close(got.logits[i], alone.logits[0], rtol=1e-4, atol=1e-4)
     again = generate(model, ids, 8, rule=rule, kv_cache=policy, real=real, use_cache=False)
     assert torch.equal(again.tokens, got.tokens)
@@ -230,12 +230,12 @@ def test_eval_scoring_and_generate_agree_on_every_exit_step(rule, policy):
     gen = generate(model, prompt, 9, rule=ExitRule.parse(rule), kv_cache=policy, temperature=1.0,
                    generator=torch.Generator().manual_seed(6))
     logits, steps = score(model, gen.tokens, 6, 4, ExitRule.parse(rule), policy)
-    assert torch.equal(steps[:, 6:-1], gen.exit_steps)
+    assert torch.equal(steps[:, 6:-1], gen.loops_used)
     torch.testing.assert_close(logits[:, 5:-1], gen.logits, rtol=1e-5, atol=1e-5)
     if rule == "fixed:2":
-        assert (gen.exit_steps == 2).all()
+        assert (gen.loops_used == 2).all()
     elif rule.startswith("gate") or policy == "full":  # (delta exits early on collapsed caches)
-        assert len(set(gen.exit_steps.flatten().tolist())) > 1
+        assert len(set(gen.loops_used.flatten().tolist())) > 1
 
 
 def test_delta_rule_exits_where_the_state_stops_moving():

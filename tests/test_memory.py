@@ -102,6 +102,6 @@ def test_planner_predicts_saved_bytes(variant, policy):
     ids, labels = _batch(cfg)
     with SavedForBackward(model.parameters()) as c:
         compute_objective(cfg.objective, model(ids), labels)
-    reads = len(range(4)[readout_steps(cfg.objective.kind, 4)])
-    predicted = saved_bytes(cfg, 3, pol, readouts=reads)
+    reads = len(readout_steps(cfg.objective.kind, 4))
+    predicted = saved_bytes(cfg, 3, pol, read_count=reads)
     assert abs(predicted / c.bytes - 1) < 0.10, (predicted, c.bytes)

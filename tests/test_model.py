@@ -67,10 +67,9 @@ def test_loop_modes_share_weights_and_differ_where_the_papers_say():
     # ouro loop 2 == one plain pass over N(x_1) with the same weights
     one = _model("model.loops=1")
     one.load_state_dict(base.state_dict())
-    rope = one.rope(torch.arange(ids.shape[1]))
-    from core.model_interface import NoKV
-    h1 = one.norm(one.run_block(0, one.embed(ids.t()), None, rope, NoKV()))
-    x2 = one.run_block(1, h1, None, rope, NoKV())
+    run = one.begin(ids)
+    h1 = one.norm(one.run_block(0, one.embed(ids.t()), None, run))
+    x2 = one.run_block(1, h1, None, run)
     torch.testing.assert_close(one.lm_head(one.norm(x2)), outs["ouro"][1])
 
 

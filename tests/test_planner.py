@@ -30,9 +30,9 @@ def test_flops_per_token_equals_torch_flop_counter(variant, kv, objective):
     cfg = tiny_config(*VARIANTS[variant], f"model.num_kv_heads={kv}", f"objective.kind={objective}")
     model = LoopedLM(cfg.model)
     ids = torch.randint(0, cfg.model.vocab_size, (2, 64))
-    heads = readout_steps(objective, cfg.model.loops)
+    read_steps = readout_steps(objective, cfg.model.loops)
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        out = compute_objective(cfg.objective, model(ids, heads=heads), ids, token_cross_entropy)
+        out = compute_objective(cfg.objective, model(ids, read_steps=read_steps), ids, token_cross_entropy)
         out.loss.backward()
     assert counter.get_total_flops() / ids.numel() == run_flops_per_token(
         dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seq_len=64)))

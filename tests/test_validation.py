@@ -147,4 +147,4 @@ def test_wandb_logger_offline(tmp_path, monkeypatch):
     run_id = wandb_cb.state_dict()["run_id"]
     assert (next((tmp_path / "wandb").glob(f"offline-run-*-{run_id}")) / f"run-{run_id}.wandb").stat().st_size
     meta = json.loads(next(tmp_path.glob("checkpoints/step_*/meta.json")).read_text())
-    assert meta["callbacks"]["wandb"] == {"run_id": run_id}
+    assert meta["trainer"]["callbacks"]["wandb"] == {"run_id": run_id}

@@ -20,7 +20,7 @@ class Checkpointing(Callback):
         t = trainer.cfg.train
         if self.preemption.agreed(trainer.device):
             trainer.save_checkpoint()
-            where = trainer.checkpointer.wait()
+            where = trainer.wait_for_checkpoint()
             raise Preempted(f"preempted (signal {self.preemption.received or 'on a peer'}): "
                             f"checkpoint {where} at step {trainer.step}")
         if t.checkpoint_every and trainer.step % t.checkpoint_every == 0 \

@@ -14,7 +14,6 @@ from __future__ import annotations
 import torch.distributed as dist
 
 from pretrain.callbacks import Callback
-from pretrain.checkpoint import store
 from pretrain.model.generate import ExitRule
 
 
@@ -36,10 +35,10 @@ class Downstream(Callback):
             return
         if trainer.saved_step != trainer.step:
             trainer.save_checkpoint()
-        trainer.checkpointer.wait()
+        trainer.wait_for_checkpoint()
         if dist.is_initialized():
             dist.barrier()  # rank 0 seals the checkpoint
-        trainer.emit(self.evaluate(trainer, store.step_dir(trainer.checkpointer.root, trainer.step)))
+        trainer.emit(self.evaluate(trainer, trainer.checkpoint_dir(trainer.step)))
 
     def evaluate(self, trainer, path) -> dict[str, float]:
         from pretrain.checkpoint.offline import load_model

@@ -1,8 +1,11 @@
-"""Which config changes a checkpoint survives."""
+"""Which config changes a checkpoint survives, and the checkpoint a run resumes from."""
 
 from __future__ import annotations
 
-from pretrain.config import Config
+from pathlib import Path
+
+from pretrain.checkpoint import store
+from pretrain.config import Config, load_config
 
 # model fields that change a weight's shape or meaning: a checkpoint never loads across them
 # (loops, max_seq_len, rope_theta, dropout may change: same weights, a different run)
@@ -19,3 +22,15 @@ def incompatibility(saved: Config, cfg: Config) -> str | None:
         if a != b:
             return f"model.{name}: the checkpoint has {a!r}, this run {b!r}"
     return None
+
+
+def resume_point(where: str, root: Path, cfg: Config) -> Path | None:
+    """The checkpoint `--resume where` names -- 'auto': the newest complete one under `root`
+    (None: there is none, start fresh); else a path as users type it (store.resolve) -- once
+    it is known to fit `cfg`."""
+    path = store.newest(root) if where == "auto" else store.resolve(where)
+    if path is not None:
+        why = incompatibility(load_config(path / "config.yaml"), cfg)
+        if why:
+            raise store.CheckpointError(f"{path}: incompatible checkpoint: {why}")
+    return path

@@ -16,6 +16,7 @@ from parallelism.sharded_state import ShardedState
 from parallelism.topology import Topology
 from pretrain.checkpoint import store
 from pretrain.checkpoint.checkpointer import Checkpointer
+from pretrain.checkpoint.record import fresh_trainer_state, make_record
 from pretrain.config import Config, dump_config, load_config
 from pretrain.model.looped import LoopedLM
 
@@ -68,11 +69,9 @@ def save_full_model(cfg: Config, model: LoopedLM, root: Path, step: int = 0) -> 
     from `step` with a fresh optimizer and the data from its start."""
     entries = {k: v for k, v in ShardedState(model, Topology()).state_dict().items()
                if k.startswith("model/")}
-    meta = {"format": 1, "step": step, "tokens": 0, "seed": cfg.train.seed,
-            "data": {"samples_consumed": 0, "skipped_samples": 0, "fingerprint": {}},
-            "trainer": {"skipped": 0, "bad_streak": 0},
-            "layout": {"tensor": 1, "pipeline": 1, "data": 1, "zero_stage": 0,
-                       "pipeline_split": []}}
+    meta = make_record(fresh_trainer_state(step), 0, {"tensor": 1, "pipeline": 1, "data": 1,
+                                                       "zero_stage": 0, "pipeline_split": []},
+                       seed=cfg.train.seed)
     Checkpointer(root, Topology(), local=True, log=lambda _: None).save(
         step, entries, meta, dump_config(cfg))
     return store.step_dir(root, step)

@@ -28,8 +28,8 @@ def _generate(args: argparse.Namespace) -> int:
                    generator=torch.Generator().manual_seed(cfg.train.seed),
                    stop=codec.stop_when(args.stop) if args.stop else None)
     print(decode(gen.tokens[0].tolist()))
-    print(f"average loops used per decoded token ({rule}): {gen.loops_used:.2f} of "
-          f"{cfg.model.loops}; loops per token: {' '.join(map(str, gen.exit_steps[0].tolist()))}")
+    print(f"average loops used per decoded token ({rule}): {gen.mean_loops:.2f} of "
+          f"{cfg.model.loops}; loops per token: {' '.join(map(str, gen.loops_used[0].tolist()))}")
     print(f"KV cache ({args.kv_cache}): {gen.cache_bytes_per_token / 1024:.1f} KiB per token")
     return 0
 

@@ -19,7 +19,7 @@ The setting (`use(loops, rule)`) decides what a token's prediction is:
                  a stop string or EOS (what lm-eval's `hf` stops at). Requests are batched,
                  the shorter contexts left-padded (model/generate.py `real`): each decodes as
                  it would alone, up to rounding; the tally counts its own tokens only.
-`loops_used` tallies the mean exit step per scored or generated token, per task.
+`loops_used` tallies the loops used (exit step + 1) per scored or generated token, per task.
 
 Data parallel: with torch.distributed initialised every rank scores every world-th request
 and one all_gather_object puts them back in order, so lm-eval -- which sees one process --
@@ -203,7 +203,7 @@ class LoopedHarnessLM(TemplateLM):
 
     def _generate_batch(self, items: list[tuple[int, list[int]]], until: list[str],
                         new: int) -> dict[int, tuple[str, float, int]]:
-        """request -> (text up to its first stop string or EOS, summed exit steps and number of
+        """request -> (text up to its first stop string or EOS, summed loops used and number of
         the tokens it decoded until then, as if decoded alone)."""
         ctxs = [ids[-(self.max_length - new):] for _, ids in items]
         width = max(map(len, ctxs))
@@ -218,7 +218,7 @@ class LoopedHarnessLM(TemplateLM):
         for r, (i, _) in enumerate(items):
             ids = gen.tokens[r, width:].tolist()
             ids = ids[:self.codec.answer_length(ids, until)]
-            steps = gen.exit_steps[r, :len(ids) - 1]
+            steps = gen.loops_used[r, :len(ids) - 1]
             if self.eot_token_id in ids:
                 ids = ids[:ids.index(self.eot_token_id)]
             text = self.tok_decode(ids)

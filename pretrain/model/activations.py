@@ -109,9 +109,9 @@ def readout_elements(m, tp: int, sp: bool, chunked: bool) -> tuple[float, float]
 
 
 def saved_bytes(cfg, micro_batch: int, policy: MemoryPolicy, shard: Shard = Shard(),
-                bf16: bool = False, readouts: int | None = None) -> float:
+                bf16: bool = False, read_count: int | None = None) -> float:
     """Bytes one micro-batch of `micro_batch` x train.seq_len tokens keeps for backward on
-    this shard, over all R loops. `readouts`: loop steps read out (default all)."""
+    this shard, over all R loops. `read_count`: how many loop steps are read out (default all)."""
     m, s = cfg.model, cfg.train.seq_len
     tokens = micro_batch * s
     loops = m.loops
@@ -134,7 +134,7 @@ def saved_bytes(cfg, micro_batch: int, policy: MemoryPolicy, shard: Shard = Shar
         total += m.kv_channels * big / micro_batch  # rope cos/sin rows of the sequence
     if shard.last:
         hidden_r, other_r = readout_elements(m, shard.tp, shard.sp, policy.chunk_rows > 0)
-        steps = loops if readouts is None else readouts
+        steps = loops if read_count is None else read_count
         total += loops * hidden_r * big + steps * other_r * 4  # the loss path is fp32
         total += (7 * loops + 1) * 4  # gate, exit distribution and ELBO terms of the objective
         total += loops * m.coda_layers * full_layer

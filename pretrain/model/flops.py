@@ -57,27 +57,27 @@ def block_layer_flops(cfg: ModelConfig, seq_len: int, loops: int) -> int:
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, loops: int | None = None,
-                    readouts: int | None = None, train_gate: bool = True) -> int:
-    """Training FLOPs (forward + backward) per token at context `seq_len`; `readouts` loop
+                    read_count: int | None = None, train_gate: bool = True) -> int:
+    """Training FLOPs (forward + backward) per token at context `seq_len`; `read_count` loop
     steps run the readout -- coda, LM head, gate -- (default all), and the gate has a backward
     only when trained (the FLT objectives read out fewer steps and leave the gate alone)."""
     r = loops or cfg.loops
-    heads = r if readouts is None else readouts
+    reads = r if read_count is None else read_count
     unshared = layer_matmul_flops(cfg) + attention_flops(cfg, seq_len)
     forward = (cfg.prelude_layers * unshared + cfg.num_layers * block_layer_flops(cfg, seq_len, r)
-               + heads * (cfg.coda_layers * unshared + head_flops(cfg)))
-    gate = heads * 2 * cfg.hidden_size * (3 if train_gate else 1)
+               + reads * (cfg.coda_layers * unshared + head_flops(cfg)))
+    gate = reads * 2 * cfg.hidden_size * (3 if train_gate else 1)
     return 3 * forward + gate
 
 
-def readouts(cfg) -> int:
+def read_count(cfg) -> int:
     """Loop steps whose LM head a training step runs (model/objective.py `readout_steps`)."""
-    return len(range(cfg.model.loops)[readout_steps(cfg.objective.kind, cfg.model.loops)])
+    return len(readout_steps(cfg.objective.kind, cfg.model.loops))
 
 
 def run_flops_per_token(cfg) -> int:
     """Training FLOPs per token of a run: its context and the readouts its objective needs."""
-    return flops_per_token(cfg.model, cfg.train.seq_len, readouts=readouts(cfg),
+    return flops_per_token(cfg.model, cfg.train.seq_len, read_count=read_count(cfg),
                            train_gate=trains_gate(cfg.objective.kind))
 
 
@@ -90,7 +90,7 @@ def stage_cost_model(cfg) -> StageCosts:
     return StageCosts(per_layer=block_layer_flops(m, s, m.loops),
                       first=m.prelude_layers * unshared,
                       last=m.loops * (m.coda_layers * unshared + 2 * m.hidden_size)
-                      + readouts(cfg) * head_flops(m))
+                      + read_count(cfg) * head_flops(m))
 
 
 def pipeline_split(cfg) -> list[int]:

@@ -24,6 +24,9 @@ After prefill, `last`/`average` collapse the per-loop caches the same way.
 `score` runs held-out text through exactly this path (prefill of a prefix, then teacher-forced
 decoding), so `pretrain eval` and `pretrain generate` agree token by token on the exit step.
 `loops` may differ from training (test-time compute): p_R takes the remaining mass at that R.
+
+Names: a token's *exit step* is the 0-based loop step whose prediction it takes; *loops used*
+counts the loops it ran (exit step + 1, 1..R).
 """
 
 from __future__ import annotations
@@ -209,7 +212,7 @@ def forward_chunk(model: LoopedLM, ids: Tensor, cache: LoopKVCache, loops: int,
     Otherwise tokens stop at their exit step; with a collapsed cache (last/average) tokens are
     decoded one at a time, since every loop of a token reads the finished cache of the others.
     `observe(t, logits [B, n, V], gate [B, n], change [B, n] | None)` sees every step run.
-    Returns (logits of each token's exit step [B, n, V], exit step 1..loops [B, n])."""
+    Returns (logits of each token's exit step [B, n, V], loops used 1..loops [B, n])."""
     b, n = ids.shape
     if cache.length + n > model.cfg.max_seq_len:
         raise ValueError(f"sequence of {cache.length + n} tokens exceeds model.max_seq_len "
@@ -217,40 +220,39 @@ def forward_chunk(model: LoopedLM, ids: Tensor, cache: LoopKVCache, loops: int,
     if cache.collapsed and n > 1:
         outs = [forward_chunk(model, ids[:, j:j + 1], cache, loops, rule) for j in range(n)]
         return torch.cat([o[0] for o in outs], 1), torch.cat([o[1] for o in outs], 1)
-    rope = model.rope(torch.arange(cache.length, cache.length + n, device=ids.device))
+    run = model.begin(ids, cache, loops, start=cache.length)
     cache.begin_chunk()
     cache.cover(n)
-    e = model.embed_stream(ids, rope, cache)
+    e = model.embed_stream(ids, run)
     state = _ExitState(rule, (b, n), ids.device)
     decided = torch.zeros(b, n, dtype=torch.bool, device=ids.device)
-    exit_step = torch.full((b, n), loops, dtype=torch.long, device=ids.device)
-    out, h, x, h_prev = None, None, None, None
+    loops_used = torch.full((b, n), loops, dtype=torch.long, device=ids.device)
+    out, handover, h_prev = None, None, None
     watch_change = rule.kind == "delta" or observe is not None  # the rule or the observer reads it
     for t in range(loops):
         if not prefill and decided.all():
             if not cache.collapsed:
                 cache.fill_skipped(t)
             continue
-        x, h_in = model.loop_input(t, e, None if h is None else model.handover(x, h))
-        x = model.run_block(t, x, h_in, rope, cache)
-        h = model.norm(x)
-        logits, gate = model.readout(h, t, rope, cache)
-        logits, gate = logits.transpose(0, 1), gate.t()  # to batch-first, like ids
-        h_batch = h.transpose(0, 1)
+        x, h_read = model.loop_input(t, e, handover)
+        step = model.end_loop(t, model.run_block(t, x, h_read, run), run)
+        handover = step.handover
+        logits, gate = step.logits.transpose(0, 1), step.gate_logits.t()  # batch-first, like ids
+        h_batch = step.h.transpose(0, 1)
         change = hidden_change(h_batch, h_prev) if watch_change else None
         h_prev = h_batch
         if observe is not None:
             observe(t, logits, gate, change)
         stop = ~decided & state.stops(t, loops, gate, change)
         out = logits if out is None else torch.where(stop[..., None], logits, out)
-        exit_step[stop] = t + 1
+        loops_used[stop] = t + 1
         if not prefill and not cache.collapsed and t < loops - 1 and stop.any():
             cache.freeze(stop, t, n)
         decided |= stop
     if cache.collapsed:
-        cache.commit(exit_step[:, 0] - 1)
+        cache.commit(loops_used[:, 0] - 1)
     cache.length += n
-    return out, exit_step
+    return out, loops_used
 
 
 @torch.no_grad()
@@ -258,7 +260,7 @@ def score(model: LoopedLM, ids: Tensor, prefill: int, loops: int, rule: ExitRule
           policy: str = "full", real: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Teacher-forced decoding of ids [B, S]: the first `prefill` tokens are prefilled, the rest
     decoded one after another (as `generate` would feed them); `real` as in `generate`. Returns
-    (logits [B, S, V] of each token's exit step, exit steps [B, S])."""
+    (logits [B, S, V] of each token's exit step, loops used [B, S])."""
     cache = LoopKVCache(policy, real)
     parts = []
     if prefill:
@@ -273,8 +275,8 @@ def score(model: LoopedLM, ids: Tensor, prefill: int, loops: int, rule: ExitRule
 class Generation:
     tokens: Tensor  # [B, prompt + new]
     logits: Tensor  # [B, new, V]: the distribution each new token was chosen from
-    exit_steps: Tensor  # [B, decoded tokens]: loop step at which each fed-in new token exited
-    loops_used: float  # mean of exit_steps (decoded tokens; the prompt runs every loop)
+    loops_used: Tensor  # [B, decoded tokens]: loops each fed-in new token ran (its exit step + 1)
+    mean_loops: float  # mean of loops_used (decoded tokens; the prompt runs every loop)
     cache_bytes_per_token: float  # keys/values kept per token and sequence at the end
 
 
@@ -334,13 +336,13 @@ def generate(
             logits, step = logits[:, -1:], step[:, -1:]
         steps.append(step)
     model.train(was_training)
-    exit_steps = torch.cat(steps, 1) if steps else torch.zeros(prompt.shape[0], 0, dtype=torch.long)
-    used = exit_steps.float().mean().item() if steps else float(loops)
-    return Generation(tokens, torch.stack(chosen, 1), exit_steps, used, cache.bytes_per_token())
+    used = torch.cat(steps, 1) if steps else torch.zeros(prompt.shape[0], 0, dtype=torch.long)
+    mean = used.float().mean().item() if steps else float(loops)
+    return Generation(tokens, torch.stack(chosen, 1), used, mean, cache.bytes_per_token())
 
 
 def readout_exit_steps(rule: ExitRule, gate_logits: Tensor, changes: Tensor | None = None) -> Tensor:
-    """The 0-based step at which `rule` exits each token when every loop has run (gate
+    """The exit step (0-based) `rule` picks for each token when every loop has run (gate
     logits [R, ...] -> [...]): validation's readout during training and the harness's
     (pretrain/downstream). Decoding also changes what later tokens attend to -- `score`
     measures that. delta rules need `changes` [R, ...] (hidden_change of each step; step 0's

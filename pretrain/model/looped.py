@@ -52,10 +52,36 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from core.model_interface import KVStore, NoKV
+from core.model_interface import KVStore, NoKV, Rope
 from pretrain.model.config import ModelConfig
 from pretrain.model.layers import Attention, DecoderLayer, RMSNorm, rms_norm, rope_tables
 from pretrain.model.memory import DeferredLogits, MemoryPolicy, plain, recomputed
+
+
+@dataclass
+class LoopPass:
+    """What the loop steps of one forward share (`LoopedLM.begin`)."""
+
+    rope: Rope  # cos, sin of the positions
+    store: KVStore  # training: NoKV; decoding: the KV cache
+    loops: int  # R of this forward (may differ from model.loops: test-time compute)
+    read_steps: range  # the loop steps (0-based) whose logits and gate are computed
+    tokens: tuple[int, int]  # (S, B): the shape of one step's gate logits
+
+
+@dataclass
+class LoopStep:
+    """The end of one loop step (`LoopedLM.end_loop`), sequence-first [S, B, ...]."""
+
+    x: Tensor  # the block's output x_t
+    h: Tensor  # the normed state h_t = N(x_t)
+    logits: Tensor | DeferredLogits | None  # None: not read out
+    gate_logits: Tensor  # [S, B]; lambda_t = sigmoid(gate_logits) (NaN: not read out)
+    handover: Tensor  # what loop step t + 1 receives: h_t, or x_t in the no-norm ablation
+
+    def stream_norm(self) -> Tensor:
+        """Mean L2 norm of x_t over tokens (detached): the FLT paper's diagnostic."""
+        return self.x.detach().float().norm(dim=-1).mean()
 
 
 @dataclass
@@ -67,6 +93,12 @@ class LoopedOutput:
     logits: list[Tensor | DeferredLogits | None]
     gate_logits: Tensor  # [R, S, B]; lambda_t = sigmoid(gate_logits[t]) (NaN: not read out)
     hidden_norm: Tensor | None = None  # [R] mean L2 norm of the block output x_t (detached)
+
+    @classmethod
+    def of(cls, steps: list[LoopStep]) -> LoopedOutput:
+        return cls(logits=[s.logits for s in steps],
+                   gate_logits=torch.stack([s.gate_logits for s in steps]),
+                   hidden_norm=torch.stack([s.stream_norm() for s in steps]))
 
 
 class LoopedLM(nn.Module):
@@ -120,17 +152,27 @@ class LoopedLM(nn.Module):
             else:
                 nn.init.normal_(p, 0.0, std)
 
-    def rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        return self.rope_cos[positions], self.rope_sin[positions]
+    # -- one forward pass, loop step by loop step (the circular pipeline runs the pieces on
+    # different stages; decoding runs them against a KV cache) -------------------------------
 
-    # -- the pieces of one loop step (the circular pipeline runs them on different stages) ---
+    def begin(self, ids: Tensor, store: KVStore | None = None, loops: int | None = None,
+              read_steps: range | None = None, start: int = 0) -> LoopPass:
+        """What every loop step of one forward over ids [B, S] shares: positions start.., the KV
+        store, the loop count (default model.loops) and the steps read out (default all)."""
+        loops = loops or self.cfg.loops
+        positions = torch.arange(start, start + ids.shape[1], device=ids.device)
+        return LoopPass(rope=(self.rope_cos[positions], self.rope_sin[positions]),
+                        store=store if store is not None else NoKV(), loops=loops,
+                        read_steps=range(loops) if read_steps is None else read_steps,
+                        tokens=(ids.shape[1], ids.shape[0]))
 
-    def embed_stream(self, ids: Tensor, rope: tuple[Tensor, Tensor], store: KVStore) -> Tensor:
+    def embed_stream(self, ids: Tensor, run: LoopPass) -> Tensor:
         """e = Prelude(Embed(ids)), ids [B, S] -> [S, B, H]."""
-        return self.run_layers("prelude", 0, self.embed(ids.t()), rope, store)
+        return self._run_layers("prelude", 0, self.embed(ids.t()), run)
 
     def loop_input(self, t: int, e: Tensor | None, h: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """(x_t, the h the layers read) for loop t (0-based) from e and h_{t-1}."""
+        """The start of loop step t: (x_t, the h_{t-1} the layers read) from e and what step
+        t - 1 handed over (`LoopStep.handover`)."""
         mode, eps = self.cfg.loop_mode, self.cfg.norm_eps
         if t == 0:
             return (e if mode == "ouro" else rms_norm(e, eps)), None
@@ -140,11 +182,11 @@ class LoopedLM(nn.Module):
             return rms_norm(e + h, eps), None
         return rms_norm(e, eps), h
 
-    def run_block(self, t: int, x: Tensor, h: Tensor | None, rope: tuple[Tensor, Tensor],
-                  store: KVStore) -> Tensor:
-        """This module's layers of the shared block on loop t; h: h_{t-1} where the mode reads it."""
+    def run_block(self, t: int, x: Tensor, h: Tensor | None, run: LoopPass) -> Tensor:
+        """This module's layers of the shared block on loop step t; h: h_{t-1} where the mode
+        reads it."""
         mode = self.cfg.loop_mode
-        call = recomputed if self.memory.recomputes_layer(t, self.cfg.loops) else plain
+        call = recomputed if self.memory.recomputes_layer(t, run.loops) else plain
         for i, layer in enumerate(self.block):
             q_input = None
             if h is not None:
@@ -152,15 +194,26 @@ class LoopedLM(nn.Module):
                     x = rms_norm(x + h, self.cfg.norm_eps)
                 elif mode == "flt" or self.layer_offset + i == 0:
                     q_input = h
-            x, k, v = call(layer, x, *rope, q_input=q_input, **store.attn_inputs("block", t, i))
-            store.save("block", t, i, k, v)
+            x, k, v = call(layer, x, *run.rope, q_input=q_input, **run.store.attn_inputs("block", t, i))
+            run.store.save("block", t, i, k, v)
         return x
 
-    def readout(self, h: Tensor, t: int, rope: tuple[Tensor, Tensor],
-                store: KVStore) -> tuple[Tensor, Tensor]:
+    def end_loop(self, t: int, x: Tensor, run: LoopPass) -> LoopStep:
+        """The end of loop step t from the block's output x_t: h_t = N(x_t), the readout if t
+        is in `run.read_steps`, and what step t + 1 receives. The only place that sequences
+        them -- training, the pipeline's last stage and decoding all call it."""
+        h = self.norm(x)
+        if t in run.read_steps:
+            logits, gate = self._readout(h, t, run)
+        else:  # not read out: no logits, NaN gate logits (the FLT objectives skip them)
+            logits, gate = None, torch.full(run.tokens, float("nan"), device=x.device)
+        return LoopStep(x=x, h=h, logits=logits, gate_logits=gate,
+                        handover=h if self.cfg.norm_between_loops else x)
+
+    def _readout(self, h: Tensor, t: int, run: LoopPass) -> tuple[Tensor | DeferredLogits, Tensor]:
         """Logits and exit-gate logit of loop step t from its state h_t = N(x_t)."""
         if self.coda:
-            h = self.norm(self.run_layers("coda", t, h, rope, store))
+            h = self.norm(self._run_layers("coda", t, h, run))
         chunk = self.memory.chunk_rows
         if chunk and self.training and torch.is_grad_enabled():
             logits = DeferredLogits(h, self.head, chunk, self.memory.seq_shards)
@@ -178,49 +231,25 @@ class LoopedLM(nn.Module):
             logits = cap * torch.tanh(logits.float() / cap)
         return logits
 
-    @staticmethod
-    def stream_norm(x: Tensor) -> Tensor:
-        """Mean L2 norm of the stream over tokens (detached): the FLT paper's diagnostic."""
-        return x.detach().float().norm(dim=-1).mean()
-
-    @staticmethod
-    def no_readout(ids: Tensor) -> tuple[None, Tensor]:
-        """A step training does not read out: no logits, NaN gate logits of shape [S, B]."""
-        return None, torch.full(ids.t().shape, float("nan"), device=ids.device)
-
-    def handover(self, x: Tensor, h: Tensor) -> Tensor:
-        """What loop t hands to loop t + 1: h_t = N(x_t), or x_t in the no-norm ablation."""
-        return h if self.cfg.norm_between_loops else x
-
-    def run_layers(self, segment: str, loop: int, x: Tensor, rope: tuple[Tensor, Tensor],
-                   store: KVStore) -> Tensor:
+    def _run_layers(self, segment: str, loop: int, x: Tensor, run: LoopPass) -> Tensor:
         """The prelude's or the coda's layers (plain layers, no loop signal)."""
         call = recomputed if self.memory.recompute == "full" else plain
         for i, layer in enumerate(getattr(self, segment)):
-            x, k, v = call(layer, x, *rope, **store.attn_inputs(segment, loop, i))
-            store.save(segment, loop, i, k, v)
+            x, k, v = call(layer, x, *run.rope, **run.store.attn_inputs(segment, loop, i))
+            run.store.save(segment, loop, i, k, v)
         return x
 
     def forward(self, input_ids: Tensor, loops: int | None = None,
-                heads: slice | None = None) -> LoopedOutput:
-        """`heads`: the loop steps read out (default all). Training objectives that score some
-        steps only skip the others' readout, as the FLT code does: their logits are None and
-        their gate logits NaN."""
-        loops = loops or self.cfg.loops
-        read = set(range(loops)[heads] if heads is not None else range(loops))
-        rope = self.rope(torch.arange(input_ids.shape[1], device=input_ids.device))
-        store = NoKV()
-        e = self.embed_stream(input_ids, rope, store)
-        h, logits, gates, norms = None, [], [], []
-        for t in range(loops):
-            x, h_in = self.loop_input(t, e, h)
-            x = self.run_block(t, x, h_in, rope, store)
-            norms.append(self.stream_norm(x))
-            h = self.norm(x)
-            carry = self.handover(x, h)
-            lg, g = self.readout(h, t, rope, store) if t in read else self.no_readout(input_ids)
-            logits.append(lg)
-            gates.append(g)
-            h = carry
-        return LoopedOutput(logits=logits, gate_logits=torch.stack(gates),
-                            hidden_norm=torch.stack(norms))
+                read_steps: range | None = None) -> LoopedOutput:
+        """Every loop step of ids [B, S]. `read_steps`: the loop steps read out (default all);
+        training objectives that score some steps only skip the others' readout, as the FLT
+        code does."""
+        run = self.begin(input_ids, loops=loops, read_steps=read_steps)
+        e = self.embed_stream(input_ids, run)
+        handover, steps = None, []
+        for t in range(run.loops):
+            x, h_read = self.loop_input(t, e, handover)
+            step = self.end_loop(t, self.run_block(t, x, h_read, run), run)
+            steps.append(step)
+            handover = step.handover
+        return LoopedOutput.of(steps)

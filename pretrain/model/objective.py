@@ -54,12 +54,11 @@ def token_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
 
 
 def per_step_ce(logits: list[Tensor | DeferredLogits | None], labels: Tensor,
-                cross_entropy=token_cross_entropy, trained: slice | None = None) -> Tensor:
+                cross_entropy=token_cross_entropy, trained: range | None = None) -> Tensor:
     """Token-level cross entropy of every loop step: [R, S, B], 0 where ignored. Steps outside
     `trained` (default: all) are measured without a graph: they are only logged. Deferred
     logits (train.loss_chunk_tokens) are scored chunk by chunk, never materialised."""
-    steps = range(len(logits))
-    keep = set(steps[trained] if trained is not None else steps)
+    keep = range(len(logits)) if trained is None else trained
     out = []
     for t, lg in enumerate(logits):
         if lg is None:  # not read out in training: no CE to log
@@ -107,7 +106,7 @@ def compute_objective(cfg: ObjectiveConfig, out: LoopedOutput, labels: Tensor,
         loss = adaptive_gate_loss(ce.detach(), out.gate_logits, cfg.gate_k, cfg.gate_gamma, mask,
                                   cfg.gate_target)
     else:
-        loss = (ce[trained].mean(0) * mask).sum() / count
+        loss = (ce[trained.start:trained.stop].mean(0) * mask).sum() / count
     with torch.no_grad():
         log_p = exit_log_probs(out.gate_logits)
         p = log_p.exp()
@@ -125,10 +124,10 @@ def compute_objective(cfg: ObjectiveConfig, out: LoopedOutput, labels: Tensor,
         )
 
 
-def trained_steps(kind: str, loops: int) -> slice:
+def trained_steps(kind: str, loops: int) -> range:
     """The loop steps (0-based) whose CE the FLT objectives train."""
-    return {"last": slice(loops - 1, loops), "all": slice(0, loops),
-            "few": slice(2 * loops // 3, loops)}[kind]
+    return {"last": range(loops - 1, loops), "all": range(loops),
+            "few": range(2 * loops // 3, loops)}[kind]
 
 
 def trains_gate(kind: str) -> bool:
@@ -136,11 +135,11 @@ def trains_gate(kind: str) -> bool:
     return kind in ("elbo", "adaptive_gate")
 
 
-def readout_steps(kind: str, loops: int) -> slice:
+def readout_steps(kind: str, loops: int) -> range:
     """The loop steps whose logits training needs: every one for the gate objectives (the
     ELBO weighs them all); the trained ones for the FLT objectives (the other steps' CE is then
     not logged during training -- `pretrain eval` measures every step)."""
-    return slice(0, loops) if trains_gate(kind) else trained_steps(kind, loops)
+    return range(loops) if trains_gate(kind) else trained_steps(kind, loops)
 
 
 def adaptive_gate_loss(ce: Tensor, gate_logits: Tensor, k: float, gamma: float, mask: Tensor,

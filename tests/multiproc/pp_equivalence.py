@@ -59,7 +59,7 @@ def one_case(topo, loops, m, kind, variant, split, sp) -> dict:
         ce = vocab_parallel_token_ce
     stage.set_memory(MemoryPolicy.of(cfg.train, topo.tp if sp else 1))
     keep_stage(stage, split, topo.pp_rank)
-    pipe = PipelineStage(stage, topo, cfg, range(loops)[readout_steps(cfg.objective.kind, loops)])
+    pipe = PipelineStage(stage, topo, cfg, readout_steps(cfg.objective.kind, loops))
     out = pipe.run(batches, kind, at_last_lap(
         lambda o, lb: compute_objective(cfg.objective, o, lb, ce or token_cross_entropy)))
     total = sum(compute_objective(cfg.objective, ref(ids), labels).loss for ids, labels in batches) / m

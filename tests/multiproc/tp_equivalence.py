@@ -45,9 +45,9 @@ def one_case(topo, loops: int, variant: str, sp: bool, memory: list[str] = ()) -
     ids = torch.randint(0, 257, (2, 16), generator=g)
     labels = torch.randint(0, 257, (2, 16), generator=g)
     labels[0, :3] = -100
-    heads = readout_steps(cfg.objective.kind, loops)
-    out_ref = ref(ids, heads=heads)
-    out_par = par(ids, heads=heads)
+    read_steps = readout_steps(cfg.objective.kind, loops)
+    out_ref = ref(ids, read_steps=read_steps)
+    out_par = par(ids, read_steps=read_steps)
     errs = {"logits": 0.0, "gate": rel(out_par.gate_logits.nan_to_num(),
                                        out_ref.gate_logits.nan_to_num()),
             "stream_rows": par.embed(ids.t()).shape[0]}  # 16 / tp under sequence parallelism

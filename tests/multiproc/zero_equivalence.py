@@ -60,8 +60,8 @@ def nan_case(topo, stage: int) -> dict:
     before = [p.detach().clone() for p in trainer.model.parameters()]
     real = trainer.model.forward
 
-    def poisoned(ids, loops=None, heads=None):
-        out = real(ids, loops, heads)
+    def poisoned(ids, loops=None, read_steps=None):
+        out = real(ids, loops, read_steps)
         if topo.dp_rank == 1:
             out.logits[-1] = out.logits[-1] * float("nan")
         return out
