@@ -1,6 +1,7 @@
 """Typed configuration from YAML: one-line errors naming the field, type coercion, dotted
-overrides. Each config section (a dataclass) lives beside the code it protects and validates
-itself there; this module only turns mappings into those dataclasses.
+overrides, and inheritance (`base: other.yaml`: a file holds its differences from another).
+Each config section (a dataclass) lives beside the code it protects and validates itself
+there; this module only turns mappings into those dataclasses.
 """
 
 from __future__ import annotations
@@ -112,22 +113,47 @@ def set_dotted(tree: dict[str, Any], override: str) -> None:
     node[parts[-1]] = value
 
 
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` on top of `base`, section by section (a list or a value replaces the base's)."""
+    out = dict(base)
+    for key, value in over.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = merge(out[key], value) if both else value
+    return out
+
+
+def _read_yaml(p: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The mapping in file `p`, with `base: other.yaml` (relative to `p`) resolved first: the
+    file holds its differences from the base."""
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found")
+    try:
+        loaded = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        line = getattr(getattr(e, "problem_mark", None), "line", None)
+        at = f" line {line + 1}" if line is not None else ""
+        raise ConfigError(f"{p}{at}: invalid YAML") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{p}: top level must be a mapping of sections")
+    tree = loaded or {}
+    base = tree.pop("base", None)
+    if base is None:
+        return tree
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{p}: base: expected a YAML file name, got {base!r}")
+    parent = (p.parent / base).resolve()
+    if parent in chain or parent == p.resolve():
+        raise ConfigError(f"{p}: base: {base} inherits from itself "
+                          f"({' -> '.join(x.name for x in (*chain, p.resolve(), parent))})")
+    if not parent.is_file():
+        raise ConfigError(f"{p}: base: {base} not found (looked for {parent})")
+    return merge(_read_yaml(parent, (*chain, p.resolve())), tree)
+
+
 def load_tree(path: str | Path | None, overrides: list[str] = ()) -> dict[str, Any]:
-    """The YAML mapping at `path` (optional) with `a.b=value` overrides applied."""
-    tree: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{p}: config file not found")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            line = getattr(getattr(e, "problem_mark", None), "line", None)
-            at = f" line {line + 1}" if line is not None else ""
-            raise ConfigError(f"{p}{at}: invalid YAML") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: top level must be a mapping of sections")
-        tree = loaded or {}
+    """The YAML mapping at `path` (optional; its `base:` chain resolved) with `a.b=value`
+    overrides applied."""
+    tree = _read_yaml(Path(path)) if path is not None else {}
     for o in overrides:
         set_dotted(tree, o)
     return tree

@@ -6,10 +6,11 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from torch import Tensor
 
 from pretrain.config import Config
 from pretrain.data import default_data, heldout_data
-from pretrain.model.generate import ExitRule, score
+from pretrain.model.generate import ExitRule, readout_exit_steps, score
 from pretrain.model.looped import LoopedLM
 from pretrain.model.objective import IGNORE_INDEX, compute_objective, per_step_ce, token_cross_entropy
 from pretrain.text import TextCodec, bits_per_byte
@@ -32,10 +33,65 @@ def heldout_batches(cfg: Config, batches: int) -> tuple[list, str, bool]:
                                                 "another sample order than training)"), False
 
 
+def heldout_sums(ce: Tensor, labels: Tensor, n_bytes: Tensor,
+                 exits: dict[str, list[tuple[Tensor, Tensor]]]) -> dict[str, Tensor]:
+    """Sums over one micro-batch's held-out tokens, the one scorer of validation and `pretrain
+    eval --data`: ce [R, S, B] per-token CE of every loop step, labels and n_bytes [S, B] (the
+    bytes of text each target stands for: text.py), and per group of exits (readout: `exit`,
+    decoded: `decoded`) one (CE at the exit [S, B], loops used [S, B]) per rule."""
+    mask = (labels != IGNORE_INDEX).double()
+    text = (n_bytes * mask > 0).double()  # EOS and padding stand for no text
+    ce = ce.double()
+    out = {"tokens": mask.sum(), "bytes": (n_bytes.double() * mask).sum(),
+           "ce": (ce * mask).sum((1, 2)), "nats": (ce * text).sum((1, 2))}
+    for group, per_rule in exits.items():
+        out[f"ce_{group}"] = _stack([(c.double() * mask).sum() for c, _ in per_rule])
+        out[f"nats_{group}"] = _stack([(c.double() * text).sum() for c, _ in per_rule])
+        out[f"loops_{group}"] = _stack([(u * mask).sum() for _, u in per_rule])
+    return out
+
+
+def sum_shapes(loops: int, rules: int, groups: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
+    """The shape of each of `heldout_sums`' entries (for ranks that hold none of them)."""
+    shapes = {"tokens": (), "bytes": (), "ce": (loops,), "nats": (loops,)}
+    for g in groups:
+        shapes |= {f"ce_{g}": (rules,), f"nats_{g}": (rules,), f"loops_{g}": (rules,)}
+    return shapes
+
+
+def _stack(xs: list[Tensor]) -> Tensor:
+    return torch.stack(xs) if xs else torch.zeros(0, dtype=torch.float64)
+
+
+def readout_exits(ce: Tensor, gate_logits: Tensor,
+                  rules: tuple[ExitRule, ...]) -> list[tuple[Tensor, Tensor]]:
+    """(CE at the exit, loops used) per rule when every loop runs and the rule picks the step
+    whose prediction counts (generate.py `readout_exit_steps`): validation's `ce_exit_*`."""
+    steps = [readout_exit_steps(rule, gate_logits) for rule in rules]
+    return [(ce.gather(0, s[None]).squeeze(0), s + 1) for s in steps]
+
+
+def heldout_metrics(sums: dict[str, Tensor], rules: tuple[ExitRule, ...]) -> dict[str, float]:
+    """Mean CE and bits per byte per loop step (`ce_step{t}`, `bpb_step{t}`, t from 1) and
+    per exit rule of each group (`ce_exit_{rule}`, `bpb_exit_{rule}`, `loops_exit_{rule}`;
+    `..._decoded_...` for decoding), from summed `heldout_sums`."""
+    tokens, n_bytes = sums["tokens"].clamp_min(1), sums["bytes"].item()
+    out = {"tokens": sums["tokens"].item(), "bytes": n_bytes}
+    for t in range(sums["ce"].shape[0]):
+        out[f"ce_step{t + 1}"] = (sums["ce"][t] / tokens).item()
+        out[f"bpb_step{t + 1}"] = bits_per_byte(sums["nats"][t].item(), n_bytes)
+    for group in [k[len("ce_"):] for k in sums if k.startswith("ce_")]:
+        for j, rule in enumerate(rules):
+            out[f"ce_{group}_{rule}"] = (sums[f"ce_{group}"][j] / tokens).item()
+            out[f"bpb_{group}_{rule}"] = bits_per_byte(sums[f"nats_{group}"][j].item(), n_bytes)
+            out[f"loops_{group}_{rule}"] = (sums[f"loops_{group}"][j] / tokens).item()
+    return out
+
+
 @torch.no_grad()
 def evaluate(cfg: Config, model: LoopedLM, batches: int) -> dict:
     """Mean objective and CE per loop step over `batches` micro-batches of held-out data
-    (`heldout_batches`; "data" says which)."""
+    (`heldout_batches`; "data" says which): the sweeps' validation loss."""
     model.eval()
     data, which, validation = heldout_batches(cfg, batches)
     loss, ce = 0.0, torch.zeros(cfg.model.loops)
@@ -51,42 +107,24 @@ def evaluate(cfg: Config, model: LoopedLM, batches: int) -> dict:
 @torch.no_grad()
 def exit_table(cfg: Config, model: LoopedLM, batches: int, rules: tuple[ExitRule, ...],
                policy: str = "full", prefill: int = 0) -> dict:
-    """Held-out CE and bits per byte per loop step (every loop run), and per exit rule the CE,
-    bits per byte and mean loops of the tokens after the first `prefill` of each sequence,
-    decoded exactly as `generate` decodes them (model/generate.py `score`: early exit, the
-    `policy` KV cache). Bits per byte: pretrain/text.py (tokens that stand for no text, EOS,
-    are left out of it).
-    Returns {"steps": [(R, ce, bpb)], "exits": [(rule, ce, bpb, mean loops)], "tokens": n,
-    "bytes": n, "data": which}."""
+    """`heldout_metrics` of the tokens after the first `prefill` of each sequence: every loop
+    step, each rule's readout exit (as validation's `ce_exit_*`) and each rule decoded exactly
+    as `generate` decodes (model/generate.py `score`: early exit, the `policy` KV cache:
+    `ce_decoded_*`), plus "data" (which data it measured) and "validation"."""
     model.eval()
     data, which, validation = heldout_batches(cfg, batches)
     codec = TextCodec.of(cfg.data.tokenizer)
-    r = cfg.model.loops
-    ce_sum = torch.zeros(r, dtype=torch.float64)
-    nats = torch.zeros(r, dtype=torch.float64)  # CE of the tokens that stand for text
-    exit_ce = torch.zeros(len(rules), dtype=torch.float64)
-    exit_nats = torch.zeros(len(rules), dtype=torch.float64)
-    exit_loops = torch.zeros(len(rules), dtype=torch.float64)
-    count, n_bytes = 0, 0
+    total: dict[str, Tensor] = {}
     for inputs, labels in data:
-        target = labels[:, prefill:]
-        keep = target != IGNORE_INDEX
-        target_bytes = codec.bytes_of(target)
-        text = (target_bytes > 0) & keep
-        steps = per_step_ce(model(inputs).logits, labels.t())[:, prefill:]  # [R, S', B]
-        ce_sum += (steps * keep.t()).sum((1, 2)).double()
-        nats += (steps * text.t()).sum((1, 2)).double()
-        for j, rule in enumerate(rules):
-            logits, used = score(model, inputs, prefill, r, rule, policy)
-            ce = token_cross_entropy(logits[:, prefill:].transpose(0, 1), target.t()).t()
-            exit_ce[j] += (ce * keep).sum().double()
-            exit_nats[j] += (ce * text).sum().double()
-            exit_loops[j] += (used[:, prefill:] * keep).sum().double()
-        count += int(keep.sum())
-        n_bytes += int(target_bytes[keep].sum())
-    return {"steps": [(t + 1, (ce_sum[t] / count).item(), bits_per_byte(nats[t].item(), n_bytes))
-                      for t in range(r)],
-            "exits": [(str(rule), (exit_ce[j] / count).item(),
-                       bits_per_byte(exit_nats[j].item(), n_bytes), (exit_loops[j] / count).item())
-                      for j, rule in enumerate(rules)], "tokens": count, "bytes": n_bytes,
-            "data": which, "validation": validation}
+        target = labels[:, prefill:].t()
+        out = model(inputs)
+        ce = per_step_ce(out.logits, labels.t())[:, prefill:]  # [R, S', B]
+        decoded = []
+        for rule in rules:
+            logits, used = score(model, inputs, prefill, cfg.model.loops, rule, policy)
+            decoded.append((token_cross_entropy(logits[:, prefill:].transpose(0, 1), target),
+                            used[:, prefill:].t()))
+        sums = heldout_sums(ce, target, codec.bytes_of(target), {
+            "exit": readout_exits(ce, out.gate_logits[:, prefill:], rules), "decoded": decoded})
+        total = {k: total[k] + v for k, v in sums.items()} if total else sums
+    return {**heldout_metrics(total, rules), "data": which, "validation": validation}

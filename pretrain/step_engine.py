@@ -155,12 +155,11 @@ class StepEngine:
         self.optimizer = update.optimizer
         self.cross_entropy, self.autocast, self.pipeline = cross_entropy, autocast, pipeline
 
-    def objective(self, out: LoopedOutput, labels: Tensor):
-        return self.objective_with(out, labels, self.cross_entropy)
-
-    def objective_with(self, out: LoopedOutput, labels: Tensor, cross_entropy):
-        """The objective with another per-token CE (validation records each step's)."""
-        return compute_objective(self.cfg.objective, out, labels, cross_entropy)
+    def objective(self, out: LoopedOutput, labels: Tensor, cross_entropy=None):
+        """The run's objective; `cross_entropy` replaces the layout's per-token CE (validation
+        records each step's)."""
+        return compute_objective(self.cfg.objective, out, labels,
+                                 cross_entropy or self.cross_entropy)
 
     def train_step(self, batches: Batches, diagnostics: bool = False) -> StepResult:
         """One optimizer step over `batches`; `diagnostics`: also the per-layer grad norms."""

@@ -125,7 +125,6 @@ class Trainer:
                                    self.topo, self.log)
         self.model, self.optimizer = self.engine.model, self.engine.optimizer
         self.data = data if data is not None else default_data(cfg, self.topo)
-        self.heldout = None  # (validation samples, text codec), opened by the first validation pass
         zero = self.engine.zero
         self.state = ShardedState(self.model, self.topo, None if zero else self.optimizer, zero)
         self._batches = None  # the data's micro-batch iterator, opened on the first step
@@ -198,6 +197,21 @@ class Trainer:
             peak_memory_gb=memory.item() / 2**30, hidden_norm=s["hidden_norm"].tolist(),
             layer_grad_norm=result.layer_grad_norms or [],
             idle_fraction=(1 - pipe.busy_s / pipe.wall_s) if pipe and pipe.wall_s > 0 else None)
+
+    # -- the surface callbacks use (callbacks/__init__.py) ------------------------------------
+    def evaluate(self, batches, readout) -> list | None:
+        """`readout(LoopedOutput, labels)` of every micro-batch under this layout, forward only
+        (None off the last pipeline stage)."""
+        return self.engine.evaluate(batches, readout)
+
+    def objective(self, out, labels, cross_entropy=None):
+        """The run's objective of a LoopedOutput (`cross_entropy`: step_engine.py)."""
+        return self.engine.objective(out, labels, cross_entropy)
+
+    @property
+    def cross_entropy(self):
+        """The layout's per-token CE (vocab-parallel under TP)."""
+        return self.engine.cross_entropy
 
     def emit(self, metrics: dict[str, float], validation: bool = False) -> None:
         """Hand metrics of the current step to every callback."""

@@ -82,3 +82,61 @@ def test_console_script_prints_no_traceback():
                          capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 2
     assert res.stderr == "pretrain: error: model.loops: must be >= 1, got -2\n"
+
+
+def test_every_shipped_config_resolves_to_its_recorded_values():
+    """The FLT grid and the Ouro stages are their differences from one base each; resolved,
+    each is exactly what it was as a whole file (tests/data/shipped_configs.json)."""
+    import json
+
+    want = json.loads((ROOT / "tests/data/shipped_configs.json").read_text())
+    shipped = sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))
+    assert shipped == sorted(want)
+    for name in shipped:
+        assert load_config(ROOT / "configs" / name).to_dict() == want[name], name
+    inheriting = [n for n in shipped if "base:" in (ROOT / "configs" / n).read_text()]
+    assert len(inheriting) >= 15
+
+
+def test_base_inherits_section_by_section_and_lists_replace(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "root.yaml").write_text(f"base: {TINY}\nmodel: {{loops: 2}}\n")
+    (tmp_path / "sub/run.yaml").write_text(
+        "base: ../root.yaml\nmodel: {hidden_size: 128}\ntrain: {eval_exits: [all]}\n")
+    cfg = load_config(tmp_path / "sub/run.yaml", ["model.num_layers=3"])
+    tiny = load_config(TINY)
+    assert (cfg.model.loops, cfg.model.hidden_size, cfg.model.num_layers) == (2, 128, 3)
+    assert cfg.model.vocab_size == tiny.model.vocab_size and cfg.optim == tiny.optim
+    assert cfg.train.eval_exits == ["all"]  # a list replaces the base's, it does not extend it
+
+
+def test_the_run_directory_holds_the_resolved_config(tmp_path):
+    (tmp_path / "run.yaml").write_text(f"base: {TINY}\nmodel: {{loops: 2}}\n")
+    assert main(["train", "--config", str(tmp_path / "run.yaml"), f"train.out_dir={tmp_path / 'r'}",
+                 f"data.paths=[{ROOT / 'data/sample.txt'}]", "data.validation=[]",
+                 "train.max_steps=1", "train.log_every=1", "optim.warmup_steps=0"]) == 0
+    written = (tmp_path / "r/config.yaml").read_text()
+    assert "base:" not in written
+    assert load_config(tmp_path / "r/config.yaml").model.loops == 2
+
+
+BAD_BASES = [
+    ("base: missing.yaml\n", "base: missing.yaml not found"),
+    ("base: [a]\n", "base: expected a YAML file name, got ['a']"),
+    ("base: run.yaml\n", "base: run.yaml inherits from itself (run.yaml -> run.yaml)"),
+]
+
+
+@pytest.mark.parametrize("text,message", BAD_BASES)
+def test_a_bad_base_is_one_line_naming_the_file(tmp_path, text, message):
+    (tmp_path / "run.yaml").write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(tmp_path / "run.yaml")
+    assert str(e.value).startswith(f"{tmp_path / 'run.yaml'}: ") and message in str(e.value)
+
+
+def test_a_base_cycle_is_named(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"inherits from itself \(a.yaml -> b.yaml -> a.yaml\)"):
+        load_config(tmp_path / "a.yaml")

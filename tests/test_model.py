@@ -139,3 +139,42 @@ def test_tiny_count_matches_module_and_flops_scale_with_loops():
     assert 1.95 < f8 / f4 <= 2.0
     six_n = 6 * count_parameters(cfg)["non_embedding"] * 4
     assert six_n < f4 < 1.5 * six_n
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_decoding_ends_every_loop_step_as_training_does(variant):
+    """Prefill (model/generate.py) and training's forward both end each loop step through
+    `end_loop`: the same per-step logits and gates for every loop mode (the handover shows in
+    steps 2 and 3, the no-norm ablation included). Same operations in the same order; the
+    tolerance covers SDPA's causal mask against the cache path's explicit one (rounding)."""
+    from pretrain.model.generate import ExitRule, LoopKVCache, forward_chunk
+
+    model = _model(*VARIANTS[variant]).eval()
+    ids = _ids(model)
+    with torch.no_grad():
+        out = model(ids)
+        seen = {}
+        forward_chunk(model, ids, LoopKVCache("full"), model.cfg.loops, ExitRule("all"),
+                      prefill=True, observe=lambda t, logits, gate, _: seen.update({t: (logits, gate)}))
+    assert sorted(seen) == list(range(model.cfg.loops))
+    for t, (logits, gate) in seen.items():
+        torch.testing.assert_close(logits, out.logits[t].transpose(0, 1), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(gate, out.gate_logits[t].t(), rtol=1e-5, atol=1e-5)
+
+
+def test_only_the_model_sequences_the_end_of_a_loop_step():
+    """The final norm and the readout are called in pretrain/model/looped.py alone: a driver
+    (training, the pipeline, decoding, evaluation) that re-sequenced norm / readout / handover
+    itself would show up here. (hf_files/ is the exported model, standalone by design.)"""
+    import re
+
+    pattern = re.compile(r"\.(norm\((?!dim)|_?readout\()")  # tensor.norm(dim=...) is torch's
+    found = []
+    for package in ("core", "parallelism", "pretrain", "data_pipeline", "slurm", "bench"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            rel = path.relative_to(ROOT).as_posix()
+            if rel == "pretrain/model/looped.py" or rel.startswith("pretrain/hf_files/"):
+                continue
+            found += [f"{rel}:{i}" for i, line in enumerate(path.read_text().splitlines(), 1)
+                      if pattern.search(line)]
+    assert found == []

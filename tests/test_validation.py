@@ -12,7 +12,7 @@ from data_pipeline.shards import Manifest, held_out, tokenize_to_shards
 from data_pipeline.stream import ShardSource
 from data_pipeline.tokenizer import load_tokenizer, train_bpe
 from pretrain.callbacks import Callback
-from pretrain.callbacks.validation import evaluate_heldout
+from pretrain.callbacks.validation import Validation
 from pretrain.cli import main
 from pretrain.data import heldout_data
 from pretrain.train import Trainer
@@ -69,7 +69,7 @@ def test_validation_equals_one_process(tmp_path, layout):
     torchrun(2, "-m", "tests.multiproc.val_equivalence", "--out", str(tmp_path / "par.json"),
              *layout)
     cfg = tiny_config(*SHAPE, out_dir=tmp_path / "ref")
-    ref = evaluate_heldout(Trainer(cfg, log=None, tensorboard=False))
+    ref = Validation(1).evaluate(Trainer(cfg, log=None, tensorboard=False))
     par = json.loads((tmp_path / "par.json").read_text())
     assert set(par) == set(ref) and ref["val/tokens"] == 1600 - 1600 % 64
     for key, value in ref.items():

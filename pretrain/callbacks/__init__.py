@@ -8,7 +8,13 @@ line (OLMo-core's Callbacks). A callback overrides what it needs:
   on_eval(trainer, step, metrics)     after a validation pass, with its "val/" metrics
   on_checkpoint(trainer, step)        after a checkpoint of `step` was started
   on_fit_end(trainer)                 after the last step (also when the run stops early)
-  state_dict() / load_state_dict(s)   saved in the checkpoint's meta under the callback's name
+  state_dict() / load_state_dict(s)   saved in the checkpoint's record under the callback's
+                                      name (Trainer.state_dict)
+
+What a callback may use of the trainer: `cfg`, `topo`, `device`, `step`, `out_dir`,
+`saved_step`; `emit(metrics)`; `save_checkpoint()`, `wait_for_checkpoint()`,
+`checkpoint_dir(step)`; `evaluate(batches, readout)`, `objective(out, labels, ce)`,
+`cross_entropy` (a forward pass under the run's layout). Nothing of its engine.
 
 A new logger is one file with a `Callback` subclass and one line in `default_callbacks`.
 """

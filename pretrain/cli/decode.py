@@ -51,15 +51,19 @@ def _eval(args: argparse.Namespace) -> int:
     cfg, model = load_model(args.checkpoint, overrides)
     table = exit_table(cfg, model, args.batches, rules, args.kv_cache, args.prefill)
     print(f"data: {table['data']}")
-    print(f"held-out tokens: {table['tokens']:,} (after a prefill of {args.prefill} per sequence), "
-          f"{table['bytes']:,} bytes of text")
+    print(f"held-out tokens: {table['tokens']:,.0f} (after a prefill of {args.prefill} per "
+          f"sequence), {table['bytes']:,.0f} bytes of text")
     print(f"{'loop step':>10} | {'CE':>7} | {'ppl':>8} | {'bpb':>6}")
-    for step, ce, bpb in table["steps"]:
-        print(f"{step:>10} | {ce:7.4f} | {math.exp(ce):8.2f} | {bpb:6.4f}")
+    for t in range(1, cfg.model.loops + 1):
+        ce = table[f"ce_step{t}"]
+        print(f"{t:>10} | {ce:7.4f} | {math.exp(ce):8.2f} | {table[f'bpb_step{t}']:6.4f}")
     print(f"{'exit rule':>10} | {'CE':>7} | {'ppl':>8} | {'bpb':>6} | loops used (of "
-          f"{cfg.model.loops}), decoded with the {args.kv_cache} KV cache")
-    for rule, ce, bpb, used in table["exits"]:
-        print(f"{rule:>10} | {ce:7.4f} | {math.exp(ce):8.2f} | {bpb:6.4f} | {used:.2f}")
+          f"{cfg.model.loops}) | decoded with the {args.kv_cache} KV cache: CE, bpb, loops used")
+    for rule in map(str, rules):
+        ce = table[f"ce_exit_{rule}"]
+        print(f"{rule:>10} | {ce:7.4f} | {math.exp(ce):8.2f} | {table[f'bpb_exit_{rule}']:6.4f} | "
+              f"{table[f'loops_exit_{rule}']:.2f} | {table[f'ce_decoded_{rule}']:7.4f} | "
+              f"{table[f'bpb_decoded_{rule}']:6.4f} | {table[f'loops_decoded_{rule}']:.2f}")
     return 0
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from parallelism.topology import init_topology
-from pretrain.callbacks.validation import evaluate_heldout
+from pretrain.callbacks.validation import Validation
 from pretrain.train import Trainer
 from tests.conftest import tiny_config
 from tests.multiproc.compare import finish
@@ -23,7 +23,7 @@ def main() -> None:
     cfg = tiny_config(*SHAPE, *args.overrides, out_dir=f"{args.out}.run")
     topo = init_topology(cfg)
     trainer = Trainer(cfg, topology=topo, log=None, tensorboard=False)
-    finish(topo, evaluate_heldout(trainer), args.out)
+    finish(topo, Validation(1).evaluate(trainer), args.out)
 
 
 if __name__ == "__main__":
