@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test test-fast lint bench clean
 
 $(STAMP): setup.cfg pyproject.toml
 	python3 -m venv $(VENV)
@@ -39,6 +39,10 @@ lint: install
 
 test: install lint
 	$(PY) -m pytest -q -rs
+
+# the edit-run loop: every in-process test (no torchrun, SLURM or training subprocess)
+test-fast: install lint
+	$(PY) -m pytest -q -rs -m "not multiproc and not slurm and not slow"
 
 bench: install
 	$(PY) bench/overhead.py

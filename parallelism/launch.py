@@ -31,9 +31,10 @@ class Launch:
     master_port: int = 29500
 
 
-def _free_port() -> int:
+def free_port(host: str = "") -> int:
+    """A TCP port free on `host` now (the OS picks it: not predictable, not in use)."""
     with socket.socket() as s:
-        s.bind(("", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
@@ -74,7 +75,7 @@ def discover() -> Launch:
 
         comm = MPI.COMM_WORLD
         local = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
-        addr, port = comm.bcast((socket.gethostname(), _free_port()) if comm.Get_rank() == 0
+        addr, port = comm.bcast((socket.gethostname(), free_port()) if comm.Get_rank() == 0
                                 else None, root=0)
         return Launch("mpi", comm.Get_rank(), comm.Get_size(), local,
                       env.get("MASTER_ADDR", addr), int(env.get("MASTER_PORT", port)))

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import warnings
 
 import torch
@@ -27,6 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from core.config_schema import require
+from parallelism.launch import free_port
 from parallelism.topology import Topology
 
 
@@ -117,18 +117,12 @@ def build_zero_engine(model: nn.Module, groups: list[dict], cfg, topo: Topology,
         # topology.shutdown destroys it with the rest
         os.environ.setdefault("LOCAL_RANK", "0")
         dist.init_process_group("nccl" if topo.device.type == "cuda" else "gloo",
-                                init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
+                                init_method=f"tcp://127.0.0.1:{free_port('127.0.0.1')}", rank=0,
                                 world_size=1)
     engine, *_ = _deepspeed().initialize(model=model, model_parameters=groups, config=config,
                                          mpu=TopologyMpu(topo),
                                          dist_init_required=False)
     return engine
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def optimizer_state_bytes(engine) -> int:

@@ -24,7 +24,7 @@ from pretrain.cli import main
 from pretrain.status import losses_by_step
 from pretrain.train import Trainer
 from tests.conftest import ROOT, VARIANTS, tiny_config
-from tests.distributed import free_port, torchrun
+from tests.distributed import child_env, free_port, torchrun
 
 # 8 steps, checkpoints at 4 and 8; vocab 260 so TP=2 splits it
 SHORT = ["model.vocab_size=260", "train.max_steps=8", "optim.warmup_steps=2",
@@ -154,7 +154,7 @@ def test_convert_consolidates_and_refuses_other_layouts(tmp_path, capsys):
 # ---- subprocesses: kill -9, signals, crashes -----------------------------------------------
 
 def _popen(out: Path, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env = child_env()
     return subprocess.Popen([sys.executable, "-m", "pretrain.cli", *_train_cli(out, *extra)],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
@@ -181,6 +181,7 @@ def long_losses(tmp_path_factory) -> dict[int, float]:
     return losses_by_step(out)
 
 
+@pytest.mark.multiproc
 def test_kill_9_then_resume_gives_the_uninterrupted_losses(tmp_path, long_losses):
     kill_at = random.Random().randint(7, 45)  # a random step; printed on failure
     run = _popen(tmp_path / "run", *LONG)
@@ -195,6 +196,7 @@ def test_kill_9_then_resume_gives_the_uninterrupted_losses(tmp_path, long_losses
     assert losses_by_step(tmp_path / "run") == long_losses, f"killed at {kill_at}"
 
 
+@pytest.mark.multiproc
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=["USR1", "TERM"])
 def test_a_signal_checkpoints_exits_75_and_resumes_exactly(tmp_path, sig, long_losses):
     run = _popen(tmp_path / "run", *LONG)
@@ -210,6 +212,7 @@ def test_a_signal_checkpoints_exits_75_and_resumes_exactly(tmp_path, sig, long_l
     assert losses_by_step(tmp_path / "run") == long_losses
 
 
+@pytest.mark.multiproc
 def test_a_term_after_the_agreed_preemption_leaves_exit_75():
     """srun --kill-on-bad-exit sends TERM to the other ranks as soon as one exits 75; one that
     is still leaving must exit 75 too, not die of the TERM (143: the job would not requeue)."""
@@ -231,11 +234,12 @@ def _children(pid: int) -> list[int]:
     return [int(x) for x in kids.read_text().split()] if kids.exists() else []
 
 
+@pytest.mark.multiproc
 def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
            f"--master_port={free_port()}", "-m", "pretrain.cli",
            *_train_cli(tmp_path / "run", *LONG, "parallel.data=2", "train.micro_batch_size=16")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env = child_env()
     launcher = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
     _wait_for_step(launcher, tmp_path / "run", 8)
@@ -262,7 +266,7 @@ def _layout_run(tmp_path: Path, name: str, nproc: int, *extra: str) -> dict:
     if nproc > 1:
         torchrun(nproc, *args)
     else:
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+        env = child_env()
         subprocess.run([sys.executable, *args], cwd=ROOT, env=env, check=True,
                        capture_output=True)
     res = json.loads(out.read_text())
@@ -279,6 +283,7 @@ LAYOUTS = {  # name: (processes, overrides); each keeps the global batch at 16 s
 }
 
 
+@pytest.mark.multiproc
 @pytest.mark.parametrize("layout", ["dp2", "tp2", "pp2", "zero1_dp2"])
 def test_resume_under_one_process_reshards_exactly(tmp_path, layout):
     nproc, overrides = LAYOUTS[layout]
@@ -295,6 +300,7 @@ def test_resume_under_one_process_reshards_exactly(tmp_path, layout):
         assert all(torch.equal(weights[k], reference[k]) for k in reference)
 
 
+@pytest.mark.multiproc
 def test_one_process_checkpoint_resumes_under_tp2_pp2_dp2_and_dp4(tmp_path):
     full = _layout_run(tmp_path, "full", 1, "train.micro_batch_size=16")
     ckpt = tmp_path / "full/checkpoints/step_0000004"
@@ -307,6 +313,7 @@ def test_one_process_checkpoint_resumes_under_tp2_pp2_dp2_and_dp4(tmp_path):
             assert abs(full["losses"][step] - loss) <= 1e-5 * abs(loss), (name, step)
 
 
+@pytest.mark.multiproc
 def test_a_crash_mid_save_leaves_the_previous_checkpoint(tmp_path):
     overrides = LAYOUTS["tp2"][1]
     ref = _layout_run(tmp_path, "ref", 2, *overrides)
@@ -321,6 +328,7 @@ def test_a_crash_mid_save_leaves_the_previous_checkpoint(tmp_path):
     assert resumed["losses"] == {k: v for k, v in ref["losses"].items() if int(k) > 4}
 
 
+@pytest.mark.multiproc
 def test_a_signal_to_the_whole_process_group_spares_the_data_workers(tmp_path):
     """SLURM signals every process of a step, DataLoader workers included: they must survive
     it, so the trainer can checkpoint and exit 75 instead of failing on a lost worker."""
@@ -336,7 +344,7 @@ def test_a_signal_to_the_whole_process_group_spares_the_data_workers(tmp_path):
               "data.prefetch=1", *LONG, "train.micro_batch_size=2", "train.grad_accum_steps=16"]
     ref = _popen(tmp_path / "ref", *shards)
     assert ref.wait(300) == 0, ref.communicate()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env = child_env()
     run = subprocess.Popen([sys.executable, "-m", "pretrain.cli", *_train_cli(tmp_path / "run",
                                                                                *shards)],
                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -75,6 +75,7 @@ def test_overrides_types_and_floats():
     assert cfg.optim.lr == 3e-4 and cfg.model.loops == 5 and cfg.model.loop_mode == "flt"
 
 
+@pytest.mark.multiproc
 def test_console_script_prints_no_traceback():
     script = ROOT / ".venv/bin/pretrain"
     cmd = [str(script)] if script.exists() else [sys.executable, "-m", "pretrain.cli"]

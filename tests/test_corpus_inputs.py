@@ -139,6 +139,7 @@ def test_bad_columnar_input_is_named_or_counted(corpus, tmp_path, name, message)
     assert m.skipped == {"documents": skipped} and m.documents == 3
 
 
+@pytest.mark.multiproc
 def test_bad_parquet_from_the_cli_is_one_line_exit_2(corpus, tmp_path):
     _write_bad_parquet(tmp_path)
     p = subprocess.run([sys.executable, "-m", "pretrain.cli", "data", "tokenize", "--input",

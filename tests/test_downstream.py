@@ -165,6 +165,7 @@ def test_multiple_choice_accuracy_is_the_hand_computed_one(run):
     assert re.search(r"^gate:0.5 +local_mc +[\d.]+ \([\d.]+\) +[\d.]+ \([\d.]+\)$", table, re.M)
 
 
+@pytest.mark.multiproc
 def test_data_parallel_evaluation_equals_one_process(run):
     tasks = f"{run['root'] / 'mc.yaml'},{run['root'] / 'gen.yaml'}"
     assert main(_eval(run, "one", "--tasks", tasks, "--loops", "2", "3", "--exit", "all",

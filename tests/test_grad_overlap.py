@@ -15,6 +15,7 @@ from tests.conftest import ROOT
 from tests.distributed import free_port, torchrun
 
 
+@pytest.mark.multiproc
 @pytest.mark.parametrize("world", [2, 4], ids=["dp2", "pp2xdp2"])
 def test_overlapped_reduction_is_bit_identical(world, tmp_path):
     """DP = 2 (and PP = 2 x DP = 2, where the shared block's gradient is complete only after

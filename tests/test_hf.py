@@ -58,6 +58,7 @@ def test_variants_without_ouro_names_are_refused(tmp_path):
         export(ckpt, tmp_path / "hf")
 
 
+@pytest.mark.multiproc
 def test_export_from_tp2_pp2_equals_export_from_the_consolidated_checkpoint(tmp_path):
     run = tmp_path / "run"
     torchrun(4, "-m", "tests.multiproc.ckpt_run", "--out", str(tmp_path / "r.json"),
@@ -72,6 +73,7 @@ def test_export_from_tp2_pp2_equals_export_from_the_consolidated_checkpoint(tmp_
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.multiproc
 def test_eval_and_generate_on_a_demo_checkpoint(tmp_path, capsys):
     """The demo's path in small: BPE + shards, TP=2 training, then eval and generate."""
     data = tmp_path / "data"
@@ -133,6 +135,7 @@ def _load_without_our_code(hf_dir, ids, tmp_path, transformers5: bool) -> dict:
     return torch.load(out, weights_only=True)
 
 
+@pytest.mark.multiproc
 @pytest.mark.parametrize("transformers5", [False, True], ids=["transformers4.56", "transformers5"])
 @pytest.mark.parametrize("tied,kv", [(False, 4), (True, 2)], ids=["untied-mha", "tied-gqa"])
 def test_exported_model_loads_in_transformers_and_equals_ours_at_every_loop(

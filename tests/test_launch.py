@@ -13,7 +13,7 @@ import pytest
 
 from parallelism.launch import discover, first_slurm_host
 from tests.conftest import ROOT
-from tests.distributed import free_port, torchrun
+from tests.distributed import child_env, free_port, torchrun
 
 TRAIN = ["-m", "pretrain.cli", "train", "--config", str(ROOT / "configs/tiny.yaml"),
          f"data.paths=[{ROOT / 'data/sample.txt'}]", "parallel.data=2", "train.micro_batch_size=8",
@@ -46,10 +46,11 @@ def test_discover_reads_each_launcher(monkeypatch):
     assert first_slurm_host("node001,node002") == "node001"
 
 
+@pytest.mark.multiproc
 def test_torchrun_and_mpirun_give_identical_losses(tmp_path):
     a = torchrun(2, *TRAIN, f"train.out_dir={tmp_path / 'torchrun'}").stdout
     mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env = child_env()
     env = {k: v for k, v in env.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
     res = subprocess.run([mpiexec, "-n", "2", sys.executable, *TRAIN,
                           f"train.out_dir={tmp_path / 'mpi'}"], cwd=ROOT, capture_output=True,
@@ -59,14 +60,14 @@ def test_torchrun_and_mpirun_give_identical_losses(tmp_path):
     assert _losses(a) == _losses(res.stdout)
 
 
+@pytest.mark.multiproc
 @pytest.mark.parametrize("victim", [1, 0])
 def test_a_killed_rank_makes_the_others_exit_within_60s(tmp_path, victim):
     port = free_port()
     procs = []
     for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
-               "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1"}
+        env = child_env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
+                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONUNBUFFERED="1")
         procs.append(subprocess.Popen(
             [sys.executable, *TRAIN, "train.max_steps=100000", "parallel.peer_timeout_s=10",
              f"train.out_dir={tmp_path / str(rank)}"], cwd=ROOT, env=env,

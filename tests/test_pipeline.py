@@ -24,6 +24,7 @@ def results(request, tmp_path_factory):
     return tp, json.loads(out.read_text())
 
 
+@pytest.mark.multiproc
 def test_gradients_and_loss_equal_single_process(results):
     """Every case (Ouro: R in {1,2,4}, m in {1,2,4,8}, 1F1B and GPipe, splits [2,1] and [1,2];
     lt_i, lt_ia, FLT with its recipe, flt_res at R = 3) on every rank: each parameter's
@@ -42,6 +43,7 @@ def test_gradients_and_loss_equal_single_process(results):
     assert checked == len(ranks) * (len(cases(tp)) - errors) and checked > 0
 
 
+@pytest.mark.multiproc
 def test_ring_bytes_per_loop_mode(results):
     """What crosses the ring, counted. Per microbatch, stage 0 sends x on every lap -- with
     h_t-1 too on laps > 1 for flt / flt_res, whose every layer reads it -- and the gradients of
@@ -64,6 +66,7 @@ def test_ring_bytes_per_loop_mode(results):
     assert checked > 0
 
 
+@pytest.mark.multiproc
 def test_1f1b_memory_bound_and_gpipe_growth(results):
     _, ranks = results
     for res in ranks:
@@ -77,6 +80,7 @@ def test_1f1b_memory_bound_and_gpipe_growth(results):
     assert gpipe["R2-m4-gpipe-ouro-21"] > gpipe["R2-m2-gpipe-ouro-21"] > 0  # grows with m
 
 
+@pytest.mark.multiproc
 def test_incompatible_microbatches_are_rejected(results):
     tp, ranks = results
     errors = {c: r["config_error"] for c, r in ranks[0].items() if "config_error" in r}
@@ -88,6 +92,7 @@ def test_incompatible_microbatches_are_rejected(results):
         assert err.startswith("train.grad_accum_steps: 1 microbatches do not fit the interleaved")
 
 
+@pytest.mark.multiproc
 def test_ten_optimizer_steps_reproduce_the_loss_curve(results):
     _, ranks = results
     for loops in (1, 3):

@@ -19,6 +19,8 @@ from slurm.submit import job_state
 from tests.conftest import ROOT
 from tests.distributed import torchrun
 
+pytestmark = pytest.mark.slurm
+
 DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}
 RUN = ["configs/tiny.yaml", "train.log_every=10", "parallel.data=2", "train.micro_batch_size=8"]
 

@@ -25,6 +25,7 @@ def results(request, tmp_path_factory):
     return request.param, json.loads(out.read_text())
 
 
+@pytest.mark.multiproc
 @pytest.mark.parametrize("case", CASES)
 def test_forward_backward_equal_single_process(results, case):
     tp, res = results
@@ -35,6 +36,7 @@ def test_forward_backward_equal_single_process(results, case):
     assert r["stream_rows"] == (16 // tp if "-sp1" in case else 16)
 
 
+@pytest.mark.multiproc
 @pytest.mark.parametrize("sp", [0, 1])
 def test_five_optimizer_steps_match(results, sp):
     _, res = results
@@ -70,6 +72,7 @@ def _adamw_reach(optim, steps: int) -> float:
         for t in range(1, steps + 1))
 
 
+@pytest.mark.multiproc
 def test_pretrain_train_under_torchrun_tp_and_dp(tmp_path):
     """`pretrain train` under torchrun: TP=2 (+SP), DP=2 and PP=2 train the single-process
     model (checkpoints consolidated from the shards / stages).

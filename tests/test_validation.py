@@ -64,6 +64,7 @@ def test_heldout_rank_batches_cover_the_same_samples_on_any_layout():
     assert len(rows(one)) == 20
 
 
+@pytest.mark.multiproc
 @pytest.mark.parametrize("layout", [["parallel.data=2"], ["parallel.pipeline=2"]])
 def test_validation_equals_one_process(tmp_path, layout):
     torchrun(2, "-m", "tests.multiproc.val_equivalence", "--out", str(tmp_path / "par.json"),

@@ -21,6 +21,7 @@ def results(request, tmp_path_factory):
     return layout, json.loads(out.read_text())
 
 
+@pytest.mark.multiproc
 def test_five_steps_equal_unsharded_adamw(results):
     layout, res = results
     assert sorted(res) == (["zero1"] if layout == "pp" else ["zero1", "zero2"])
@@ -33,6 +34,7 @@ def test_five_steps_equal_unsharded_adamw(results):
         assert r["param_abs_err"] < 1e-5, stage  # ...exactly as unsharded AdamW
 
 
+@pytest.mark.multiproc
 def test_optimizer_state_is_sharded_over_data_parallel_ranks(results):
     _, res = results
     for r in res.values():
@@ -54,6 +56,7 @@ def test_bad_zero_settings(overrides, message, capsys, tmp_path):
     assert capsys.readouterr().err == f"pretrain: error: {message}\n"
 
 
+@pytest.mark.multiproc
 @pytest.mark.parametrize("stage", [1, 2])
 def test_non_finite_step_is_skipped_on_every_rank_and_counted(stage, tmp_path):
     """A NaN loss on one data-parallel rank only: DeepSpeed skips the update on both ranks,
