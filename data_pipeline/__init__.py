@@ -1,1 +1,2 @@
-"""Tokenisation to webdataset shards, streaming loading, mixtures and resumable state (to come)."""
+"""Tokenisation to webdataset shards (one process or a SLURM job array), streaming loading,
+weighted mixtures and resumable state."""

@@ -1,12 +1,21 @@
-"""Named statistics as every rank sees them, in one collective.
+"""Metrics by name, each with how it reduces across ranks, reduced in one collective.
 
-The values live on the last pipeline stage (other stages pass None); TP ranks hold copies, so
-only TP rank 0 of the last stage contributes, and one all-reduce over the whole job sums the
-data-parallel replicas. `mean` divides by their count (logging averages); sums stay sums
-(validation: CE summed over tokens, and the token count).
+The trainer, validation and the pipeline `record` values under the names every output uses
+("train/loss", "loop/ce_step" per loop step, "val/...": see the callbacks); `reduce` turns
+them into what every rank logs with one all-gather:
+
+  mean  over the ranks that hold the value -- the last pipeline stage's TP rank 0 of each
+        data-parallel replica (TP ranks hold copies; other stages record None)
+  sum   the same ranks' values added (validation's CE x tokens, token and skip counts)
+  max   over every rank that holds it (peak memory, and values every rank holds alike)
+
+A per-loop-step vector is recorded once (`steps=True`) and logged as name1 .. nameR (loop
+steps count from 1 in names, from 0 in code).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -14,20 +23,77 @@ from torch import Tensor
 
 from parallelism.topology import Topology
 
+REDUCTIONS = ("mean", "sum", "max")
 
-def reduce_named(named: dict[str, Tensor] | None, shapes: dict[str, tuple[int, ...]],
-                 topo: Topology, mean: bool) -> dict[str, Tensor]:
-    """`named` (key -> tensor of `shapes[key]`) reduced over replicas, on every rank."""
-    sizes = [int(torch.Size(shape).numel()) for shape in shapes.values()]
-    contributes = named is not None and topo.tp_rank == 0
-    if contributes:
-        flat = torch.cat([named[k].detach().reshape(-1).to(topo.device, torch.float64)
-                          for k in shapes])
-    else:
-        flat = torch.zeros(sum(sizes), dtype=torch.float64, device=topo.device)
-    if topo.world > 1:
-        dist.all_reduce(flat)
-    if mean:
-        flat /= topo.dp
-    return {k: v.view(shape) for (k, shape), v in zip(shapes.items(), flat.split(sizes),
-                                                      strict=True)}
+
+@dataclass
+class _Entry:
+    value: Tensor | None  # None: this rank does not hold it
+    how: str
+    shape: tuple[int, ...]
+    steps: bool  # a per-loop-step vector, logged as name1 .. nameR
+
+
+class Metrics:
+    """The named values of one log interval (or one validation pass) on this rank. Every rank
+    records the same names in the same order, with None where it holds no value."""
+
+    def __init__(self):
+        self._entries: dict[str, _Entry] = {}
+
+    def record(self, name: str, value: Tensor | float | None, how: str = "mean",
+               shape: tuple[int, ...] = (), steps: bool = False) -> None:
+        if how not in REDUCTIONS:
+            raise ValueError(f"metric {name}: reduction {how!r} is not one of {REDUCTIONS}")
+        if value is not None:
+            value = torch.as_tensor(value).detach().double().reshape(shape)
+        self._entries[name] = _Entry(value, how, shape, steps)
+
+    def reduce(self, topo: Topology) -> dict[str, Tensor]:
+        """Every recorded name -> its reduced value (a tensor of its shape), on every rank."""
+        mine = self.local(topo).to(topo.device)
+        if topo.world == 1:
+            return self.combine(mine[None].cpu())
+        parts = [torch.empty_like(mine) for _ in range(topo.world)]
+        dist.all_gather(parts, mine)
+        return self.combine(torch.stack(parts).cpu())
+
+    def _sizes(self) -> list[int]:
+        return [int(torch.Size(e.shape).numel()) for e in self._entries.values()]
+
+    def local(self, topo: Topology) -> Tensor:
+        """What this rank contributes: every value (0 where it holds none), then per value
+        whether it counts (1 / 0) -- one float64 vector, the same length on every rank."""
+        values, counts = [], []
+        for e, n in zip(self._entries.values(), self._sizes(), strict=True):
+            here = e.value is not None and (e.how == "max" or topo.tp_rank == 0)
+            values.append(e.value.reshape(-1) if here else torch.zeros(n, dtype=torch.float64))
+            counts.append(torch.full((n,), float(here), dtype=torch.float64))
+        return torch.cat(values + counts)
+
+    def combine(self, every: Tensor) -> dict[str, Tensor]:
+        """The reduced values from every rank's `local` vector (rows of `every`)."""
+        sizes = self._sizes()
+        total = sum(sizes)
+        rows = zip(self._entries.items(), every[:, :total].split(sizes, 1),
+                   (every[:, total:] > 0).split(sizes, 1), strict=True)
+        out = {}
+        for (name, e), v, counts in rows:
+            if e.how == "max":
+                r = v.masked_fill(~counts, float("-inf")).max(0).values
+            else:
+                r = (v * counts).sum(0)
+                if e.how == "mean":
+                    r = r / counts.sum(0).clamp_min(1)
+            out[name] = r.view(e.shape)
+        return out
+
+    def named(self, reduced: dict[str, Tensor]) -> dict[str, float]:
+        """`reduce`'s result as the flat names the outputs log (per-step vectors expanded)."""
+        out = {}
+        for name, value in reduced.items():
+            if self._entries[name].steps:
+                out |= {f"{name}{t + 1}": v for t, v in enumerate(value.tolist())}
+            else:
+                out[name] = value.item()
+        return out

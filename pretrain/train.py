@@ -18,14 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from parallelism.sharded_state import ShardedState
-from parallelism.stats import reduce_named
+from parallelism.stats import Metrics
 from parallelism.topology import Topology, init_topology
 from pretrain import __version__
-from pretrain.callbacks import Callback, default_callbacks
+from pretrain.callbacks import Callback, Logged, default_callbacks
 from pretrain.callbacks.checkpointing import Checkpointing
 from pretrain.checkpoint import store
 from pretrain.checkpoint.checkpointer import Checkpointer
@@ -46,65 +45,33 @@ class TrainingDiverged(RuntimeError):
 
 
 @dataclass
-class StepStats:
-    """One log interval, as every rank sees it (averaged over data-parallel replicas)."""
-
-    step: int
-    loss: float
-    ce: list[float]
-    exit_prob: list[float]
-    gate: list[float]
-    expected_loops: float
-    entropy: float
-    lr: float
-    grad_norm: float
-    tokens_per_s: float
-    skipped: int  # optimizer steps skipped for a non-finite loss or gradient
-    data_skips: int  # samples masked out because their shard was unreadable (on_error: skip)
-    mfu: float = 0.0  # model FLOPs / (time x peak FLOP/s of every device)
-    peak_memory_gb: float = 0.0  # the largest peak over all ranks
-    hidden_norm: list[float] = field(default_factory=list)  # mean |x_t| per loop (FLT's plot)
-    layer_grad_norm: list[float] = field(default_factory=list)  # per shared-block layer
-    idle_fraction: float | None = None  # pipeline: this rank's share of the step spent waiting
-
-    def metrics(self) -> dict[str, float]:
-        """The flat names every output uses."""
-        m = {f"train/{k}": getattr(self, k) for k in (
-            "loss", "expected_loops", "lr", "grad_norm", "tokens_per_s", "mfu", "peak_memory_gb")}
-        m |= {"train/gate_entropy": self.entropy, "train/skipped_steps": self.skipped,
-              "data/skipped_samples": self.data_skips}
-        for t, (c, p, g, hn) in enumerate(zip(self.ce, self.exit_prob, self.gate,
-                                              self.hidden_norm, strict=True), start=1):
-            m |= {f"loop/ce_step{t}": c, f"loop/exit_prob_step{t}": p, f"loop/gate_step{t}": g,
-                  f"loop/hidden_norm_step{t}": hn}
-        m |= {f"grad_norm/block_layer{i}": g for i, g in enumerate(self.layer_grad_norm)}
-        if self.idle_fraction is not None:
-            m["pipeline/idle_fraction"] = self.idle_fraction
-        return m
-
-
-@dataclass
 class RunSummary:
     steps: int
     final_loss: float
     skipped_steps: int
     checkpoint: Path | None
     tensorboard_dir: Path
-    history: list[StepStats] = field(default_factory=list)
+    history: list[dict[str, float]] = field(default_factory=list)  # "step" + the logged names
 
 
-def summary_table(history: list[StepStats], tokens_per_step: int) -> str:
+def summary_table(history: list[dict[str, float]], tokens_per_step: int, loops: int) -> str:
     """The end-of-run table: what the run did, on average and at its end."""
     last = history[-1]
     n = len(history)
-    rows = [("steps", f"{last.step:,}"), ("tokens", f"{last.step * tokens_per_step:,}"),
-            ("final loss", f"{last.loss:.4f}"),
-            ("CE per loop step", " ".join(f"{c:.3f}" for c in last.ce)),
-            ("E[loops]", f"{last.expected_loops:.2f}"),
-            ("tokens/s (mean)", f"{sum(s.tokens_per_s for s in history) / n:,.0f}"),
-            ("MFU (mean)", f"{100 * sum(s.mfu for s in history) / n:.1f}%"),
-            ("peak memory / rank", f"{max(s.peak_memory_gb for s in history):.2f} GB"),
-            ("skipped steps", str(last.skipped)), ("skipped samples", str(last.data_skips))]
+
+    def mean(name: str) -> float:
+        return sum(h[name] for h in history) / n
+
+    rows = [("steps", f"{last['step']:,}"), ("tokens", f"{last['step'] * tokens_per_step:,}"),
+            ("final loss", f"{last['train/loss']:.4f}"),
+            ("CE per loop step", " ".join(f"{last[f'loop/ce_step{t}']:.3f}"
+                                          for t in range(1, loops + 1))),
+            ("E[loops]", f"{last['train/expected_loops']:.2f}"),
+            ("tokens/s (mean)", f"{mean('train/tokens_per_s'):,.0f}"),
+            ("MFU (mean)", f"{100 * mean('train/mfu'):.1f}%"),
+            ("peak memory / rank", f"{max(h['train/peak_memory_gb'] for h in history):.2f} GB"),
+            ("skipped steps", f"{last['train/skipped_steps']:.0f}"),
+            ("skipped samples", f"{last['data/skipped_samples']:.0f}")]
     width = max(len(k) for k, _ in rows)
     return "\n".join(["summary"] + [f"  {k:<{width}}  {v}" for k, v in rows])
 
@@ -138,7 +105,7 @@ class Trainer:
         self.step = 0
         self.skipped = 0
         self.bad_streak = 0
-        self.history: list[StepStats] = []
+        self.history: list[dict[str, float]] = []
 
     @property
     def tokens_per_step(self) -> int:
@@ -171,32 +138,34 @@ class Trainer:
         t = self.cfg.train
         return (self.step + 1) % t.log_every == 0 or self.step + 1 == t.max_steps
 
-    def _stats(self, result, tokens_per_s: float) -> StepStats:
-        """Statistics of the step (from the last pipeline stage), averaged over DP replicas."""
-        r, out = self.cfg.model.loops, result.out
-        shapes = {"loss": (), "ce": (r,), "exit_prob": (r,), "gate": (r,), "hidden_norm": (r,),
-                  "expected_loops": (), "entropy": ()}
-        mine = None if out is None else {"loss": result.loss, "ce": out.ce,
-                                         "exit_prob": out.exit_prob, "gate": out.gate,
-                                         "hidden_norm": out.hidden_norm,
-                                         "expected_loops": out.expected_loops,
-                                         "entropy": out.entropy}
-        s = reduce_named(mine, shapes, self.topo, mean=True)
-        memory = torch.tensor([float(peak_memory_bytes(self.device))], device=self.device)
-        if self.topo.world > 1:
-            dist.all_reduce(memory, op=dist.ReduceOp.MAX)
+    def _step_metrics(self, result, tokens_per_s: float) -> dict[str, float]:
+        """The step's metrics by name (parallelism/stats.py), reduced in one collective: the
+        objective's on the last pipeline stage (None elsewhere), the rest on every rank."""
+        out, r, m = result.out, self.cfg.model.loops, Metrics()
+        m.record("train/loss", None if out is None else result.loss)
+        m.record("train/expected_loops", None if out is None else out.expected_loops)
+        m.record("train/gate_entropy", None if out is None else out.entropy)
+        for name, field_ in (("ce", "ce"), ("exit_prob", "exit_prob"), ("gate", "gate"),
+                             ("hidden_norm", "hidden_norm")):
+            m.record(f"loop/{name}_step", None if out is None else getattr(out, field_),
+                     shape=(r,), steps=True)
+        # data skips: each replica's own samples, counted once per replica (the last stage)
+        m.record("data/skipped_samples",
+                 None if out is None else getattr(self.data, "skipped_samples", 0), "sum")
+        m.record("train/peak_memory_gb", peak_memory_bytes(self.device) / 2**30, "max")
+        # the same on every rank (the norm is global, ranks skip together): max keeps it
+        m.record("train/lr", lr_at(self.cfg.optim, self.step - 1, self.cfg.train.max_steps), "max")
+        m.record("train/grad_norm", result.grad_norm, "max")
+        m.record("train/tokens_per_s", tokens_per_s, "max")
+        m.record("train/mfu", self.flops_per_token * tokens_per_s / self.peak_flops, "max")
+        m.record("train/skipped_steps", self.skipped, "max")
+        for i, g in enumerate(result.layer_grad_norms or []):
+            m.record(f"grad_norm/block_layer{i}", g, "max")
         pipe = self.engine.pipeline
-        return StepStats(
-            step=self.step, loss=s["loss"].item(), ce=s["ce"].tolist(),
-            exit_prob=s["exit_prob"].tolist(), gate=s["gate"].tolist(),
-            expected_loops=s["expected_loops"].item(), entropy=s["entropy"].item(),
-            lr=lr_at(self.cfg.optim, self.step - 1, self.cfg.train.max_steps),
-            grad_norm=result.grad_norm.item(), tokens_per_s=tokens_per_s, skipped=self.skipped,
-            data_skips=getattr(self.data, "skipped_samples", 0),
-            mfu=self.flops_per_token * tokens_per_s / self.peak_flops,
-            peak_memory_gb=memory.item() / 2**30, hidden_norm=s["hidden_norm"].tolist(),
-            layer_grad_norm=result.layer_grad_norms or [],
-            idle_fraction=(1 - pipe.busy_s / pipe.wall_s) if pipe and pipe.wall_s > 0 else None)
+        if pipe is not None:  # every stage's share of the step spent waiting, averaged
+            m.record("pipeline/idle_fraction",
+                     1 - pipe.busy_s / pipe.wall_s if pipe.wall_s > 0 else 0.0)
+        return m.named(m.reduce(self.topo))
 
     # -- the surface callbacks use (callbacks/__init__.py) ------------------------------------
     def evaluate(self, batches, readout) -> list | None:
@@ -213,12 +182,14 @@ class Trainer:
         """The layout's per-token CE (vocab-parallel under TP)."""
         return self.engine.cross_entropy
 
-    def emit(self, metrics: dict[str, float], validation: bool = False) -> None:
-        """Hand metrics of the current step to every callback."""
+    def emit(self, metrics: dict[str, float], kind: str = "train") -> None:
+        """Hand metrics of the current step to every callback, as `Logged` of `kind` (train,
+        validation, downstream); validation's also to on_eval."""
+        logged = Logged(metrics, kind)
         for cb in self.callbacks:
-            cb.on_log(self, self.step, metrics)
-            if validation:
-                cb.on_eval(self, self.step, metrics)
+            cb.on_log(self, self.step, logged)
+            if kind == "validation":
+                cb.on_eval(self, self.step, logged)
 
     def state_dict(self) -> dict:
         """What a resumed run needs that no tensor holds: the step, the skip counters, the
@@ -298,10 +269,10 @@ class Trainer:
                 result = self.train_step()
                 done += 1
                 if self.step % t.log_every == 0 or self.step == t.max_steps:
-                    stats = self._stats(result, done * self.tokens_per_step
-                                        / max(time.perf_counter() - tick, 1e-9))
-                    self.history.append(stats)
-                    self.emit(stats.metrics())
+                    metrics = self._step_metrics(result, done * self.tokens_per_step
+                                                 / max(time.perf_counter() - tick, 1e-9))
+                    self.history.append({"step": self.step, **metrics})
+                    self.emit(metrics)
                     tick, done = time.perf_counter(), 0
                 for cb in self.callbacks:
                     cb.on_step_end(self)
@@ -312,7 +283,7 @@ class Trainer:
             self.checkpointer.close()
         history = self.history
         if history:
-            self.log(summary_table(history, self.tokens_per_step))
-        final = history[-1].loss if history else float("nan")
+            self.log(summary_table(history, self.tokens_per_step, self.cfg.model.loops))
+        final = history[-1]["train/loss"] if history else float("nan")
         return RunSummary(self.step, final, self.skipped, ckpt, self.out_dir / "tensorboard",
                           history)

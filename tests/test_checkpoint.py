@@ -37,7 +37,7 @@ def _trainer(out: Path, *overrides: str) -> Trainer:
 
 
 def _losses(summary) -> dict[int, float]:
-    return {s.step: s.loss for s in summary.history}
+    return {s["step"]: s["train/loss"] for s in summary.history}
 
 
 MODE_RESUMES = {f"mode-{v}": VARIANTS[v] for v in ("lt", "lt_i", "lt_ia", "flt_res")}
@@ -382,7 +382,7 @@ def test_grow_duplicates_layers_and_resumes(tmp_path, order, capsys):
         cfg.train, max_steps=2, out_dir=str(tmp_path / "run2"))), log=lambda _: None,
         tensorboard=False)
     trainer.resume(str(tmp_path / "grown"))
-    assert trainer.step == 0 and trainer.fit(save=False).history[-1].loss < 10
+    assert trainer.step == 0 and trainer.fit(save=False).history[-1]["train/loss"] < 10
 
 
 @pytest.mark.parametrize("layers,message", [

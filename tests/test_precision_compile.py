@@ -20,7 +20,7 @@ BF16_CURVE_TOLERANCE = 0.01  # relative, the mean of the last 10 steps
 
 def _losses(*overrides: str) -> list[float]:
     cfg = tiny_config("train.log_every=1", "train.out_dir=/tmp/precision", *overrides)
-    return [s.loss for s in Trainer(cfg, log=None, tensorboard=False).fit(save=False).history]
+    return [s["train/loss"] for s in Trainer(cfg, log=None, tensorboard=False).fit(save=False).history]
 
 
 def test_bf16_autocast_follows_fp32_for_50_steps():

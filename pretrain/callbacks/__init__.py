@@ -3,8 +3,10 @@ line (OLMo-core's Callbacks). A callback overrides what it needs:
 
   on_fit_start(trainer)               before the first step
   on_step_end(trainer)                after every optimizer step (trainer.step is its count)
-  on_log(trainer, step, metrics)      every metric dict: training ("train/", "loop/",
-                                      "grad_norm/", "data/", "pipeline/") and validation ("val/")
+  on_log(trainer, step, metrics)      every metric dict, a `Logged`: its `kind` says whose
+                                      (train, validation, downstream); names from the one
+                                      registry (parallelism/stats.py) -- "train/", "loop/",
+                                      "grad_norm/", "data/", "pipeline/", "val/", "downstream/"
   on_eval(trainer, step, metrics)     after a validation pass, with its "val/" metrics
   on_checkpoint(trainer, step)        after a checkpoint of `step` was started
   on_fit_end(trainer)                 after the last step (also when the run stops early)
@@ -20,6 +22,14 @@ A new logger is one file with a `Callback` subclass and one line in `default_cal
 """
 
 from __future__ import annotations
+
+
+class Logged(dict):
+    """Metrics by name (a dict, as every logger writes them) and the `kind` that emitted them."""
+
+    def __init__(self, metrics: dict[str, float], kind: str):
+        super().__init__(metrics)
+        self.kind = kind
 
 
 class Callback:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from pretrain.callbacks import Callback
+from pretrain.model.generate import ExitRule
 
 
 def _duration(seconds: float) -> str:
@@ -24,20 +25,20 @@ class Console(Callback):
     def on_fit_start(self, trainer) -> None:
         self.start, self.first_step = time.perf_counter(), trainer.step
 
-    def on_log(self, trainer, step: int, m: dict[str, float]) -> None:
+    def on_log(self, trainer, step: int, m) -> None:
         if not trainer.topo.is_main:
             return
-        if "val/loss" in m:
-            exits = " ".join(f"{k[len('val/ce_exit_'):]} {v:.3f}" for k, v in m.items()
-                             if k.startswith("val/ce_exit_"))
+        if m.kind == "validation":
+            exits = " ".join(f"{rule} {m[f'val/ce_exit_{rule}']:.3f}" for rule in
+                             map(str, map(ExitRule.parse, trainer.cfg.train.eval_exits)))
             self.log(f"step {step:>6} | val loss {m['val/loss']:.4f} | val ce/loop "
                      f"{_per_step(m, 'val/ce_step', trainer)} | exit ce {exits}")
-            return
-        if any(k.startswith("downstream/") for k in m):
-            self.log(f"step {step:>6} | downstream " + " | ".join(
-                f"{k[len('downstream/'):]} {v:.4f}" for k, v in m.items()
-                if not k.endswith("/mean_loops")))
-            return
+        elif m.kind == "downstream":
+            self.log(f"step {step:>6} | downstream " + " | ".join(f"{k} {v:.4f}" for k, v in m.items()))
+        else:
+            self._train_line(trainer, step, m)
+
+    def _train_line(self, trainer, step: int, m) -> None:
         done = step - self.first_step
         left = (time.perf_counter() - self.start) / max(done, 1) * (trainer.cfg.train.max_steps - step)
         self.log(f"step {step:>6}/{trainer.cfg.train.max_steps} | loss {m['train/loss']:.4f} | "

@@ -38,7 +38,7 @@ class Downstream(Callback):
         trainer.wait_for_checkpoint()
         if dist.is_initialized():
             dist.barrier()  # rank 0 seals the checkpoint
-        trainer.emit(self.evaluate(trainer, trainer.checkpoint_dir(trainer.step)))
+        trainer.emit(self.evaluate(trainer, trainer.checkpoint_dir(trainer.step)), kind="downstream")
 
     def evaluate(self, trainer, path) -> dict[str, float]:
         from pretrain.checkpoint.offline import load_model

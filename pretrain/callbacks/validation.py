@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from parallelism.stats import reduce_named
+from parallelism.stats import Metrics
 from pretrain.callbacks import Callback
 from pretrain.data import heldout_data
 from pretrain.evaluate import heldout_metrics, heldout_sums, readout_exits, sum_shapes
@@ -55,7 +55,7 @@ class Validation(Callback):
         if trainer.step % self.every == 0 or trainer.step == trainer.cfg.train.max_steps:
             metrics = self.evaluate(trainer)
             self.best = min(self.best, metrics["val/loss"])
-            trainer.emit(metrics, validation=True)
+            trainer.emit(metrics, kind="validation")
 
     def evaluate(self, trainer) -> dict[str, float]:
         """One validation pass under the trainer's layout; the val/ metrics on every rank."""
@@ -69,8 +69,10 @@ class Validation(Callback):
         results = trainer.evaluate([tuple(x.to(trainer.device) for x in b) for b in batches],
                                    validation_sums(trainer, rules, codec))
         mine = None if results is None else {k: sum(r[k] for r in results) for k in results[0]}
-        shapes = {**sum_shapes(cfg.model.loops, len(rules), GROUPS), "loss": ()}
-        total = reduce_named(mine, shapes, topo, mean=False)
+        sums = Metrics()  # held by the last stage; summed over the data-parallel replicas
+        for name, shape in {**sum_shapes(cfg.model.loops, len(rules), GROUPS), "loss": ()}.items():
+            sums.record(name, None if mine is None else mine[name], "sum", shape)
+        total = sums.reduce(topo)
         scored = heldout_metrics({k: v for k, v in total.items() if k != "loss"}, rules)
         metrics = {"val/loss": (total["loss"] / total["tokens"].clamp_min(1)).item(),
                    "val/bpb": scored[f"bpb_step{cfg.model.loops}"]}

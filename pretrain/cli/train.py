@@ -50,7 +50,7 @@ def _train(args: argparse.Namespace) -> int:
         print(f"pretrain: error: {why}", file=sys.stderr)
         return EXIT_PEER_LOST
     shutdown(trainer.topo)
-    first = summary.history[0].loss if summary.history else float("nan")
+    first = summary.history[0]["train/loss"] if summary.history else float("nan")
     say(f"done: {summary.steps} steps, loss {first:.4f} -> {summary.final_loss:.4f}, "
         f"{summary.skipped_steps} skipped")
     say(f"TensorBoard logs: {summary.tensorboard_dir}  (tensorboard --logdir {summary.tensorboard_dir})")

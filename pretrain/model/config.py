@@ -30,7 +30,7 @@ class ModelConfig:
     # Fully Looped Transformer paper's FLT / FLT_res and its baselines LT, LT_i, LT_ia
     loop_mode: Literal["ouro", "lt", "lt_i", "lt_ia", "flt", "flt_res"] = "ouro"
     # False (an ablation, not a published model): ouro mode carries the raw stream x_t into the
-    # next loop and norms only the readout -- this framework's loop before it matched the release
+    # next loop and norms only the readout
     norm_between_loops: bool = True
     qk_norm: bool = False  # FLT recipe: weightless RMSNorm of queries and keys after RoPE
     norm_weights: bool = True  # False: RMSNorm without a learned scale (FLT recipe)

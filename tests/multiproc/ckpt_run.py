@@ -59,7 +59,7 @@ def main() -> None:
     if trainer.topo.rank == 0:
         torch.save(weights, args.out + ".pt")
         with open(args.out, "w") as fh:
-            json.dump({"losses": {s.step: s.loss for s in summary.history},
+            json.dump({"losses": {s["step"]: s["train/loss"] for s in summary.history},
                        "checkpoint": str(summary.checkpoint)}, fh)
     shutdown(trainer.topo)
 

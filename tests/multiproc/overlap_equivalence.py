@@ -38,7 +38,7 @@ def run(topo, cfg):
     reducer.finish = counting
     summary = trainer.fit(save=False)
     state = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    return [s.loss for s in summary.history], state, len(reducer.buckets), launched
+    return [s["train/loss"] for s in summary.history], state, len(reducer.buckets), launched
 
 
 def main() -> None:

@@ -93,8 +93,8 @@ def training_case(topo, loops: int) -> dict:
                   topology=topo, log=lambda _: None, tensorboard=False).fit(save=False)
     ref = Trainer(tiny_config(*base), topology=Topology(), log=lambda _: None,
                   tensorboard=False).fit(save=False)
-    return {"losses_par": [s.loss for s in par.history],
-            "losses_ref": [s.loss for s in ref.history]}
+    return {"losses_par": [s["train/loss"] for s in par.history],
+            "losses_ref": [s["train/loss"] for s in ref.history]}
 
 
 def cases(tp: int) -> list[tuple]:

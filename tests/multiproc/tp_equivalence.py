@@ -91,9 +91,10 @@ def training_case(topo, sp: bool) -> dict:
     par = Trainer(cfg_par, topology=topo, log=lambda _: None, tensorboard=False).fit(save=False)
     ref = Trainer(cfg_ref, topology=Topology(), log=lambda _: None,
                   tensorboard=False).fit(save=False)
-    return {"losses_par": [s.loss for s in par.history], "losses_ref": [s.loss for s in ref.history],
-            "gnorm_par": [s.grad_norm for s in par.history],
-            "gnorm_ref": [s.grad_norm for s in ref.history]}
+    return {"losses_par": [s["train/loss"] for s in par.history],
+            "losses_ref": [s["train/loss"] for s in ref.history],
+            "gnorm_par": [s["train/grad_norm"] for s in par.history],
+            "gnorm_ref": [s["train/grad_norm"] for s in ref.history]}
 
 
 def main() -> None:

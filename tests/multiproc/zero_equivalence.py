@@ -44,11 +44,12 @@ def run(topo, layout: list[str], stage: int) -> dict:
     param_err = max((state[k] - v).abs().max().item() for k, v in want.items())
     moved = max((v - ref.initial[k]).abs().max().item() for k, v in want.items())
     local = sum(p.numel() for p in par.model.parameters())
-    return {"losses": [s.loss for s in hist], "ref_losses": [s.loss for s in ref_hist],
+    return {"losses": [s["train/loss"] for s in hist], "ref_losses": [s["train/loss"] for s in ref_hist],
             "param_abs_err": param_err, "param_moved": moved,
             "state_bytes": optimizer_state_bytes(par.engine.zero),
             "unsharded_bytes": 2 * 4 * local, "dp": dp,
-            "gnorm": [s.grad_norm for s in hist], "ref_gnorm": [s.grad_norm for s in ref_hist]}
+            "gnorm": [s["train/grad_norm"] for s in hist],
+            "ref_gnorm": [s["train/grad_norm"] for s in ref_hist]}
 
 
 def nan_case(topo, stage: int) -> dict:
