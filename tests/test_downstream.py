@@ -151,6 +151,8 @@ def test_multiple_choice_accuracy_is_the_hand_computed_one(run):
             wrapper.use(loops, ExitRule.parse(rule))
             got = wrapper.loglikelihood([Instance("loglikelihood", {}, p, i, metadata=("t", i, 1))
                                          for i, p in enumerate(pairs)])
+            # log-probabilities summed over a few tokens, the hand path at another batch
+            # shape: fp32 rounding of log_softmax over the vocabulary, ~1e-6 per token
             assert [g[0] for g in got] == pytest.approx([h[0] for h in hand], abs=1e-4)
             correct = sum(max(range(4), key=lambda k: hand[4 * i + k][0]) == doc["label"]
                           for i, doc in enumerate(run["mc"]))
@@ -246,11 +248,12 @@ def test_exported_model_through_lm_evals_hf_type_scores_as_our_wrapper(run, monk
     b = [s["filtered_resps"] for s in theirs["samples"]["local_mc"]]
     assert len(a) == 20
     for x, y in zip(a, b, strict=True):
+        # transformers runs the exported model (another module structure, same fp32 math)
         assert [float(v[0]) for v in x] == pytest.approx([float(v[0]) for v in y], abs=1e-4)
     # loglikelihood_rolling, one text longer than the context (several windows)
     a = [float(s["filtered_resps"][0]) for s in ours["samples"]["local_ppl"]]
     b = [float(s["filtered_resps"][0]) for s in theirs["samples"]["local_ppl"]]
-    assert a == pytest.approx(b, abs=1e-3) and len(a) == 2
+    assert a == pytest.approx(b, abs=1e-3) and len(a) == 2  # sums over ~100s of tokens
     for metric in ("word_perplexity,none", "bits_per_byte,none"):
         assert ours["results"]["local_ppl"][metric] == pytest.approx(
             theirs["results"]["local_ppl"][metric], rel=1e-5)
@@ -305,7 +308,7 @@ def test_rolling_loglikelihood_is_the_sum_over_the_text(run):
     lm = LoopedHarnessLM(model, codec, cfg.model.loops)
     (got,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0,
                                                 metadata=("t", 0, 1))])
-    assert got == pytest.approx(want, abs=1e-4)
+    assert got == pytest.approx(want, abs=1e-4)  # one forward vs the harness's batches: rounding
     assert lm.loops_used["t"] == [3.0 * (len(ids) - 1), len(ids) - 1]
 
 

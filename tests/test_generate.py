@@ -50,6 +50,8 @@ def test_kv_cache_equals_full_recompute(variant, loops):
     with torch.no_grad():
         for i in range(12):
             last = model(tokens).logits[-1][-1]
+            # the KV cache's attention sums in another order than the full forward: fp32
+            # rounding (~1e-6 relative) through R loops of layers
             torch.testing.assert_close(gen.logits[:, i], last, rtol=1e-5, atol=1e-5)
             tokens = torch.cat((tokens, last.argmax(-1, keepdim=True)), 1)
     assert torch.equal(gen.tokens, tokens)
@@ -83,6 +85,8 @@ def test_early_exit_cache_equals_recompute(variant, policy):
     assert len(set(cached.loops_used.flatten().tolist())) > 1
     assert torch.equal(cached.tokens, full.tokens)
     assert torch.equal(cached.loops_used, full.loops_used)
+    # the same function through the KV cache: cached keys and SDPA's causal mask against an
+    # explicit one sum in another order -- fp32 rounding (~1e-6) through R loops of layers
     torch.testing.assert_close(cached.logits, full.logits, rtol=1e-5, atol=1e-5)
 
 
@@ -100,6 +104,8 @@ def test_test_time_loops_can_exceed_training(trained):
     assert gen.mean_loops == 5
     with torch.no_grad():
         want = trained(gen.tokens[:, :5], loops=5).logits[-1][-1]
+    # the same function through the KV cache: cached keys and SDPA's causal mask against an
+    # explicit one sum in another order -- fp32 rounding (~1e-6) through R loops of layers
     torch.testing.assert_close(gen.logits[:, 0], want, rtol=1e-5, atol=1e-5)
 
 
@@ -149,6 +155,8 @@ def test_left_padded_batch_decodes_each_prompt_as_alone(variant, policy):
         alone = generate(model, x[None], 8, rule=rule, kv_cache=policy)
         assert torch.equal(got.tokens[i, 9:], alone.tokens[0, len(x):]), i
         assert torch.equal(got.loops_used[i], alone.loops_used[0]), i
+        # padding adds exact-zero softmax terms, but every matmul runs at another batch shape
+        # (other BLAS blocking): fp32 rounding ~1e-5 on logits of size ~10, over 8 tokens
         torch.testing.assert_close(got.logits[i], alone.logits[0], rtol=1e-4, atol=1e-4)
     again = generate(model, ids, 8, rule=rule, kv_cache=policy, real=real, use_cache=False)
     assert torch.equal(again.tokens, got.tokens)
@@ -231,6 +239,8 @@ def test_eval_scoring_and_generate_agree_on_every_exit_step(rule, policy):
                    generator=torch.Generator().manual_seed(6))
     logits, steps = score(model, gen.tokens, 6, 4, ExitRule.parse(rule), policy)
     assert torch.equal(steps[:, 6:-1], gen.loops_used)
+    # the same function through the KV cache: cached keys and SDPA's causal mask against an
+    # explicit one sum in another order -- fp32 rounding (~1e-6) through R loops of layers
     torch.testing.assert_close(logits[:, 5:-1], gen.logits, rtol=1e-5, atol=1e-5)
     if rule == "fixed:2":
         assert (gen.loops_used == 2).all()

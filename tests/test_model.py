@@ -28,6 +28,8 @@ def test_r1_equals_plain_transformer(variant):
     out = model(ids)
     ref_logits, ref_gate = reference_forward(model, ids)
     assert len(out.logits) == 1
+    # tests/reference.py restates the equations with other operations (explicit softmax
+    # attention, its own norms): fp32 rounding, ~1e-6 relative through R loops
     torch.testing.assert_close(out.logits[0], ref_logits[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.gate_logits, ref_gate, rtol=1e-5, atol=1e-5)
 
@@ -42,6 +44,8 @@ def test_every_loop_step_matches_reference(variant, loops):
     out = model(ids)
     ref_logits, ref_gate = reference_forward(model, ids)
     assert len(out.logits) == loops
+    # tests/reference.py restates the equations with other operations (explicit softmax
+    # attention, its own norms): fp32 rounding, ~1e-6 relative through R loops
     for got, want in zip(out.logits, ref_logits, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.gate_logits, ref_gate, rtol=1e-5, atol=1e-5)

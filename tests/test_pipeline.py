@@ -99,6 +99,8 @@ def test_ten_optimizer_steps_reproduce_the_loss_curve(results):
         r = ranks[0][f"train-R{loops}"]
         assert len(r["losses_par"]) == 10
         for a, b in zip(r["losses_par"], r["losses_ref"], strict=True):
+            # losses are means over every token: the stages' fp32 rounding (compare.py) stays
+            # ~1e-7 relative; a weight AdamW moved differently has a ~zero gradient
             assert a == pytest.approx(b, rel=1e-5)
 
 

@@ -26,12 +26,12 @@ def test_five_steps_equal_unsharded_adamw(results):
     layout, res = results
     assert sorted(res) == (["zero1"] if layout == "pp" else ["zero1", "zero2"])
     for stage, r in res.items():
-        for a, b in zip(r["losses"], r["ref_losses"], strict=True):
-            assert a == pytest.approx(b, rel=1e-5), stage
+        for a, b in zip(r["losses"], r["ref_losses"], strict=True):  # compare.py: losses are
+            assert a == pytest.approx(b, rel=1e-5), stage  # means, stable under rounding
         for a, b in zip(r["gnorm"], r["ref_gnorm"], strict=True):  # clipping saw the same norm
             assert a == pytest.approx(b, rel=1e-5), stage
         assert r["param_moved"] > 1e-4  # the optimizer did move the weights...
-        assert r["param_abs_err"] < 1e-5, stage  # ...exactly as unsharded AdamW
+        assert r["param_mismatch"] == [], stage  # ...as unsharded AdamW (compare.py)
 
 
 @pytest.mark.multiproc

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import torch
 import torch.distributed as dist
@@ -13,6 +14,30 @@ from parallelism.topology import shutdown
 # that cancel (a bias gradient summed over every token differs by ~1e-8 between summation
 # orders in fp32, however small the sum itself is)
 GRAD_RTOL, GRAD_ATOL = 1e-5, 1e-7
+
+
+def adamw_reach(lr: float, beta1: float, beta2: float, steps: int) -> float:
+    """The most AdamW moves one weight in `steps` steps at peak lr `lr` (weight decay aside):
+    by Cauchy-Schwarz |m_hat / sqrt(v_hat)| at step t is at most
+    (1 - b1) / (1 - b1^t) * sqrt((1 - b2^t) / (1 - b2) * sum_{k<t} (b1^2 / b2)^k), whatever
+    the gradients. Two layouts whose gradient of a weight sits at the rounding level of zero
+    can move it in opposite directions: its weights may differ by twice this."""
+    return lr * sum((1 - beta1) / (1 - beta1 ** t) * math.sqrt(
+        (1 - beta2 ** t) / (1 - beta2) * sum((beta1 * beta1 / beta2) ** k for k in range(t)))
+        for t in range(1, steps + 1))
+
+
+def weights_match(got: torch.Tensor, want: torch.Tensor, reach: float) -> str | None:
+    """Weights after AdamW steps under another layout: all but 0.1% of the elements at rtol
+    1e-4 / atol 1e-5 (a wrong update or shard order fails in most of them), every element
+    within twice AdamW's reach (`adamw_reach`). None, or what is wrong."""
+    diff = (got - want).abs()
+    off = (diff > 1e-5 + 1e-4 * want.abs()).float().mean().item()
+    if off > 1e-3:
+        return f"{off:.2%} of the elements differ"
+    if diff.max().item() > 2 * reach:
+        return f"an element differs by {diff.max().item():.3g} > 2 x AdamW's reach {reach:.3g}"
+    return None
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
