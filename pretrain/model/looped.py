@@ -39,6 +39,12 @@ last / every / the last third of the loops (`objective.kind`), and the gate is l
 What training keeps for backward (activation recompute, a deferred chunked readout) is the
 `MemoryPolicy` set by `set_memory` (model/memory.py); it changes no value.
 
+One loop step is three methods, called in this order by every driver (training's `forward`,
+the circular pipeline, decoding): `loop_input` (x_t from e and what step t - 1 handed over),
+`run_block` (this module's slice of the block) and `end_loop` (norm, readout or none, handover).
+A loop mode lives in `loop_input` and `run_block` alone. The equations above count steps from
+1 as the papers do; code counts them from 0 (metric names from 1: `loop/ce_step1` is t = 0).
+
 The model holds no process-group logic. `layer_offset` is the index of `block[0]` in the whole
 shared block: the circular pipeline keeps a slice of the layers on each stage, and lt_ia needs
 to know which layer is the first.
