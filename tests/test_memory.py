@@ -105,3 +105,24 @@ def test_planner_predicts_saved_bytes(variant, policy):
     reads = len(readout_steps(cfg.objective.kind, 4))
     predicted = saved_bytes(cfg, 3, pol, read_count=reads)
     assert abs(predicted / c.bytes - 1) < 0.10, (predicted, c.bytes)
+
+
+def test_recompute_follows_the_loop_count_the_forward_was_called_with():
+    """`recompute: loops` keeps the last k loops of the forward at hand: a model configured
+    for 4 loops called with loops=2 keeps exactly what a 2-loop model keeps (reading the
+    configured count, it would recompute both of them)."""
+    four, two = (tiny_config("model.loops=4"), tiny_config("model.loops=2"))
+    ids, labels = _batch(four)
+    policy = MemoryPolicy("loops", 1)
+    counted = []
+    for cfg, loops in ((four, 2), (two, None)):
+        model = LoopedLM(cfg.model)
+        model.set_memory(policy)
+        with SavedForBackward(model.parameters()) as c:
+            compute_objective(cfg.objective, model(ids, loops=loops), labels)
+        counted.append(c.bytes)
+    assert counted[0] == counted[1]
+    none = LoopedLM(two.model)
+    with SavedForBackward(none.parameters()) as c:
+        compute_objective(two.objective, none(ids), labels)
+    assert counted[1] < c.bytes  # loop 1 of 2 is recomputed: the check can tell
