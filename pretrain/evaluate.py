@@ -88,19 +88,41 @@ def heldout_metrics(sums: dict[str, Tensor], rules: tuple[ExitRule, ...]) -> dic
     return out
 
 
+def scored_sums(objective, cross_entropy, rules: tuple[ExitRule, ...], codec: TextCodec):
+    """A readout (LoopedOutput, labels [B, S]) -> `heldout_sums` with the readout exits, plus
+    the objective summed over the tokens ("loss"): each step's per-token CE is computed once,
+    by the objective, with `cross_entropy` (vocab-parallel under TP)."""
+    def readout(out, labels: Tensor) -> dict[str, Tensor]:
+        ces: list[Tensor] = []
+
+        def recording(logits, target):
+            ces.append(cross_entropy(logits, target))
+            return ces[-1]
+
+        result = objective(out, labels, recording)
+        ce, target = torch.stack(ces), labels.t()
+        sums = heldout_sums(ce, target, codec.bytes_of(target),
+                            {"exit": readout_exits(ce, out.gate_logits, rules)})
+        return {**sums, "loss": result.loss.double() * sums["tokens"]}
+    return readout
+
+
 @torch.no_grad()
 def evaluate(cfg: Config, model: LoopedLM, batches: int) -> dict:
-    """Mean objective and CE per loop step over `batches` micro-batches of held-out data
-    (`heldout_batches`; "data" says which): the sweeps' validation loss."""
+    """The objective and CE per loop step over `batches` micro-batches of held-out data
+    (`heldout_batches`; "data" says which), token-weighted: the sweeps' validation loss."""
     model.eval()
     data, which, validation = heldout_batches(cfg, batches)
-    loss, ce = 0.0, torch.zeros(cfg.model.loops)
+    readout = scored_sums(lambda out, labels, ce: compute_objective(cfg.objective, out, labels, ce),
+                          token_cross_entropy, (), TextCodec.of(cfg.data.tokenizer))
+    total: dict[str, Tensor] = {}
     for inputs, labels in data:
-        out = compute_objective(cfg.objective, model(inputs), labels, token_cross_entropy)
-        loss += out.loss.item() / batches
-        ce += out.ce.detach() / batches
-    return {"loss": loss, "ce_per_step": ce.tolist(), "ce_final": ce[-1].item(),
-            "tokens": batches * cfg.train.micro_batch_size * cfg.train.seq_len, "data": which,
+        sums = readout(model(inputs), labels)
+        total = {k: total[k] + v for k, v in sums.items()} if total else sums
+    scored = heldout_metrics({k: v for k, v in total.items() if k != "loss"}, ())
+    steps = [scored[f"ce_step{t}"] for t in range(1, cfg.model.loops + 1)]
+    return {"loss": (total["loss"] / total["tokens"].clamp_min(1)).item(), "ce_per_step": steps,
+            "ce_final": steps[-1], "tokens": int(scored["tokens"]), "data": which,
             "validation": validation}
 
 

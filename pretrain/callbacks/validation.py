@@ -12,35 +12,14 @@ shares.
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
-
 from parallelism.stats import Metrics
 from pretrain.callbacks import Callback
 from pretrain.data import heldout_data
-from pretrain.evaluate import heldout_metrics, heldout_sums, readout_exits, sum_shapes
+from pretrain.evaluate import heldout_metrics, scored_sums, sum_shapes
 from pretrain.model.generate import ExitRule
 from pretrain.text import TextCodec
 
 GROUPS = ("exit",)  # readout exits only: decoding needs the whole model on one process
-
-
-def validation_sums(trainer, rules: tuple[ExitRule, ...], codec: TextCodec):
-    """A readout (LoopedOutput, labels) -> the scorer's sums over this micro-batch's tokens,
-    plus the objective summed over them."""
-    def readout(out, labels: Tensor) -> dict[str, Tensor]:
-        ces: list[Tensor] = []
-
-        def recording(logits, target):  # each step's per-token CE, computed once
-            ces.append(trainer.cross_entropy(logits, target))
-            return ces[-1]
-
-        result = trainer.objective(out, labels, recording)
-        ce, target = torch.stack(ces), labels.t()
-        sums = heldout_sums(ce, target, codec.bytes_of(target),
-                            {"exit": readout_exits(ce, out.gate_logits, rules)})
-        return {**sums, "loss": result.loss.double() * sums["tokens"]}
-    return readout
 
 
 class Validation(Callback):
@@ -67,7 +46,7 @@ class Validation(Callback):
         batches = heldout.rank_batches(cfg.train.eval_tokens, cfg.train.micro_batch_size,
                                        topo.dp_rank, topo.dp)
         results = trainer.evaluate([tuple(x.to(trainer.device) for x in b) for b in batches],
-                                   validation_sums(trainer, rules, codec))
+                                   scored_sums(trainer.objective, trainer.cross_entropy, rules, codec))
         mine = None if results is None else {k: sum(r[k] for r in results) for k in results[0]}
         sums = Metrics()  # held by the last stage; summed over the data-parallel replicas
         for name, shape in {**sum_shapes(cfg.model.loops, len(rules), GROUPS), "loss": ()}.items():
