@@ -145,10 +145,9 @@ class Trainer:
         m.record("train/loss", None if out is None else result.loss)
         m.record("train/expected_loops", None if out is None else out.expected_loops)
         m.record("train/gate_entropy", None if out is None else out.entropy)
-        for name, field_ in (("ce", "ce"), ("exit_prob", "exit_prob"), ("gate", "gate"),
-                             ("hidden_norm", "hidden_norm")):
-            m.record(f"loop/{name}_step", None if out is None else getattr(out, field_),
-                     shape=(r,), steps=True)
+        for name in ("ce", "exit_prob", "gate", "hidden_norm"):  # ObjectiveOutput's [R] fields
+            m.record(f"loop/{name}_step", None if out is None else getattr(out, name), shape=(r,),
+                     steps=True)
         # data skips: each replica's own samples, counted once per replica (the last stage)
         m.record("data/skipped_samples",
                  None if out is None else getattr(self.data, "skipped_samples", 0), "sum")
