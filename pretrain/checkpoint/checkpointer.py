@@ -22,6 +22,7 @@ from torch.distributed.tensor import DTensor
 
 from parallelism.topology import Topology
 from pretrain.checkpoint import store
+from pretrain.checkpoint.metadata import SafeReader
 
 Entries = dict[str, torch.Tensor]
 # single-process saves and loads (no_dist) are what we ask for; DCP warns that it assumes them
@@ -113,7 +114,7 @@ class Checkpointer:
         if errors:
             raise store.CheckpointError(errors[0])
         try:
-            dcp.load(entries, storage_reader=dcp.FileSystemReader(path),
+            dcp.load(entries, storage_reader=SafeReader(path),
                      process_group=self.group, no_dist=not self.distributed)
         except Exception as e:  # DCP wraps per-rank failures; keep it to one line
             first = str(e).strip().splitlines()

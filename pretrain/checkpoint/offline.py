@@ -9,13 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from parallelism.sharded_state import ShardedState
 from parallelism.topology import Topology
 from pretrain.checkpoint import store
 from pretrain.checkpoint.checkpointer import Checkpointer
+from pretrain.checkpoint.metadata import read_metadata
 from pretrain.checkpoint.record import fresh_trainer_state, make_record
 from pretrain.config import Config, dump_config, load_config
 from pretrain.model.looped import LoopedLM
@@ -23,10 +23,7 @@ from pretrain.model.looped import LoopedLM
 
 def saved_metadata(path: Path) -> dict[str, TensorStorageMetadata]:
     """Name -> global shape and dtype of every tensor entry in a checkpoint."""
-    try:
-        md = dcp.FileSystemReader(path).read_metadata()
-    except Exception as e:
-        raise store.CheckpointError(f"{path / '.metadata'}: unreadable ({e})") from None
+    md = read_metadata(path / ".metadata")
     return {k: v for k, v in md.state_dict_metadata.items()
             if isinstance(v, TensorStorageMetadata)}
 

@@ -1,0 +1,73 @@
+"""Reading a checkpoint's DCP metadata without running code from it.
+
+torch.distributed.checkpoint's FileSystemReader unpickles `.metadata` with the plain pickle
+module: a crafted file (a `__reduce__` returning os.system, say) runs when any command opens
+the checkpoint -- export, generate, eval, convert, grow, train --resume -- before its sizes and
+CRCs are checked (and those come from the same directory). `SafeReader` unpickles it with an
+allow-list of exactly what DCP writes: its metadata dataclasses, torch.Size, dtypes, the layout
+and memory-format encodings, and a pathlib path; anything else is refused, in one line naming
+the file and the global it asked for.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+from pretrain.checkpoint.store import CheckpointError
+
+_ALLOWED = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata", "MetadataIndex", "StorageMeta", "ChunkStorageMetadata",
+        "TensorStorageMetadata", "BytesStorageMetadata", "TensorProperties",
+        "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
+    "collections": {"OrderedDict"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def __init__(self, file, where: Path):
+        super().__init__(file)
+        self.where = where
+
+    def find_class(self, module: str, name: str):
+        if name in _ALLOWED.get(module, ()):
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise CheckpointError(f"{self.where}: refused: it asks for {module}.{name}, which DCP "
+                              "metadata never holds (a crafted or foreign file)")
+
+
+def read_metadata(where: Path) -> Metadata:
+    """The DCP metadata file `where` (a checkpoint's `.metadata`), unpickled through the
+    allow-list."""
+    try:
+        with open(where, "rb") as fh:
+            md = _MetadataUnpickler(fh, where).load()
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{where}: unreadable ({e.__class__.__name__}: {e})") from None
+    if not isinstance(md, Metadata):
+        raise CheckpointError(f"{where}: not DCP metadata (holds a {type(md).__name__})")
+    return md
+
+
+class SafeReader(dcp.FileSystemReader):
+    """DCP's filesystem reader with `read_metadata` through the allow-list."""
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        md = read_metadata(Path(self._get_metadata_path(kwargs.get("rank"))))
+        if getattr(md, "storage_meta", None) is None:
+            md.storage_meta = StorageMeta()
+        md.storage_meta.load_id = self.load_id
+        return md
