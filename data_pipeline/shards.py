@@ -14,6 +14,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -89,6 +90,10 @@ class Manifest:
             if not (isinstance(s, dict) and isinstance(s.get("name"), str)
                     and isinstance(s.get("tokens"), int) and isinstance(s.get("chunks"), int)):
                 raise DataError(f"{path}: shards[{i}] needs name (str), tokens and chunks (int)")
+            if not SHARD_NAME.fullmatch(s["name"]) or ".." in s["name"]:
+                raise DataError(f"{path}: shards[{i}].name {s['name']!r} is not a shard file name "
+                                "(letters, digits, '.', '_', '-'; no path separator, no leading "
+                                "'-' or '.')")
             shards.append(ShardInfo(s["name"], s["tokens"], s["chunks"]))
         return cls(shards=shards, dtype=raw["dtype"], vocab_size=raw["vocab_size"],
                    eos_id=raw["eos_id"], tokenizer_sha256=raw["tokenizer_sha256"],
@@ -98,6 +103,9 @@ class Manifest:
 
 
 VALIDATION_DIR = "validation"
+# what a shard name in a manifest may be: it is joined to a directory and substituted into a
+# url_template (a `pipe:` one is a shell command), so nothing that could leave either
+SHARD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _worker_tokenizer = None
 _worker_fraction = 0.0
 

@@ -18,6 +18,7 @@ nothing is repeated or dropped unannounced.
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -110,9 +111,13 @@ class ShardSource:
         self._rows: tuple[int, int, np.ndarray, np.ndarray] | None = None
 
     def url(self, name: str) -> str:
-        if self.url_template:
-            return self.url_template.format(shard=name, dir=self.dir)
-        return str(Path(self.dir) / name)
+        """Where shard `name` is read: the directory, or `url_template` with {shard} and {dir}
+        substituted -- shell-quoted in a `pipe:` template, which is a command."""
+        if not self.url_template:
+            return str(Path(self.dir) / name)
+        if self.url_template.startswith("pipe:"):
+            return self.url_template.format(shard=shlex.quote(name), dir=shlex.quote(self.dir))
+        return self.url_template.format(shard=name, dir=self.dir)
 
     def plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(shard order, start token of each position in the order) for `epoch`."""

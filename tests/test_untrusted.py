@@ -1,14 +1,20 @@
 """Files from elsewhere run no code: a checkpoint's DCP metadata is unpickled through an
-allow-list (pretrain/checkpoint/metadata.py)."""
+allow-list (pretrain/checkpoint/metadata.py); a manifest's shard names are file names and are
+shell-quoted into a `pipe:` url_template (data_pipeline/shards.py, stream.py)."""
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import shutil
 
 import pytest
 
+from data_pipeline.badinput import BadInput, DataError
+from data_pipeline.shards import Manifest, tokenize_to_shards
+from data_pipeline.stream import ShardSource
+from data_pipeline.tokenizer import train_bpe
 from pretrain.checkpoint import CheckpointError
 from pretrain.checkpoint.metadata import read_metadata
 from pretrain.cli import main
@@ -61,3 +67,51 @@ def test_a_crafted_metadata_runs_nothing_and_is_one_line(checkpoint, tmp_path, c
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "refused: it asks for posix.system" in err, err
     assert not marker.exists()
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    text = (ROOT / "data/sample.txt").read_text()[:30000]
+    (root / "in.txt").write_text(text)
+    train_bpe([text], 300, root / "tok.json")
+    tokenize_to_shards([str(root / "in.txt")], root / "shards", root / "tok.json",
+                       shard_tokens=1024, chunk_tokens=64, progress=False)
+    return root
+
+
+def _hostile_copy(shards, tmp_path, name: str):
+    bad = tmp_path / "shards"
+    shutil.copytree(shards / "shards", bad)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["shards"][0]["name"] = name
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    return bad
+
+
+@pytest.mark.parametrize("name", ["shard-000000.tar; touch {marker}; #", "../outside.tar",
+                                  "-rf.tar", "sub/shard.tar"])
+def test_a_shard_name_that_is_not_a_file_name_is_refused(shards, tmp_path, name, capsys):
+    marker = tmp_path / "pwned"
+    bad = _hostile_copy(shards, tmp_path, name.format(marker=marker))
+    with pytest.raises(DataError, match=r"shards\[0\]\.name .* is not a shard file name"):
+        Manifest.load(bad)
+    assert main(["train", "--config", str(ROOT / "configs/tiny.yaml"), f"train.out_dir={tmp_path / 'r'}",
+                 "data.source=shards", f"data.sources=[{{path: {bad}, url_template: "
+                 f"'pipe:cat {{dir}}/{{shard}}'}}]", f"data.tokenizer={shards / 'tok.json'}",
+                 "data.validation=[]", "model.vocab_size=300", "train.max_steps=1",
+                 "optim.warmup_steps=0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not a shard file name" in err, err
+    assert not marker.exists()
+
+
+def test_pipe_templates_quote_what_they_substitute(shards):
+    """The directory is the user's own, but may hold any character: quoted, it stays a word."""
+    src = ShardSource(str(shards / "shards"), 7, 0, 0, False, 1 << 20, BadInput("raise"),
+                      "pipe:cat {dir}/{shard}")
+    odd = ShardSource.__new__(ShardSource)
+    odd.dir, odd.url_template = "/data/my corpus;x", src.url_template
+    assert odd.url("shard-000000.tar") == "pipe:cat '/data/my corpus;x'/shard-000000.tar"
+    src.url_template = "https://host/c/{shard}"  # not a command: substituted as it is
+    assert src.url("shard-000000.tar") == "https://host/c/shard-000000.tar"
