@@ -71,17 +71,19 @@ def _is_saved_dataset(p: Path) -> bool:
 
 
 def expand_inputs(paths: list[str]) -> list[str]:
-    """Files (and pipe: commands) in reading order; a pattern or path matching nothing is a
-    DataError naming it."""
+    """Files (absolute paths) and the pipe: commands typed as inputs, in reading order; a
+    pattern or path matching nothing is a DataError naming it."""
     files: list[str] = []
     for raw in paths:
-        if raw.startswith("pipe:"):
+        if raw.startswith("pipe:"):  # typed as a command: the only way a unit becomes one
             files.append(raw)
             continue
         matches = sorted(glob.glob(raw, recursive=True)) if glob.has_magic(raw) else [raw]
         if not matches:
             raise DataError(f"{raw}: no input matches the pattern")
-        for m in map(Path, matches):
+        # absolute: a file found in a directory or by a pattern whose name starts with
+        # "pipe:" must stay a file, never turn into a command
+        for m in (Path(x).absolute() for x in matches):
             if _is_saved_dataset(m):
                 files.extend(str(f) for f in _arrow_files(m))
             elif m.is_dir():

@@ -115,3 +115,26 @@ def test_pipe_templates_quote_what_they_substitute(shards):
     assert odd.url("shard-000000.tar") == "pipe:cat '/data/my corpus;x'/shard-000000.tar"
     src.url_template = "https://host/c/{shard}"  # not a command: substituted as it is
     assert src.url("shard-000000.tar") == "https://host/c/shard-000000.tar"
+
+
+def test_a_file_named_pipe_in_a_directory_or_pattern_is_read_as_a_file(tmp_path, monkeypatch):
+    """Only an input typed as `pipe:...` is a command; a file of that name found inside a
+    directory or by a glob is text to tokenise (it used to be run)."""
+    from data_pipeline.inputs import expand_inputs, units_of
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    marker = corpus / "pwned"  # the command would run in the directory tokenised
+    (corpus / "pipe:touch pwned; echo x.txt").write_text("words words words\n")
+    (corpus / "a.txt").write_text("more words\n")
+    monkeypatch.chdir(corpus)
+    for inputs in (["."], ["*"], [str(corpus)]):
+        units = units_of(expand_inputs(inputs))
+        assert [u.kind for u in units] == ["text", "text"]
+        assert all(u.path.startswith("/") for u in units), units
+    train_bpe(["words more"] * 50, 300, tmp_path / "tok.json")
+    assert main(["data", "tokenize", "--input", "*", "--tokenizer", str(tmp_path / "tok.json"),
+                 "--output", str(tmp_path / "shards"), "--shard-tokens", "64",
+                 "--chunk-tokens", "8"]) == 0
+    assert not marker.exists()
+    assert Manifest.load(tmp_path / "shards").documents == 2
