@@ -123,15 +123,31 @@ def test_incomplete_saves_are_skipped_cleaned_and_latest_is_last(tmp_path):
     shutil.copytree(root / "step_0000008", partial)
     (partial / "meta.json").unlink()
     (partial / "__0_0.distcp").unlink()
-    unsealed = root / "step_0000012"
+    unsealed = root / "step_0000012"  # not ours: a save never leaves this name unsealed
     shutil.copytree(partial, unsealed)
+    kept = root / "step_0000004.keep"  # a user's copy of a complete checkpoint
+    shutil.copytree(root / "step_0000006", kept)
     with pytest.raises(CheckpointError, match="incomplete checkpoint"):
         store.resolve(unsealed)
     logs: list[str] = []
     t = Trainer(tiny_config(*SHORT, out_dir=tmp_path / "a"), log=logs.append, tensorboard=False)
     assert t.resume("auto").name == "step_0000008"
-    assert not partial.exists() and not unsealed.exists()
-    assert sum("removing incomplete" in m for m in logs) == 2
+    assert not partial.exists()
+    assert unsealed.is_dir() and (kept / "meta.json").is_file()  # only step_N.tmp is removed
+    assert sum("removing incomplete" in m for m in logs) == 1
+
+
+def test_sealing_a_step_again_replaces_it_whole(tmp_path):
+    """A re-run of a step (resumed from an older checkpoint) moves the old directory aside,
+    renames the new one into place, then removes the old: no moment without a complete one."""
+    root = tmp_path / "checkpoints"
+    for version in ("old", "new"):
+        tmp = root / "step_0000004.tmp"
+        tmp.mkdir(parents=True)
+        (tmp / ".metadata").write_text(version)
+        store.seal(tmp, {"step": 4})
+    assert (root / "step_0000004/.metadata").read_text() == "new"
+    assert sorted(d.name for d in root.iterdir()) == ["latest", "step_0000004"]
 
 
 def test_convert_consolidates_and_refuses_other_layouts(tmp_path, capsys):

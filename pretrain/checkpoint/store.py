@@ -20,6 +20,7 @@ from pathlib import Path
 META = "meta.json"
 LATEST = "latest"
 _STEP = re.compile(r"^step_(\d{7,})$")
+_PARTIAL = re.compile(r"^step_(\d{7,})\.tmp$")  # a save in progress, or one a crash cut short
 
 
 class CheckpointError(ValueError):
@@ -43,11 +44,11 @@ def complete_checkpoints(root: Path) -> list[Path]:
 
 
 def incomplete(root: Path) -> list[Path]:
-    """Directories a crash left behind mid-save."""
+    """Directories a crash left behind mid-save: `step_N.tmp` and nothing else (a user's
+    `step_N.keep` copy, or a checkpoint being copied in, is not ours to remove)."""
     if not root.is_dir():
         return []
-    return [d for d in root.iterdir() if d.is_dir() and d.name.startswith("step_")
-            and not is_complete(d)]
+    return [d for d in root.iterdir() if d.is_dir() and _PARTIAL.match(d.name)]
 
 
 def resolve(where: str | Path) -> Path:
@@ -120,13 +121,18 @@ def seal(tmp: Path, meta: dict) -> Path:
         _fsync(f)
     _fsync(tmp)
     final = tmp.with_name(tmp.name.removesuffix(".tmp"))
-    if final.exists():  # a re-run of the same step (resumed from an older checkpoint)
-        shutil.rmtree(final)
+    aside = None
+    if final.exists():  # a re-run of the same step (resumed from an older checkpoint):
+        aside = final.with_name(final.name + ".replaced")  # moved, not deleted, until the new
+        shutil.rmtree(aside, ignore_errors=True)  # one has its name
+        final.rename(aside)
     tmp.rename(final)
     link = final.parent / (LATEST + ".tmp")
     link.write_text(final.name + "\n")
     os.replace(link, final.parent / LATEST)
     _fsync(final.parent)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
     return final
 
 
