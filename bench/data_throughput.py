@@ -99,7 +99,7 @@ def array_bench(root: Path, megabytes: float) -> None:
     total = have + copies * len(sample)
     print(f"array corpus: {have / 1e6:.1f} MB of standard library sources + {copies} copies of "
           f"the sample = {total / 1e6:.1f} MB")
-    state = Path(tempfile.gettempdir()) / "looped-bench-slurm"
+    state = root / "slurm"  # private to this run
     env = {**os.environ, "LOCAL_SLURM_PORT": "16901"}
     subprocess.run(["bash", str(ROOT / "slurm/local_cluster.sh"), "start", str(state)], env=env,
                    check=True, capture_output=True)

@@ -50,3 +50,11 @@ def validate_data(d: DataConfig) -> None:
     require(d.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
     require(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     require(d.prefetch >= 1, "data.prefetch", "must be >= 1")
+
+
+def shell_commands(d: DataConfig) -> list[str]:
+    """The fields that run a shell command (a `pipe:` url_template), as `field: template`: what
+    a config from elsewhere (a checkpoint's) must not run unless the user says so."""
+    return [f"data.{kind}[{i}].url_template: {s.url_template}"
+            for kind, sources in (("sources", d.sources), ("validation", d.validation))
+            for i, s in enumerate(sources) if s.url_template.startswith("pipe:")]

@@ -66,6 +66,7 @@ class Manifest:
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         tmp.rename(directory / MANIFEST)
+        fsync_path(directory)  # the rename itself durable
 
     @classmethod
     def load(cls, directory: str | Path) -> Manifest:
@@ -276,7 +277,9 @@ def write_manifests(out: Path, how: Tokenizing, vocab: tuple, train: list[ShardI
                         inputs=list(rows))
 
     record = {}
+    _durable(out, train)
     if held:
+        _durable(out / VALIDATION_DIR, held)
         split = manifest(held, held_docs)
         split.save(out / VALIDATION_DIR)
         record = {"path": VALIDATION_DIR, "fraction": how.validation_fraction,
@@ -287,8 +290,29 @@ def write_manifests(out: Path, how: Tokenizing, vocab: tuple, train: list[ShardI
 
 
 def check_output(out: Path) -> None:
+    """Shards are only ever written into a directory that holds none: an old manifest, or
+    shards a killed run left without one, would be overwritten name by name."""
     if (out / MANIFEST).exists():
         raise DataError(f"{out}: already holds a {MANIFEST}; write shards to a new directory")
+    left = sorted(out.glob("shard-*.tar")) + sorted(out.glob(f"{VALIDATION_DIR}/shard-*.tar"))
+    if left:
+        raise DataError(f"{out}: holds shards without a {MANIFEST} ({left[0].name}...: an "
+                        "interrupted run?); write to a new directory or remove them")
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _durable(directory: Path, shards: list[ShardInfo]) -> None:
+    """Shard files and their directory on disk before a manifest names them (and before a
+    merge deletes the part streams they came from)."""
+    for path in [*(directory / s.name for s in shards), directory]:
+        fsync_path(path)
 
 
 def tokenize_to_shards(inputs: list[str], output: str | Path, tokenizer_path: str | Path,

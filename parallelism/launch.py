@@ -3,8 +3,10 @@
 In order of explicitness:
   torchrun  RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT are already set;
   srun      SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID; the master is the first host of
-            SLURM_JOB_NODELIST (`scontrol show hostnames`), the port MASTER_PORT or one derived
-            from the job id (so every task of a job agrees without talking);
+            SLURM_JOB_NODELIST (`scontrol show hostnames`), the port MASTER_PORT, else the
+            first of the step's reserved ports (SLURM_STEP_RESV_PORTS, where the cluster sets
+            MpiParams=ports=...: no other job holds it), else one derived from the job id (so
+            every task of a job agrees without talking);
   mpirun    MPI via mpi4py (as DeepSpeed's MPI discovery does): COMM_WORLD rank and size, the
             node-local rank from a shared-memory split, rank 0's host and a free port of it
             broadcast to all.
@@ -58,6 +60,15 @@ def _mpi_rank_env() -> str | None:
     return next((os.environ[v] for v in MPI_RANK_VARS if v in os.environ), None)
 
 
+def _slurm_port(env) -> int:
+    if "MASTER_PORT" in env:
+        return int(env["MASTER_PORT"])
+    reserved = env.get("SLURM_STEP_RESV_PORTS", "")  # "12000-12015" or "12000,12003"
+    if reserved:
+        return int(reserved.replace(",", "-").split("-")[0])
+    return 10000 + int(env.get("SLURM_JOB_ID", 0)) % 20000
+
+
 def discover() -> Launch:
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
@@ -66,7 +77,7 @@ def discover() -> Launch:
                       int(env.get("MASTER_PORT", 29500)))
     mpi_rank = _mpi_rank_env()
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and mpi_rank in (None, env["SLURM_PROCID"]):
-        port = int(env.get("MASTER_PORT", 10000 + int(env.get("SLURM_JOB_ID", 0)) % 20000))
+        port = _slurm_port(env)
         addr = env.get("MASTER_ADDR") or first_slurm_host(env.get("SLURM_JOB_NODELIST", "localhost"))
         return Launch("slurm", int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
                       int(env.get("SLURM_LOCALID", 0)), addr, port)

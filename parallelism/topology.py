@@ -162,3 +162,20 @@ def shutdown(topo: Topology) -> None:
         topo.watchdog.stop()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def on_main(topo: Topology, fn):
+    """`fn()` run once, on rank 0, for a decision every rank must share (e.g. whether the run
+    directory may be used): its result on every rank, or the exception it raised, re-raised on
+    every rank so they all stop with the same one line."""
+    try:
+        out = (fn(), None) if topo.is_main else (None, None)
+    except Exception as e:  # noqa: BLE001 -- carried to the other ranks, then re-raised
+        out = (None, e)
+    if topo.world > 1 and dist.is_initialized():
+        box = [out]
+        dist.broadcast_object_list(box, src=0)
+        out = box[0]
+    if out[1] is not None:
+        raise out[1]
+    return out[0]

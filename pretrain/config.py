@@ -133,8 +133,8 @@ def validate(cfg: Config) -> None:
     """Semantic checks that types alone cannot express, section by section."""
     validate_model(cfg.model)
     validate_objective(cfg.objective, cfg.model)
-    validate_optim(cfg.optim, cfg.train.max_steps, cfg.parallel.zero_stage, cfg.parallel.tensor)
     validate_train(cfg.train, cfg.model.max_seq_len)
+    validate_optim(cfg.optim, cfg.parallel.zero_stage, cfg.parallel.tensor)
     validate_memory(cfg.train, cfg.model.loops, cfg.parallel.tensor)
     validate_downstream(cfg.train.downstream)
     validate_data(cfg.data)

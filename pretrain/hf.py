@@ -137,26 +137,33 @@ def model_config(hf: dict) -> list[str]:
 
 
 def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
-    """A checkpoint of any layout -> model.safetensors + config.json + tokenizer files."""
+    """A checkpoint of any layout -> model.safetensors + config.json + tokenizer files.
+
+    The tokenizer file is named by the checkpoint's config, which may come from anyone: it is
+    parsed and written anew, never copied as bytes. Everything is written into a sibling
+    directory renamed onto `out_dir` at the end, so a failure leaves no half export."""
     from safetensors.torch import save_file
 
+    from data_pipeline.tokenizer import EOS_TOKEN, load_tokenizer
     from pretrain.checkpoint.offline import load_model
 
     cfg, model = load_model(checkpoint)
+    tokenizer = load_tokenizer(cfg.data.tokenizer) if cfg.data.tokenizer else None
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(to_hf(cfg.model, model.state_dict()), str(out / "model.safetensors"),
+    partial = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    save_file(to_hf(cfg.model, model.state_dict()), str(partial / "model.safetensors"),
               metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(hf_config(cfg), indent=2))
+    (partial / "config.json").write_text(json.dumps(hf_config(cfg), indent=2))
     for name in MODELING_FILES:
-        shutil.copy(Path(__file__).parent / "hf_files" / name, out / name)
-    if cfg.data.tokenizer:
-        from data_pipeline.tokenizer import EOS_TOKEN
-
-        shutil.copy(cfg.data.tokenizer, out / "tokenizer.json")
-        (out / "tokenizer_config.json").write_text(json.dumps(
+        shutil.copy(Path(__file__).parent / "hf_files" / name, partial / name)
+    if tokenizer is not None:
+        tokenizer.save(str(partial / "tokenizer.json"))
+        (partial / "tokenizer_config.json").write_text(json.dumps(
             {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS_TOKEN,
              "model_max_length": cfg.model.max_seq_len}, indent=2))
+    partial.rename(out)  # replaces a missing or empty out_dir (the CLI claimed it)
     return out
 
 
@@ -173,19 +180,32 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, base_config: str | Path |
     files = sorted(src.glob("*.safetensors"))
     if not (src / "config.json").is_file() or not files:
         raise ConfigError(f"{src}: expected config.json and *.safetensors")
-    hf = json.loads((src / "config.json").read_text())
+    try:
+        hf = json.loads((src / "config.json").read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{src / 'config.json'}: not JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise ConfigError(f"{src / 'config.json'}: expected a JSON object")
     overrides = [*model_config(hf), f"train.out_dir={Path(out_dir).resolve()}"]
     if (src / "tokenizer.json").is_file():
         overrides.append(f"data.tokenizer={(src / 'tokenizer.json').resolve()}")
     cfg = load_config(base_config, overrides)
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
-        tensors.update(load_file(str(f)))
+        try:
+            tensors.update(load_file(str(f)))
+        except Exception as e:  # noqa: BLE001 -- safetensors raises its own error types
+            raise ConfigError(f"{f}: not a readable safetensors file ({e})") from None
     try:
         state = from_hf(cfg.model, tensors)
     except KeyError as e:
         raise ConfigError(f"{src}: weight {e.args[0]} missing for config.json's shapes") from None
     model = LoopedLM(cfg.model)
+    wrong = [f"{k} {tuple(v.shape)} (config.json: {tuple(model.state_dict()[k].shape)})"
+             for k, v in state.items() if k in model.state_dict()
+             and v.shape != model.state_dict()[k].shape]
+    if wrong:
+        raise ConfigError(f"{src}: weights do not match config.json's shapes: {wrong[0]}")
     model.load_state_dict(state)
     (Path(out_dir)).mkdir(parents=True, exist_ok=True)
     (Path(out_dir) / "config.yaml").write_text(dump_config(cfg))

@@ -44,7 +44,9 @@ class OptimConfig:
     muon_momentum: float = 0.95
 
 
-def validate_optim(o: OptimConfig, max_steps: int, zero_stage: int, tensor: int) -> None:
+def validate_optim(o: OptimConfig, zero_stage: int, tensor: int) -> None:
+    """Each field's range. warmup_steps may exceed train.max_steps -- a short smoke run of a big
+    config ends inside warmup, and the trainer says so (`warmup_notice`)."""
     for name in ("embedding_lr", "head_lr", "muon_lr"):
         require(getattr(o, name) >= 0, f"optim.{name}", f"must be >= 0, got {getattr(o, name)}")
     require(0 <= o.muon_momentum < 1, "optim.muon_momentum", "must be in [0, 1)")
@@ -61,9 +63,17 @@ def validate_optim(o: OptimConfig, max_steps: int, zero_stage: int, tensor: int)
     require(0 <= o.beta2 < 1, "optim.beta2", "must be in [0, 1)")
     require(o.eps > 0, "optim.eps", "must be > 0")
     require(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
-    require(0 <= o.warmup_steps <= max_steps, "optim.warmup_steps",
-            f"must be in [0, train.max_steps={max_steps}], got {o.warmup_steps}")
+    require(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
     require(0 < o.decay_fraction <= 1, "optim.decay_fraction", "must be in (0, 1]")
+
+
+def warmup_notice(cfg: OptimConfig, max_steps: int) -> str | None:
+    """One line when the run ends inside warmup (None otherwise)."""
+    if cfg.warmup_steps <= max_steps:
+        return None
+    return (f"notice: optim.warmup_steps {cfg.warmup_steps} > train.max_steps {max_steps}: the run "
+            f"ends inside warmup, at lr {lr_at(cfg, max_steps - 1, max_steps):.3g} of "
+            f"optim.lr {cfg.lr:g}")
 
 
 def _peak(cfg: OptimConfig, value: float) -> float:

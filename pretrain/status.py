@@ -10,11 +10,20 @@ from pretrain.checkpoint import store
 
 
 def metrics(run_dir: Path) -> list[dict]:
-    """The logged records of a run, oldest first (a line cut short by a crash is skipped)."""
+    """The logged records of a run, oldest first. A line a crash cut short (and whatever a
+    later append glued onto it) is skipped, not fatal: status must work on a killed run."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+    records = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+    return records
 
 
 def losses_by_step(run_dir: Path, key: str = "train/loss") -> dict[int, float]:

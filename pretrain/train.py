@@ -28,7 +28,7 @@ from pretrain.callbacks import Callback, Logged, default_callbacks
 from pretrain.callbacks.checkpointing import Checkpointing
 from pretrain.checkpoint import store
 from pretrain.checkpoint.checkpointer import Checkpointer
-from pretrain.checkpoint.compat import resume_point
+from pretrain.checkpoint.compat import Incompatible, require_fit, resume_points
 from pretrain.checkpoint.offline import saved_tensors
 from pretrain.checkpoint.record import make_record, trainer_state
 from pretrain.config import Config, dump_config
@@ -36,7 +36,7 @@ from pretrain.data import default_data
 from pretrain.hardware import peak_flops, peak_memory_bytes
 from pretrain.model.flops import run_flops_per_token
 from pretrain.model.looped import LoopedLM
-from pretrain.optim import lr_at, set_lr
+from pretrain.optim import lr_at, set_lr, warmup_notice
 from pretrain.step_engine import build_engine
 
 
@@ -78,11 +78,12 @@ def summary_table(history: list[dict[str, float]], tokens_per_step: int, loops: 
 
 class Trainer:
     """Trains this process's share of the layout. `log` (None: silent) and `tensorboard` pick
-    the default outputs (callbacks/__init__.py `default_callbacks`); `callbacks` are added."""
+    the default outputs (callbacks/__init__.py `default_callbacks`); `callbacks` are added;
+    `preemption`: signal handlers the caller installed before building the trainer."""
 
     def __init__(self, cfg: Config, model: nn.Module | None = None, data=None,
                  log=print, tensorboard: bool = True, topology: Topology | None = None,
-                 callbacks: list[Callback] = ()):
+                 callbacks: list[Callback] = (), preemption=None):
         self.cfg = cfg
         self.topo = topology or init_topology(cfg)
         self.log = log if (self.topo.is_main and log is not None) else (lambda _: None)
@@ -96,7 +97,7 @@ class Trainer:
         self.state = ShardedState(self.model, self.topo, None if zero else self.optimizer, zero)
         self._batches = None  # the data's micro-batch iterator, opened on the first step
         self.out_dir = Path(cfg.train.out_dir)
-        self.callbacks = [*default_callbacks(cfg, log, tensorboard), *callbacks]
+        self.callbacks = [*default_callbacks(cfg, log, tensorboard, preemption), *callbacks]
         self.checkpointer = Checkpointer(self.out_dir / "checkpoints", self.topo,
                                          cfg.train.keep_last, cfg.train.async_checkpoint, self.log)
         self.saved_step = -1
@@ -106,6 +107,9 @@ class Trainer:
         self.skipped = 0
         self.bad_streak = 0
         self.history: list[dict[str, float]] = []
+        notice = warmup_notice(cfg.optim, cfg.train.max_steps)
+        if notice:
+            self.log(notice)
 
     @property
     def tokens_per_step(self) -> int:
@@ -233,24 +237,38 @@ class Trainer:
         return store.step_dir(self.checkpointer.root, step)
 
     def resume(self, where: str) -> Path | None:
-        """Continue from a checkpoint: 'auto' (this run's newest complete one, if any) or a
-        path as users type it (checkpoint/compat.py `resume_point`). Any saved layout loads;
-        the RNG state only under the same layout."""
-        path = resume_point(where, self.checkpointer.root, self.cfg)
-        if path is not None:
-            record = store.read_meta(path)
-            groups = self.state.targets(saved_tensors(path))
-            self.checkpointer.load(path, {k: v for g in groups.values() for k, v in g.items()})
-            lay = record["layout"]
-            same = (lay["tensor"], lay["pipeline"], lay["data"]) == (self.topo.tp, self.topo.pp,
-                                                                    self.topo.dp)
-            self.state.load(groups, same_layout=same)
-            self.load_state_dict(trainer_state(record, str(path / store.META)))
-            self.checkpointer.last = path
-            self.log(f"resumed from {path} at step {self.step} (saved under tensor {lay['tensor']} "
-                     f"x pipeline {lay['pipeline']} x data {lay['data']})")
-        self.checkpointer.clean_incomplete()
+        """Continue from a checkpoint: 'auto' (this run's newest complete one, if any; past a
+        damaged one to the one before, saying so) or a path as users type it
+        (checkpoint/compat.py `resume_points`). Any saved layout loads; the RNG state only
+        under the same layout."""
+        candidates = resume_points(where, self.checkpointer.root)
+        damaged: list[Path] = []
+        path = None
+        for path in candidates:
+            try:
+                self._load(path)
+                break
+            except store.CheckpointError as e:
+                if path == candidates[-1] or isinstance(e, Incompatible):
+                    raise
+                self.log(f"checkpoint: warning: {e}; falling back to the one before")
+                damaged.append(path)
+        self.checkpointer.tidy(path, damaged)
         return path
+
+    def _load(self, path: Path) -> None:
+        require_fit(path, self.cfg)
+        record = store.read_meta(path)
+        groups = self.state.targets(saved_tensors(path))
+        self.checkpointer.load(path, {k: v for g in groups.values() for k, v in g.items()})
+        lay = record["layout"]
+        same = (lay["tensor"], lay["pipeline"], lay["data"]) == (self.topo.tp, self.topo.pp,
+                                                                self.topo.dp)
+        self.state.load(groups, same_layout=same)
+        self.load_state_dict(trainer_state(record, str(path / store.META)))
+        self.checkpointer.last = path
+        self.log(f"resumed from {path} at step {self.step} (saved under tensor {lay['tensor']} "
+                 f"x pipeline {lay['pipeline']} x data {lay['data']})")
 
     def fit(self, save: bool = True) -> RunSummary:
         """Train to train.max_steps; `save=False` runs without the checkpointing callback."""

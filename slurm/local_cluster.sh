@@ -4,11 +4,18 @@
 #                                        start munged, slurmctld, slurmd; wait for an idle node;
 #                                        print `export SLURM_CONF=...` for clients
 #   slurm/local_cluster.sh stop [DIR]    stop exactly the daemons `start` recorded in DIR/pids
-# DIR defaults to ${LOCAL_SLURM_DIR:-/tmp/looped-pretrain-slurm}.
+# DIR defaults to ${LOCAL_SLURM_DIR:-${TMPDIR:-/tmp}/looped-pretrain-slurm-UID}. It must be
+# the caller's own directory (not a symlink): another user's could feed us a munge key and a
+# list of PIDs to kill. Only PIDs that are this user's munged/slurmctld/slurmd are stopped.
 set -euo pipefail
 
 cmd=${1:?usage: local_cluster.sh start|stop [DIR]}
-dir=${2:-${LOCAL_SLURM_DIR:-/tmp/looped-pretrain-slurm}}
+dir=${2:-${LOCAL_SLURM_DIR:-${TMPDIR:-/tmp}/looped-pretrain-slurm-$(id -u)}}
+
+if [ -L "$dir" ] || { [ -e "$dir" ] && [ ! -O "$dir" ]; }; then
+    echo "local_cluster.sh: $dir is not a directory owned by $(id -un); choose another DIR" >&2
+    exit 2
+fi
 
 install() {
     if command -v slurmctld >/dev/null && command -v munged >/dev/null && command -v sbatch >/dev/null; then
@@ -21,14 +28,18 @@ install() {
         slurmctld slurmd slurm-client munge libpmix2 >/dev/null
 }
 
+ours() {  # a daemon this script started (PIDs are reused: check the name and the owner)
+    [ -O "/proc/$1" ] && grep -qxE 'munged|slurmctld|slurmd' "/proc/$1/comm" 2>/dev/null
+}
+
 stop() {
     [ -f "$dir/pids" ] || return 0
     while read -r pid; do
-        kill "$pid" 2>/dev/null || true
+        if ours "$pid"; then kill "$pid" 2>/dev/null || true; fi
     done < "$dir/pids"
     for _ in $(seq 50); do
         alive=0
-        while read -r pid; do kill -0 "$pid" 2>/dev/null && alive=1; done < "$dir/pids"
+        while read -r pid; do ours "$pid" && alive=1; done < "$dir/pids"
         [ "$alive" -eq 0 ] && break
         sleep 0.1
     done
@@ -38,6 +49,7 @@ stop() {
 start() {
     install
     stop
+    mkdir -p -m 700 "$dir"
     mkdir -p "$dir"/{state,spool,log,munge}
     chmod 711 "$dir" "$dir/munge"
     local key="$dir/munge/munge.key" sock="$dir/munge/munge.socket"

@@ -36,7 +36,8 @@ INVALID = [
     (["train.seq_len=4096"], "train.seq_len: 4096 exceeds model.max_seq_len 128"),
     (["model.dropout=1.5"], "model.dropout: must be in [0, 1), got 1.5"),
     (["train.micro_batch_size=0"], "train.micro_batch_size: must be >= 1, got 0"),
-    (["optim.warmup_steps=500"], "optim.warmup_steps: must be in [0, train.max_steps=300], got 500"),
+    (["optim.warmup_steps=-1"], "optim.warmup_steps: must be >= 0, got -1"),
+    (["train.max_steps=-1"], "train.max_steps: must be >= 1, got -1"),  # not blamed on warmup
     (["model.head_dim=7"], "model.head_dim: RoPE needs an even head dimension, got 7"),
     (["data.paths=[]"], "data.paths: needs at least one path"),
     (["model.loops"], "override 'model.loops': expected section.key=value"),

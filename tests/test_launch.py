@@ -27,6 +27,7 @@ def _losses(text: str) -> list[str]:
 def test_discover_reads_each_launcher(monkeypatch):
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID",
                 "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_JOB_NODELIST", "SLURM_JOB_ID",
+                "SLURM_STEP_RESV_PORTS",
                 "PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"):
         monkeypatch.delenv(var, raising=False)
     assert discover().source == "single"
@@ -39,6 +40,8 @@ def test_discover_reads_each_launcher(monkeypatch):
     got = discover()
     assert (got.source, got.rank, got.world, got.local_rank, got.master_addr, got.master_port) \
         == ("slurm", 3, 4, 1, "gpu7", 10000 + 12345 % 20000)
+    monkeypatch.setenv("SLURM_STEP_RESV_PORTS", "12071-12086")  # reserved for this step
+    assert discover().master_port == 12071
     monkeypatch.setenv("PMI_RANK", "0")  # mpirun inside an allocation: SLURM_PROCID is stale
     monkeypatch.setenv("RANK", "2")
     monkeypatch.setenv("WORLD_SIZE", "8")

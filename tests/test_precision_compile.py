@@ -3,6 +3,8 @@ what recompute / compile refuse to combine with."""
 
 from __future__ import annotations
 
+import tempfile
+
 import pytest
 import torch
 import torch._dynamo
@@ -19,7 +21,7 @@ BF16_CURVE_TOLERANCE = 0.01  # relative, the mean of the last 10 steps
 
 
 def _losses(*overrides: str) -> list[float]:
-    cfg = tiny_config("train.log_every=1", "train.out_dir=/tmp/precision", *overrides)
+    cfg = tiny_config("train.log_every=1", *overrides, out_dir=tempfile.mkdtemp(prefix="precision-"))
     return [s["train/loss"] for s in Trainer(cfg, log=None, tensorboard=False).fit(save=False).history]
 
 

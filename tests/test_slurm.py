@@ -9,6 +9,7 @@ import shlex
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,7 +28,8 @@ RUN = ["configs/tiny.yaml", "train.log_every=10", "parallel.data=2", "train.micr
 
 @pytest.fixture(scope="module")
 def cluster():
-    state = Path(os.environ.get("LOCAL_SLURM_DIR", "/tmp/looped-pretrain-slurm"))  # a rerun
+    state = Path(os.environ.get("LOCAL_SLURM_DIR", Path(tempfile.gettempdir())  # a rerun
+                                / f"looped-pretrain-slurm-{os.getuid()}"))
     script = ROOT / "slurm/local_cluster.sh"  # stops what an interrupted one left there
     res = subprocess.run(["bash", str(script), "start", str(state)], capture_output=True,
                          text=True, timeout=600)

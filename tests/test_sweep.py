@@ -12,7 +12,7 @@ from scipy.optimize import minimize_scalar
 from pretrain.cli import main
 from pretrain.config import ConfigError
 from pretrain.sweep.fit import fit_law
-from pretrain.sweep.spec import expand, load_spec
+from pretrain.sweep.spec import expand, load_spec, write_points
 from tests.conftest import ROOT
 
 CHINCHILLA = {"E": 1.69, "A": 406.4, "alpha": 0.34, "B": 410.7, "beta": 0.28}
@@ -64,3 +64,26 @@ def test_local_sweep_trains_collects_and_fits(tmp_path, capsys):
     assert "L(N, D) = " in out and "loops at N=" in out
     for png in ("fit_vs_points.png", "isoflop.png", "loops.png"):
         assert (tmp_path / "sweep" / png).stat().st_size > 1000
+    _a_changed_spec_does_not_resume_old_points(tmp_path, spec, capsys)
+
+
+def _a_changed_spec_does_not_resume_old_points(tmp_path, spec, capsys):
+    """Issue 25 item 4: a re-run with the same spec skips the finished points; a changed spec
+    would resume another config's checkpoints as its own -- refused (nothing touched), or
+    moved aside with --overwrite."""
+    points = tmp_path / "sweep/points"
+    before = {p: p.read_bytes() for p in points.rglob("*") if p.is_file() and "checkpoints" in p.parts}
+    assert main(["sweep", "--spec", str(spec), "--local"]) == 0
+    capsys.readouterr()
+    spec.write_text(spec.read_text().replace("max_steps=12", "max_steps=13"))
+    assert main(["sweep", "--spec", str(spec), "--local"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "point 0" in err and "holds checkpoints of a different" in err
+    assert {p: p.read_bytes() for p in before} == before
+    s = load_spec(spec)
+    write_points(s, expand(s), overwrite=True)
+    aside = [p for p in points.iterdir() if p.name.startswith("0.old-")]
+    assert len(aside) == 1 and not (points / "0/checkpoints").exists()
+    moved = {p: (aside[0] / p.relative_to(points / "0")).read_bytes() for p in before
+             if p.is_relative_to(points / "0")}
+    assert moved and all(before[p] == b for p, b in moved.items())

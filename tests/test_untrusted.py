@@ -138,3 +138,50 @@ def test_a_file_named_pipe_in_a_directory_or_pattern_is_read_as_a_file(tmp_path,
                  "--chunk-tokens", "8"]) == 0
     assert not marker.exists()
     assert Manifest.load(tmp_path / "shards").documents == 2
+
+
+def _with_config(checkpoint, tmp_path, *edits):
+    """A copy of the checkpoint whose config.yaml (untrusted, like the rest) is edited."""
+    bad = tmp_path / "step_0000001"
+    shutil.copytree(checkpoint, bad)
+    text = (bad / "config.yaml").read_text()
+    for old, new in edits:
+        assert old in text, old
+        text = text.replace(old, new)
+    (bad / "config.yaml").write_text(text)
+    return bad
+
+
+def test_export_parses_the_tokenizer_a_checkpoint_names_and_never_copies_bytes(checkpoint, tmp_path,
+                                                                                capsys):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root:x:0:0:SECRET\n")
+    bad = _with_config(checkpoint, tmp_path, ("tokenizer: ''", f"tokenizer: {secret}"))
+    assert main(["export", "--checkpoint", str(bad), "--out", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a tokenizer.json" in err, err
+    leaked = [p for p in tmp_path.rglob("*") if p.is_file() and p != secret
+              and b"SECRET" in p.read_bytes()]
+    assert leaked == [] and not (tmp_path / "hf").exists()
+
+
+def test_eval_runs_no_command_a_checkpoint_names(checkpoint, tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    cmd = f"pipe:touch {marker}; cat {{dir}}/{{shard}}"
+    bad = _with_config(checkpoint, tmp_path, ("validation: []", f"validation: [{{path: {tmp_path}, "
+                                                                f"url_template: '{cmd}'}}]"))
+    assert main(["eval", "--checkpoint", str(bad), "--batches", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a shell command" in err and "--allow-commands" in err, err
+    assert not marker.exists()
+
+
+def test_a_checkpoint_record_naming_files_outside_it_is_refused(checkpoint, tmp_path, capsys):
+    bad = tmp_path / "step_0000001"
+    shutil.copytree(checkpoint, bad)
+    meta = json.loads((bad / "meta.json").read_text())
+    meta["files"]["../../../etc/hostname"] = {"bytes": 1, "crc32": 0}
+    (bad / "meta.json").write_text(json.dumps(meta))
+    assert main(["generate", "--checkpoint", str(bad), "--prompt", "a"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'../../../etc/hostname' is not inside the checkpoint" in err, err

@@ -4,6 +4,8 @@ layout, the val/ metrics in every output, and what `pretrain eval` says it measu
 from __future__ import annotations
 
 import json
+import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -149,4 +151,36 @@ def test_wandb_logger_offline(tmp_path, monkeypatch):
     run_id = wandb_cb.state_dict()["run_id"]
     assert (next((tmp_path / "wandb").glob(f"offline-run-*-{run_id}")) / f"run-{run_id}.wandb").stat().st_size
     meta = json.loads(next(tmp_path.glob("checkpoints/step_*/meta.json")).read_text())
-    assert meta["trainer"]["callbacks"]["wandb"] == {"run_id": run_id}
+    assert meta["trainer"]["callbacks"]["wandb"] == {"run_id": run_id, "run_dir": str(tmp_path.resolve())}
+
+
+def test_wandb_continues_only_its_own_run_and_uploads_no_url_template(tmp_path, monkeypatch):
+    """Issue 25 item 9: a checkpoint's W&B run id is used only by a job in the same run
+    directory (resuming a colleague's checkpoint starts a run of one's own), and the uploaded
+    config carries no url_template (it may hold a credential)."""
+    from pretrain.callbacks.wandb import REDACTED, WandB
+
+    calls = []
+
+    def init(**kw):
+        calls.append(kw)
+        return SimpleNamespace(id=kw["id"] or f"new{len(calls)}", finish=lambda: None)
+
+    monkeypatch.setitem(sys.modules, "wandb", SimpleNamespace(init=init))
+    tree = {"data": {"sources": [{"path": "/c", "url_template": "pipe:curl -H 'token: SECRET' {shard}"}],
+                     "validation": [{"path": "/v", "url_template": ""}]}}
+    mine, theirs = tmp_path / "mine", tmp_path / "theirs"
+
+    def job(out_dir, state):
+        cb = WandB("p")
+        cb.load_state_dict(state)
+        cb.on_fit_start(SimpleNamespace(topo=SimpleNamespace(is_main=True), out_dir=out_dir,
+                                        cfg=SimpleNamespace(to_dict=lambda: tree)))
+        return cb.state_dict()
+
+    first = job(mine, {})
+    assert first == {"run_id": "new1", "run_dir": str(mine.resolve())}
+    assert job(mine, first)["run_id"] == "new1"  # requeued: the same W&B run
+    assert job(theirs, first)["run_id"] == "new3"  # someone else's checkpoint: a run of its own
+    assert all(c["config"]["data"]["sources"][0]["url_template"] == REDACTED for c in calls)
+    assert "SECRET" not in repr(calls) and tree["data"]["sources"][0]["url_template"].startswith("pipe:")

@@ -60,9 +60,10 @@ class Callback:
         pass
 
 
-def default_callbacks(cfg, log, tensorboard: bool) -> list[Callback]:
+def default_callbacks(cfg, log, tensorboard: bool, preemption=None) -> list[Callback]:
     """The outputs a run writes: console (`log`; None: silent), metrics.jsonl, TensorBoard,
-    Weights & Biases (train.wandb_project), validation (train.eval_every), checkpoints,
+    Weights & Biases (train.wandb_project), validation (train.eval_every), checkpoints (and the
+    preemption exit, on `preemption`'s handlers when given: callbacks/checkpointing.py),
     downstream tasks (train.downstream.every)."""
     from pretrain.callbacks.checkpointing import Checkpointing
     from pretrain.callbacks.console import Console
@@ -82,7 +83,7 @@ def default_callbacks(cfg, log, tensorboard: bool) -> list[Callback]:
         out.append(WandB(cfg.train.wandb_project))
     if cfg.train.eval_every:
         out.append(Validation(cfg.train.eval_every))
-    out.append(Checkpointing())
+    out.append(Checkpointing(preemption))
     if cfg.train.downstream.every:  # after Checkpointing: it evaluates the step's checkpoint
         from pretrain.callbacks.downstream import Downstream
 

@@ -1,5 +1,12 @@
 """Checkpoints every `train.checkpoint_every` steps and at the end, and the preemption exit:
-when any rank got SIGTERM/SIGUSR1, all ranks seal a checkpoint of the same step and stop."""
+when any rank got SIGTERM/SIGUSR1, all ranks seal a checkpoint of the same step and stop.
+
+The signal handlers must be live for the whole job, from setup (building a 1.4B model and
+resuming take minutes) until the final save has been waited on: a signal outside that window
+would kill the job (143/138: not requeued). `pretrain train` installs them before it builds the
+trainer and passes them in (`preemption`); without that, they live from the start of `fit`
+until its final save is sealed.
+"""
 
 from __future__ import annotations
 
@@ -10,24 +17,33 @@ from pretrain.preemption import Preempted, PreemptionSignal
 class Checkpointing(Callback):
     name = "checkpointing"
 
-    def __init__(self):
-        self.preemption = PreemptionSignal()
+    def __init__(self, preemption: PreemptionSignal | None = None):
+        self.owned = preemption is None  # installed and removed here, around fit
+        self.preemption = preemption or PreemptionSignal()
 
     def on_fit_start(self, trainer) -> None:
-        self.preemption.install()
+        if self.owned:
+            self.preemption.install()
+        self._stop_if_preempted(trainer)  # a signal during setup or resume
 
     def on_step_end(self, trainer) -> None:
         t = trainer.cfg.train
-        if self.preemption.agreed(trainer.device):
-            trainer.save_checkpoint()
-            where = trainer.wait_for_checkpoint()
-            raise Preempted(f"preempted (signal {self.preemption.received or 'on a peer'}): "
-                            f"checkpoint {where} at step {trainer.step}")
+        self._stop_if_preempted(trainer)
         if t.checkpoint_every and trainer.step % t.checkpoint_every == 0 \
                 and trainer.step < t.max_steps:
             trainer.save_checkpoint()
 
+    def _stop_if_preempted(self, trainer) -> None:
+        if self.preemption.agreed(trainer.device):
+            if trainer.saved_step != trainer.step:
+                trainer.save_checkpoint()
+            where = trainer.wait_for_checkpoint()
+            raise Preempted(f"preempted (signal {self.preemption.received or 'on a peer'}): "
+                            f"checkpoint {where} at step {trainer.step}")
+
     def on_fit_end(self, trainer) -> None:
-        self.preemption.uninstall()
         if trainer.step == trainer.cfg.train.max_steps and trainer.saved_step != trainer.step:
             trainer.save_checkpoint()
+        if self.owned:
+            trainer.wait_for_checkpoint()
+            self.preemption.uninstall()

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.tensor import DTensor
 
 from parallelism.topology import Topology
@@ -41,6 +42,17 @@ def _snapshot(entries: Entries) -> Entries:
         else:
             out[k] = v.detach().cpu().clone()
     return out
+
+
+def _cause(e: BaseException) -> str:
+    """One line for what went wrong: the first rank's own error inside DCP's wrapper (a
+    BaseException carrying every rank's traceback), with its errno text if it has one."""
+    if isinstance(e, CheckpointException) and e.failures:
+        e = next(iter(e.failures.values()))[0]
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}" + (f": {e.filename}" if e.filename else "")
+    first = str(e).strip().splitlines()
+    return first[0] if first else type(e).__name__
 
 
 class Checkpointer:
@@ -80,6 +92,21 @@ class Checkpointer:
         return self.last
 
     def _write(self, step: int, entries: Entries, meta: dict, config_text: str) -> None:
+        """Write and seal one checkpoint; a failure (a full disk, say) is one line naming the
+        step, the error, the free space and the newest complete checkpoint (what a resume
+        will use: the partial `step_N.tmp` is removed then)."""
+        try:
+            self._write_and_seal(step, entries, meta, config_text)
+        except (Exception, CheckpointException) as e:
+            # torch's tensor writer reports a short write without its errno, so the free
+            # space is said too: a full disk is the usual cause
+            free = shutil.disk_usage(self.root).free / 2**30
+            raise store.CheckpointError(
+                f"checkpoint of step {step} failed ({_cause(e)}; {free:.1f} GiB free in "
+                f"{self.root}); newest complete checkpoint: {store.newest(self.root) or 'none'}"
+            ) from None
+
+    def _write_and_seal(self, step: int, entries: Entries, meta: dict, config_text: str) -> None:
         tmp = store.step_dir(self.root, step).with_name(f"step_{step:07d}.tmp")
         if self.topo.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -96,7 +123,7 @@ class Checkpointer:
         if self.topo.is_main:
             files[".metadata"] = store.describe(tmp / ".metadata")
             self.last = store.seal(tmp, {**meta, "files": files})
-            for old in store.prune(self.root, self.keep_last):
+            for old in store.prune(self.root, self.keep_last, self.last):
                 self.log(f"checkpoint: removed {old} (train.keep_last={self.keep_last})")
             self.log(f"checkpoint: saved {self.last}")
         else:
@@ -116,18 +143,30 @@ class Checkpointer:
         try:
             dcp.load(entries, storage_reader=SafeReader(path),
                      process_group=self.group, no_dist=not self.distributed)
-        except Exception as e:  # DCP wraps per-rank failures; keep it to one line
-            first = str(e).strip().splitlines()
-            raise store.CheckpointError(f"{path}: cannot load ({first[0] if first else e})") from e
+        except store.CheckpointError:
+            raise
+        except (Exception, CheckpointException) as e:  # DCP wraps per-rank failures
+            raise store.CheckpointError(f"{path}: cannot load ({_cause(e)})") from None
 
-    def clean_incomplete(self) -> None:
-        """Remove what crashed saves left (rank 0, once every rank has chosen what to load)."""
+    def tidy(self, resumed: Path | None, damaged: list[Path] = ()) -> None:
+        """Once every rank has loaded (rank 0): remove what crashed saves left, and set aside
+        -- renamed, never deleted -- the `damaged` checkpoints and those newer than `resumed`
+        in this root (another trajectory: left in place, `--resume auto` would pick them and
+        pruning would mix the two)."""
         if self.distributed:
             dist.barrier(group=self.group)
-        if self.topo.is_main:
-            for d in store.incomplete(self.root):
-                self.log(f"checkpoint: warning: removing incomplete {d} (a save did not finish)")
-                shutil.rmtree(d, ignore_errors=True)
+        if not self.topo.is_main:
+            return
+        for d in store.incomplete(self.root):
+            self.log(f"checkpoint: warning: removing incomplete {d} (a save did not finish)")
+            shutil.rmtree(d, ignore_errors=True)
+        for d in damaged:
+            self.log(f"checkpoint: warning: set aside damaged {d} as {store.set_aside(d, 'damaged')}")
+        if resumed is not None and resumed.parent.resolve() == self.root.resolve():
+            for d in store.complete_checkpoints(self.root):
+                if store.step_of(d) > store.step_of(resumed):
+                    self.log(f"checkpoint: resumed from the older {resumed.name}: set aside "
+                             f"{d.name} as {store.set_aside(d, 'superseded').name}")
 
     def close(self) -> None:
         self.wait()

@@ -24,13 +24,18 @@ def incompatibility(saved: Config, cfg: Config) -> str | None:
     return None
 
 
-def resume_point(where: str, root: Path, cfg: Config) -> Path | None:
-    """The checkpoint `--resume where` names -- 'auto': the newest complete one under `root`
-    (None: there is none, start fresh); else a path as users type it (store.resolve) -- once
-    it is known to fit `cfg`."""
-    path = store.newest(root) if where == "auto" else store.resolve(where)
-    if path is not None:
-        why = incompatibility(load_config(path / "config.yaml"), cfg)
-        if why:
-            raise store.CheckpointError(f"{path}: incompatible checkpoint: {why}")
-    return path
+class Incompatible(store.CheckpointError):
+    """A sound checkpoint of another architecture (no fallback past it: the run is wrong)."""
+
+
+def require_fit(path: Path, cfg: Config) -> None:
+    why = incompatibility(load_config(path / "config.yaml"), cfg)
+    if why:
+        raise Incompatible(f"{path}: incompatible checkpoint: {why}")
+
+
+def resume_points(where: str, root: Path) -> list[Path]:
+    """The checkpoints `--resume where` names, in the order to try them -- 'auto': the complete
+    ones under `root`, newest first (none: start fresh), so a damaged newest falls back to the
+    one before; else the one path users typed (store.resolve)."""
+    return store.complete_checkpoints(root)[::-1] if where == "auto" else [store.resolve(where)]

@@ -31,6 +31,10 @@ def step_dir(root: Path, step: int) -> Path:
     return root / f"step_{step:07d}"
 
 
+def step_of(d: Path) -> int:
+    return int(_STEP.match(d.name).group(1))
+
+
 def is_complete(d: Path) -> bool:
     return bool(_STEP.match(d.name)) and (d / META).is_file() and (d / ".metadata").is_file()
 
@@ -39,8 +43,7 @@ def complete_checkpoints(root: Path) -> list[Path]:
     """Sealed checkpoints under `root`, oldest first."""
     if not root.is_dir():
         return []
-    return sorted((d for d in root.iterdir() if is_complete(d)),
-                  key=lambda d: int(_STEP.match(d.name).group(1)))
+    return sorted((d for d in root.iterdir() if is_complete(d)), key=step_of)
 
 
 def incomplete(root: Path) -> list[Path]:
@@ -49,6 +52,16 @@ def incomplete(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
     return [d for d in root.iterdir() if d.is_dir() and _PARTIAL.match(d.name)]
+
+
+def set_aside(d: Path, why: str) -> Path:
+    """Rename a checkpoint out of the run's sight (`step_N.<why>`, a suffix if taken): no
+    resume picks it, no pruning removes it; the user decides."""
+    aside, n = d.with_name(f"{d.name}.{why}"), 1
+    while aside.exists():
+        aside, n = d.with_name(f"{d.name}.{why}-{n}"), n + 1
+    d.rename(aside)
+    return aside
 
 
 def resolve(where: str | Path) -> Path:
@@ -88,7 +101,9 @@ def verify(d: Path, files: dict[str, dict]) -> list[str]:
     errors = []
     for name, want in files.items():
         f = d / name
-        if not f.is_file():
+        if Path(name).name != name or name in ("", ".", ".."):  # the record is untrusted too
+            errors.append(f"{d / META}: file name {name!r} is not inside the checkpoint")
+        elif not f.is_file():
             errors.append(f"{f}: shard file missing")
         elif f.stat().st_size != want["bytes"]:
             errors.append(f"{f}: shard file has {f.stat().st_size} bytes, the checkpoint "
@@ -136,10 +151,12 @@ def seal(tmp: Path, meta: dict) -> Path:
     return final
 
 
-def prune(root: Path, keep_last: int) -> list[Path]:
-    """Remove all but the newest `keep_last` complete checkpoints (0: keep all)."""
-    found = complete_checkpoints(root)
-    doomed = found[:-keep_last] if keep_last else []
+def prune(root: Path, keep_last: int, sealed: Path) -> list[Path]:
+    """Keep the newest `keep_last` complete checkpoints up to the one just `sealed` (0: keep
+    all): only older steps of its own trajectory are removed, never `sealed` itself nor a newer
+    step (another trajectory's, which only the user may remove)."""
+    older = [d for d in complete_checkpoints(root) if step_of(d) < step_of(sealed)]
+    doomed = older[:max(len(older) - keep_last + 1, 0)] if keep_last else []
     for d in doomed:
         shutil.rmtree(d, ignore_errors=True)
     return doomed

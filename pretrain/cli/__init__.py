@@ -20,8 +20,16 @@ from pretrain.cli import checkpoints, data, decode, plan, runs, train
 from pretrain.config import ConfigError
 
 
+class _Parser(argparse.ArgumentParser):
+    """A bad argument is one line and exit 2, like every other bad input (no usage block;
+    --help still prints it)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_CONFIG, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pretrain", description="Pretrain looped language models.")
+    parser = _Parser(prog="pretrain", description="Pretrain looped language models.")
     sub = parser.add_subparsers(dest="command", required=True)
     for group in (train, decode, plan, checkpoints, runs, data):
         group.add_commands(sub)
@@ -29,7 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # a bad argument (2, one line printed) or --help (0): a code to
+        return e.code if isinstance(e.code, int) else 0  # return, as for every other input
     try:
         return args.fn(args)
     except (ConfigError, DataError, CheckpointError) as e:

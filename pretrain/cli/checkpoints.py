@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import argparse
 
+from pretrain.cli.flags import at_least
 from pretrain.config import ConfigError
+
+
+def _claim(args: argparse.Namespace, what: str) -> None:
+    """The output directory is new or empty, or --overwrite moves the old one aside."""
+    from pretrain.run_dir import claim_output
+
+    note = claim_output(args.out, args.overwrite, what)
+    if note:
+        print(note)
 
 
 def _export(args: argparse.Namespace) -> int:
     from pretrain.hf import export
 
+    _claim(args, "an export")
     out = export(args.checkpoint, args.out)
     print(f"Hugging Face (Ouro layout): {out / 'model.safetensors'}, {out / 'config.json'}")
     return 0
@@ -18,6 +29,7 @@ def _export(args: argparse.Namespace) -> int:
 def _import(args: argparse.Namespace) -> int:
     from pretrain.hf import import_hf
 
+    _claim(args, "a run directory")
     ckpt = import_hf(args.hf, args.out, args.config)
     print(f"imported {args.hf} -> {ckpt}; continue pretraining with: pretrain train --config "
           f"{args.out}/config.yaml --resume {ckpt}")
@@ -31,6 +43,7 @@ def _convert(args: argparse.Namespace) -> int:
     if set(layout) - {"tp", "pp", "dp"} or any(v != "1" for v in layout.values()):
         raise ConfigError(f"--to-layout: {args.to_layout!r}: only tp=1,pp=1 (consolidation) is "
                           "written offline; every layout resumes any checkpoint directly")
+    _claim(args, "a checkpoints root")
     print(f"consolidated checkpoint: {consolidate(args.checkpoint, args.out)}")
     return 0
 
@@ -38,6 +51,7 @@ def _convert(args: argparse.Namespace) -> int:
 def _grow(args: argparse.Namespace) -> int:
     from pretrain.checkpoint.grow import grow
 
+    _claim(args, "a checkpoints root")
     out = grow(args.source, args.layers, args.out, args.order, args.overrides)
     print(f"grown to {args.layers} shared layers ({args.order}): {out}; continue with "
           f"pretrain train --config {out / 'config.yaml'} --resume {out}")
@@ -64,9 +78,12 @@ def add_commands(sub) -> None:
     conv.set_defaults(fn=_convert)
     gr = tools.add_parser("grow", help="upcycle to a deeper shared block by layer duplication")
     gr.add_argument("--from", dest="source", required=True, help="checkpoint (any layout)")
-    gr.add_argument("--layers", type=int, required=True, help="new model.num_layers (a multiple)")
+    gr.add_argument("--layers", type=at_least(1), required=True, help="new model.num_layers (a multiple)")
     gr.add_argument("--order", default="stack", help="stack (l0..lL-1 repeated) or interleave")
     gr.add_argument("--out", required=True, help="checkpoints root to write into")
     gr.add_argument("overrides", nargs="*", help="config changes for the grown run, e.g. "
                                                  "model.loops=4 objective.beta=0.05")
     gr.set_defaults(fn=_grow)
+    for p in (ex, im, conv, gr):
+        p.add_argument("--overwrite", action="store_true",
+                       help="--out may exist and hold files: it is moved aside (renamed)")

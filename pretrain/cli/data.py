@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from pretrain.cli.flags import at_least
 from pretrain.config import ConfigError
 
 
@@ -122,12 +123,12 @@ def add_commands(sub) -> None:
     tok = data.add_parser("tokenize", help="tokenize text, JSON lines (.gz/.zst), Parquet or "
                                            "saved Arrow datasets into webdataset shards")
     tok.add_argument("--tokenizer", required=True, help="tokenizer.json")
-    tok.add_argument("--shard-tokens", type=int, default=1 << 26, help="tokens per shard")
-    tok.add_argument("--chunk-tokens", type=int, default=8192, help="tokens per tar member")
-    tok.add_argument("--workers", type=int, default=1, help="tokenizer processes (per task)")
+    tok.add_argument("--shard-tokens", type=at_least(1), default=1 << 26, help="tokens per shard")
+    tok.add_argument("--chunk-tokens", type=at_least(1), default=8192, help="tokens per tar member")
+    tok.add_argument("--workers", type=at_least(1), default=1, help="tokenizer processes (per task)")
     tok.add_argument("--validation-fraction", type=float, default=0.0,
                      help="share of documents held out (by content hash) into OUTPUT/validation")
-    tok.add_argument("--tasks", type=int, default=0, help="parts of a job array (with --submit "
+    tok.add_argument("--tasks", type=at_least(0), default=0, help="parts of a job array (with --submit "
                                                           "or --local)")
     tok.add_argument("--submit", action="store_true", help="submit the parts as a SLURM job "
                                                            "array and a merge job after it")
@@ -135,11 +136,11 @@ def add_commands(sub) -> None:
     tok.add_argument("--time", default="04:00:00", help="SLURM time limit per task")
     tok.add_argument("--partition", default="")
     tok.add_argument("--account", default="")
-    tok.add_argument("--cpus-per-task", type=int, default=0, help="default: --workers")
-    tok.add_argument("--concurrent", type=int, default=0, help="array tasks at once (0: any)")
+    tok.add_argument("--cpus-per-task", type=at_least(0), default=0, help="default: --workers")
+    tok.add_argument("--concurrent", type=at_least(0), default=0, help="array tasks at once (0: any)")
     bpe = data.add_parser("train-tokenizer", help="train a byte-level BPE on the inputs")
-    bpe.add_argument("--vocab-size", type=int, required=True)
-    bpe.add_argument("--sample-bytes", type=int, default=0,
+    bpe.add_argument("--vocab-size", type=at_least(1), required=True)
+    bpe.add_argument("--sample-bytes", type=at_least(0), default=0,
                      help="train on a deterministic sample of about this much text, spread over "
                           "all inputs (0: everything)")
     for p, fn in ((tok, _tokenize), (bpe, _train_tokenizer)):
@@ -154,7 +155,7 @@ def add_commands(sub) -> None:
         p.set_defaults(fn=fn)
     part = data.add_parser("part", help="tokenize one part of a planned job (an array task)")
     part.add_argument("output", help="the job's output directory")
-    part.add_argument("part", type=int)
+    part.add_argument("part", type=at_least(0))
     part.set_defaults(fn=_part)
     merge = data.add_parser("merge", help="merge a job's finished parts into shards + manifest")
     merge.add_argument("output")

@@ -5,8 +5,10 @@ rule, through the same decoding path."""
 from __future__ import annotations
 
 import argparse
+import json
 import math
 
+from pretrain.cli.flags import at_least, probability
 from pretrain.config import ConfigError
 
 
@@ -45,8 +47,10 @@ def _eval(args: argparse.Namespace) -> int:
 
     overrides = [f"model.loops={max(loops)}"] if loops else []
     if args.data:  # shards to measure instead of the run's data.validation
-        overrides += ["data.source=shards", f"data.sources=[{{path: {args.data}}}]",
-                      f"data.validation=[{{path: {args.data}}}]"]
+        overrides += ["data.source=shards", f"data.sources=[{{path: {json.dumps(args.data)}}}]",
+                      f"data.validation=[{{path: {json.dumps(args.data)}}}]"]
+    elif not args.allow_commands:
+        _refuse_checkpoint_commands(args.checkpoint)
     rules = _parse_exit_rules(args.exit or ["gate:0.3", "gate:0.5", "gate:0.7", "gate:0.9"])
     cfg, model = load_model(args.checkpoint, overrides)
     table = exit_table(cfg, model, args.batches, rules, args.kv_cache, args.prefill)
@@ -65,6 +69,20 @@ def _eval(args: argparse.Namespace) -> int:
               f"{table[f'loops_exit_{rule}']:.2f} | {table[f'ce_decoded_{rule}']:7.4f} | "
               f"{table[f'bpb_decoded_{rule}']:6.4f} | {table[f'loops_decoded_{rule}']:.2f}")
     return 0
+
+
+def _refuse_checkpoint_commands(checkpoint: str) -> None:
+    """A checkpoint's config may come from anyone: its `pipe:` url_templates are shell
+    commands, run only when the user passes --allow-commands (or measures --data instead)."""
+    from data_pipeline.config import shell_commands
+    from pretrain.checkpoint import store
+    from pretrain.config import load_config
+
+    path = store.resolve(checkpoint) / "config.yaml"
+    commands = shell_commands(load_config(path).data)
+    if commands:
+        raise ConfigError(f"{path}: {commands[0]} is a shell command; eval runs none from a "
+                          "checkpoint's config: pass --data DIR, or --allow-commands to run it")
 
 
 def _downstream(args: argparse.Namespace, loops: list[int]) -> int:
@@ -116,12 +134,12 @@ def add_commands(sub) -> None:
     g = sub.add_parser("generate", help="generate text from a checkpoint")
     g.add_argument("--checkpoint", required=True)
     g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--max-new-tokens", type=at_least(1), default=64)
     g.add_argument("--exit", default="all", help="exit rule: gate:Q, delta:EPS, fixed:N or all")
     _add_decoding_flags(g)
-    g.add_argument("--loops", type=int, default=0, help="loop count (default: the trained one)")
-    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--loops", type=at_least(0), default=0, help="loop count (default: the trained one)")
+    g.add_argument("--temperature", type=at_least(0.0, float), default=0.0, help="0: greedy")
+    g.add_argument("--top-p", type=probability, default=1.0)
     g.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help="end once the new text holds TEXT or EOS (repeatable)")
     g.set_defaults(fn=_generate)
@@ -131,24 +149,27 @@ def add_commands(sub) -> None:
     ev.add_argument("--tasks", default="", help="lm-eval tasks, comma-separated: registry names "
                                                 "(hellaswag,arc_easy) or task YAML files")
     ev.add_argument("--include-path", default="", help="directory of extra lm-eval task YAMLs")
-    ev.add_argument("--num-fewshot", type=int, default=None)
-    ev.add_argument("--limit", type=int, default=None, help="documents per task (for testing)")
-    ev.add_argument("--loops", type=int, nargs="+", default=None,
+    ev.add_argument("--num-fewshot", type=at_least(0), default=None)
+    ev.add_argument("--limit", type=at_least(1), default=None, help="documents per task (for testing)")
+    ev.add_argument("--loops", type=at_least(1), nargs="+", default=None,
                     help="loop counts to evaluate (default: the trained one)")
     ev.add_argument("--exit", nargs="+", default=None,
                     help="exit rules: gate:Q (cumulative exit probability), delta:EPS "
                          "(|h_t - h_t-1| < EPS), fixed:N, all (default: all with --tasks, "
                          "gate:0.3..0.9 on held-out data)")
     _add_decoding_flags(ev)
-    ev.add_argument("--batch-size", type=int, default=8, help="sequences per forward (--tasks)")
-    ev.add_argument("--bootstrap-iters", type=int, default=100000,
+    ev.add_argument("--batch-size", type=at_least(1), default=8, help="sequences per forward (--tasks)")
+    ev.add_argument("--bootstrap-iters", type=at_least(0), default=100000,
                     help="lm-eval's bootstrap samples for stderr (0: none)")
     ev.add_argument("--output", default="", help="results directory (default: <run>/downstream/"
                                                  "<step>)")
     ev.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ev.add_argument("--data", default="", help="held-out shards directory (default: the run's "
                                                "data.validation)")
-    ev.add_argument("--batches", type=int, default=8, help="held-out micro-batches")
-    ev.add_argument("--prefill", type=int, default=0,
+    ev.add_argument("--batches", type=at_least(1), default=8, help="held-out micro-batches")
+    ev.add_argument("--allow-commands", action="store_true",
+                    help="run the pipe: url_templates of the checkpoint's data config (a "
+                         "checkpoint from elsewhere may name any command)")
+    ev.add_argument("--prefill", type=at_least(0), default=0,
                     help="held-out: tokens of each sequence prefilled (every loop) before decoding")
     ev.set_defaults(fn=_eval)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from pretrain.cli.flags import at_least
 from pretrain.config import ConfigError, load_config
 
 
@@ -60,10 +61,10 @@ def add_commands(sub) -> None:
     pl = sub.add_parser("plan", help="predict memory, bubble, comm and MFU; rank the layouts")
     pl.add_argument("--config", required=True)
     pl.add_argument("overrides", nargs="*")
-    pl.add_argument("--gpus", type=int, required=True)
+    pl.add_argument("--gpus", type=at_least(1), required=True)
     pl.add_argument("--gpu", default="h100", help="h100, h200, a100, b200")
-    pl.add_argument("--global-batch", type=int, default=0, help="sequences per step")
-    pl.add_argument("--top", type=int, default=10)
+    pl.add_argument("--global-batch", type=at_least(0), default=0, help="sequences per step")
+    pl.add_argument("--top", type=at_least(1), default=10)
     pl.add_argument("--rehearse", action="store_true",
                     help="set every layout up on the meta device (TP layers, pipeline stages, "
                          "ZeRO config, checkpoint entries) instead of ranking them")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from pretrain.cli.flags import at_least
 from pretrain.config import ConfigError, load_config
 
 
@@ -71,7 +72,7 @@ def _sweep(args: argparse.Namespace) -> int:
         raise ConfigError("sweep: give --spec and exactly one of --local / --submit")
     spec = load_spec(args.spec)
     points = expand(spec)
-    write_points(spec, points)
+    write_points(spec, points, args.overwrite)
     print(f"sweep: {len(points)} points -> {spec.out_dir / 'points'}")
     if args.submit:
         print(wait_note(submit_array(spec, points), spec.out_dir))
@@ -89,13 +90,14 @@ def add_commands(sub) -> None:
     sb = sub.add_parser("submit", help="submit a run to SLURM (auto-requeue on preemption)")
     sb.add_argument("--config", required=True)
     sb.add_argument("overrides", nargs="*")
-    sb.add_argument("--nodes", type=int, default=1)
-    sb.add_argument("--gpus-per-node", type=int, default=0)
-    sb.add_argument("--cpus-per-task", type=int, default=1)
+    sb.add_argument("--nodes", type=at_least(1), default=1)
+    sb.add_argument("--gpus-per-node", type=at_least(0), default=0)
+    sb.add_argument("--cpus-per-task", type=at_least(1), default=1)
     sb.add_argument("--time", default="01:00:00", help="HH:MM:SS or D-HH:MM:SS")
     sb.add_argument("--partition", default="")
     sb.add_argument("--account", default="")
-    sb.add_argument("--grace", type=int, default=120, help="seconds of warning (USR1) before the limit")
+    sb.add_argument("--grace", type=at_least(0), default=120,
+                    help="seconds of warning (USR1) before the limit")
     sb.add_argument("--name", default="", help="job name (default: the run directory's name)")
     sb.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
     sb.set_defaults(fn=_submit)
@@ -105,7 +107,9 @@ def add_commands(sub) -> None:
     sw.add_argument("--spec", help="sweep spec YAML (run)")
     sw.add_argument("--local", action="store_true", help="train the points here, one by one")
     sw.add_argument("--submit", action="store_true", help="submit one SLURM job array")
-    sw.add_argument("--budget", type=float, default=None, help="FLOPs for the compute optimum")
+    sw.add_argument("--overwrite", action="store_true",
+                    help="points whose run holds checkpoints of a different config are moved aside")
+    sw.add_argument("--budget", type=at_least(0.0, float), default=None, help="FLOPs for the compute optimum")
     sw.set_defaults(fn=_sweep)
     st = sub.add_parser("status", help="step, tokens, loss, checkpoint and SLURM state of a run "
                                        "(or the parts done of a tokenisation job)")

@@ -13,13 +13,49 @@ from pretrain.preemption import Preempted
 
 
 def _train(args: argparse.Namespace) -> int:
+    from pretrain.preemption import PreemptionSignal
+
+    cfg = load_config(args.config, args.overrides)
+    signals = PreemptionSignal()  # live from setup until the final save has been waited on
+    signals.install()
+    try:
+        return _run(cfg, args, signals)
+    finally:
+        signals.uninstall()
+
+
+def _own_run_dir(trainer, resume: str, overwrite: bool):
+    """Lock train.out_dir for this job (rank 0) and check a fresh start holds no other run's
+    checkpoints (pretrain/run_dir.py); every rank gets the verdict. The lock, or None."""
+    from pathlib import Path
+
+    from parallelism.topology import on_main
+    from pretrain.checkpoint import store
+    from pretrain.run_dir import own_run
+
+    out = Path(trainer.cfg.train.out_dir)
+    fresh = resume == "none" or (resume != "auto" and store.resolve(resume).parent.resolve()
+                                 != (out / "checkpoints").resolve())
+    held = []
+
+    def own():
+        lock, note = own_run(out, fresh, overwrite)
+        held.append(lock)
+        return note
+
+    note = on_main(trainer.topo, own)
+    if note:
+        trainer.log(note)
+    return held[0] if held else None
+
+
+def _run(cfg, args: argparse.Namespace, signals) -> int:
     from parallelism.topology import shutdown
     from pretrain.kernels import describe
     from pretrain.model.flops import count_parameters
     from pretrain.train import Trainer, TrainingDiverged
 
-    cfg = load_config(args.config, args.overrides)
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, preemption=signals)
     say = print if trainer.topo.is_main else (lambda *a, **k: None)
     m = cfg.model
     if "SLURM_JOB_ID" in os.environ:
@@ -31,6 +67,7 @@ def _train(args: argparse.Namespace) -> int:
           f"{trainer.topo.tp} x pipeline {trainer.topo.pp} x data {trainer.topo.dp}")
     say(describe(cfg, trainer.device, trainer.optimizer, trainer.topo.dp))
     resume = args.resume or ("auto" if "SLURM_JOB_ID" in os.environ else "none")
+    lock = _own_run_dir(trainer, resume, args.overwrite)
     try:
         if resume != "none":
             trainer.resume(resume)
@@ -49,6 +86,9 @@ def _train(args: argparse.Namespace) -> int:
             raise
         print(f"pretrain: error: {why}", file=sys.stderr)
         return EXIT_PEER_LOST
+    finally:
+        if lock is not None:
+            lock.release()
     shutdown(trainer.topo)
     first = summary.history[0]["train/loss"] if summary.history else float("nan")
     say(f"done: {summary.steps} steps, loss {first:.4f} -> {summary.final_loss:.4f}, "
@@ -81,3 +121,6 @@ def add_commands(sub) -> None:
             p.add_argument("--resume", default=None,
                            help="auto (newest complete checkpoint of train.out_dir), a checkpoint "
                                 "or run directory, or none; default: auto under SLURM, else none")
+            p.add_argument("--overwrite", action="store_true",
+                           help="start afresh in a train.out_dir that holds another run: the old "
+                                "run is moved aside (renamed, not deleted)")

@@ -97,8 +97,23 @@ def expand(spec: SweepSpec) -> list[Point]:
     return out
 
 
-def write_points(spec: SweepSpec, points: list[Point]) -> Path:
-    """Each point's config.yaml plus the sweep's index (points.json)."""
+def write_points(spec: SweepSpec, points: list[Point], overwrite: bool = False) -> Path:
+    """Each point's config.yaml plus the sweep's index (points.json). A point whose run
+    already holds checkpoints of a different config (the spec changed) would resume them as
+    if they were its own: refused before anything is written, or with `overwrite` that run is
+    moved aside."""
+    from pretrain.checkpoint import store
+    from pretrain.run_dir import move_aside
+
+    changed = [pt for pt in points if store.newest(pt.run_dir / "checkpoints") is not None
+               and (pt.run_dir / "config.yaml").is_file()
+               and (pt.run_dir / "config.yaml").read_text() != dump_config(pt.cfg)]
+    if changed and not overwrite:
+        raise ConfigError(f"{spec.path}: point {changed[0].index} ({changed[0].run_dir}) holds "
+                          "checkpoints of a different config (the spec changed); pass "
+                          "--overwrite to move such points aside, or use a new out_dir")
+    for pt in changed:
+        print(f"sweep: point {pt.index}'s old run moved aside to {move_aside(pt.run_dir)}")
     for pt in points:
         pt.run_dir.mkdir(parents=True, exist_ok=True)
         (pt.run_dir / "config.yaml").write_text(dump_config(pt.cfg))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 
 import torch
 
@@ -22,7 +23,7 @@ def config(overlap: bool, pp: int, *extra: str):
                        "parallel.data=2", f"parallel.pipeline={pp}", "train.grad_accum_steps=2",
                        "train.micro_batch_size=4", "parallel.grad_bucket_mb=0.01",
                        f"parallel.overlap_grad_reduce={str(overlap).lower()}",
-                       f"train.out_dir=/tmp/overlap-{os.getpid()}", *extra)
+                       f"train.out_dir={tempfile.mkdtemp(prefix='overlap-')}", *extra)
 
 
 def run(topo, cfg):

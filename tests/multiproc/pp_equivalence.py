@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import tempfile
 
 import torch
 import torch.distributed as dist
@@ -88,7 +89,7 @@ def one_case(topo, loops, m, kind, variant, split, sp) -> dict:
 def training_case(topo, loops: int) -> dict:
     base = [*SHAPES, f"model.loops={loops}", "train.max_steps=10", "train.log_every=1",
             "optim.warmup_steps=0", "train.grad_accum_steps=2", "train.micro_batch_size=4",
-            f"train.out_dir=/tmp/pp-train-{os.getpid()}"]
+            f"train.out_dir={tempfile.mkdtemp(prefix='pp-train-')}"]
     par = Trainer(tiny_config(*base, f"parallel.pipeline={topo.pp}", f"parallel.tensor={topo.tp}"),
                   topology=topo, log=lambda _: None, tensorboard=False).fit(save=False)
     ref = Trainer(tiny_config(*base), topology=Topology(), log=lambda _: None,

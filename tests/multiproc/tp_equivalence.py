@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import tempfile
 
 import torch
 
@@ -84,7 +85,7 @@ def one_case(topo, loops: int, variant: str, sp: bool, memory: list[str] = ()) -
 def training_case(topo, sp: bool) -> dict:
     """5 optimizer steps through the real Trainer at TP=N vs TP=1 (same process, same data)."""
     base = [*TP_SHAPES, "train.max_steps=5", "train.log_every=1", "optim.warmup_steps=0",
-            f"train.out_dir=/tmp/tp-train-{os.getpid()}"]
+            f"train.out_dir={tempfile.mkdtemp(prefix='tp-train-')}"]
     cfg_par = tiny_config(*base, f"parallel.tensor={topo.tp}",
                           f"parallel.sequence_parallel={str(sp).lower()}")
     cfg_ref = tiny_config(*base)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 
 import torch
 import torch.distributed as dist
@@ -27,7 +28,7 @@ BASE = ["model.vocab_size=260", "model.num_kv_heads=4", "train.seq_len=16",
 
 
 def run(topo, layout: list[str], stage: int) -> dict:
-    out = f"/tmp/zero-{os.getpid()}"
+    out = tempfile.mkdtemp(prefix="zero-")
     dp = topo.dp
     par_cfg = tiny_config(*BASE, *layout, f"parallel.zero_stage={stage}",
                           f"train.micro_batch_size={4 // dp}", f"train.out_dir={out}")
@@ -58,7 +59,8 @@ def run(topo, layout: list[str], stage: int) -> dict:
 def nan_case(topo, stage: int) -> dict:
     """Step 2 sees a NaN loss on DP rank 1 only."""
     cfg = tiny_config(*BASE, f"parallel.data={topo.dp}", f"parallel.zero_stage={stage}",
-                      f"train.micro_batch_size={4 // topo.dp}", f"train.out_dir=/tmp/nan-{os.getpid()}")
+                      f"train.micro_batch_size={4 // topo.dp}",
+                      f"train.out_dir={tempfile.mkdtemp(prefix='nan-')}")
     trainer = Trainer(cfg, topology=topo, log=lambda _: None, tensorboard=False)
     trainer.train_step()
     before = [p.detach().clone() for p in trainer.model.parameters()]

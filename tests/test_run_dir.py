@@ -1,0 +1,188 @@
+"""A run directory is owned (issue 25, items 4-8): a second run is refused or moves the old one
+aside, a live job's lock refuses another, pruning stays inside one trajectory, a damaged newest
+checkpoint is passed over, a failed save is one line, and a signal anywhere from setup to the
+final save ends in a requeueable exit."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from core.exit_codes import EXIT_CONFIG, EXIT_PREEMPTED
+from pretrain.checkpoint import store
+from pretrain.cli import main
+from pretrain.run_dir import RunLock
+from pretrain.status import losses_by_step
+from tests.conftest import ROOT
+from tests.distributed import child_env
+
+SHORT = ["model.vocab_size=260", "train.max_steps=8", "optim.warmup_steps=2",
+         "train.checkpoint_every=4", "train.log_every=1", "train.seq_len=32", "train.keep_last=0"]
+
+
+def _cli(out: Path, *extra: str) -> list[str]:
+    return ["train", "--config", str(ROOT / "configs/tiny.yaml"), *SHORT,
+            f"data.paths=[{ROOT / 'data/sample.txt'}]", f"train.out_dir={out}", *extra]
+
+
+def _digest(root: Path) -> dict[str, str]:
+    """Every file under `root` by relative path -> SHA-256 (checkpoints must stay byte-equal)."""
+    return {str(f.relative_to(root)): hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(root.rglob("*")) if f.is_file()}
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0, err
+    return err
+
+
+def test_a_second_fresh_run_is_refused_and_overwrite_moves_the_old_run_aside(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(_cli(run, "train.max_steps=4")) == 0
+    before = _digest(run / "checkpoints")
+    assert main(_cli(run, "train.max_steps=4")) == EXIT_CONFIG
+    err = _one_line_error(capsys)
+    assert "holds a run's checkpoints (newest step_0000004)" in err and "--resume auto" in err
+    assert _digest(run / "checkpoints") == before
+    assert main(_cli(run, "train.max_steps=4", "--overwrite")) == 0
+    (aside,) = tmp_path.glob("run.old-*")
+    assert _digest(aside / "checkpoints") == before  # moved, byte for byte
+    assert store.newest(run / "checkpoints").name == "step_0000004"
+
+
+def test_resuming_an_older_step_sets_the_newer_trajectory_aside_and_prunes_only_its_own(tmp_path):
+    """Resume step 4 of a run that reached 8, with keep_last=1: the old step 8 is another
+    trajectory (set aside intact, so --resume auto and `latest` agree on the new one), and the
+    new run's pruning removes only its own older steps, never the one it just sealed."""
+    run = tmp_path / "run"
+    assert main(_cli(run)) == 0
+    old8 = _digest(run / "checkpoints/step_0000008")
+    assert main(_cli(run, "train.keep_last=1", "train.checkpoint_every=2", "train.max_steps=6",
+                     "--resume", str(run / "checkpoints/step_0000004"))) == 0
+    root = run / "checkpoints"
+    assert [d.name for d in store.complete_checkpoints(root)] == ["step_0000006"]
+    assert (root / "latest").read_text().strip() == "step_0000006"
+    assert _digest(root / "step_0000008.superseded") == old8
+
+
+def test_pruning_never_removes_the_sealed_step_or_a_newer_one(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step in (2, 4, 6, 8):
+        d = store.step_dir(root, step)
+        d.mkdir(parents=True)
+        (d / store.META).write_text("{}")
+        (d / ".metadata").write_text("")
+    removed = store.prune(root, 2, store.step_dir(root, 4))
+    assert [d.name for d in removed] == []  # 4 and the one before it: 2
+    removed = store.prune(root, 1, store.step_dir(root, 4))
+    assert [d.name for d in removed] == ["step_0000002"]
+    assert [d.name for d in store.complete_checkpoints(root)] == [
+        "step_0000004", "step_0000006", "step_0000008"]
+
+
+def test_a_live_job_holds_the_run_directory_and_a_dead_ones_lock_is_taken_over(tmp_path,
+                                                                              capsys):
+    run = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom pretrain.run_dir import RunLock\n"
+         f"RunLock({str(run)!r}).acquire()\nprint('held', flush=True)\ntime.sleep(600)\n"],
+        cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(_cli(run, "train.max_steps=4")) == EXIT_CONFIG
+        err = _one_line_error(capsys)
+        assert "another live job is running" in err and f'"pid": {holder.pid}' in err
+        assert not (run / "checkpoints").exists()
+    finally:
+        holder.kill()  # dies without releasing anything: the kernel drops its flock
+        holder.wait()
+    assert main(_cli(run, "train.max_steps=4")) == 0
+    lock = RunLock(run)
+    lock.acquire()  # released at the end of the run above
+    assert json.loads((run / ".lock").read_text())["pid"] == os.getpid()
+    lock.release()
+
+
+def test_resume_auto_falls_back_past_a_damaged_newest_checkpoint(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(_cli(run)) == 0  # checkpoints at 4 and 8
+    uninterrupted = losses_by_step(run)
+    shard = run / "checkpoints/step_0000008/__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(_cli(run, "--resume", "auto")) == 0
+    out = capsys.readouterr().out
+    assert f"{shard}: shard file is corrupt (CRC-32 mismatch); falling back" in out
+    assert (run / "checkpoints/step_0000008.damaged/__0_0.distcp").read_bytes() == bytes(data)
+    assert "step_0000004 at step 4" in out
+    assert losses_by_step(run) == uninterrupted  # steps 5-8 again, bit-identical
+
+
+def _run_patched(out: Path, patch: str, *extra: str, preexec=None) -> subprocess.CompletedProcess:
+    """`pretrain train` in a child whose code is first changed by `patch` (to raise a signal or
+    a fault at a chosen point)."""
+    code = (f"import os, signal, sys\n{patch}\nfrom pretrain.cli import main\n"
+            f"sys.exit(main({_cli(out, *extra)!r}))\n")
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=child_env(),
+                          capture_output=True, text=True, timeout=300, preexec_fn=preexec)
+
+
+SIGNAL_DURING = {
+    # resuming a 1.4B checkpoint takes minutes: the signal must not kill the job
+    "resume": ("from pretrain.checkpoint.checkpointer import Checkpointer as C\n_load = C.load\n"
+               "def _slow_load(self, path, entries):\n    os.kill(os.getpid(), signal.SIGUSR1)\n"
+               "    return _load(self, path, entries)\nC.load = _slow_load\n"),
+    # the final save: the run is complete once it is sealed
+    "final save": ("import pretrain.checkpoint.store as s\n_seal = s.seal\n"
+                   "def _seal_signalled(tmp, meta):\n"
+                   "    if meta['step'] == 8:\n        os.kill(os.getpid(), signal.SIGTERM)\n"
+                   "    return _seal(tmp, meta)\ns.seal = _seal_signalled\n"),
+}
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("when", list(SIGNAL_DURING))
+def test_a_signal_from_setup_to_the_final_save_is_a_requeueable_exit(tmp_path, when):
+    run = tmp_path / "run"
+    assert main(_cli(run, "train.max_steps=4")) == 0
+    res = _run_patched(run, SIGNAL_DURING[when], "--resume", "auto")
+    if when == "resume":  # stopped before its first step, on the checkpoint it resumed
+        assert res.returncode == EXIT_PREEMPTED, res.stderr
+        assert f"checkpoint {run / 'checkpoints'}/step_0000004 at step 4" in res.stdout
+    else:
+        assert res.returncode == 0, res.stderr
+        assert store.newest(run / "checkpoints").name == "step_0000008"
+
+
+@pytest.mark.multiproc
+def test_a_save_that_fills_the_disk_is_one_line_and_the_run_resumes(tmp_path):
+    """A file-size limit makes the write fail with EFBIG, as a full disk fails with ENOSPC:
+    the same path (an OSError inside DCP's writer)."""
+    run = tmp_path / "run"
+    assert main(_cli(run, "train.max_steps=4")) == 0
+    limit = (run / "checkpoints/step_0000004/__0_0.distcp").stat().st_size // 2
+
+    def small_disk():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    res = _run_patched(run, "", "--resume", "auto", preexec=small_disk)
+    assert res.returncode == EXIT_CONFIG
+    err = res.stderr.strip()
+    assert err.count("\n") == 0, err
+    assert err.startswith("pretrain: error: checkpoint of step 8 failed (")
+    assert f"GiB free in {run / 'checkpoints'}" in err  # torch's writer drops the errno
+    assert err.endswith(f"newest complete checkpoint: {run / 'checkpoints/step_0000004'}")
+    assert main(_cli(run, "--resume", "auto")) == 0
+    assert store.newest(run / "checkpoints").name == "step_0000008"
