@@ -17,7 +17,6 @@ one process writes.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import zlib
 from dataclasses import asdict
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from core.durable import fsync_path
 from data_pipeline.badinput import BadInput, DataError
 from data_pipeline.inputs import Unit, expand_inputs, split_parts, units_of
 from data_pipeline.shards import (
@@ -48,8 +48,7 @@ READ_TOKENS = 1 << 22  # tokens per slice when merging
 def _write_json(path: Path, body: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(body, indent=1))
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
+    fsync_path(tmp)
     tmp.rename(path)
 
 

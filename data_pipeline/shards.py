@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 
+from core.durable import fsync_path
 from data_pipeline.badinput import BadInput, DataError
 from data_pipeline.documents import Reader
 from data_pipeline.inputs import Unit, expand_inputs, units_of
@@ -63,8 +64,7 @@ class Manifest:
         tmp = directory / (MANIFEST + ".tmp")
         body = asdict(self) | {"total_tokens": self.total_tokens}
         tmp.write_text(json.dumps(body, indent=1))
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
+        fsync_path(tmp)
         tmp.rename(directory / MANIFEST)
         fsync_path(directory)  # the rename itself durable
 
@@ -298,14 +298,6 @@ def check_output(out: Path) -> None:
     if left:
         raise DataError(f"{out}: holds shards without a {MANIFEST} ({left[0].name}...: an "
                         "interrupted run?); write to a new directory or remove them")
-
-
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _durable(directory: Path, shards: list[ShardInfo]) -> None:

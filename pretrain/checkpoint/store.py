@@ -17,6 +17,8 @@ import shutil
 import zlib
 from pathlib import Path
 
+from core.durable import fsync_path
+
 META = "meta.json"
 LATEST = "latest"
 _STEP = re.compile(r"^step_(\d{7,})$")
@@ -120,21 +122,13 @@ def read_meta(d: Path) -> dict:
         raise CheckpointError(f"{d / META}: unreadable checkpoint record ({e})") from None
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def seal(tmp: Path, meta: dict) -> Path:
     """Write the record, make everything durable, rename `tmp` to its final name, then point
     `latest` at it (each step atomic)."""
     (tmp / META).write_text(json.dumps(meta, indent=1, sort_keys=True))
     for f in tmp.iterdir():
-        _fsync(f)
-    _fsync(tmp)
+        fsync_path(f)
+    fsync_path(tmp)
     final = tmp.with_name(tmp.name.removesuffix(".tmp"))
     aside = None
     if final.exists():  # a re-run of the same step (resumed from an older checkpoint):
@@ -145,7 +139,7 @@ def seal(tmp: Path, meta: dict) -> Path:
     link = final.parent / (LATEST + ".tmp")
     link.write_text(final.name + "\n")
     os.replace(link, final.parent / LATEST)
-    _fsync(final.parent)
+    fsync_path(final.parent)
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)
     return final
