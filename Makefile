@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo test test-fast lint bench clean wheelhouse
 
 $(STAMP): setup.cfg pyproject.toml
 	python3 -m venv $(VENV)
@@ -18,6 +18,17 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Air-gapped nodes: every dependency but torch (the node's own, e.g. an NGC container's), at the
+# versions tested in .venv, as wheels for this Python and platform (run it on a machine that
+# matches the nodes: the same container, or the same Python on x86_64/aarch64). On the node:
+#   pip install --no-index --find-links wheelhouse -e '.[dev]'
+WHEELHOUSE ?= wheelhouse
+wheelhouse: install
+	mkdir -p $(WHEELHOUSE)
+	$(PY) -m pip freeze --exclude-editable | grep -viE '^(torch|triton|nvidia-)' > $(WHEELHOUSE)/requirements.txt
+	$(PY) -m pip wheel -q --no-deps --no-build-isolation -r $(WHEELHOUSE)/requirements.txt -w $(WHEELHOUSE)
+	$(PY) -m pip wheel -q --no-deps --no-build-isolation -w $(WHEELHOUSE) setuptools wheel
 
 # The demo: a byte-level BPE trained on the bundled text, webdataset shards, then training on
 # 2 ranks (megatron-core tensor + sequence parallelism, gloo on CPU) with the streaming loader.
@@ -56,4 +67,4 @@ bench: install
 	$(PY) bench/loop_modes.py run --only ouro-R1 ouro-R4 flt-K1 lt_ia-K4-all --tokens 500000
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs $(WHEELHOUSE)

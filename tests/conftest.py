@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,14 @@ import torch.distributed as dist
 from pretrain.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# deterministic cuBLAS (every test runs with torch.use_deterministic_algorithms): must be set
+# before CUDA starts, so here, at collection
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="needs a CUDA device (the CUDA tier: pytest -m cuda)")
+# a test parametrised over DEVICES runs on CPU everywhere and on CUDA in the CUDA tier
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, needs_cuda])]
 
 
 def tiny_config(*overrides: str, out_dir: str | Path = "runs/test"):

@@ -13,7 +13,7 @@ from pretrain.model.activations import saved_bytes
 from pretrain.model.looped import LoopedLM
 from pretrain.model.memory import MemoryPolicy, SavedForBackward
 from pretrain.model.objective import compute_objective, readout_steps
-from tests.conftest import VARIANTS, tiny_config
+from tests.conftest import DEVICES, VARIANTS, tiny_config
 
 POLICIES = {"selective": MemoryPolicy("selective"), "full": MemoryPolicy("full"),
             "loops-k1": MemoryPolicy("loops", 1), "loops-k0": MemoryPolicy("loops", 0)}
@@ -37,14 +37,15 @@ def _loss_and_grads(cfg, model, policy, ids, labels):
     return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("variant", MODES)
 @pytest.mark.parametrize("policy", POLICIES)
-def test_recompute_gradients_bit_equal(variant, policy):
+def test_recompute_gradients_bit_equal(variant, policy, device):
     """Every recompute mode, every loop mode, with dropout: the same loss and gradients, bit
-    for bit (fp32, CPU), as keeping every activation."""
+    for bit (fp32; deterministic kernels on CUDA), as keeping every activation."""
     cfg = tiny_config(*VARIANTS[variant], "model.dropout=0.1", "model.loops=4")
-    model = LoopedLM(cfg.model)
-    ids, labels = _batch(cfg)
+    model = LoopedLM(cfg.model).to(device)
+    ids, labels = (x.to(device) for x in _batch(cfg))
     loss0, grads0 = _loss_and_grads(cfg, model, MemoryPolicy(), ids, labels)
     loss, grads = _loss_and_grads(cfg, model, POLICIES[policy], ids, labels)
     assert torch.equal(loss, loss0)

@@ -12,7 +12,7 @@ from torch._dynamo.utils import counters
 
 from pretrain.cli import main
 from pretrain.train import Trainer
-from tests.conftest import ROOT, tiny_config
+from tests.conftest import DEVICES, ROOT, tiny_config
 
 # bf16 autocast against fp32 over 50 steps: the trajectories part slowly (a loss spike at a
 # batch of 4 x 32 tokens lands a little differently), the curves do not
@@ -25,10 +25,12 @@ def _losses(*overrides: str) -> list[float]:
     return [s["train/loss"] for s in Trainer(cfg, log=None, tensorboard=False).fit(save=False).history]
 
 
-def test_bf16_autocast_follows_fp32_for_50_steps():
-    """CPU bf16 autocast (fp32 weights, optimizer state and loss) trains the same curve as
-    fp32 within the stated tolerances -- and is not fp32 (autocast did engage)."""
-    small = ["train.max_steps=50", "train.micro_batch_size=4", "train.seq_len=32"]
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_autocast_follows_fp32_for_50_steps(device):
+    """bf16 autocast (fp32 weights, optimizer state and loss) trains the same curve as fp32
+    within the stated tolerances -- and is not fp32 (autocast did engage)."""
+    small = ["train.max_steps=50", "train.micro_batch_size=4", "train.seq_len=32",
+             f"train.device={device}"]
     fp32, bf16 = _losses(*small), _losses(*small, "train.precision=bf16")
     assert fp32 != bf16
     worst = max(abs(a - b) / a for a, b in zip(fp32, bf16, strict=True))
@@ -37,10 +39,12 @@ def test_bf16_autocast_follows_fp32_for_50_steps():
     assert bf16[-1] < bf16[0] - 1.0  # and it learns
 
 
-def test_compiled_layer_is_one_graph_for_every_loop_and_step():
-    """`train.compile`: the decoder layer compiles once (CPU inductor) and serves both layers
-    of the block on all R loops for three steps -- no recompile -- with the eager losses."""
-    run = ["train.max_steps=3", "optim.warmup_steps=0"]
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_layer_is_one_graph_for_every_loop_and_step(device):
+    """`train.compile`: the decoder layer compiles once (inductor: C++ on CPU, Triton on CUDA)
+    and serves both layers of the block on all R loops for three steps -- no recompile -- with
+    the eager losses."""
+    run = ["train.max_steps=3", "optim.warmup_steps=0", f"train.device={device}"]
     eager = _losses(*run)
     torch._dynamo.reset()
     counters.clear()

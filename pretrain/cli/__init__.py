@@ -16,7 +16,7 @@ import sys
 from core.exit_codes import EXIT_CONFIG
 from data_pipeline.badinput import DataError
 from pretrain.checkpoint import CheckpointError
-from pretrain.cli import checkpoints, data, decode, plan, runs, train
+from pretrain.cli import checkpoints, data, decode, doctor, plan, runs, train
 from pretrain.config import ConfigError
 
 
@@ -31,7 +31,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pretrain", description="Pretrain looped language models.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for group in (train, decode, plan, checkpoints, runs, data):
+    for group in (train, decode, plan, checkpoints, runs, data, doctor):
         group.add_commands(sub)
     return parser
 
