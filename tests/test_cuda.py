@@ -80,14 +80,15 @@ def test_a_checkpoint_moves_between_gpu_and_cpu(tmp_path):
                               out_dir=tmp_path), log=None, tensorboard=False)
     cpu.resume("auto")
     assert cpu.step == 2
-    for (name, a), b in zip(gpu.model.state_dict().items(), cpu.model.state_dict().values(),
-                            strict=True):
-        assert torch.equal(a.cpu(), b), name
+    _same_weights(gpu.model, cpu.model)
     cpu.fit()
     back = Trainer(tiny_config("train.max_steps=4", "optim.warmup_steps=0", "train.device=cuda",
                                out_dir=tmp_path), log=None, tensorboard=False)
     back.resume("auto")
     assert back.step == 3
-    for (name, a), b in zip(cpu.model.state_dict().items(), back.model.state_dict().values(),
-                            strict=True):
-        assert torch.equal(a, b.cpu()), name
+    _same_weights(cpu.model, back.model)
+
+
+def _same_weights(a, b):
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(x.cpu(), y.cpu()), name
