@@ -72,23 +72,15 @@ def test_fused_adamw_steps_equal_the_reference(kernel):
 
 def test_a_checkpoint_moves_between_gpu_and_cpu(tmp_path):
     """Written on the GPU, resumed on the CPU with the very same weights, and back."""
-    run = ["train.max_steps=2", "optim.warmup_steps=0", "train.checkpoint_every=1"]
-    gpu = Trainer(tiny_config(*run, "train.device=cuda", out_dir=tmp_path), log=None,
-                  tensorboard=False)
-    gpu.fit()
-    cpu = Trainer(tiny_config("train.max_steps=3", "optim.warmup_steps=0", "train.device=cpu",
-                              out_dir=tmp_path), log=None, tensorboard=False)
-    cpu.resume("auto")
-    assert cpu.step == 2
-    _same_weights(gpu.model, cpu.model)
-    cpu.fit()
-    back = Trainer(tiny_config("train.max_steps=4", "optim.warmup_steps=0", "train.device=cuda",
-                               out_dir=tmp_path), log=None, tensorboard=False)
-    back.resume("auto")
-    assert back.step == 3
-    _same_weights(cpu.model, back.model)
-
-
-def _same_weights(a, b):
-    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
-        assert torch.equal(x.cpu(), y.cpu()), name
+    before = None
+    for steps, device in ((2, "cuda"), (3, "cpu"), (4, "cuda")):
+        trainer = Trainer(tiny_config(f"train.max_steps={steps}", "optim.warmup_steps=0",
+                                      f"train.device={device}", out_dir=tmp_path),
+                          log=None, tensorboard=False)
+        trainer.resume("auto")
+        if before is not None:
+            assert trainer.step == steps - 1
+            for (name, x), y in zip(before.items(), trainer.model.state_dict().values(), strict=True):
+                assert torch.equal(x, y.cpu()), name
+        trainer.fit()
+        before = {k: v.cpu() for k, v in trainer.model.state_dict().items()}
