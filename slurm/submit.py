@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.config_schema import ConfigError
-from core.exit_codes import EXIT_PREEMPTED
+from core.exit_codes import EXIT_PREEMPTED, PREEMPTED_MARKER
 
 TEMPLATE = Path(__file__).with_name("job.sbatch")
 _NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
@@ -77,7 +77,8 @@ def render(spec: JobSpec, name: str, run_dir: Path, command: str) -> str:
         cpus_per_task=spec.cpus_per_task, time=spec.time, grace=spec.grace_s,
         extra_directives="\n".join(e for e in extra if e), run_dir=shlex.quote(str(run_dir)),
         gpu_env="" if spec.gpus_per_node else " CUDA_VISIBLE_DEVICES=",
-        command=command, exit_preempted=EXIT_PREEMPTED)
+        command=command, exit_preempted=EXIT_PREEMPTED,
+        preempted_marker=PREEMPTED_MARKER)
 
 
 def sbatch(script: Path, run_dir: Path, array: bool = False, after: str = "") -> str:

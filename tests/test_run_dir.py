@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from core.exit_codes import EXIT_CONFIG, EXIT_PREEMPTED
+from core.exit_codes import EXIT_CONFIG, EXIT_PREEMPTED, PREEMPTED_MARKER
 from pretrain.checkpoint import store
 from pretrain.cli import main
 from pretrain.run_dir import RunLock
@@ -160,6 +160,7 @@ def test_a_signal_from_setup_to_the_final_save_is_a_requeueable_exit(tmp_path, w
     if when == "resume":  # stopped before its first step, on the checkpoint it resumed
         assert res.returncode == EXIT_PREEMPTED, res.stderr
         assert f"checkpoint {run / 'checkpoints'}/step_0000004 at step 4" in res.stdout
+        assert "step_0000004 at step 4" in (run / PREEMPTED_MARKER).read_text()  # for sbatch
     else:
         assert res.returncode == 0, res.stderr
         assert store.newest(run / "checkpoints").name == "step_0000008"
