@@ -16,9 +16,9 @@ from tests.conftest import ROOT
 
 def test_the_declared_torch_range_admits_the_tested_release_and_ngc_builds():
     spec = SpecifierSet(tested_torch())
-    for admitted in ("2.13.0", "2.13.0+cpu", "2.13.1", "2.13.0a0+5228986c39.nv25.10"):
+    for admitted in ("2.13.0", "2.13.0+cpu", "2.14.1+cu130", "2.13.0a0+5228986c39.nv25.10"):
         assert spec.contains(admitted, prereleases=True), admitted
-    for refused in ("2.12.1", "2.14.0", "3.0.0"):
+    for refused in ("2.12.1", "2.15.0", "3.0.0"):
         assert not spec.contains(refused, prereleases=True), refused
 
 
