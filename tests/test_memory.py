@@ -57,13 +57,14 @@ def test_recompute_gradients_bit_equal(variant, policy, device):
 @pytest.mark.parametrize("variant,kind", [("ouro", "elbo"), ("flt_recipe", "last"),
                                           ("flt_recipe", "few"), ("ouro", "adaptive_gate")])
 @pytest.mark.parametrize("chunk", [7, 32, 1000])
-def test_chunked_readout_equals_whole_logits(variant, kind, chunk):
+@pytest.mark.parametrize("device", DEVICES)
+def test_chunked_readout_equals_whole_logits(variant, kind, chunk, device):
     """The deferred readout, in chunks that do not divide the sequence, one chunk, and more
     than the sequence: the same loss and per-step CE, gradients within fp32 rounding (the
     head's weight gradient sums its chunks in another order)."""
     cfg = tiny_config(*VARIANTS[variant], f"objective.kind={kind}", "model.loops=3")
-    model = LoopedLM(cfg.model)
-    ids, labels = _batch(cfg)
+    model = LoopedLM(cfg.model).to(device)
+    ids, labels = (x.to(device) for x in _batch(cfg))
     loss0, grads0 = _loss_and_grads(cfg, model, MemoryPolicy(), ids, labels)
     loss, grads = _loss_and_grads(cfg, model, MemoryPolicy(chunk_rows=chunk), ids, labels)
     torch.testing.assert_close(loss, loss0, rtol=1e-6, atol=0)
