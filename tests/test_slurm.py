@@ -102,7 +102,9 @@ def test_preemption_checkpoints_requeues_and_finishes_like_an_uninterrupted_run(
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
     assert _wait(job) == "COMPLETED"
     log = (out / f"slurm-{job}.out").read_text()
-    assert "step exited 75" in log and "requeueing" in log
+    # srun's step code is 75, or 143 when it terminated the ranks still exiting after the
+    # first: the job requeues either way (rank 0's .preempted mark)
+    assert re.search(r"step exited (75|143) ", log) and "preempted: requeueing" in log
     assert "restart 1" in log and "resumed from" in log
     show = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
     assert "Restarts=1" in show
