@@ -64,6 +64,7 @@ def _run(tmp_path, name, nproc, *overrides):
     return text, logged, load_model(out / "checkpoints/step_0000004")[1].state_dict()
 
 
+@pytest.mark.multiproc
 def test_pretrain_train_under_torchrun_tp_and_dp(tmp_path):
     """`pretrain train` under torchrun: TP=2 (+SP), DP=2 and PP=2 train the single-process
     model (checkpoints consolidated from the shards / stages).
