@@ -113,11 +113,15 @@ class ShardSource:
     def url(self, name: str) -> str:
         """Where shard `name` is read: the directory, or `url_template` with {shard} and {dir}
         substituted -- shell-quoted in a `pipe:` template, which is a command."""
-        if not self.url_template:
-            return str(Path(self.dir) / name)
+        if not self.url_template:  # absolute: a directory named `pipe:...` stays a directory
+            return str(Path(self.dir).absolute() / name)
         if self.url_template.startswith("pipe:"):
             return self.url_template.format(shard=shlex.quote(name), dir=shlex.quote(self.dir))
-        return self.url_template.format(shard=name, dir=self.dir)
+        url = self.url_template.format(shard=name, dir=self.dir)
+        if url.startswith("pipe:"):  # only a template the user wrote as `pipe:` is a command
+            raise DataError(f"url_template {self.url_template!r} with directory {self.dir!r} "
+                            "makes a pipe: command; write the directory as an absolute path")
+        return url
 
     def plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(shard order, start token of each position in the order) for `epoch`."""

@@ -117,6 +117,20 @@ def test_pipe_templates_quote_what_they_substitute(shards):
     assert src.url("shard-000000.tar") == "https://host/c/shard-000000.tar"
 
 
+def test_a_shard_directory_named_pipe_stays_a_directory(shards, tmp_path, monkeypatch):
+    """A config's shard directory (a checkpoint's, say) named `pipe:...`: read as files under
+    its absolute path, and a plain template cannot turn it into a command either."""
+    monkeypatch.chdir(tmp_path)
+    name = "pipe:touch pwned; echo "
+    shutil.copytree(shards / "shards", tmp_path / name)
+    src = ShardSource(name, 7, 0, 0, False, 1 << 20, BadInput("raise"), "")
+    assert src.url("shard-000000.tar") == f"{tmp_path / name}/shard-000000.tar"
+    src.url_template = "{dir}/{shard}"
+    with pytest.raises(DataError, match="makes a pipe: command"):
+        src.url("shard-000000.tar")
+    assert not (tmp_path / "pwned").exists()
+
+
 def test_a_file_named_pipe_in_a_directory_or_pattern_is_read_as_a_file(tmp_path, monkeypatch):
     """Only an input typed as `pipe:...` is a command; a file of that name found inside a
     directory or by a glob is text to tokenise (it used to be run)."""
