@@ -60,8 +60,9 @@ def _config(path: str, overrides: list[str], out_dir: str):
 
 
 def throughput(name: str, path: str, overrides: list[str], gpu, steps: int, warmup: int,
-               dry: bool, out_dir: str) -> dict:
-    """Train `steps` timed steps after `warmup` ones; measured vs the planner's prediction."""
+               dry: bool, out_dir: str) -> tuple[dict, Trainer | None]:
+    """Train `steps` timed steps after `warmup` ones; measured vs the planner's prediction
+    (the row), and the trainer (its model decodes next; None when nothing fits)."""
     cfg = _config(path, overrides, out_dir)
     batch = cfg.train.micro_batch_size * cfg.train.grad_accum_steps
     if dry:  # the config's own small layout, predicted as is
@@ -70,7 +71,7 @@ def throughput(name: str, path: str, overrides: list[str], gpu, steps: int, warm
     else:  # the planner's best single-GPU layout, run as it says
         est = next((e for e in plan(cfg, 1, gpu, batch) if e.feasible), None)
         if est is None:
-            return {"case": name, "error": f"the planner finds no layout of 1 {gpu.name} that fits"}
+            return {"case": name, "error": f"the planner finds no layout of 1 {gpu.name} that fits"}, None
         cfg = _config(path, [*overrides, *realising_config(cfg, est.layout)], out_dir)
     trainer = Trainer(cfg, log=None, tensorboard=False)
     for _ in range(warmup):
@@ -92,15 +93,13 @@ def throughput(name: str, path: str, overrides: list[str], gpu, steps: int, warm
             "predicted_tokens_per_s": est.tokens_per_s, "mfu": mfu, "predicted_mfu": est.mfu,
             "peak_memory_gib": peak_gib, "predicted_memory_gib": predicted_gib,
             "ratio_tokens_per_s": tokens_per_s / est.tokens_per_s, "ratio_mfu": mfu / est.mfu,
-            "ratio_memory": peak_gib / predicted_gib if peak_gib else None,
-            "model": trainer.model, "cfg": cfg}
+            "ratio_memory": peak_gib / predicted_gib if peak_gib else None}, trainer
 
 
-def decoding(row: dict, prompt_len: int, new_tokens: int, batch: int) -> dict:
+def decoding(trainer: Trainer, prompt_len: int, new_tokens: int, batch: int) -> dict:
     """Greedy decoding tokens/s of the trained model under each KV policy."""
-    model, cfg = row.pop("model"), row.pop("cfg")
-    device = next(model.parameters()).device
-    prompt = torch.randint(0, min(cfg.model.vocab_size, 256), (batch, prompt_len),
+    model, device = trainer.model, trainer.device
+    prompt = torch.randint(0, min(trainer.cfg.model.vocab_size, 256), (batch, prompt_len),
                            generator=torch.Generator().manual_seed(0)).to(device)
     out = {}
     for policy in KV_POLICIES:
@@ -174,9 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, (path, overrides) in (DRY_CASES if args.dry_run else CASES).items():
-            row = throughput(name, path, overrides, gpu, steps, warmup, args.dry_run, tmp)
-            if "error" not in row:
-                row["decode_tokens_per_s"] = decoding(row, *((16, 4, 2) if args.dry_run else (512, 128, 8)))
+            row, trainer = throughput(name, path, overrides, gpu, steps, warmup, args.dry_run, tmp)
+            if trainer is not None:
+                row["decode_tokens_per_s"] = decoding(trainer, *((16, 4, 2) if args.dry_run
+                                                                 else (512, 128, 8)))
+                del trainer
             rows.append(row)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()

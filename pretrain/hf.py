@@ -201,9 +201,9 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, base_config: str | Path |
     except KeyError as e:
         raise ConfigError(f"{src}: weight {e.args[0]} missing for config.json's shapes") from None
     model = LoopedLM(cfg.model)
-    wrong = [f"{k} {tuple(v.shape)} (config.json: {tuple(model.state_dict()[k].shape)})"
-             for k, v in state.items() if k in model.state_dict()
-             and v.shape != model.state_dict()[k].shape]
+    expected = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} (config.json: {tuple(expected[k].shape)})"
+             for k, v in state.items() if k in expected and v.shape != expected[k].shape]
     if wrong:
         raise ConfigError(f"{src}: weights do not match config.json's shapes: {wrong[0]}")
     model.load_state_dict(state)

@@ -105,8 +105,6 @@ def _train_tokenizer(args: argparse.Namespace) -> int:
     from data_pipeline.documents import iter_documents
     from data_pipeline.tokenizer import train_bpe
 
-    if args.sample_bytes < 0:
-        raise ConfigError(f"--sample-bytes: must be >= 0, got {args.sample_bytes}")
     bad = BadInput(args.on_error)
     tok = train_bpe(iter_documents(args.input, bad, args.text_field, args.empty_documents,
                                    args.sample_bytes), args.vocab_size, args.output, args.eos_token)

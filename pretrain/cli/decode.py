@@ -37,9 +37,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    loops = args.loops or []
-    if any(r < 1 for r in loops):
-        raise ConfigError(f"--loops: every loop count must be >= 1, got {loops}")
+    loops = args.loops or []  # each >= 1 (checked where argparse reads them)
     if args.tasks:
         return _downstream(args, loops)
     from pretrain.checkpoint.offline import load_model

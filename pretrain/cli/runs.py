@@ -96,7 +96,7 @@ def add_commands(sub) -> None:
     sb.add_argument("--time", default="01:00:00", help="HH:MM:SS or D-HH:MM:SS")
     sb.add_argument("--partition", default="")
     sb.add_argument("--account", default="")
-    sb.add_argument("--grace", type=at_least(0), default=120,
+    sb.add_argument("--grace", type=at_least(1), default=120,
                     help="seconds of warning (USR1) before the limit")
     sb.add_argument("--name", default="", help="job name (default: the run directory's name)")
     sb.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")

@@ -27,13 +27,11 @@ def _train(args: argparse.Namespace) -> int:
 def _own_run_dir(trainer, resume: str, overwrite: bool):
     """Lock train.out_dir for this job (rank 0) and check a fresh start holds no other run's
     checkpoints (pretrain/run_dir.py); every rank gets the verdict. The lock, or None."""
-    from pathlib import Path
-
     from parallelism.topology import on_main
     from pretrain.checkpoint import store
     from pretrain.run_dir import own_run
 
-    out = Path(trainer.cfg.train.out_dir)
+    out = trainer.out_dir
     fresh = resume == "none" or (resume != "auto" and store.resolve(resume).parent.resolve()
                                  != (out / "checkpoints").resolve())
     held = []
