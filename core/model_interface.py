@@ -7,6 +7,7 @@ the model that breaks them breaks `LoopedModel` here, where both sides can see i
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 from torch import Tensor, nn
@@ -14,7 +15,7 @@ from torch import Tensor, nn
 IGNORE_INDEX = -100  # a label that adds nothing to the loss (padding, an unreadable shard)
 
 # loop modes whose later loops read the embedding stream e (stage 0 of the pipeline keeps it)
-READS_E = ("lt_i", "lt_ia", "flt", "flt_res")
+READS_E = ("lt_i", "lt_ia", "flt", "flt_res", "huginn")
 # loop modes whose every layer reads h_{t-1} besides the stream (it travels the ring with x)
 LAYERS_READ_H = ("flt", "flt_res")
 
@@ -40,6 +41,22 @@ class NoKV:
         pass
 
 
+@dataclass(frozen=True)
+class LoopPlan:
+    """How one training step loops (pretrain/model/recurrence.py draws it from the seed and the
+    step): R loop steps, the last `backprop` of them with a graph (= R: all), and the seed of
+    each micro-batch's initial state (huginn)."""
+
+    loops: int
+    backprop: int
+    state_seeds: tuple[int, ...]
+
+    @property
+    def grad_from(self) -> int:
+        """The first loop step (0-based) that builds a graph."""
+        return self.loops - self.backprop
+
+
 class DeferredReadout(Protocol):
     """Logits not yet computed (train.loss_chunk_tokens): the readout state h and a way to
     rebind the same readout to another tensor holding h (the pipeline hands h over between
@@ -55,6 +72,7 @@ class LoopPass(Protocol):
 
     loops: int
     read_steps: range
+    grad_from: int  # loop steps before this one build no graph (truncated backprop)
 
 
 class LoopStep(Protocol):
@@ -77,8 +95,10 @@ class LoopedModel(Protocol):
 
     cfg: object  # the model section of the config (hidden_size, loops, loop_mode, ...)
     layer_offset: int  # index of block[0] in the whole shared block
+    seq_shard: tuple[int, int]  # (index, count): the slice of the sequence the stream holds
     embed: nn.Module | None
     prelude: nn.ModuleList
+    adapter: nn.Module | None  # huginn: Linear([x; e]) -> x, on the stage that starts a lap
     block: nn.ModuleList  # the shared looped layers (each has .attn and .mlp)
     coda: nn.ModuleList
     norm: nn.Module | None
@@ -86,12 +106,13 @@ class LoopedModel(Protocol):
     gate: nn.Module | None
 
     def begin(self, ids: Tensor, store: KVStore | None = None, loops: int | None = None,
-              read_steps: range | None = None, start: int = 0) -> LoopPass: ...
+              read_steps: range | None = None, start: int = 0, backprop: int = 0,
+              state: Tensor | None = None, state_seed: int | None = None) -> LoopPass: ...
 
     def embed_stream(self, ids: Tensor, run: LoopPass) -> Tensor: ...
 
-    def loop_input(self, t: int, e: Tensor | None,
-                   h: Tensor | None) -> tuple[Tensor, Tensor | None]: ...
+    def loop_input(self, t: int, e: Tensor | None, h: Tensor | None,
+                   run: LoopPass) -> tuple[Tensor, Tensor | None]: ...
 
     def run_block(self, t: int, x: Tensor, h: Tensor | None, run: LoopPass) -> Tensor: ...
 

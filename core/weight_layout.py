@@ -31,7 +31,13 @@ class Split:
 
 
 # the named blocks of fused weights (layout-free checkpoint keys, HF export names)
-FUSED_BLOCKS = {"qkv_proj": ("q", "k", "v"), "gate_up_proj": ("gate", "up")}
+FUSED_BLOCKS = {"qkv_proj": ("q", "k", "v"), "gate_up_proj": ("gate", "up"), "qk_bias": ("q", "k")}
+
+
+def fused_blocks(name: str) -> tuple[str, ...]:
+    """The named blocks of weight `name` ('...qkv_proj.weight', '...attn.qk_bias'), or ('',)."""
+    parts = name.split(".")
+    return FUSED_BLOCKS.get(parts[-2] if parts[-1] == "weight" else parts[-1], ("",))
 
 
 def split_for(cfg, name: str) -> Split | None:
@@ -41,6 +47,7 @@ def split_for(cfg, name: str) -> Split | None:
     q, kv = cfg.num_heads * d, cfg.num_kv_heads * d
     if name in ("embed.weight", "lm_head.weight"):
         return Split(0, (cfg.vocab_size,))
-    return {"attn.qkv_proj.weight": Split(0, (q, kv, kv)), "attn.o_proj.weight": Split(1, (q,)),
+    return {"attn.qkv_proj.weight": Split(0, (q, kv, kv)), "attn.qk_bias": Split(0, (q, kv)),
+            "attn.o_proj.weight": Split(1, (q,)),
             "mlp.gate_up_proj.weight": Split(0, (f, f)), "mlp.up_proj.weight": Split(0, (f,)),
             "mlp.down_proj.weight": Split(1, (f,))}.get(name.split(".", 2)[-1])

@@ -1,10 +1,11 @@
 """The circular pipeline: the shared looped block unrolled across pipeline stages.
 
 Stage k owns a contiguous slice of the block's layers (and nothing else of it); stage 0 also
-owns the embedding and prelude, the last stage the coda, final norm, LM head and exit gate. A
-*lap* is one pass of a microbatch around the ring: lap t (0-based) runs loop step t through
-every stage's slice in order, and a microbatch makes R laps. The last stage ends the loop step
-(`end_loop`: norm, readout, handover) and sends what it hands over back to stage 0 for lap
+owns the embedding, prelude and huginn's adapter (it builds every lap's input), the last
+stage the coda, final norm, LM head and exit gate. A *lap* is one pass of a microbatch around
+the ring: lap t (0-based) runs loop step t through every stage's slice in order, and a
+microbatch makes R laps. The last stage ends the loop step (`end_loop`: norm, readout,
+handover) and sends what it hands over back to stage 0 for lap
 t + 1; after the last lap the objective combines every step's readout into the loss.
 
 Why our own schedule over torch.distributed isend/irecv instead of torch.distributed.pipelining:
@@ -19,6 +20,13 @@ layer reads it (twice the bytes of the other modes on laps t > 1); at a lap boun
 stage sends h_t = N(x_t) -- the normed state -- back to stage 0, which builds the next lap's
 input from it and from the embedding stream e it keeps (lt_i, lt_ia, flt, flt_res restart from
 e every lap). `ring_payload` gives the count of hidden-sized tensors per message.
+
+A step's R comes from its `LoopPlan` (the sampler may change it every step), and so does the
+backprop window: laps before `grad_from` run forward only -- all microbatches, lap by lap, no
+activations kept, no backward scheduled -- and the 1F1B schedule is built over the window's
+laps. Stage 0 recomputes the embedding stream with a graph at the first lap of the window
+(the laps before it read a graph-free copy): a prelude forward more, no activations kept for
+the no-graph laps.
 
 Each piece (microbatch, lap) runs forward on its own autograd graph. Tensors that cross pieces
 are handed over as detached leaves: the message (sent to the next stage), and what stays on
@@ -41,7 +49,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from core.model_interface import LAYERS_READ_H, READS_E, LoopedModel
+from core.model_interface import LAYERS_READ_H, READS_E, LoopedModel, LoopPlan
 from parallelism.pipeline_schedule import Piece, schedule
 from parallelism.topology import Topology
 
@@ -69,7 +77,7 @@ def keep_stage(model: LoopedModel, split: list[int], stage: int) -> None:
     model.block = nn.ModuleList(list(model.block)[start:start + split[stage]])
     model.layer_offset = start
     if not first:
-        model.embed, model.prelude = None, nn.ModuleList()
+        model.embed, model.prelude, model.adapter = None, nn.ModuleList(), None
     if not last:
         model.coda, model.norm, model.lm_head, model.gate = nn.ModuleList(), None, None, None
 
@@ -118,6 +126,7 @@ class _Handoff:
 class _Microbatch:
     ids: Tensor
     labels: Tensor
+    state_seed: int | None = None  # huginn's initial state (stage 0)
     e: _Handoff | None = None  # stage 0: the embedding stream, for modes that reuse it
     steps: list[tuple[_Handoff, _Handoff]] = field(default_factory=list)  # (logits, gate) per lap
     norms: list[Tensor] = field(default_factory=list)  # last stage: |x_t| per lap (diagnostic)
@@ -126,14 +135,15 @@ class _Microbatch:
 
 
 class PipelineStage:
-    """This rank's stage of the ring; `read_steps` are the loop steps training reads out (an
-    objective may skip some)."""
+    """This rank's stage of the ring; `read_steps(R)` are the loop steps training reads out at
+    R loops (an objective may skip some)."""
 
-    def __init__(self, model: LoopedModel, topo: Topology, cfg, read_steps: range):
+    def __init__(self, model: LoopedModel, topo: Topology, cfg, read_steps: Callable[[int], range]):
         self.model, self.topo, self.cfg = model, topo, cfg
         self.stages, self.rank = topo.pp, topo.pp_rank
         self.first, self.last = self.rank == 0, self.rank == topo.pp - 1
-        self.loops = cfg.model.loops
+        self.loops = cfg.model.loops  # R of the step being run
+        self.grad_from = 0  # its first lap with a graph
         self.read_steps = read_steps
         self.peak_live = 0  # most pieces alive at once in the last step (stashed activations)
         self.busy_s = self.wait_s = self.wall_s = 0.0  # compute / blocked in recv / wall, last step
@@ -144,17 +154,20 @@ class PipelineStage:
                  scale: float, objective: Objective, read_steps: range) -> dict:
         """Run piece (mb, lap); returns what its backward needs ('out' goes downstream)."""
         model = self.model
-        run = model.begin(mb.ids, loops=self.loops, read_steps=read_steps)
+        run = model.begin(mb.ids, loops=self.loops, read_steps=read_steps,
+                          state_seed=mb.state_seed)
         saved: dict = {"inputs": received or [], "handoffs": []}
         if self.first:
-            if lap == 0:
+            reads_e = model.cfg.loop_mode in READS_E
+            if lap == 0 or (lap == self.grad_from and reads_e):  # the window's first lap: e
+                # again, with a graph
                 e = model.embed_stream(mb.ids, run)
-                if model.cfg.loop_mode in READS_E and self.loops > 1:
+                if reads_e and self.loops > 1:
                     mb.e = _Handoff.of(e)
                     saved["handoffs"].append(mb.e)
-                x, h = model.loop_input(0, e, None)
             else:
-                x, h = model.loop_input(lap, None if mb.e is None else mb.e.leaf, received[0])
+                e = None if mb.e is None else mb.e.leaf
+            x, h = model.loop_input(lap, e, None if lap == 0 else received[0], run)
         else:
             x, h = received[0], (received[1] if len(received) > 1 else None)
         x = model.run_block(lap, x, h, run)
@@ -185,26 +198,33 @@ class PipelineStage:
             outputs.append(saved["loss"])
             grads.append(torch.ones_like(saved["loss"]))
         for t, g in zip(saved.get("out", []), grad_out if "out" in saved else [], strict=True):
-            outputs.append(t)
-            grads.append(g)
+            if t.requires_grad:  # not: h_{t-1} passed on from a lap without a graph
+                outputs.append(t)
+                grads.append(g)
         for handoff in saved["handoffs"]:
             if handoff.leaf.grad is not None:
                 outputs.append(handoff.real)
                 grads.append(handoff.leaf.grad)
         torch.autograd.backward(outputs, grads)
         inputs = saved["inputs"]
-        if not inputs:
+        if not inputs or not inputs[0].requires_grad:  # none, or from a lap without a graph
             return None
         return torch.stack([t.grad if t.grad is not None else torch.zeros_like(t) for t in inputs])
 
     # -- the whole step ----------------------------------------------------------------------
-    def run(self, batches: list[tuple[Tensor, Tensor]], kind: str, objective: Objective) -> Any:
-        """Forward and backward of every microbatch (gradients accumulate, scaled 1/m);
-        returns on the last stage the last microbatch's objective with the loss averaged over
-        the microbatches, None elsewhere."""
-        mbs = [_Microbatch(ids, labels) for ids, labels in batches]
-        total = self._drive(mbs, schedule(kind, self.stages, self.loops, len(mbs), self.rank),
-                            objective, self.read_steps)
+    def run(self, batches: list[tuple[Tensor, Tensor]], kind: str, objective: Objective,
+            plan: LoopPlan) -> Any:
+        """Forward and backward of every microbatch at the plan's R and backprop window
+        (gradients accumulate, scaled 1/m); returns on the last stage the last microbatch's
+        objective with the loss averaged over the microbatches, None elsewhere."""
+        mbs = [_Microbatch(ids, labels, seed)
+               for (ids, labels), seed in zip(batches, plan.state_seeds, strict=True)]
+        self.loops, self.grad_from = plan.loops, plan.grad_from
+        m = len(mbs)
+        ahead = [Piece("F", mb, lap) for lap in range(self.grad_from) for mb in range(m)]
+        window = [Piece(p.kind, p.mb, p.lap + self.grad_from)
+                  for p in schedule(kind, self.stages, plan.backprop, m, self.rank)]
+        total = self._drive(mbs, ahead + window, objective, self.read_steps(plan.loops))
         if not self.last:
             return None
         result = mbs[-1].result
@@ -212,10 +232,13 @@ class PipelineStage:
         return result
 
     @torch.no_grad()
-    def evaluate(self, batches: list[tuple[Tensor, Tensor]], readout: Objective) -> list | None:
-        """Forward only, every loop step read out: `readout`'s result per microbatch on the
-        last stage (validation), None elsewhere."""
-        mbs = [_Microbatch(ids, labels) for ids, labels in batches]
+    def evaluate(self, batches: list[tuple[Tensor, Tensor]], readout: Objective,
+                 seeds: tuple[int, ...]) -> list | None:
+        """Forward only at model.loops, every loop step read out: `readout`'s result per
+        microbatch on the last stage (validation), None elsewhere."""
+        mbs = [_Microbatch(ids, labels, seed)
+               for (ids, labels), seed in zip(batches, seeds, strict=True)]
+        self.loops, self.grad_from = self.cfg.model.loops, 0
         # lap by lap over every microbatch: each piece's input was sent by an earlier one
         pieces = [Piece("F", mb, lap) for lap in range(self.loops) for mb in range(len(mbs))]
         self._drive(mbs, pieces, readout, range(self.loops))
@@ -245,14 +268,18 @@ class PipelineStage:
                 received = list(received.unbind(0))
             t0 = time.perf_counter()
             if piece.kind == "F":
-                grad = torch.is_grad_enabled()
-                inputs = None if received is None else [t.requires_grad_(grad) for t in received]
-                mb.pieces[piece.lap] = saved = self._forward(mb, piece.lap, inputs, 1.0 / m,
-                                                             objective, read_steps)
+                grad = torch.is_grad_enabled() and piece.lap >= self.grad_from
+                # stage 0's input at the window's first lap came from a lap without a graph
+                feeds = grad and not (self.first and piece.lap == self.grad_from)
+                inputs = None if received is None else [t.requires_grad_(feeds) for t in received]
+                with torch.set_grad_enabled(grad):
+                    saved = self._forward(mb, piece.lap, inputs, 1.0 / m, objective, read_steps)
                 if "out" in saved:
                     message = torch.stack([t.detach() for t in saved["out"]])
                     pending.append(self._send(message, piece, grad=False))
-                live += 1
+                if grad:
+                    mb.pieces[piece.lap] = saved
+                    live += 1
             else:
                 saved = mb.pieces.pop(piece.lap)
                 grad_in = self._backward(saved, received)

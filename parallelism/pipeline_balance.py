@@ -1,9 +1,10 @@
 """Loop-aware pipeline balancing: which contiguous slice of the shared block each stage owns.
 
-The cost model charges each stage its forward FLOPs per token (the model side computes it:
-pretrain/model/flops.py `stage_cost_model`):
-  stage k: sum over its layers of R (matmuls + attention) [+ prelude on stage 0]
-           [+ R (coda + gate) + the LM heads the objective reads out, on the last stage]
+The cost model charges each stage its forward + backward FLOPs per token (the model side
+computes it: pretrain/model/flops.py `stage_cost_model`; a lap without a graph -- truncated
+backprop -- costs its forward alone, a sampled R counts its expectation):
+  stage k: sum over its layers' laps (matmuls + attention) [+ prelude, adapter on stage 0]
+           [+ the coda, gate and LM heads of the steps the objective reads, on the last stage]
 `auto_split` picks the contiguous split minimising the most expensive stage (exact, by dynamic
 programming); an explicit `parallel.pipeline_split` is checked and reported the same way.
 """
@@ -16,9 +17,9 @@ from functools import cache
 
 @dataclass(frozen=True)
 class StageCosts:
-    """Forward FLOPs per token (pretrain/model/flops.py `stage_cost_model`): one block layer
-    with all its laps, and what stage 0 (the prelude) and the last stage (coda, gate, the LM
-    heads read out) add."""
+    """Forward + backward FLOPs per token (pretrain/model/flops.py `stage_cost_model`): one
+    block layer with all its laps, and what stage 0 (the prelude, huginn's adapter) and the
+    last stage (coda, gate, the LM heads read out) add."""
 
     per_layer: int
     first: int

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
-from core.weight_layout import FUSED_BLOCKS, Split, split_for
+from core.weight_layout import Split, fused_blocks, split_for
 from parallelism.pipeline import global_name
 from parallelism.topology import Topology
 
@@ -46,8 +46,7 @@ class ShardedState:
         split = split_for(self.cfg, name)
         if split is None:
             return None, ("",)
-        fused = name.rsplit(".", 2)[-2]
-        return split, FUSED_BLOCKS.get(fused, ("",))
+        return split, fused_blocks(name)
 
     def entries(self, prefix: str, name: str, local: Tensor) -> Entries:
         """`local` (this rank's shard of weight `name`, or a tensor laid out like it) cut into

@@ -11,13 +11,14 @@ exactly the shards of the TP=1 model from seed s. The model code itself never le
   o_proj, down_proj       -> RowParallelLinear
   embed                   -> VocabParallelEmbedding, lm_head -> ColumnParallelLinear (vocab),
                              and every loop step's CE is megatron's vocab_parallel_cross_entropy
-  gate, norms             -> replicated: with TP alone every rank computes the same values
+  qk_bias (Huginn)        -> this rank's heads' share, like the q and k rows
+  gate, norms, adapter    -> replicated: with TP alone every rank computes the same values
 
 With sequence parallelism the residual stream between TP regions is sharded along the sequence
 (megatron's all-gather / reduce-scatter replace the all-reduces); the exit gate's logits are
 all-gathered so every rank holds all of them, and the replicated norm and gate weights, which
 now see only a slice of the sequence, get their gradients summed over the TP group by a
-gradient hook.
+gradient hook (huginn's adapter too, and the model learns which slice it holds: `seq_shard`).
 """
 
 from __future__ import annotations
@@ -96,10 +97,14 @@ def vocab_parallel_token_ce(logits: Tensor, labels: Tensor) -> Tensor:
 def _load(layer: nn.Module, full: Tensor, split: Split, topo: Topology) -> nn.Module:
     with torch.no_grad():
         layer.weight.copy_(split.shard(full.detach(), topo.tp_rank, topo.tp))
-    layer.weight.tp_split = split
-    # the attributes megatron (and DeepSpeed's gradient norm) read to tell sharded weights
-    mtp.set_tensor_model_parallel_attributes(layer.weight, True, split.dim, 1)
+    _mark(layer.weight, split)
     return layer
+
+
+def _mark(p: nn.Parameter, split: Split) -> None:
+    p.tp_split = split
+    # the attributes megatron (and DeepSpeed's gradient norm) read to tell sharded weights
+    mtp.set_tensor_model_parallel_attributes(p, True, split.dim, 1)
 
 
 def _sum_over_tp(group):
@@ -129,6 +134,10 @@ def parallelize_tensor(model: LoopedModel, topo: Topology, sequence_parallel: bo
         a.o_proj = _load(_Row(q, h, input_is_parallel=True, skip_bias_add=False, **kw),
                          a.o_proj.weight, split["attn.o_proj"], topo)
         a.n_heads, a.n_kv = a.n_heads // topo.tp, a.n_kv // topo.tp
+        if a.qk_bias is not None:
+            bias = split_for(cfg, "block.0.attn.qk_bias")
+            a.qk_bias = nn.Parameter(bias.shard(a.qk_bias.detach(), topo.tp_rank, topo.tp))
+            _mark(a.qk_bias, bias)
         name = up.split(".")[1]
         width = sum(split[up].parts)
         setattr(m, name, _load(_Column(h, width, gather_output=False, **kw),
@@ -149,8 +158,9 @@ def parallelize_tensor(model: LoopedModel, topo: Topology, sequence_parallel: bo
         gate = _GatheredGate(h, 1)
         gate.load_state_dict(model.gate.state_dict())
         model.gate = gate
+        model.seq_shard = (topo.tp_rank, topo.tp)
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or name.startswith("gate."):
+            if name.endswith("norm.weight") or name.startswith(("gate.", "adapter.")):
                 p.sequence_parallel = True
                 # summed over TP as autograd produces it, before it reaches .grad: every
                 # backward pattern (pipeline pieces) and optimizer (ZeRO hooks) sees the sum

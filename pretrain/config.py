@@ -59,6 +59,9 @@ class TrainConfig:
     recompute: Literal["none", "selective", "full", "loops"] = "none"
     recompute_keep_last_loops: int = 1
     loss_chunk_tokens: int = 0  # readout + CE per chunk of this many tokens; 0: whole logits
+    # truncated backprop (pretrain/model/recurrence.py): gradients flow through the last k loop
+    # steps only, the earlier ones run without a graph (Huginn: 8); 0: through every step
+    backprop_loops: int = 0
     # bf16: autocast (fp32 master weights, optimizer state and loss); fp32: no autocast
     precision: Literal["bf16", "fp32"] = "fp32"
     compile: bool = False  # torch.compile each decoder layer (one graph for every loop)
@@ -111,8 +114,10 @@ def validate_train(t: TrainConfig, max_seq_len: int) -> None:
             rule = ExitRule.parse(text)
         except ValueError as e:
             raise ConfigError(f"train.eval_exits[{i}]: {e}") from None
-        require(rule.kind != "delta", f"train.eval_exits[{i}]",
-                "delta needs the hidden states of every step: use `pretrain eval --exit delta:EPS`")
+        require(rule.kind not in ("delta", "kl"), f"train.eval_exits[{i}]",
+                f"{rule.kind} needs every step's hidden states or logits: use `pretrain eval "
+                f"--exit {rule}`")
+    require(t.backprop_loops >= 0, "train.backprop_loops", f"must be >= 0, got {t.backprop_loops}")
 
 
 def validate_memory(t: TrainConfig, loops: int, tensor: int) -> None:

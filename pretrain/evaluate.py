@@ -63,11 +63,12 @@ def _stack(xs: list[Tensor]) -> Tensor:
     return torch.stack(xs) if xs else torch.zeros(0, dtype=torch.float64)
 
 
-def readout_exits(ce: Tensor, gate_logits: Tensor,
-                  rules: tuple[ExitRule, ...]) -> list[tuple[Tensor, Tensor]]:
+def readout_exits(ce: Tensor, gate_logits: Tensor, rules: tuple[ExitRule, ...],
+                  logits: list[Tensor] | None = None) -> list[tuple[Tensor, Tensor]]:
     """(CE at the exit, loops used) per rule when every loop runs and the rule picks the step
-    whose prediction counts (generate.py `readout_exit_steps`): validation's `ce_exit_*`."""
-    steps = [readout_exit_steps(rule, gate_logits) for rule in rules]
+    whose prediction counts (generate.py `readout_exit_steps`; kl rules read `logits`):
+    validation's `ce_exit_*`."""
+    steps = [readout_exit_steps(rule, gate_logits, logits=logits) for rule in rules]
     return [(ce.gather(0, s[None]).squeeze(0), s + 1) for s in steps]
 
 
@@ -147,6 +148,8 @@ def exit_table(cfg: Config, model: LoopedLM, batches: int, rules: tuple[ExitRule
             decoded.append((token_cross_entropy(logits[:, prefill:].transpose(0, 1), target),
                             used[:, prefill:].t()))
         sums = heldout_sums(ce, target, codec.bytes_of(target), {
-            "exit": readout_exits(ce, out.gate_logits[:, prefill:], rules), "decoded": decoded})
+            "exit": readout_exits(ce, out.gate_logits[:, prefill:], rules,
+                                  [lg[prefill:] for lg in out.logits]),
+            "decoded": decoded})
         total = {k: total[k] + v for k, v in sums.items()} if total else sums
     return {**heldout_metrics(total, rules), "data": which, "validation": validation}

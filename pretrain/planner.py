@@ -22,6 +22,10 @@ run. Per token (per GPU: divided by TP; per step: times the GPU's tokens):
               exposed. Without it, all of it is exposed.
   PP          the circular pipeline's bubble: (p-1)/(R m + p-1) of the step; p2p overlapped
   optimizer   Adam over this rank's shard: ~32 bytes per parameter through HBM
+Truncated backprop and a sampled R (pretrain/model/recurrence.py): the loop steps count at E[R]
+with E[k] of them running a backward (a step without a graph costs its forward only); memory
+keeps the backprop window's laps alone (k, or R's 99th percentile when R is sampled without
+truncation); the bubble counts E[R] laps.
 Recompute (`train.recompute`) adds the recomputed forward: `full` every layer's, `loops` that
 of the first R-k loops' layers, `selective` the attention core's; the chunked readout
 (`train.loss_chunk_tokens`) the head's and the loss's. `train.precision: fp32` runs GEMMs at
@@ -43,8 +47,15 @@ from parallelism.pipeline_schedule import peak_live, schedule
 from pretrain.config import Config
 from pretrain.hardware import Accelerator
 from pretrain.model.activations import Shard, saved_bytes
-from pretrain.model.flops import count_parameters, flops_per_token, layer_matmul_flops, read_count
+from pretrain.model.flops import (
+    adapter_flops,
+    count_parameters,
+    layer_matmul_flops,
+    read_count,
+    run_flops_per_token,
+)
 from pretrain.model.memory import MemoryPolicy
+from pretrain.model.recurrence import expected_loops, window_loops
 
 GEMM_EFFICIENCY = 0.80  # large bf16 GEMMs reach ~80% of the dense peak (cuBLAS, Hopper)
 NARROW_GEMM = 512  # efficiency halves at a GEMM width this small (tile quantisation, waves)
@@ -105,15 +116,19 @@ def check(cfg: Config, lay: Layout, gpu: Accelerator, global_batch: int) -> str:
 
 
 def _recomputed_share(cfg: Config) -> float:
-    """Fraction of the layers' forward that backward runs again (train.recompute)."""
-    loops = cfg.model.loops
+    """Fraction of the backpropagated layers' forward that backward runs again."""
+    loops = window_loops(cfg.model, cfg.train.backprop_loops)
     policy = MemoryPolicy.of(cfg.train)
     return sum(policy.recomputes_layer(i, loops) for i in range(loops)) / loops
 
 
 def activation_bytes(cfg: Config, lay: Layout) -> float:
-    """Bytes kept for backward on the fullest pipeline stage: one microbatch's (all R laps)
-    per lap, times the pieces the circular schedule keeps alive at once."""
+    """Bytes kept for backward on the fullest pipeline stage: one microbatch's (the backprop
+    window's laps; steps without a graph keep nothing) per lap, times the pieces the circular
+    schedule keeps alive at once."""
+    window = window_loops(cfg.model, cfg.train.backprop_loops)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, loops=window,
+                                                             loops_sampler="fixed"))
     m, tp, pp = cfg.model, lay.tp, lay.pp
     shards = tp if tp > 1 else 1
     policy = MemoryPolicy.of(cfg.train, shards)
@@ -130,7 +145,8 @@ def activation_bytes(cfg: Config, lay: Layout) -> float:
 
 def estimate(cfg: Config, lay: Layout, gpu: Accelerator, global_batch: int) -> Estimate:
     m, s, tr = cfg.model, cfg.train.seq_len, cfg.train
-    h, f, r = m.hidden_size, m.ffn_hidden_size, m.loops
+    h, f = m.hidden_size, m.ffn_hidden_size
+    r, k = expected_loops(m, tr.backprop_loops)  # loop steps, those with a backward
     t, p, d = lay.tp, lay.pp, lay.dp
     params = count_parameters(m)
     per_gpu_params = params["total"] / (t * p)
@@ -138,25 +154,28 @@ def estimate(cfg: Config, lay: Layout, gpu: Accelerator, global_batch: int) -> E
     # -- compute (one model replica of t x p GPUs processes `tokens`) --
     q = m.num_heads * m.kv_channels
     reads = read_count(cfg)  # loop steps whose LM head and loss run (all, for the ELBO)
-    layer_passes = m.num_layers * r + m.prelude_layers + m.coda_layers * r
+    reads_bwd = min(reads, k)  # the objectives read the last steps: inside the window
+    passes = m.num_layers * r + m.prelude_layers + m.coda_layers * reads  # forward
+    passes_bwd = m.num_layers * k + m.prelude_layers + m.coda_layers * reads_bwd
     again = _recomputed_share(cfg)  # recomputed forward, as a fraction of the layers' forward
     chunked = tr.loss_chunk_tokens > 0
     rate = 1.0 if tr.precision == "bf16" else TF32_RATE
-    gemm = (3 + again) * tokens * layer_matmul_flops(m) * layer_passes / t
-    head = (3 + chunked) * tokens * 2 * h * m.vocab_size * reads / t
+    gemm = tokens * (layer_matmul_flops(m) * (passes + (2 + again) * passes_bwd) / t
+                     + adapter_flops(m) * (r + 2 * k))  # the adapter is replicated over TP
+    head = tokens * 2 * h * m.vocab_size * (reads + (2 + chunked) * reads_bwd) / t
     core_again = 1 if tr.recompute == "selective" else again
-    attn = (3 + core_again) * tokens * 2 * s * q * layer_passes / t  # causal: half of 2 x 2 s q
+    attn = tokens * 2 * s * q * (passes + (2 + core_again) * passes_bwd) / t  # causal: half
     t_gemm = (_gemm_time(gemm, min(h, f / t, q / t), gpu)
               + _gemm_time(head, min(h, m.vocab_size / t), gpu)) / rate
     t_attn = attn / (gpu.peak_flops * rate * ATTENTION_EFFICIENCY)
     act_size = 2 if tr.precision == "bf16" else 4
-    elementwise_bytes = tokens * layer_passes * (3 + again) * (12 * h + 3 * f) * act_size / t \
-        + tokens * reads * LOSS_BYTES_PER_LOGIT * (1 + chunked / 3) * m.vocab_size / t
+    elementwise_bytes = tokens * (passes + (2 + again) * passes_bwd) * (12 * h + 3 * f) \
+        * act_size / t + tokens * reads * LOSS_BYTES_PER_LOGIT * (1 + chunked / 3) * m.vocab_size / t
     t_elem = elementwise_bytes / (gpu.hbm_bw * ELEMENTWISE_BANDWIDTH)
     compute = (t_gemm + t_attn + t_elem) / p  # each stage does 1/p of the layers
     # -- communication --
     act_bytes = lay.micro_batch * s * h * 2
-    t_tp = _ring(act_bytes, t, gpu.intra_node_bw) * 4 * layer_passes / p * lay.microbatches
+    t_tp = _ring(act_bytes, t, gpu.intra_node_bw) * 2 * (passes + passes_bwd) / p * lay.microbatches
     dp_bw = gpu.intra_node_bw if t * p * d <= gpu.per_node else gpu.inter_node_bw
     if lay.zero:
         reduce = _ring(per_gpu_params * 4, d, dp_bw) / 2  # reduce-scatter of fp32 gradients
@@ -174,7 +193,7 @@ def estimate(cfg: Config, lay: Layout, gpu: Accelerator, global_batch: int) -> E
     busy = compute + t_tp
     t_bubble = busy / (1 - bubble) - busy
     step = busy + t_bubble + t_dp + t_opt
-    flops = flops_per_token(m, s, read_count=read_count(cfg)) * tokens * d
+    flops = run_flops_per_token(cfg) * tokens * d
     mfu = flops / (step * t * p * d * gpu.peak_flops)
     # -- memory --
     mem = {"weights": per_gpu_params * 4, "grads": per_gpu_params * 4,

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from core.model_interface import LoopPlan
 from parallelism.grad_overlap import OverlappedGradReducer
 from parallelism.grads import all_ranks_agree, global_grad_norm, layer_grad_norms
 from parallelism.pipeline import PipelineStage, keep_stage
@@ -37,6 +38,7 @@ from pretrain.model.objective import (
     token_cross_entropy,
     trains_gate,
 )
+from pretrain.model.recurrence import loop_plan, mixed_seed
 from pretrain.optim import build_optimizer, param_groups
 
 Batches = list[tuple[Tensor, Tensor]]
@@ -47,20 +49,24 @@ Readout = Callable[[LoopedOutput, Tensor], object]
 class LocalPass:
     """Every micro-batch forward and backward through this process's whole model."""
 
-    def __init__(self, model: nn.Module, read_steps: range):
+    def __init__(self, model: nn.Module, read_steps: Callable[[int], range]):
         self.model, self.read_steps = model, read_steps
 
-    def train(self, batches: Batches, objective: Readout, backward: Callable[[Tensor], None]):
+    def train(self, batches: Batches, objective: Readout, backward: Callable[[Tensor], None],
+              plan: LoopPlan):
         total = torch.zeros((), device=batches[0][0].device)
-        for inputs, labels in batches:
-            out = objective(self.model(inputs, read_steps=self.read_steps), labels)
+        for (inputs, labels), seed in zip(batches, plan.state_seeds, strict=True):
+            out = self.model(inputs, loops=plan.loops, read_steps=self.read_steps(plan.loops),
+                             backprop=plan.backprop, state_seed=seed)
+            out = objective(out, labels)
             backward(out.loss)
             total += out.loss.detach() / len(batches)
         return out, total
 
     @torch.no_grad()
-    def evaluate(self, batches: Batches, readout: Readout) -> list:
-        return [readout(self.model(inputs), labels) for inputs, labels in batches]
+    def evaluate(self, batches: Batches, readout: Readout, seeds: tuple[int, ...]) -> list:
+        return [readout(self.model(inputs, state_seed=seed), labels)
+                for (inputs, labels), seed in zip(batches, seeds, strict=True)]
 
 
 def at_last_lap(readout: Readout):
@@ -78,12 +84,13 @@ class PipelinePass:
     def __init__(self, stage: PipelineStage, schedule: str):
         self.stage, self.schedule = stage, schedule
 
-    def train(self, batches: Batches, objective: Readout, backward: Callable[[Tensor], None]):
-        out = self.stage.run(batches, self.schedule, at_last_lap(objective))
+    def train(self, batches: Batches, objective: Readout, backward: Callable[[Tensor], None],
+              plan: LoopPlan):
+        out = self.stage.run(batches, self.schedule, at_last_lap(objective), plan)
         return out, (out.loss if out is not None else torch.zeros((), device=batches[0][0].device))
 
-    def evaluate(self, batches: Batches, readout: Readout) -> list | None:
-        return self.stage.evaluate(batches, at_last_lap(readout))
+    def evaluate(self, batches: Batches, readout: Readout, seeds: tuple[int, ...]) -> list | None:
+        return self.stage.evaluate(batches, at_last_lap(readout), seeds)
 
 
 class PlainUpdate:
@@ -144,12 +151,14 @@ class StepResult:
     grad_norm: Tensor
     ok: bool  # applied (False: skipped for a non-finite loss or gradient)
     layer_grad_norms: list[float] | None
+    plan: LoopPlan  # the step's R and backprop window
 
 
 class StepEngine:
     def __init__(self, cfg: Config, model: nn.Module, passes, update, cross_entropy,
-                 autocast, pipeline: PipelineStage | None, split: list[int]):
+                 autocast, pipeline: PipelineStage | None, split: list[int], dp_rank: int):
         self.cfg, self.model, self.passes, self.update = cfg, model, passes, update
+        self.dp_rank = dp_rank
         self.split = split  # block layers per pipeline stage ([] without the pipeline)
         self.zero = getattr(update, "engine", None)  # the DeepSpeed engine under ZeRO
         self.optimizer = update.optimizer
@@ -161,20 +170,30 @@ class StepEngine:
         return compute_objective(self.cfg.objective, out, labels,
                                  cross_entropy or self.cross_entropy)
 
-    def train_step(self, batches: Batches, diagnostics: bool = False) -> StepResult:
-        """One optimizer step over `batches`; `diagnostics`: also the per-layer grad norms."""
+    def loop_plan(self, step: int, micro_batches: int) -> LoopPlan:
+        """Step `step`'s R, backprop window and state seeds (model/recurrence.py)."""
+        t = self.cfg.train
+        return loop_plan(self.cfg.model, t.backprop_loops, t.seed, step, self.dp_rank,
+                         micro_batches)
+
+    def train_step(self, batches: Batches, step: int, diagnostics: bool = False) -> StepResult:
+        """Optimizer step `step` over `batches`; `diagnostics`: also the per-layer grad norms."""
         self.model.train()
+        plan = self.loop_plan(step, len(batches))
         with self.autocast():
             out, loss = self.passes.train(
-                batches, self.objective, lambda lo: self.update.backward(lo, len(batches)))
+                batches, self.objective, lambda lo: self.update.backward(lo, len(batches)), plan)
         grad_norm, ok, layers = self.update.step(loss, diagnostics)
-        return StepResult(out, loss, grad_norm, ok, layers)
+        return StepResult(out, loss, grad_norm, ok, layers, plan)
 
     def evaluate(self, batches: Batches, readout: Readout) -> list | None:
-        """`readout` of every micro-batch, forward only (None off the last pipeline stage)."""
+        """`readout` of every micro-batch, forward only (None off the last pipeline stage);
+        huginn's initial states are seeded by (seed, micro-batch), the same every pass."""
         self.model.eval()
+        seeds = tuple(mixed_seed(self.cfg.train.seed, -1, self.dp_rank, i)
+                      for i in range(len(batches)))
         with self.autocast():
-            return self.passes.evaluate(batches, readout)
+            return self.passes.evaluate(batches, readout, seeds)
 
 
 def shape_for_layout(cfg: Config, model: nn.Module, topo: Topology,
@@ -211,7 +230,9 @@ def build_engine(cfg: Config, model: nn.Module, topo: Topology,
     """Shape `model` for this rank and pick the two halves."""
     t = cfg.train
     cross_entropy, split = shape_for_layout(cfg, model, topo, log)
-    read_steps = readout_steps(cfg.objective.kind, cfg.model.loops)
+    def read_steps(loops: int) -> range:
+        return readout_steps(cfg.objective.kind, loops)
+
     model.to(topo.device)
     pipeline = None
     if topo.pp > 1:
@@ -225,8 +246,11 @@ def build_engine(cfg: Config, model: nn.Module, topo: Topology,
         update = ZeroUpdate(zero, pipelined=pipeline is not None)
     else:
         p = cfg.parallel
+        # overlap launches a bucket at its count of backward contributions, which the same
+        # schedule repeats every step; a sampled R changes the count, so reduce after backward
+        overlap = p.overlap_grad_reduce and cfg.model.loops_sampler == "fixed"
         reducer = (OverlappedGradReducer(model, topo.dp_group, topo.dp, p.grad_bucket_mb,
-                                         p.overlap_grad_reduce) if topo.dp > 1 else None)
+                                         overlap) if topo.dp > 1 else None)
         update = PlainUpdate(model, build_optimizer(model, cfg.optim), topo, cfg.optim.grad_clip,
                              reducer)
     if t.compile:
@@ -235,4 +259,5 @@ def build_engine(cfg: Config, model: nn.Module, topo: Topology,
     device = topo.device.type
     autocast = ((lambda: torch.autocast(device, dtype=torch.bfloat16))
                 if t.precision == "bf16" else nullcontext)
-    return StepEngine(cfg, model, passes, update, cross_entropy, autocast, pipeline, split)
+    return StepEngine(cfg, model, passes, update, cross_entropy, autocast, pipeline, split,
+                      topo.dp_rank)

@@ -65,7 +65,8 @@ def summary_table(history: list[dict[str, float]], tokens_per_step: int, loops: 
     rows = [("steps", f"{last['step']:,}"), ("tokens", f"{last['step'] * tokens_per_step:,}"),
             ("final loss", f"{last['train/loss']:.4f}"),
             ("CE per loop step", " ".join(f"{last[f'loop/ce_step{t}']:.3f}"
-                                          for t in range(1, loops + 1))),
+                                          for t in range(1, loops + 1))) if "loop/ce_step1" in last
+            else ("CE at the last loop step", f"{last['loop/ce_last']:.3f}"),
             ("E[loops]", f"{last['train/expected_loops']:.2f}"),
             ("tokens/s (mean)", f"{mean('train/tokens_per_s'):,.0f}"),
             ("MFU (mean)", f"{100 * mean('train/mfu'):.1f}%"),
@@ -126,7 +127,7 @@ class Trainer:
             self._batches = self.data.batches()
         batches = [tuple(x.to(self.device) for x in next(self._batches))
                    for _ in range(t.grad_accum_steps)]
-        result = self.engine.train_step(batches, diagnostics=self._logs_after_this_step())
+        result = self.engine.train_step(batches, self.step, diagnostics=self._logs_after_this_step())
         if result.ok:
             self.bad_streak = 0
         else:
@@ -149,9 +150,14 @@ class Trainer:
         m.record("train/loss", None if out is None else result.loss)
         m.record("train/expected_loops", None if out is None else out.expected_loops)
         m.record("train/gate_entropy", None if out is None else out.entropy)
-        for name in ("ce", "exit_prob", "gate", "hidden_norm"):  # ObjectiveOutput's [R] fields
-            m.record(f"loop/{name}_step", None if out is None else getattr(out, name), shape=(r,),
-                     steps=True)
+        if self.cfg.model.loops_sampler == "fixed":
+            for name in ("ce", "exit_prob", "gate", "hidden_norm"):  # ObjectiveOutput's [R] fields
+                m.record(f"loop/{name}_step", None if out is None else getattr(out, name),
+                         shape=(r,), steps=True)
+        else:  # R changes every step: its value, the window and the last step's CE
+            m.record("loop/ce_last", None if out is None else out.ce[-1])
+            m.record("train/loops", result.plan.loops, "max")
+            m.record("train/backprop_loops", result.plan.backprop, "max")
         # data skips: each replica's own samples, counted once per replica (the last stage)
         m.record("data/skipped_samples",
                  None if out is None else getattr(self.data, "skipped_samples", 0), "sum")

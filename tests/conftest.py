@@ -37,8 +37,12 @@ VARIANTS = {
     **{mode: [f"model.loop_mode={mode}"] for mode in LOOP_MODES},
     "flt_recipe": ["model.loop_mode=flt", *FLT_RECIPE],
     "ouro_no_norm": ["model.norm_between_loops=false"],  # the ablation
-    "huginn": ["model.prelude_layers=1", "model.coda_layers=1", "model.tie_embeddings=true",
-               "model.sandwich_norm=false"],
+    "prelude_coda": ["model.prelude_layers=1", "model.coda_layers=1",
+                     "model.tie_embeddings=true", "model.sandwich_norm=false"],
+    # Huginn-0125's function (state_std 0: a zero initial state, so every call is the same)
+    "huginn": ["model.loop_mode=huginn", "model.prelude_layers=1", "model.coda_layers=1",
+               "model.tie_embeddings=true", "model.sandwich_style=huginn", "model.qk_bias=true",
+               "model.embed_scale=8", "objective.kind=last"],
 }
 
 # what the multi-process equivalence checks run: the modes with distinct handovers, and an

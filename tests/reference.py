@@ -2,7 +2,8 @@
 attention, batch-first, every loop mode written out), used as the reference the real model
 must match. Written from the papers' descriptions (Ouro arXiv 2510.25741 and its released
 modeling code's forward; the Fully Looped Transformer arXiv 2605.18797 and its authors' model
-types FLT, FLT_res, LT, LT_i, LT_ia), not from pretrain/model."""
+types FLT, FLT_res, LT, LT_i, LT_ia; Huginn-0125 arXiv 2502.05171 and its released
+raven_modeling_minimal.py, in its own tensor names and RoPE), not from pretrain/model."""
 
 from __future__ import annotations
 
@@ -53,30 +54,37 @@ def _layer(sd, pre, x, cfg: ModelConfig, h=None):
     qn = xn if h is None else _rms(h, w("attn_norm.weight"), eps)
     wq, wk, wv = sd[pre + "attn.qkv_proj.weight"].split(
         [cfg.num_heads * hd, cfg.num_kv_heads * hd, cfg.num_kv_heads * hd])
-    q = (qn @ wq.T).view(b, s, -1, hd).transpose(1, 2)
-    k = (xn @ wk.T).view(b, s, -1, hd).transpose(1, 2)
+    q, k = qn @ wq.T, xn @ wk.T
+    if cfg.qk_bias:  # Huginn: a bias on every query and key before RoPE
+        bq, bk = sd[pre + "attn.qk_bias"].split([wq.shape[0], wk.shape[0]])
+        q, k = q + bq, k + bk
+    q = q.view(b, s, -1, hd).transpose(1, 2)
+    k = k.view(b, s, -1, hd).transpose(1, 2)
     v = (xn @ wv.T).view(b, s, -1, hd).transpose(1, 2)
     q, k = _rope(q, cfg.rope_theta, cfg.rope_reverse), _rope(k, cfg.rope_theta, cfg.rope_reverse)
     if cfg.qk_norm:
         q, k = _rms(q, None, eps), _rms(k, None, eps)
     a = _attend(q, k, v).transpose(1, 2).reshape(b, s, -1) @ sd[pre + "attn.o_proj.weight"].T
-    if cfg.sandwich_norm:
-        a = _rms(a, w("attn_post_norm.weight"), eps)
-    x = x + a
+    sum_norm = cfg.sandwich_style == "huginn"  # Huginn: N2(x + a), Ouro: x + N2(a)
+    if sum_norm:
+        x = _rms(x + a, w("attn_post_norm.weight"), eps)
+    else:
+        x = x + (_rms(a, w("attn_post_norm.weight"), eps) if cfg.sandwich_norm else a)
     xn = _rms(x, w("mlp_norm.weight"), eps)
     if cfg.mlp == "swiglu":
         wg, wu = sd[pre + "mlp.gate_up_proj.weight"].chunk(2)
         m = (F.silu(xn @ wg.T) * (xn @ wu.T)) @ sd[pre + "mlp.down_proj.weight"].T
     else:
         m = torch.relu(xn @ sd[pre + "mlp.up_proj.weight"].T) ** 2 @ sd[pre + "mlp.down_proj.weight"].T
-    if cfg.sandwich_norm:
-        m = _rms(m, w("mlp_post_norm.weight"), eps)
-    return x + m
+    if sum_norm:
+        return _rms(x + m, w("mlp_post_norm.weight"), eps)
+    return x + (_rms(m, w("mlp_post_norm.weight"), eps) if cfg.sandwich_norm else m)
 
 
-def reference_forward(model, ids, loops=None):
+def reference_forward(model, ids, loops=None, state=None):
     """Returns ([logits_t [S, B, V]], gate_logits [R, S, B]) (the model's sequence-first
-    layout), computed batch-first from model.state_dict() alone."""
+    layout), computed batch-first from model.state_dict() alone; huginn starts from `state`
+    [B, S, H] (default zeros: model.state_std 0)."""
     cfg: ModelConfig = model.cfg
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     loops = loops or cfg.loops
@@ -85,14 +93,17 @@ def reference_forward(model, ids, loops=None):
     def nu(x):  # the parameter-free norm of the FLT modes
         return _rms(x, None, eps)
 
-    e = sd["embed.weight"][ids]
+    e = sd["embed.weight"][ids] * cfg.embed_scale
     for i in range(cfg.prelude_layers):
         e = _layer(sd, f"prelude.{i}.", e, cfg)
     head = sd["embed.weight"] if cfg.tie_embeddings else sd["lm_head.weight"]
     logits, gates = [], []
     h = x = None
     for t in range(loops):
-        if mode == "ouro":  # Ouro: the normed output of a loop is the next loop's input
+        if mode == "huginn":  # x_t = Adapter([x_{t-1}; e]), x_0 the initial state
+            prev = (torch.zeros_like(e) if state is None else state) if t == 0 else x
+            x = torch.cat((prev, e), -1) @ sd["adapter.weight"].T
+        elif mode == "ouro":  # Ouro: the normed output of a loop is the next loop's input
             x = e if t == 0 else (h if cfg.norm_between_loops else x)
         elif mode == "lt":
             x = nu(e) if t == 0 else h
@@ -120,3 +131,54 @@ def reference_forward(model, ids, loops=None):
         logits.append(lg.transpose(0, 1))
         gates.append(((y @ sd["gate.weight"].T).squeeze(-1) + sd["gate.bias"]).t())
     return logits, torch.stack(gates)
+
+
+def _rope_pairs(x, theta):
+    """Huginn's RoPE (raven_modeling_minimal.py `apply_rotary_emb_complex_like`): each adjacent
+    pair (x_2i, x_2i+1) of a head [B, S, heads, D] rotated by pos * theta^(-2i/D)."""
+    d, s = x.shape[-1], x.shape[1]
+    inv = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+    ang = torch.outer(torch.arange(s, dtype=torch.float32), inv)[None, :, None, :]
+    a, b = x[..., 0::2], x[..., 1::2]
+    return torch.stack((a * ang.cos() - b * ang.sin(), b * ang.cos() + a * ang.sin()), -1).flatten(3)
+
+
+def _sandwich(sd, pre, x, c):
+    """Huginn's SandwichBlock from its released tensors (names of raven_modeling_minimal.py)."""
+    b, s, h = x.shape
+    heads, eps = c["n_heads"], c["norm_eps"]
+    d = h // heads
+    xn = _rms(x, sd[pre + "norm_1.weight"], eps)
+    q, k, v = (xn @ sd[pre + "attn.Wqkv.weight"].T).split([h, h, h], -1)
+    q, k, v = (t.view(b, s, heads, d) for t in (q, k, v))
+    if c["qk_bias"]:
+        q, k = q + sd[pre + "attn.qk_bias"][0], k + sd[pre + "attn.qk_bias"][1]
+    q, k = _rope_pairs(q, c["rope_base"]), _rope_pairs(k, c["rope_base"])
+    a = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    a = a.transpose(1, 2).reshape(b, s, h) @ sd[pre + "attn.proj.weight"].T
+    x = _rms(a + x, sd[pre + "norm_2.weight"], eps)
+    gate, up = (_rms(x, sd[pre + "norm_3.weight"], eps) @ sd[pre + "mlp.fc.weight"].T).chunk(2, -1)
+    m = (F.silu(gate) * up) @ sd[pre + "mlp.proj.weight"].T
+    return _rms(m + x, sd[pre + "norm_4.weight"], eps)
+
+
+def reference_huginn(sd, c, ids, steps, state):
+    """Huginn-0125's forward (arXiv 2502.05171; raven_modeling_minimal.py `forward`,
+    `iterate_forward`, `core_block_forward`, `predict_from_latents`) from its released tensors
+    `sd` and config.json `c`, batch-first: logits [B, S, V] after `steps` recurrences from the
+    initial state `state` [B, S, H]."""
+    eps, tr = c["norm_eps"], "transformer."
+    e = sd[tr + "wte.weight"][ids] * math.sqrt(c["n_embd"])
+    for i in range(c["n_layers_in_prelude"]):
+        e = _sandwich(sd, f"{tr}prelude.{i}.", e, c)
+    x = state
+    for _ in range(steps):
+        x = torch.cat((x, e), -1) @ sd[tr + "adapter.weight"].T
+        for i in range(c["n_layers_in_recurrent_block"]):
+            x = _sandwich(sd, f"{tr}core_block.{i}.", x, c)
+    x = _rms(x, sd[tr + "ln_f.weight"], eps)
+    for i in range(c["n_layers_in_coda"]):
+        x = _sandwich(sd, f"{tr}coda.{i}.", x, c)
+    x = _rms(x, sd[tr + "ln_f.weight"], eps)
+    head = sd[tr + "wte.weight"] if c["tie_embeddings"] else sd["lm_head.weight"]
+    return x @ head.T

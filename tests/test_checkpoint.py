@@ -44,6 +44,11 @@ MODE_RESUMES = {f"mode-{v}": VARIANTS[v] for v in ("lt", "lt_i", "lt_ia", "flt_r
 MODE_RESUMES["flt-recipe-muon-few"] = [*VARIANTS["flt_recipe"], "optim.name=muon",
                                        "objective.kind=few", "model.vocab_size=320"]
 MODE_RESUMES["flt-recipe-zero1"] = [*VARIANTS["flt_recipe"], "parallel.zero_stage=1"]
+# Huginn's recipe: R drawn per step from (seed, step), backprop through 2, random states
+HUGINN_RECIPE = [*VARIANTS["huginn"], "model.state_std=0.08",
+                 "model.loops_sampler=poisson_lognormal", "train.backprop_loops=2"]
+MODE_RESUMES["huginn-sampled"] = HUGINN_RECIPE
+MODE_RESUMES["huginn-sampled-zero1"] = [*HUGINN_RECIPE, "parallel.zero_stage=1"]
 RESUMES = {"sync": [], "async": ["train.async_checkpoint=true"], "zero1": ["parallel.zero_stage=1"],
            **MODE_RESUMES}
 

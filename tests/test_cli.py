@@ -37,7 +37,7 @@ def test_train_then_generate_end_to_end(tmp_path, capsys):
     assert lines[-1] == "KV cache (last): 0.5 KiB per token"
     assert main(["generate", "--checkpoint", str(ckpt), "--prompt", "x", "--exit", "gate"]) == 2
     assert capsys.readouterr().err == ("pretrain: error: --exit: exit rule 'gate': expected "
-                                       "gate:Q, delta:EPS, fixed:N or all\n")
+                                       "gate:Q, delta:EPS, kl:EPS, fixed:N or all\n")
 
 
 def test_data_commands_and_their_one_line_errors(tmp_path, capsys):

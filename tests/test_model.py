@@ -112,11 +112,13 @@ def _hand_count(m) -> int:
     """Parameter count from the architecture's shapes, written out independently."""
     d = m.kv_channels
     attn = m.hidden_size * d * (2 * m.num_heads + 2 * m.num_kv_heads)  # q, o; k, v
+    attn += (m.num_heads + m.num_kv_heads) * d * m.qk_bias  # Huginn's query/key bias
     mlp = (3 if m.mlp == "swiglu" else 2) * m.hidden_size * m.ffn_hidden_size
     norms = (4 if m.sandwich_norm else 2) * m.hidden_size * m.norm_weights
     layers = (m.num_layers + m.prelude_layers + m.coda_layers) * (attn + mlp + norms)
     emb = m.vocab_size * m.hidden_size * (1 if m.tie_embeddings else 2)
-    return layers + emb + m.hidden_size * m.norm_weights + (m.hidden_size + 1)  # final norm, gate
+    adapter = 2 * m.hidden_size * m.hidden_size * (m.loop_mode == "huginn")  # Linear 2H -> H
+    return layers + emb + adapter + m.hidden_size * m.norm_weights + (m.hidden_size + 1)  # final norm, gate
 
 
 @pytest.mark.parametrize("name,nominal", [("ouro-1.4b", 1.4e9), ("ouro-2.6b", 2.6e9)])

@@ -13,7 +13,7 @@ from pretrain.cli import main
 from pretrain.model.flops import stage_cost_model
 from tests.conftest import ROOT, tiny_config
 from tests.distributed import torchrun
-from tests.multiproc.pp_equivalence import cases
+from tests.multiproc.pp_equivalence import cases, window_cases
 
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["pp2", "pp2xtp2"])
@@ -27,8 +27,9 @@ def results(request, tmp_path_factory):
 @pytest.mark.multiproc
 def test_gradients_and_loss_equal_single_process(results):
     """Every case (Ouro: R in {1,2,4}, m in {1,2,4,8}, 1F1B and GPipe, splits [2,1] and [1,2];
-    lt_i, lt_ia, FLT with its recipe, flt_res at R = 3) on every rank: each parameter's
-    gradient and the loss match."""
+    lt_i, lt_ia, FLT with its recipe, flt_res at R = 3; truncated backprop -- R = 3, k = 1 and
+    R = 4, k = 2 -- for ouro, FLT and huginn from seeded random states) on every rank: each
+    parameter's gradient and the loss match."""
     tp, ranks = results
     checked = 0
     for rank, res in enumerate(ranks):
@@ -40,16 +41,16 @@ def test_gradients_and_loss_equal_single_process(results):
                 assert r["loss"] < 1e-5, f"rank {rank} {case}"
             checked += 1
     errors = sum(1 for r in ranks[0].values() if "config_error" in r)
-    assert checked == len(ranks) * (len(cases(tp)) - errors) and checked > 0
+    assert checked == len(ranks) * (len(cases(tp)) + len(window_cases(tp)) - errors) > 0
 
 
 @pytest.mark.multiproc
 def test_ring_bytes_per_loop_mode(results):
     """What crosses the ring, counted. Per microbatch, stage 0 sends x on every lap -- with
     h_t-1 too on laps > 1 for flt / flt_res, whose every layer reads it -- and the gradients of
-    the R - 1 states h_t it received at lap boundaries; the last stage sends those states and
-    the gradients of what stage 0 sent. Both stages: (in-lap tensors + R - 1) x m messages of
-    [S/tp or S, B=2, H=64] fp32."""
+    the states h_t it received at lap boundaries inside the backprop window (all R - 1 without
+    one); the last stage sends the R - 1 states and the gradients of what stage 0 sent inside
+    the window. Messages of [S/tp or S, B=2, H=64] fp32."""
     tp, ranks = results
     message = (16 // tp) * 2 * 64 * 4  # rows (sequence-parallel under TP) x batch x hidden x fp32
     checked = 0
@@ -57,11 +58,18 @@ def test_ring_bytes_per_loop_mode(results):
         if case.startswith("train") or "config_error" in r:
             continue
         r_, m_, _, variant, _ = case.split("-")
-        loops, m = int(r_[1:]), int(m_[1:])
-        reads_h = variant.startswith("flt")  # every layer reads h_t-1
-        in_lap = loops + (loops - 1 if reads_h else 0)  # stage 0 -> 1, per microbatch
-        for rank in (ranks[0], ranks[-1]):
-            assert rank[case]["sent_bytes"] == m * (in_lap + loops - 1) * message, case
+        loops, _, k = r_[1:].partition("k")
+        loops, m = int(loops), int(m_[1:])
+        k = int(k or loops)
+        reads_h = variant.startswith("flt")  # every layer reads h_t-1 on laps > 0
+
+        def in_lap(laps, reads_h=reads_h):  # stage 0 -> 1 messages over these laps
+            return sum(1 + (reads_h and lap > 0) for lap in laps)
+
+        first = in_lap(range(loops)) + k - 1
+        last = loops - 1 + in_lap(range(loops - k, loops))
+        assert ranks[0][case]["sent_bytes"] == m * first * message, case
+        assert ranks[-1][case]["sent_bytes"] == m * last * message, case
         checked += 1
     assert checked > 0
 

@@ -42,11 +42,19 @@ class Console(Callback):
         done = step - self.first_step
         left = (time.perf_counter() - self.start) / max(done, 1) * (trainer.cfg.train.max_steps - step)
         self.log(f"step {step:>6}/{trainer.cfg.train.max_steps} | loss {m['train/loss']:.4f} | "
-                 f"ce/loop {_per_step(m, 'loop/ce_step', trainer)} | E[loops] {m['train/expected_loops']:.2f}"
+                 f"{_loops(m, trainer)} | E[loops] {m['train/expected_loops']:.2f}"
                  f" | lr {m['train/lr']:.2e} | gnorm {m['train/grad_norm']:.3f} | "
                  f"{m['train/tokens_per_s']:,.0f} tok/s | MFU {100 * m['train/mfu']:.1f}% | mem "
                  f"{m['train/peak_memory_gb']:.2f} GB | skipped {m['train/skipped_steps']:.0f} steps "
                  f"{m['data/skipped_samples']:.0f} samples | ETA {_duration(left)}")
+
+
+def _loops(m: dict[str, float], trainer) -> str:
+    """CE per loop step; with R drawn per step, R, its backprop window and the last CE."""
+    if trainer.cfg.model.loops_sampler == "fixed":
+        return f"ce/loop {_per_step(m, 'loop/ce_step', trainer)}"
+    return (f"R {m['train/loops']:.0f} (grad {m['train/backprop_loops']:.0f}) | ce last "
+            f"{m['loop/ce_last']:.3f}")
 
 
 def _per_step(m: dict[str, float], prefix: str, trainer) -> str:

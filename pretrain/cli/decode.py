@@ -96,6 +96,10 @@ def _downstream(args: argparse.Namespace, loops: list[int]) -> int:
     from pretrain.downstream.tasks import load_tasks
 
     rules = list(_parse_exit_rules(args.exit or ["all"]))
+    for rule in rules:
+        if rule.kind == "kl":
+            raise ConfigError(f"--exit {rule}: a kl rule reads every step's full logits; it "
+                              "runs on held-out data (eval without --tasks) and in generate")
     tasks = load_tasks(args.tasks.split(","), args.num_fewshot, args.include_path)
     path = store.resolve(args.checkpoint)
     trained = load_config(path / "config.yaml").model.loops
@@ -133,7 +137,8 @@ def add_commands(sub) -> None:
     g.add_argument("--checkpoint", required=True)
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=at_least(1), default=64)
-    g.add_argument("--exit", default="all", help="exit rule: gate:Q, delta:EPS, fixed:N or all")
+    g.add_argument("--exit", default="all",
+                   help="exit rule: gate:Q, delta:EPS, kl:EPS (Huginn), fixed:N or all")
     _add_decoding_flags(g)
     g.add_argument("--loops", type=at_least(0), default=0, help="loop count (default: the trained one)")
     g.add_argument("--temperature", type=at_least(0.0, float), default=0.0, help="0: greedy")
@@ -153,8 +158,9 @@ def add_commands(sub) -> None:
                     help="loop counts to evaluate (default: the trained one)")
     ev.add_argument("--exit", nargs="+", default=None,
                     help="exit rules: gate:Q (cumulative exit probability), delta:EPS "
-                         "(|h_t - h_t-1| < EPS), fixed:N, all (default: all with --tasks, "
-                         "gate:0.3..0.9 on held-out data)")
+                         "(|h_t - h_t-1| < EPS), kl:EPS (KL of successive steps' next-token "
+                         "distributions < EPS; held-out data), fixed:N, all (default: all with "
+                         "--tasks, gate:0.3..0.9 on held-out data)")
     _add_decoding_flags(ev)
     ev.add_argument("--batch-size", type=at_least(1), default=8, help="sequences per forward (--tasks)")
     ev.add_argument("--bootstrap-iters", type=at_least(0), default=100000,

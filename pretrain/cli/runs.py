@@ -61,9 +61,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
             collect(Path(args.sweep_dir))
         else:
-            from pretrain.sweep.fit import fit_sweep
-
-            print(fit_sweep(Path(args.sweep_dir), args.budget))
+            print(_fit(Path(args.sweep_dir), args.law or "chinchilla", args.budget))
         return 0
     from pretrain.sweep.launch import run_local, submit_array, wait_note
     from pretrain.sweep.spec import expand, load_spec, write_points
@@ -79,11 +77,21 @@ def _sweep(args: argparse.Namespace) -> int:
         return 0
     run_local(points)
     from pretrain.sweep.collect import collect
-    from pretrain.sweep.fit import fit_sweep
 
     collect(spec.out_dir)
-    print(fit_sweep(spec.out_dir, args.budget))
+    print(_fit(spec.out_dir, args.law or spec.law, args.budget))
     return 0
+
+
+def _fit(sweep_dir, law: str, budget: float | None) -> str:
+    """The report of `law`'s fit: Chinchilla's L(N, D) + the loop law, or the iso-depth law."""
+    if law == "iso-depth":
+        from pretrain.sweep.iso_depth import fit_iso_depth_sweep
+
+        return fit_iso_depth_sweep(sweep_dir)
+    from pretrain.sweep.fit import fit_sweep
+
+    return fit_sweep(sweep_dir, budget)
 
 
 def add_commands(sub) -> None:
@@ -110,6 +118,9 @@ def add_commands(sub) -> None:
     sw.add_argument("--overwrite", action="store_true",
                     help="points whose run holds checkpoints of a different config are moved aside")
     sw.add_argument("--budget", type=at_least(0.0, float), default=None, help="FLOPs for the compute optimum")
+    sw.add_argument("--law", choices=("chinchilla", "iso-depth"), default=None,
+                    help="fit L(N, D) + the loop law, or the iso-depth law with phi (default: "
+                         "the spec's `law`, else chinchilla)")
     sw.set_defaults(fn=_sweep)
     st = sub.add_parser("status", help="step, tokens, loss, checkpoint and SLURM state of a run "
                                        "(or the parts done of a tokenisation job)")

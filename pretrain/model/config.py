@@ -23,15 +23,29 @@ class ModelConfig:
     rope_reverse: bool = False  # rotate by -angle: nanochat's (the FLT code's) RoPE sense
     norm_eps: float = 1e-6
     sandwich_norm: bool = True  # Ouro: RMSNorm before and after each sublayer
+    # where the second norm of a sandwich sits: on the sublayer's output before the residual
+    # add (Ouro: x + N2(attn(N1 x))), or on the sum (Huginn's SandwichBlock: N2(x + attn(N1 x)))
+    sandwich_style: Literal["ouro", "huginn"] = "ouro"
     tie_embeddings: bool = False
     prelude_layers: int = 0  # unshared layers run once before the loop (Huginn-style)
     coda_layers: int = 0  # unshared layers run on every loop's output before the head
     # how one loop hands over to the next (model/looped.py): the released Ouro function, or the
     # Fully Looped Transformer paper's FLT / FLT_res and its baselines LT, LT_i, LT_ia
-    loop_mode: Literal["ouro", "lt", "lt_i", "lt_ia", "flt", "flt_res"] = "ouro"
+    # Fully Looped Transformer paper's FLT / FLT_res and its baselines LT, LT_i, LT_ia, or
+    # Huginn-0125's recurrence x_t = Block(Adapter([x_{t-1}; e])) from a random state
+    loop_mode: Literal["ouro", "lt", "lt_i", "lt_ia", "flt", "flt_res", "huginn"] = "ouro"
+    # how many loops a training step runs: `loops` every step, or Huginn's draw per step,
+    # R = Poisson(LogNormal(ln(loops) - sigma^2/2, sigma)) + 1 (model/recurrence.py)
+    loops_sampler: Literal["fixed", "poisson_lognormal"] = "fixed"
+    loops_sigma: float = 0.5  # sigma of the log-normal rate (Huginn: 0.5)
     # False (an ablation, not a published model): ouro mode carries the raw stream x_t into the
     # next loop and norms only the readout
     norm_between_loops: bool = True
+    qk_bias: bool = False  # Huginn: a learned bias on every query and key head, before RoPE
+    embed_scale: float = 1.0  # e = Embed(ids) * embed_scale (Huginn: sqrt(hidden_size))
+    # huginn mode: x_0 ~ truncated normal(0, state_std, cut at +-3 state_std) * embed_scale
+    # (Huginn: state_std = sqrt(2 / (5 hidden_size))); 0: x_0 = 0
+    state_std: float = 0.0
     qk_norm: bool = False  # FLT recipe: weightless RMSNorm of queries and keys after RoPE
     norm_weights: bool = True  # False: RMSNorm without a learned scale (FLT recipe)
     mlp: Literal["swiglu", "relu2"] = "swiglu"  # relu2: down(relu(up(x))^2) (FLT recipe)
@@ -76,6 +90,11 @@ def validate_model(m: ModelConfig) -> None:
     require(m.init_std > 0, "model.init_std", "must be > 0")
     require(m.norm_between_loops or m.loop_mode == "ouro", "model.norm_between_loops",
             f"false applies to loop_mode ouro only (the {m.loop_mode} mode defines its own handover)")
+    require(m.sandwich_style == "ouro" or m.sandwich_norm, "model.sandwich_style",
+            "huginn places the second norm of a sandwich: it needs model.sandwich_norm: true")
+    require(m.embed_scale > 0, "model.embed_scale", f"must be > 0, got {m.embed_scale}")
+    require(m.state_std >= 0, "model.state_std", f"must be >= 0, got {m.state_std}")
+    require(m.loops_sigma > 0, "model.loops_sigma", f"must be > 0, got {m.loops_sigma}")
     require(m.logit_softcap >= 0, "model.logit_softcap", f"must be >= 0, got {m.logit_softcap}")
 
 

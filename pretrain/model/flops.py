@@ -4,8 +4,11 @@ Parameters are counted on a meta-device instance of the real model, so the count
 from the code and a 2.6B config costs no memory. FLOPs are analytic, per token, forward plus
 backward (= 3x forward): every matmul counts 2 FLOPs per multiply-add; attention scores and the
 weighted sum count 2 * 2 * seq_len * (heads * head_dim) per layer per loop (full sequence, the
-PaLM/Chinchilla convention); the LM head and exit gate run on every loop step; the prelude runs
-once, the coda R times. Every loop mode costs the same: FLT's queries from h_{t-1} use the
+PaLM/Chinchilla convention); the LM head and exit gate run on every loop step read out; the
+prelude runs once, the coda once per readout, huginn's adapter (2H -> H) once per loop. With
+truncated backprop only the last k loop steps have a backward: a step without a graph costs
+its forward alone; a run with R drawn per step counts E[R] and E[k] (model/recurrence.py).
+Every loop mode costs the same: FLT's queries from h_{t-1} use the
 query rows of the same projection (model/layers.py `FusedLinear.rows`), no extra matmul.
 Functions of `cfg` without a type take the run config (its model, objective, train and
 parallel sections; pretrain/config.py, a floor above this one).
@@ -19,6 +22,7 @@ from parallelism.pipeline_balance import StageCosts, auto_split
 from pretrain.model.config import ModelConfig
 from pretrain.model.looped import LoopedLM
 from pretrain.model.objective import readout_steps, trains_gate
+from pretrain.model.recurrence import expected_loops
 
 
 def count_parameters(cfg: ModelConfig) -> dict[str, int]:
@@ -29,8 +33,12 @@ def count_parameters(cfg: ModelConfig) -> dict[str, int]:
     if not cfg.tie_embeddings:
         embedding += model.lm_head.weight.numel()
     block = sum(p.numel() for p in model.block.parameters())
+    adapter = model.adapter.weight.numel() if model.adapter is not None else 0
+    # run every loop step: the block and huginn's adapter (the iso-depth law's N_rec)
+    recurrent = block + adapter
     return {"total": total, "non_embedding": total - embedding, "embedding": embedding,
-            "looped_block": block}
+            "looped_block": block, "recurrent": recurrent,
+            "once": total - embedding - recurrent}
 
 
 def layer_matmul_flops(cfg: ModelConfig) -> int:
@@ -51,46 +59,64 @@ def head_flops(cfg: ModelConfig) -> int:
     return 2 * cfg.hidden_size * cfg.vocab_size
 
 
-def block_layer_flops(cfg: ModelConfig, seq_len: int, loops: int) -> int:
-    """Forward FLOPs per token of one shared-block layer over all `loops` applications."""
-    return loops * (layer_matmul_flops(cfg) + attention_flops(cfg, seq_len))
+def adapter_flops(cfg: ModelConfig) -> int:
+    """Forward FLOPs per token of huginn's adapter, Linear(2H -> H), once per loop step."""
+    return 2 * 2 * cfg.hidden_size * cfg.hidden_size if cfg.loop_mode == "huginn" else 0
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int, loops: int | None = None,
-                    read_count: int | None = None, train_gate: bool = True) -> int:
+def flops_per_token(cfg: ModelConfig, seq_len: int, loops: float | None = None,
+                    read_count: float | None = None, train_gate: bool = True,
+                    backprop: float | None = None) -> float:
     """Training FLOPs (forward + backward) per token at context `seq_len`; `read_count` loop
-    steps run the readout -- coda, LM head, gate -- (default all), and the gate has a backward
-    only when trained (the FLT objectives read out fewer steps and leave the gate alone)."""
+    steps run the readout -- coda, LM head, gate -- (default all), the gate has a backward
+    only when trained (the FLT objectives read out fewer steps and leave the gate alone), and
+    `backprop` of the loop steps -- the last ones, where every objective's readouts lie --
+    have a backward (default all). R and k may be expectations."""
     r = loops or cfg.loops
+    k = r if backprop is None else backprop
     reads = r if read_count is None else read_count
+    reads_bwd = min(reads, k)
     unshared = layer_matmul_flops(cfg) + attention_flops(cfg, seq_len)
-    forward = (cfg.prelude_layers * unshared + cfg.num_layers * block_layer_flops(cfg, seq_len, r)
-               + reads * (cfg.coda_layers * unshared + head_flops(cfg)))
-    gate = reads * 2 * cfg.hidden_size * (3 if train_gate else 1)
-    return 3 * forward + gate
+    step = cfg.num_layers * (layer_matmul_flops(cfg) + attention_flops(cfg, seq_len)) \
+        + adapter_flops(cfg)
+    readout = cfg.coda_layers * unshared + head_flops(cfg)
+    forward = cfg.prelude_layers * unshared + r * step + reads * readout
+    backward = 2 * (cfg.prelude_layers * unshared + k * step + reads_bwd * readout)
+    gate = 2 * cfg.hidden_size * (reads + 2 * reads_bwd * train_gate)
+    return forward + backward + gate
 
 
-def read_count(cfg) -> int:
-    """Loop steps whose LM head a training step runs (model/objective.py `readout_steps`)."""
-    return len(readout_steps(cfg.objective.kind, cfg.model.loops))
+def read_count(cfg) -> float:
+    """Loop steps whose LM head a training step runs (model/objective.py `readout_steps`; at
+    E[R] when R is drawn per step)."""
+    mean_r, _ = expected_loops(cfg.model, cfg.train.backprop_loops)
+    if trains_gate(cfg.objective.kind):
+        return mean_r
+    return len(readout_steps(cfg.objective.kind, max(round(mean_r), 1)))
 
 
-def run_flops_per_token(cfg) -> int:
-    """Training FLOPs per token of a run: its context and the readouts its objective needs."""
-    return flops_per_token(cfg.model, cfg.train.seq_len, read_count=read_count(cfg),
-                           train_gate=trains_gate(cfg.objective.kind))
+def run_flops_per_token(cfg) -> float:
+    """Training FLOPs per token of a run: its context, the readouts its objective needs and
+    the expected loop steps with and without a backward."""
+    mean_r, mean_k = expected_loops(cfg.model, cfg.train.backprop_loops)
+    return flops_per_token(cfg.model, cfg.train.seq_len, loops=mean_r, read_count=read_count(cfg),
+                           train_gate=trains_gate(cfg.objective.kind), backprop=mean_k)
 
 
 def stage_cost_model(cfg) -> StageCosts:
-    """The circular pipeline's balance (parallelism/pipeline_balance.py): every block layer
-    runs R times per microbatch, and so does the last stage's readout -- once per lap -- so a
+    """The circular pipeline's balance (parallelism/pipeline_balance.py), forward + backward
+    FLOPs per token of a step: every block layer runs E[R] laps per microbatch, E[k] of them
+    with a backward, and so does the last stage's readout -- once per lap read out -- so a
     split that only counted layers would overload the last stage by R x (head + gate + coda)."""
     m, s = cfg.model, cfg.train.seq_len
+    r, k = expected_loops(m, cfg.train.backprop_loops)
+    reads = read_count(cfg)
+    laps, read_laps = r + 2 * k, reads + 2 * min(reads, k)
     unshared = layer_matmul_flops(m) + attention_flops(m, s)
-    return StageCosts(per_layer=block_layer_flops(m, s, m.loops),
-                      first=m.prelude_layers * unshared,
-                      last=m.loops * (m.coda_layers * unshared + 2 * m.hidden_size)
-                      + read_count(cfg) * head_flops(m))
+    return StageCosts(per_layer=round(laps * (layer_matmul_flops(m) + attention_flops(m, s))),
+                      first=round(3 * m.prelude_layers * unshared + laps * adapter_flops(m)),
+                      last=round(read_laps * (m.coda_layers * unshared + 2 * m.hidden_size
+                                              + head_flops(m))))
 
 
 def pipeline_split(cfg) -> list[int]:

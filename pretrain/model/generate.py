@@ -8,8 +8,13 @@ Decoding: a new token stops looping at its exit step, chosen by an `ExitRule`:
            Q-exit; q >= 1 never exits early);
   delta:e  the first step t >= 2 with ||h_t - h_{t-1}||_2 < e (h the normed loop state: the
            hidden-state-change baseline of Ouro Fig. 5);
+  kl:e     the first step whose next-token distribution is within KL e of the step before's,
+           KL(p_{t-1} || p_t) < e, p_0's predecessor uniform (Huginn's adaptive compute,
+           `generate_with_adaptive_compute` criterion "kl"; their default e = 5e-4);
   fixed:n  step n (a static exit); `all` runs every loop.
-The last loop always stops.
+The last loop always stops. Huginn's "KV sharing" for tokens that exited early is the `full`
+policy below (their `latest-m4` lookup: a later recurrence reads an exited token's keys of its
+last step at the same layer). One difference: their coda keeps one cache, ours one per step.
 
 KV cache policy while decoding (Ouro Table 14; prefill always keeps every loop's cache):
   full     one cache per loop step; a token that exited at step t leaves its step-t keys/values
@@ -31,6 +36,7 @@ counts the loops it ran (exit step + 1, 1..R).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -55,8 +61,9 @@ class ExitRule:
         kind, _, value = text.partition(":")
         if kind == "all" and not value:
             return cls("all")
-        if kind not in ("gate", "delta", "fixed") or not value:
-            raise ValueError(f"exit rule {text!r}: expected gate:Q, delta:EPS, fixed:N or all")
+        if kind not in ("gate", "delta", "kl", "fixed") or not value:
+            raise ValueError(f"exit rule {text!r}: expected gate:Q, delta:EPS, kl:EPS, fixed:N "
+                             "or all")
         try:
             v = float(value)
         except ValueError:
@@ -78,11 +85,22 @@ class _ExitState:
         self.rule = rule
         self.log_survive = torch.zeros(shape, device=device)
         self.cdf = torch.zeros(shape, device=device)
+        self.log_probs: Tensor | None = None  # kl: the previous step's next-token log-probs
 
-    def stops(self, t: int, loops: int, gate: Tensor, change: Tensor | None) -> Tensor:
+    def stops(self, t: int, loops: int, gate: Tensor, change: Tensor | None,
+              logits: Tensor | None) -> Tensor:
         """Which tokens exit at step t (0-based) by the rule: gate [B, n]; change [B, n] the
-        size of the step's hidden-state change ||h_t - h_{t-1}|| (None on the first step)."""
+        size of the step's hidden-state change ||h_t - h_{t-1}|| (None on the first step);
+        logits [B, n, V] the step's (vocab-complete) logits."""
         r = self.rule
+        if r.kind == "kl":
+            log_p = F.log_softmax(logits.float(), -1)
+            prev = self.log_probs
+            if prev is None:  # Huginn starts from the uniform distribution
+                prev = torch.full_like(log_p, -math.log(log_p.shape[-1]))
+            self.log_probs = log_p
+            return (F.kl_div(log_p, prev, reduction="none", log_target=True).sum(-1) < r.value) \
+                | (t == loops - 1)
         if r.kind == "gate":
             g = gate.float()
             self.cdf = self.cdf + torch.exp(F.logsigmoid(g) + self.log_survive)
@@ -234,7 +252,7 @@ def forward_chunk(model: LoopedLM, ids: Tensor, cache: LoopKVCache, loops: int,
             if not cache.collapsed:
                 cache.fill_skipped(t)
             continue
-        x, h_read = model.loop_input(t, e, handover)
+        x, h_read = model.loop_input(t, e, handover, run)
         step = model.end_loop(t, model.run_block(t, x, h_read, run), run)
         handover = step.handover
         logits, gate = step.logits.transpose(0, 1), step.gate_logits.t()  # batch-first, like ids
@@ -243,7 +261,7 @@ def forward_chunk(model: LoopedLM, ids: Tensor, cache: LoopKVCache, loops: int,
         h_prev = h_batch
         if observe is not None:
             observe(t, logits, gate, change)
-        stop = ~decided & state.stops(t, loops, gate, change)
+        stop = ~decided & state.stops(t, loops, gate, change, logits)
         out = logits if out is None else torch.where(stop[..., None], logits, out)
         loops_used[stop] = t + 1
         if not prefill and not cache.collapsed and t < loops - 1 and stop.any():
@@ -341,19 +359,24 @@ def generate(
     return Generation(tokens, torch.stack(chosen, 1), used, mean, cache.bytes_per_token())
 
 
-def readout_exit_steps(rule: ExitRule, gate_logits: Tensor, changes: Tensor | None = None) -> Tensor:
+def readout_exit_steps(rule: ExitRule, gate_logits: Tensor, changes: Tensor | None = None,
+                       logits: list[Tensor] | None = None) -> Tensor:
     """The exit step (0-based) `rule` picks for each token when every loop has run (gate
     logits [R, ...] -> [...]): validation's readout during training and the harness's
     (pretrain/downstream). Decoding also changes what later tokens attend to -- `score`
     measures that. delta rules need `changes` [R, ...] (hidden_change of each step; step 0's
-    is ignored); without them a delta rule never exits early."""
+    is ignored); without them a delta rule never exits early. kl rules need every step's
+    vocab-complete `logits` ([..., V] per step, laid out like the gate logits)."""
     loops = gate_logits.shape[0]
+    if rule.kind == "kl" and logits is None:
+        raise ValueError(f"exit rule {rule}: needs every step's logits (pretrain eval / generate)")
     state = _ExitState(rule, gate_logits.shape[1:], gate_logits.device)
     step = torch.full(gate_logits.shape[1:], loops - 1, device=gate_logits.device)
     done = torch.zeros(gate_logits.shape[1:], dtype=torch.bool, device=gate_logits.device)
     for t in range(loops):
         change = changes[t] if changes is not None and t > 0 else None
-        stop = state.stops(t, loops, gate_logits[t], change) & ~done
+        step_logits = logits[t] if logits is not None else None
+        stop = state.stops(t, loops, gate_logits[t], change, step_logits) & ~done
         step[stop] = t
         done |= stop
     return step

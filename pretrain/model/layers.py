@@ -89,6 +89,8 @@ class Attention(nn.Module):
         self.recompute_core = False  # `train.recompute: selective` (model/memory.py)
         q, kv = self.n_heads * self.hd, self.n_kv * self.hd
         self.qkv_proj = FusedLinear(cfg.hidden_size, (q, kv, kv))
+        # Huginn's qk_bias: added to the queries and keys of every head before RoPE ([q | k])
+        self.qk_bias = nn.Parameter(torch.zeros(q + kv)) if cfg.qk_bias else None
         self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=False)
 
     def _project(self, x: Tensor, q_input: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -121,6 +123,9 @@ class Attention(nn.Module):
         q, kv = self._project(x, q_input)
         n, b = q.shape[:2]
         k, v = kv.split([self.n_kv * self.hd, self.n_kv * self.hd], -1)
+        if self.qk_bias is not None:
+            bq, bk = self.qk_bias.split([self.n_heads * self.hd, self.n_kv * self.hd])
+            q, k = q + bq, k + bk
         q = q.view(n, b, self.n_heads, self.hd).permute(1, 2, 0, 3)
         k = k.view(n, b, self.n_kv, self.hd).permute(1, 2, 0, 3)
         v = v.view(n, b, self.n_kv, self.hd).permute(1, 2, 0, 3)
@@ -175,8 +180,10 @@ class ReluSquared(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm decoder layer; with `sandwich_norm` (Ouro) each sublayer output is normed too.
-    With `q_input` (FLT) the attention's queries come from attn_norm(q_input)."""
+    """Pre-norm decoder layer; with `sandwich_norm` a second norm per sublayer: on its output,
+    x + N2(attn(N1 x)) (Ouro), or on the residual sum, N2(x + attn(N1 x)) (`sandwich_style:
+    huginn`, Huginn's SandwichBlock). With `q_input` (FLT) the attention's queries come from
+    attn_norm(q_input)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -191,15 +198,18 @@ class DecoderLayer(nn.Module):
         self.attn_post_norm = norm() if cfg.sandwich_norm else None
         self.mlp_post_norm = norm() if cfg.sandwich_norm else None
         self.drop = nn.Dropout(cfg.dropout)
+        self.norm_sum = cfg.sandwich_style == "huginn"
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, q_input: Tensor | None = None,
                 **kv) -> tuple[Tensor, Tensor, Tensor]:
         q = None if q_input is None else self.attn_norm(q_input)
         a, k, v = self.attn(self.attn_norm(x), cos, sin, q_input=q, **kv)
-        if self.attn_post_norm is not None:
-            a = self.attn_post_norm(a)
-        x = x + self.drop(a)
-        m = self.mlp(self.mlp_norm(x))
-        if self.mlp_post_norm is not None:
-            m = self.mlp_post_norm(m)
-        return x + self.drop(m), k, v
+        x = self._residual(x, a, self.attn_post_norm)
+        return self._residual(x, self.mlp(self.mlp_norm(x)), self.mlp_post_norm), k, v
+
+    def _residual(self, x: Tensor, branch: Tensor, post_norm: RMSNorm | None) -> Tensor:
+        if post_norm is None:
+            return x + self.drop(branch)
+        if self.norm_sum:
+            return post_norm(x + self.drop(branch))
+        return x + self.drop(post_norm(branch))

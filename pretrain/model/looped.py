@@ -28,6 +28,18 @@ Loop modes -- how loop t hands over to loop t + 1:
   flt_res  x_t = nu(e) every loop; on t > 1 every layer first mixes x = nu(x + h_{t-1}), then
            runs as a plain layer.
 
+  huginn   x_t = Adapter([x_{t-1}; e]) with x_0 a random state (the released Huginn-0125,
+           arXiv 2502.05171; seal-rg/recurrent-pretraining, recpre/raven_modeling_minimal.py
+           `iterate_forward`, `core_block_forward`, `initialize_state`): Adapter a Linear
+           2H -> H without bias, e = Prelude(Embed(ids) * embed_scale), x_0 ~ truncated
+           normal(0, state_std) * embed_scale (`LoopPass.state`; a caller may pass it in). The
+           raw block output x_t is handed over (no norm between recurrences); the readout is
+           theirs, N(Coda(N(x_t))) -> LMHead, and their objective reads the last step only
+           (`objective.kind: last`; configs/huginn-*.yaml also set their sandwich_style,
+           qk_bias, embed_scale, tied embeddings). Their RoPE rotates adjacent pairs (2i, 2i+1);
+           ours rotates (i, i + D/2): the same function after one fixed permutation of each
+           head's query/key rows, which their format's export/import applies (pretrain/hf.py).
+
 lt .. flt_res follow the FLT authors' code (Chen et al., arXiv 2605.18797; repository
 FuRuF-11/FullyLoopedTransformer, nanochat/gpt.py `GPT.forward`, `Block`, `Block_res`). Their
 norms are weightless; here nu is weightless and N, like the layers' norms, carries a learned
@@ -45,9 +57,14 @@ the circular pipeline, decoding): `loop_input` (x_t from e and what step t - 1 h
 A loop mode lives in `loop_input` and `run_block` alone. The equations above count steps from
 1 as the papers do; code counts them from 0 (metric names from 1: `loop/ce_step1` is t = 0).
 
+Truncated backprop (`train.backprop_loops` k, model/recurrence.py): loop steps before the
+last k run without building a graph (`LoopPass.grad_from`); their readouts still enter the loss
+value, as constants.
+
 The model holds no process-group logic. `layer_offset` is the index of `block[0]` in the whole
 shared block: the circular pipeline keeps a slice of the layers on each stage, and lt_ia needs
-to know which layer is the first.
+to know which layer is the first. `seq_shard` (index, count) is the slice of the sequence the
+stream between layers holds (sequence parallelism): huginn's state x_0 is drawn whole and cut.
 """
 
 from __future__ import annotations
@@ -73,6 +90,9 @@ class LoopPass:
     loops: int  # R of this forward (may differ from model.loops: test-time compute)
     read_steps: range  # the loop steps (0-based) whose logits and gate are computed
     tokens: tuple[int, int]  # (S, B): the shape of one step's gate logits
+    state: Tensor | None = None  # huginn: x_0 [S, B, H], the whole sequence (None: drawn)
+    state_seed: int | None = None  # seeds the draw of x_0 (None: torch's default generator)
+    grad_from: int = 0  # loop steps before this one build no graph (truncated backprop)
 
 
 @dataclass
@@ -112,6 +132,7 @@ class LoopedLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.layer_offset = 0
+        self.seq_shard = (0, 1)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.prelude = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.prelude_layers))
         self.block = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
@@ -121,6 +142,8 @@ class LoopedLM(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.gate = nn.Linear(cfg.hidden_size, 1)
+        huginn = cfg.loop_mode == "huginn"
+        self.adapter = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False) if huginn else None
         cos, sin = rope_tables(cfg.kv_channels, cfg.max_seq_len, cfg.rope_theta, cfg.rope_reverse)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -139,13 +162,16 @@ class LoopedLM(nn.Module):
         `flt` (the FLT authors' init_weights): embedding N(0, 1), LM head N(0, 0.001), the
         other input projections uniform with std 1/sqrt(hidden), output projections zero."""
         std, flt = self.cfg.init_std, self.cfg.init == "flt"
-        depth = self.cfg.prelude_layers + self.cfg.loops * (self.cfg.num_layers + self.cfg.coda_layers)
+        # the unrolled depth (Huginn's effective depth: the coda runs once after the last loop)
+        coda_runs = 1 if self.cfg.loop_mode == "huginn" else self.cfg.loops
+        depth = (self.cfg.prelude_layers + self.cfg.loops * self.cfg.num_layers
+                 + coda_runs * self.cfg.coda_layers)
         out_std = std / math.sqrt(2 * max(depth, 1))
         bound = math.sqrt(3 / self.cfg.hidden_size)
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 nn.init.ones_(p)
-            elif name == "gate.bias":
+            elif name == "gate.bias" or name.endswith("qk_bias"):
                 nn.init.zeros_(p)
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.zeros_(p) if flt else nn.init.normal_(p, 0.0, out_std)
@@ -162,24 +188,52 @@ class LoopedLM(nn.Module):
     # different stages; decoding runs them against a KV cache) -------------------------------
 
     def begin(self, ids: Tensor, store: KVStore | None = None, loops: int | None = None,
-              read_steps: range | None = None, start: int = 0) -> LoopPass:
+              read_steps: range | None = None, start: int = 0, backprop: int = 0,
+              state: Tensor | None = None, state_seed: int | None = None) -> LoopPass:
         """What every loop step of one forward over ids [B, S] shares: positions start.., the KV
-        store, the loop count (default model.loops) and the steps read out (default all)."""
+        store, the loop count (default model.loops), the steps read out (default all), how many
+        last steps build a graph (0: all) and huginn's x_0 (`state`, else drawn: from
+        `state_seed`, or from torch's default generator as the released code does)."""
         loops = loops or self.cfg.loops
         positions = torch.arange(start, start + ids.shape[1], device=ids.device)
         return LoopPass(rope=(self.rope_cos[positions], self.rope_sin[positions]),
                         store=store if store is not None else NoKV(), loops=loops,
                         read_steps=range(loops) if read_steps is None else read_steps,
-                        tokens=(ids.shape[1], ids.shape[0]))
+                        tokens=(ids.shape[1], ids.shape[0]), state=state, state_seed=state_seed,
+                        grad_from=max(loops - backprop, 0) if backprop else 0)
+
+    def initial_state(self, run: LoopPass, device: torch.device) -> Tensor:
+        """Huginn's x_0: [S, B, H] truncated normal(0, state_std, +-3 state_std) times
+        embed_scale (zeros when state_std is 0), from a generator seeded with run.state_seed;
+        drawn on the stage that starts the loop, only there."""
+        x = torch.zeros((*run.tokens, self.cfg.hidden_size), device=device)
+        std = self.cfg.state_std
+        if std > 0:
+            gen = None
+            if run.state_seed is not None:
+                gen = torch.Generator(device=device).manual_seed(run.state_seed)
+            nn.init.trunc_normal_(x, 0.0, std, -3 * std, 3 * std, generator=gen)
+            x = x * self.cfg.embed_scale
+        return x
 
     def embed_stream(self, ids: Tensor, run: LoopPass) -> Tensor:
-        """e = Prelude(Embed(ids)), ids [B, S] -> [S, B, H]."""
-        return self._run_layers("prelude", 0, self.embed(ids.t()), run)
+        """e = Prelude(Embed(ids) * embed_scale), ids [B, S] -> [S, B, H]."""
+        e = self.embed(ids.t())
+        if self.cfg.embed_scale != 1:
+            e = e * self.cfg.embed_scale
+        return self._run_layers("prelude", 0, e, run)
 
-    def loop_input(self, t: int, e: Tensor | None, h: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    def loop_input(self, t: int, e: Tensor | None, h: Tensor | None,
+                   run: LoopPass) -> tuple[Tensor, Tensor | None]:
         """The start of loop step t: (x_t, the h_{t-1} the layers read) from e and what step
-        t - 1 handed over (`LoopStep.handover`)."""
+        t - 1 handed over (`LoopStep.handover`; huginn: run.state on step 0)."""
         mode, eps = self.cfg.loop_mode, self.cfg.norm_eps
+        if mode == "huginn":
+            if t == 0:
+                state = run.state if run.state is not None else self.initial_state(run, e.device)
+                index, count = self.seq_shard
+                h = state.chunk(count)[index].to(e.dtype)
+            return self.adapter(torch.cat((h, e), dim=-1)), None
         if t == 0:
             return (e if mode == "ouro" else rms_norm(e, eps)), None
         if mode in ("ouro", "lt"):
@@ -213,8 +267,8 @@ class LoopedLM(nn.Module):
             logits, gate = self._readout(h, t, run)
         else:  # not read out: no logits, NaN gate logits (the FLT objectives skip them)
             logits, gate = None, torch.full(run.tokens, float("nan"), device=x.device)
-        return LoopStep(x=x, h=h, logits=logits, gate_logits=gate,
-                        handover=h if self.cfg.norm_between_loops else x)
+        raw = self.cfg.loop_mode == "huginn" or not self.cfg.norm_between_loops
+        return LoopStep(x=x, h=h, logits=logits, gate_logits=gate, handover=x if raw else h)
 
     def _readout(self, h: Tensor, t: int, run: LoopPass) -> tuple[Tensor | DeferredLogits, Tensor]:
         """Logits and exit-gate logit of loop step t from its state h_t = N(x_t)."""
@@ -246,16 +300,19 @@ class LoopedLM(nn.Module):
         return x
 
     def forward(self, input_ids: Tensor, loops: int | None = None,
-                read_steps: range | None = None) -> LoopedOutput:
+                read_steps: range | None = None, backprop: int = 0,
+                state: Tensor | None = None, state_seed: int | None = None) -> LoopedOutput:
         """Every loop step of ids [B, S]. `read_steps`: the loop steps read out (default all);
         training objectives that score some steps only skip the others' readout, as the FLT
-        code does."""
-        run = self.begin(input_ids, loops=loops, read_steps=read_steps)
+        code does. `backprop` k > 0: only the last k steps build a graph."""
+        run = self.begin(input_ids, loops=loops, read_steps=read_steps, backprop=backprop,
+                         state=state, state_seed=state_seed)
         e = self.embed_stream(input_ids, run)
         handover, steps = None, []
         for t in range(run.loops):
-            x, h_read = self.loop_input(t, e, handover)
-            step = self.end_loop(t, self.run_block(t, x, h_read, run), run)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and t >= run.grad_from):
+                x, h_read = self.loop_input(t, e, handover, run)
+                step = self.end_loop(t, self.run_block(t, x, h_read, run), run)
             steps.append(step)
             handover = step.handover
         return LoopedOutput.of(steps)

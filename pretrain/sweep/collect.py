@@ -10,8 +10,10 @@ from pretrain.checkpoint import store
 from pretrain.config import ConfigError
 
 COLUMNS = ["point", "hidden_size", "num_layers", "loops", "lr", "params", "non_embedding_params",
+           "once_params", "recurrent_params", "backprop_loops", "loops_sampler",
            "tokens", "flops", "steps", "train_loss", "eval_loss", "eval_ce_final", "eval_data",
            "run_dir"]
+TEXT_COLUMNS = ("run_dir", "eval_data", "loops_sampler")
 
 
 def collect(sweep_dir: Path, log=print) -> Path:
@@ -42,7 +44,10 @@ def collect(sweep_dir: Path, log=print) -> Path:
         rows.append({"point": pt["index"], "hidden_size": cfg.model.hidden_size,
                      "num_layers": cfg.model.num_layers, "loops": cfg.model.loops,
                      "lr": cfg.optim.lr, "params": params["total"],
-                     "non_embedding_params": params["non_embedding"], "tokens": meta["tokens"],
+                     "non_embedding_params": params["non_embedding"],
+                     "once_params": params["once"], "recurrent_params": params["recurrent"],
+                     "backprop_loops": cfg.train.backprop_loops,
+                     "loops_sampler": cfg.model.loops_sampler, "tokens": meta["tokens"],
                      "flops": run_flops_per_token(cfg) * meta["tokens"],
                      "steps": meta["step"], "train_loss": metrics.get("train/loss", float("nan")),
                      "eval_loss": ev["loss"], "eval_ce_final": ev["ce_final"],
@@ -64,5 +69,5 @@ def collect(sweep_dir: Path, log=print) -> Path:
 
 def read_results(path: Path) -> list[dict]:
     with open(path) as fh:
-        return [{k: (v if k in ("run_dir", "eval_data") else float(v)) for k, v in row.items()}
+        return [{k: (v if k in TEXT_COLUMNS else float(v)) for k, v in row.items()}
                 for row in csv.DictReader(fh)]

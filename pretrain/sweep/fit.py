@@ -45,7 +45,7 @@ class LawFit:
         return n, flops / (k * n)
 
 
-def _huber(r: np.ndarray, delta: float) -> np.ndarray:
+def huber(r: np.ndarray, delta: float) -> np.ndarray:
     a = np.abs(r)
     return np.where(a <= delta, 0.5 * r ** 2, delta * (a - 0.5 * delta))
 
@@ -66,7 +66,7 @@ def fit_law(n, d, loss, delta: float = HUBER_DELTA) -> LawFit:
         g = np.clip(r, -delta, delta)  # Huber'
         grad = np.array([(g * w[0]).sum(), (g * w[1]).sum(), (g * w[2]).sum(),
                          -(g * w[0] * log_n).sum(), -(g * w[1] * log_d).sum()])
-        return _huber(r, delta).sum(), grad
+        return huber(r, delta).sum(), grad
 
     best = None
     for a, b, e, alpha, beta in itertools.product((0, 5, 10, 20), (0, 5, 10, 20), (-1, 0, 1),

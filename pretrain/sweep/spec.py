@@ -5,6 +5,9 @@
     overrides: [train.log_every=50]
     grid: {model.hidden_size: [32, 64], train.max_steps: [100, 200]}   # cartesian product
     list: [{model.loops: 1}, {model.loops: 2}]   # or / and explicit points (crossed with grid)
+    iso_depth: {depth: 8, loops: [1, 2, 4, 8]}  # crossed too: model.num_layers = depth / r,
+                                  # model.loops = r (the unrolled recurrent depth stays `depth`)
+    law: iso-depth                # what `sweep --local` fits (default chinchilla; sweep fit --law)
     eval_batches: 8
     slurm: {time: "00:20:00", concurrent: 2, cpus_per_task: 1, partition: "", account: ""}
 
@@ -34,6 +37,8 @@ class SweepSpec:
     points: list[dict] = field(default_factory=list)
     eval_batches: int = 8
     slurm: dict = field(default_factory=dict)
+    iso_depth: list[dict] = field(default_factory=list)  # {num_layers, loops} per loop count
+    law: str = "chinchilla"
 
 
 @dataclass
@@ -52,7 +57,8 @@ def load_spec(path: str | Path) -> SweepSpec:
         tree = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError:
         raise ConfigError(f"{p}: invalid YAML") from None
-    unknown = set(tree) - {"base", "out_dir", "overrides", "grid", "list", "eval_batches", "slurm"}
+    unknown = set(tree) - {"base", "out_dir", "overrides", "grid", "list", "eval_batches", "slurm",
+                           "iso_depth", "law"}
     if unknown:
         raise ConfigError(f"{p}: unknown key(s) {sorted(unknown)}")
     if "base" not in tree or "out_dir" not in tree:
@@ -64,10 +70,29 @@ def load_spec(path: str | Path) -> SweepSpec:
     points = tree.get("list") or []
     if not all(isinstance(x, dict) for x in points):
         raise ConfigError(f"{p}: list: every point must be a mapping of dotted keys")
+    law = tree.get("law", "chinchilla")
+    if law not in ("chinchilla", "iso-depth"):
+        raise ConfigError(f"{p}: law: {law!r}: expected chinchilla or iso-depth")
     return SweepSpec(path=p, base=(p.parent / tree["base"]).resolve(),
                      out_dir=Path(tree["out_dir"]).resolve(), overrides=list(tree.get("overrides") or []),
                      grid=grid, points=points, eval_batches=int(tree.get("eval_batches", 8)),
-                     slurm=dict(tree.get("slurm") or {}))
+                     slurm=dict(tree.get("slurm") or {}),
+                     iso_depth=_iso_depth(p, tree.get("iso_depth")), law=law)
+
+
+def _iso_depth(p: Path, tree) -> list[dict]:
+    """iso_depth: {depth: D, loops: [r, ...]} -> one {num_layers: D / r, loops: r} per r."""
+    if tree is None:
+        return []
+    if not isinstance(tree, dict) or set(tree) != {"depth", "loops"}:
+        raise ConfigError(f"{p}: iso_depth: expected {{depth: D, loops: [r, ...]}}")
+    depth, loops = tree["depth"], tree["loops"]
+    if not isinstance(loops, list) or not loops:
+        raise ConfigError(f"{p}: iso_depth.loops: must be a non-empty list")
+    for r in loops:
+        if not (isinstance(r, int) and isinstance(depth, int) and r >= 1 and depth % r == 0):
+            raise ConfigError(f"{p}: iso_depth: loop count {r!r} does not divide depth {depth!r}")
+    return [{"model.num_layers": depth // r, "model.loops": r} for r in loops]
 
 
 def _override(key: str, value) -> str:
@@ -78,7 +103,8 @@ def expand(spec: SweepSpec) -> list[Point]:
     """One validated config per point (grid x list), each with its own run directory."""
     keys = list(spec.grid)
     combos = [dict(zip(keys, vals, strict=True)) for vals in itertools.product(*spec.grid.values())]
-    settings = [{**c, **extra} for c in combos for extra in (spec.points or [{}])]
+    settings = [{**c, **extra, **iso} for c in combos for extra in (spec.points or [{}])
+                for iso in (spec.iso_depth or [{}])]
     out = []
     for i, s in enumerate(settings):
         run_dir = spec.out_dir / "points" / str(i)

@@ -1,6 +1,9 @@
 """Run under torchrun: the circular pipeline (PP = 2, optionally x TP = 2) against the
 single-process model on the same microbatches. Every rank builds the single-process model from
-the seed as its reference; rank 0 writes the worst relative errors per case to --out."""
+the seed as its reference; rank 0 writes the worst relative errors per case to --out. Cases
+with a backprop window (k < R: the first R - k laps without a graph) and huginn's random
+initial states (seeded per microbatch) take the single process's forward at the same R, k and
+seeds as the reference."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import tempfile
 import torch
 import torch.distributed as dist
 
+from core.model_interface import LoopPlan
 from parallelism.pipeline import PipelineStage, global_name, keep_stage
 from parallelism.pipeline_schedule import peak_live, schedule, warmup_count
 from parallelism.tensor_parallel import gather_full, parallelize_tensor, vocab_parallel_token_ce
@@ -33,11 +37,17 @@ VARIANTS = {**PARALLEL_VARIANTS, "ouro_no_norm": ALL_VARIANTS["ouro_no_norm"],
                          "train.loss_chunk_tokens=6"],
             "flt_mem": [*PARALLEL_VARIANTS["flt_recipe"], "train.recompute=full",
                         "train.loss_chunk_tokens=5"]}
+# the backprop-window cases (loops, k): huginn (untied: the pipeline splits embedding and head)
+WINDOW_VARIANTS = {"ouro": VARIANTS["ouro"], "flt_recipe": VARIANTS["flt_recipe"],
+                   "huginn": [*ALL_VARIANTS["huginn"], "model.tie_embeddings=false",
+                              "model.state_std=0.08"]}
+WINDOWS = ((3, 1), (4, 2))
 
 
-def one_case(topo, loops, m, kind, variant, split, sp) -> dict:
+def one_case(topo, loops, m, kind, variant, split, sp, backprop=0) -> dict:
     try:
-        cfg = tiny_config(*SHAPES, f"model.loops={loops}", *VARIANTS[variant],
+        cfg = tiny_config(*SHAPES, f"model.loops={loops}",
+                          *(WINDOW_VARIANTS if backprop else VARIANTS)[variant],
                           f"parallel.pipeline={topo.pp}", f"parallel.tensor={topo.tp}",
                           f"parallel.sequence_parallel={str(sp).lower()}",
                           f"parallel.pipeline_schedule={kind}", f"train.grad_accum_steps={m}",
@@ -60,10 +70,14 @@ def one_case(topo, loops, m, kind, variant, split, sp) -> dict:
         ce = vocab_parallel_token_ce
     stage.set_memory(MemoryPolicy.of(cfg.train, topo.tp if sp else 1))
     keep_stage(stage, split, topo.pp_rank)
-    pipe = PipelineStage(stage, topo, cfg, readout_steps(cfg.objective.kind, loops))
+    pipe = PipelineStage(stage, topo, cfg, lambda r: readout_steps(cfg.objective.kind, r))
+    plan = LoopPlan(loops, backprop or loops, tuple(range(100, 100 + m)))
     out = pipe.run(batches, kind, at_last_lap(
-        lambda o, lb: compute_objective(cfg.objective, o, lb, ce or token_cross_entropy)))
-    total = sum(compute_objective(cfg.objective, ref(ids), labels).loss for ids, labels in batches) / m
+        lambda o, lb: compute_objective(cfg.objective, o, lb, ce or token_cross_entropy)), plan)
+    reads = readout_steps(cfg.objective.kind, loops)
+    total = sum(compute_objective(cfg.objective, ref(ids, read_steps=reads, backprop=plan.backprop,
+                                                     state_seed=seed), labels).loss
+                for (ids, labels), seed in zip(batches, plan.state_seeds, strict=True)) / m
     total.backward()
     ref_grads = {n: p.grad for n, p in ref.named_parameters()}
     worst, worst_name, close = 0.0, "", True
@@ -79,8 +93,8 @@ def one_case(topo, loops, m, kind, variant, split, sp) -> dict:
             worst, worst_name = e, global_name(stage, name)
     res = {"grad": worst, "grad_param": worst_name, "grad_close": close, "peak_live": pipe.peak_live,
            "sent_bytes": pipe.sent_bytes,
-           "bound": warmup_count(topo.pp, loops, m, topo.pp_rank) + 1,
-           "planned_peak": peak_live(schedule(kind, topo.pp, loops, m, topo.pp_rank))}
+           "bound": warmup_count(topo.pp, plan.backprop, m, topo.pp_rank) + 1,
+           "planned_peak": peak_live(schedule(kind, topo.pp, plan.backprop, m, topo.pp_rank))}
     if out is not None:
         res["loss"] = rel(out.loss, total.detach())
     return res
@@ -113,6 +127,13 @@ def cases(tp: int) -> list[tuple]:
     return grid
 
 
+def window_cases(tp: int) -> list[tuple]:
+    """(loops, k, m, kind, variant, split): truncated backprop in the ring, every window
+    variant, both schedules."""
+    return [(r, k, 2, kind, v, [2, 1]) for r, k in WINDOWS[(1 if tp > 1 else 0):]
+            for kind in ("1f1b", "gpipe") for v in WINDOW_VARIANTS]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -126,6 +147,9 @@ def main() -> None:
     for loops, m, kind, variant, split in cases(args.tp):
         key = f"R{loops}-m{m}-{kind}-{variant}-{split[0]}{split[1]}"
         results[key] = one_case(topo, loops, m, kind, variant, split, sp=args.tp > 1)
+    for loops, k, m, kind, variant, split in window_cases(args.tp):
+        key = f"R{loops}k{k}-m{m}-{kind}-{variant}-{split[0]}{split[1]}"
+        results[key] = one_case(topo, loops, m, kind, variant, split, args.tp > 1, backprop=k)
     for loops in (1, 3):
         results[f"train-R{loops}"] = training_case(topo, loops)
     gathered = [None] * world

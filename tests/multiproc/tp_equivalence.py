@@ -23,10 +23,13 @@ from pretrain.model.memory import DeferredLogits, MemoryPolicy
 from pretrain.model.objective import compute_objective, readout_steps
 from pretrain.train import Trainer
 from tests.conftest import PARALLEL_VARIANTS, tiny_config
+from tests.conftest import VARIANTS as ALL_VARIANTS
 from tests.multiproc.compare import close_to, finish, rel
 
 TP_SHAPES = ["model.vocab_size=260", "model.num_kv_heads=4", "train.seq_len=16"]
-VARIANTS = PARALLEL_VARIANTS
+# huginn from a seeded random state: its adapter and qk_bias under TP, x_0 cut for SP
+VARIANTS = {**PARALLEL_VARIANTS, "huginn": [*ALL_VARIANTS["huginn"], "model.state_std=0.08"]}
+WINDOW = 2  # the `-k2` cases backpropagate through the last 2 of R = 3 loop steps
 
 
 # what backward keeps (pretrain/model/memory.py) under TP (+SP): recompute in every layer and
@@ -34,7 +37,8 @@ VARIANTS = PARALLEL_VARIANTS
 MEMORY = ["train.recompute=full", "train.loss_chunk_tokens=6"]
 
 
-def one_case(topo, loops: int, variant: str, sp: bool, memory: list[str] = ()) -> dict:
+def one_case(topo, loops: int, variant: str, sp: bool, memory: list[str] = (),
+             backprop: int = 0) -> dict:
     cfg = tiny_config(*TP_SHAPES, f"model.loops={loops}", *VARIANTS[variant], *memory,
                       f"parallel.tensor={topo.tp}", f"parallel.sequence_parallel={str(sp).lower()}")
     torch.manual_seed(cfg.train.seed)
@@ -47,8 +51,8 @@ def one_case(topo, loops: int, variant: str, sp: bool, memory: list[str] = ()) -
     labels = torch.randint(0, 257, (2, 16), generator=g)
     labels[0, :3] = -100
     read_steps = readout_steps(cfg.objective.kind, loops)
-    out_ref = ref(ids, read_steps=read_steps)
-    out_par = par(ids, read_steps=read_steps)
+    out_ref = ref(ids, read_steps=read_steps, backprop=backprop, state_seed=5)
+    out_par = par(ids, read_steps=read_steps, backprop=backprop, state_seed=5)
     errs = {"logits": 0.0, "gate": rel(out_par.gate_logits.nan_to_num(),
                                        out_ref.gate_logits.nan_to_num()),
             "stream_rows": par.embed(ids.t()).shape[0]}  # 16 / tp under sequence parallelism
@@ -82,10 +86,10 @@ def one_case(topo, loops: int, variant: str, sp: bool, memory: list[str] = ()) -
     return errs
 
 
-def training_case(topo, sp: bool) -> dict:
+def training_case(topo, sp: bool, extra: list[str] = ()) -> dict:
     """5 optimizer steps through the real Trainer at TP=N vs TP=1 (same process, same data)."""
     base = [*TP_SHAPES, "train.max_steps=5", "train.log_every=1", "optim.warmup_steps=0",
-            f"train.out_dir={tempfile.mkdtemp(prefix='tp-train-')}"]
+            f"train.out_dir={tempfile.mkdtemp(prefix='tp-train-')}", *extra]
     cfg_par = tiny_config(*base, f"parallel.tensor={topo.tp}",
                           f"parallel.sequence_parallel={str(sp).lower()}")
     cfg_ref = tiny_config(*base)
@@ -112,8 +116,16 @@ def main() -> None:
     for variant in ("ouro", "flt_recipe"):
         for sp in (False, True):
             results[f"R3-{variant}-sp{int(sp)}-memory"] = one_case(topo, 3, variant, sp, MEMORY)
+    for variant in ("ouro", "flt_recipe", "huginn"):
+        for sp in (False, True):
+            results[f"R3-{variant}-sp{int(sp)}-k{WINDOW}"] = one_case(topo, 3, variant, sp,
+                                                                     backprop=WINDOW)
     for sp in (False, True):
         results[f"train-sp{int(sp)}"] = training_case(topo, sp)
+        # Huginn's recipe: R drawn per step (mean 3), gradients through the last 2
+        results[f"train-sp{int(sp)}-sampled"] = training_case(topo, sp, [
+            *VARIANTS["huginn"], "model.loops_sampler=poisson_lognormal",
+            "train.backprop_loops=2"])
     finish(topo, results, args.out)
 
 
