@@ -24,7 +24,8 @@ function under Ouro's class names), so `AutoModelForCausalLM.from_pretrained(dir
 trust_remote_code=True)` loads and generates without this framework (transformers 4.5x and
 5.x). RoPE is rotate-half in both. Variants Ouro has no
 names for (another loop mode, prelude/coda layers, the FLT recipe's layers) are refused, not
-approximated.
+approximated. A `loop_mode: huginn` model is written in Huginn-0125's own format instead, and
+a Huginn config.json (model_type huginn_raven) is read as one (pretrain/huginn_format.py).
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ import torch
 
 from core.weight_layout import FUSED_BLOCKS, split_for
 from pretrain.config import Config, ConfigError, ModelConfig, dump_config
+from pretrain.huginn_format import from_huginn, huginn_config, to_huginn
+from pretrain.huginn_format import model_overrides as huginn_overrides
 
 MODELING_FILES = ("configuration_ouro.py", "modeling_ouro.py")
 _LAYER = {"attn_norm.weight": "input_layernorm.weight",
@@ -55,7 +58,8 @@ _TOP = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.
 # what the Ouro format holds: any other value of these fields is refused, naming the field
 OURO_FORMAT = {"loop_mode": "ouro", "norm_between_loops": True, "prelude_layers": 0,
                "coda_layers": 0, "sandwich_norm": True, "qk_norm": False, "norm_weights": True,
-               "mlp": "swiglu", "logit_softcap": 0.0, "rope_reverse": False}
+               "mlp": "swiglu", "logit_softcap": 0.0, "rope_reverse": False,
+               "sandwich_style": "ouro", "qk_bias": False, "embed_scale": 1.0}
 
 
 def _check_exportable(m: ModelConfig) -> None:
@@ -153,10 +157,13 @@ def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
     partial = out.with_name(f".{out.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    save_file(to_hf(cfg.model, model.state_dict()), str(partial / "model.safetensors"),
-              metadata={"format": "pt"})
-    (partial / "config.json").write_text(json.dumps(hf_config(cfg), indent=2))
-    for name in MODELING_FILES:
+    if cfg.model.loop_mode == "huginn":  # their files are not ours to ship: README says how
+        tensors, config, files = to_huginn(cfg.model, model.state_dict()), huginn_config(cfg), ()
+    else:
+        tensors, config, files = to_hf(cfg.model, model.state_dict()), hf_config(cfg), MODELING_FILES
+    save_file(tensors, str(partial / "model.safetensors"), metadata={"format": "pt"})
+    (partial / "config.json").write_text(json.dumps(config, indent=2))
+    for name in files:
         shutil.copy(Path(__file__).parent / "hf_files" / name, partial / name)
     if tokenizer is not None:
         tokenizer.save(str(partial / "tokenizer.json"))
@@ -186,7 +193,9 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, base_config: str | Path |
         raise ConfigError(f"{src / 'config.json'}: not JSON ({e})") from None
     if not isinstance(hf, dict):
         raise ConfigError(f"{src / 'config.json'}: expected a JSON object")
-    overrides = [*model_config(hf), f"train.out_dir={Path(out_dir).resolve()}"]
+    huginn = hf.get("model_type") == "huginn_raven"
+    model_fields = huginn_overrides(hf) if huginn else model_config(hf)
+    overrides = [*model_fields, f"train.out_dir={Path(out_dir).resolve()}"]
     if (src / "tokenizer.json").is_file():
         overrides.append(f"data.tokenizer={(src / 'tokenizer.json').resolve()}")
     cfg = load_config(base_config, overrides)
@@ -197,7 +206,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, base_config: str | Path |
         except Exception as e:  # noqa: BLE001 -- safetensors raises its own error types
             raise ConfigError(f"{f}: not a readable safetensors file ({e})") from None
     try:
-        state = from_hf(cfg.model, tensors)
+        state = (from_huginn if huginn else from_hf)(cfg.model, tensors)
     except KeyError as e:
         raise ConfigError(f"{src}: weight {e.args[0]} missing for config.json's shapes") from None
     model = LoopedLM(cfg.model)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 from pretrain.cli.flags import at_least
 from pretrain.config import ConfigError
@@ -22,7 +23,8 @@ def _export(args: argparse.Namespace) -> int:
 
     _claim(args, "an export")
     out = export(args.checkpoint, args.out)
-    print(f"Hugging Face (Ouro layout): {out / 'model.safetensors'}, {out / 'config.json'}")
+    layout = json.loads((out / "config.json").read_text())["model_type"]
+    print(f"Hugging Face ({layout} layout): {out / 'model.safetensors'}, {out / 'config.json'}")
     return 0
 
 
@@ -59,11 +61,12 @@ def _grow(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub) -> None:
-    ex = sub.add_parser("export", help="checkpoint -> Hugging Face (Ouro) safetensors + config")
+    ex = sub.add_parser("export", help="checkpoint -> Hugging Face safetensors + config (Ouro's "
+                                             "layout; Huginn's for loop_mode huginn)")
     ex.add_argument("--checkpoint", required=True)
     ex.add_argument("--out", required=True)
     ex.set_defaults(fn=_export)
-    im = sub.add_parser("import", help="Hugging Face (Ouro) weights -> a step-0 checkpoint")
+    im = sub.add_parser("import", help="Hugging Face (Ouro or Huginn) weights -> a step-0 checkpoint")
     im.add_argument("--hf", required=True, help="directory with config.json + *.safetensors")
     im.add_argument("--out", required=True, help="run directory to create")
     im.add_argument("--config", default=None, help="base run config (model fields come from HF)")
