@@ -77,7 +77,7 @@ def count_stage(cfg, model, pol: MemoryPolicy, stage: int, stages: int) -> int:
         for t in range(m.loops):
             if first:
                 x, h = model.loop_input(t, e, None if t == 0 else torch.randn(s, b, m.hidden_size,
-                                                                              requires_grad=True))
+                                                                              requires_grad=True), run)
             else:
                 x, h = torch.randn(s, b, m.hidden_size, requires_grad=True), None
             x = model.run_block(t, x, h, run)

@@ -19,7 +19,7 @@ run. Per token (per GPU: divided by TP; per step: times the GPU's tokens):
               DP leaves the node. With `parallel.overlap_grad_reduce` the gradient reduction
               hides behind the backward of the last microbatch (parallelism/grad_overlap.py,
               DeepSpeed's overlap_comm), the all-gather behind the next forward; the rest is
-              exposed. Without it, all of it is exposed.
+              exposed. Without it (or with R sampled per step), all of it is exposed.
   PP          the circular pipeline's bubble: (p-1)/(R m + p-1) of the step; p2p overlapped
   optimizer   Adam over this rank's shard: ~32 bytes per parameter through HBM
 Truncated backprop and a sampled R (pretrain/model/recurrence.py): the loop steps count at E[R]
@@ -183,7 +183,7 @@ def estimate(cfg: Config, lay: Layout, gpu: Accelerator, global_batch: int) -> E
     else:
         reduce, gather = _ring(per_gpu_params * 4, d, dp_bw), 0.0  # all-reduce
     microbatch = compute / lay.microbatches  # forward 1/3, backward 2/3
-    if cfg.parallel.overlap_grad_reduce:
+    if cfg.parallel.overlap_grad_reduce and m.loops_sampler == "fixed":  # step_engine.py
         t_dp = max(0.0, reduce - microbatch * 2 / 3) + max(0.0, gather - microbatch / 3)
     else:
         t_dp = reduce + gather
