@@ -66,8 +66,8 @@ def nan_case(topo, stage: int) -> dict:
     before = [p.detach().clone() for p in trainer.model.parameters()]
     real = trainer.model.forward
 
-    def poisoned(ids, loops=None, read_steps=None):
-        out = real(ids, loops, read_steps)
+    def poisoned(ids, **kw):
+        out = real(ids, **kw)
         if topo.dp_rank == 1:
             out.logits[-1] = out.logits[-1] * float("nan")
         return out
