@@ -21,11 +21,11 @@ ranks (tests/test_grad_overlap.py, bench/grad_overlap.py).
 
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+from parallelism.timing import DeviceClock
 
 
 class _Bucket:
@@ -42,6 +42,7 @@ class OverlappedGradReducer:
                  overlap: bool = True):
         self.group, self.scale, self.overlap = group, 1.0 / world, overlap
         params = [p for p in model.parameters() if p.requires_grad]
+        self.device = params[0].device if params else torch.device("cpu")
         self.buckets: list[_Bucket] = []
         current, size, limit = [], 0, bucket_mb * 2**20
         for p in reversed(params):
@@ -55,7 +56,7 @@ class OverlappedGradReducer:
         self.bucket_of = {p: b for b in self.buckets for p in b.params}
         self.expected: dict[nn.Parameter, int] | None = None  # contributions per step
         self.seen: dict[nn.Parameter, int] = dict.fromkeys(params, 0)
-        self.exposed_s = 0.0  # time `finish` waited in the last step: reduction not hidden
+        self._clock: DeviceClock | None = None  # times `finish` in the last step
         for p in params:
             p.register_post_accumulate_grad_hook(self._arrived)
 
@@ -77,7 +78,8 @@ class OverlappedGradReducer:
 
     def finish(self) -> None:
         """Reduce what was not launched, wait for every bucket, write the averages back."""
-        t0 = time.perf_counter()
+        self._clock = clock = DeviceClock(self.device)
+        clock.start()
         for bucket in self.buckets:
             if bucket.work is None and bucket.flat is None:
                 self._launch(bucket, async_op=True)
@@ -89,7 +91,13 @@ class OverlappedGradReducer:
                 for g, new in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
                     g.copy_(new.view_as(g))
             bucket.work = bucket.flat = None
-        self.exposed_s = time.perf_counter() - t0
+        clock.stop()
         if self.expected is None:
             self.expected = dict(self.seen)
         self.seen = dict.fromkeys(self.seen, 0)
+
+    @property
+    def exposed_s(self) -> float:
+        """Seconds `finish` took in the last step: the reduction backward did not hide (device
+        time on CUDA, where waiting on NCCL only holds the stream)."""
+        return 0.0 if self._clock is None else self._clock.busy_s()

@@ -40,7 +40,6 @@ autograd forms in one process, and the parameter gradients of all laps accumulat
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,10 +49,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from core.model_interface import LAYERS_READ_H, READS_E, LoopedModel, LoopPlan
+from parallelism.pipeline_messages import Action, Ring
 from parallelism.pipeline_schedule import Piece, schedule
+from parallelism.timing import DeviceClock
 from parallelism.topology import Topology
-
-RECV_AHEAD = 2  # pieces whose inputs are received ahead, overlapping transfers with compute
 
 # the last stage's end of a microbatch: (logits per step (None: not read out), gate logits
 # [R, S, B], |x_t| per step [R], labels) -> the objective's output (it has a `.loss`)
@@ -146,8 +145,9 @@ class PipelineStage:
         self.grad_from = 0  # its first lap with a graph
         self.read_steps = read_steps
         self.peak_live = 0  # most pieces alive at once in the last step (stashed activations)
-        self.busy_s = self.wait_s = self.wall_s = 0.0  # compute / blocked in recv / wall, last step
+        self.clock = DeviceClock(torch.device("cpu"))  # compute and wall time of the last step
         self.sent_bytes = 0  # point-to-point bytes this stage sent in the last step
+        self._orders: dict[tuple, list[Action]] = {}  # this rank's ring order per step shape
 
     # -- one piece ---------------------------------------------------------------------------
     def _forward(self, mb: _Microbatch, lap: int, received: list[Tensor] | None,
@@ -221,10 +221,13 @@ class PipelineStage:
                for (ids, labels), seed in zip(batches, plan.state_seeds, strict=True)]
         self.loops, self.grad_from = plan.loops, plan.grad_from
         m = len(mbs)
-        ahead = [Piece("F", mb, lap) for lap in range(self.grad_from) for mb in range(m)]
-        window = [Piece(p.kind, p.mb, p.lap + self.grad_from)
-                  for p in schedule(kind, self.stages, plan.backprop, m, self.rank)]
-        total = self._drive(mbs, ahead + window, objective, self.read_steps(plan.loops))
+
+        def pieces(rank: int) -> list[Piece]:
+            ahead = [Piece("F", mb, lap) for lap in range(self.grad_from) for mb in range(m)]
+            return ahead + [Piece(p.kind, p.mb, p.lap + self.grad_from)
+                            for p in schedule(kind, self.stages, plan.backprop, m, rank)]
+
+        total = self._drive(mbs, kind, pieces, objective, self.read_steps(plan.loops))
         if not self.last:
             return None
         result = mbs[-1].result
@@ -239,15 +242,24 @@ class PipelineStage:
         mbs = [_Microbatch(ids, labels, seed)
                for (ids, labels), seed in zip(batches, seeds, strict=True)]
         self.loops, self.grad_from = self.cfg.model.loops, 0
-        # lap by lap over every microbatch: each piece's input was sent by an earlier one
-        pieces = [Piece("F", mb, lap) for lap in range(self.loops) for mb in range(len(mbs))]
-        self._drive(mbs, pieces, readout, range(self.loops))
+        m = len(mbs)
+
+        def pieces(rank: int) -> list[Piece]:  # lap by lap over every microbatch
+            return [Piece("F", mb, lap) for lap in range(self.loops) for mb in range(m)]
+
+        self._drive(mbs, "eval", pieces, readout, range(self.loops))
         return [mb.result for mb in mbs] if self.last else None
 
-    def _drive(self, mbs: list[_Microbatch], pieces: list[Piece], objective: Objective,
-               read_steps: range) -> Tensor:
-        """Run `pieces` in order, posting receives ahead; returns the mean loss (last stage)."""
+    def _drive(self, mbs: list[_Microbatch], kind: str, pieces: Callable[[int], list[Piece]],
+               objective: Objective, read_steps: range) -> Tensor:
+        """Run this rank's pieces (`pieces(rank)`: any rank's, for the schedule `kind`),
+        posting each receive where the ring's global order puts it (pipeline_messages.py,
+        cached per step shape); returns the mean loss (last stage)."""
         m = len(mbs)
+        ring = Ring(self.stages, self.loops, self.grad_from)
+        key = (kind, ring, m)
+        if key not in self._orders:
+            self._orders[key] = ring.actions([pieces(r) for r in range(self.stages)])[self.rank]
         b, s = mbs[0].ids.shape
         rows = s // self.topo.tp if self.cfg.parallel.sequence_parallel else s
         shape = (rows, b, self.cfg.model.hidden_size)
@@ -255,18 +267,23 @@ class PipelineStage:
         pending: list[dist.Work] = []
         total = torch.zeros((), device=device)
         live = self.peak_live = 0
-        self.busy_s, self.wait_s, start = 0.0, 0.0, time.perf_counter()
         self.sent_bytes = 0
+        self.clock = clock = DeviceClock(device)
         posted: dict[Piece, tuple[Tensor, dist.Work]] = {}
-        for i, piece in enumerate(pieces):
-            for ahead in pieces[i:i + RECV_AHEAD + 1]:  # receives run while this piece computes
-                if ahead not in posted and self._needs_recv(ahead):
-                    posted[ahead] = self._post_recv(shape, device, ahead)
+        for action, piece in self._orders[key]:
+            if action == "recv":
+                posted[piece] = self._post_recv(shape, device, piece)
+                continue
             mb = mbs[piece.mb]
-            received = self._wait(*posted.pop(piece)) if piece in posted else None
+            received = None
+            if piece in posted:
+                t, work = posted.pop(piece)
+                work.wait()
+                received = t
             if received is not None and piece.kind == "F":
                 received = list(received.unbind(0))
-            t0 = time.perf_counter()
+            clock.start()
+            dest = ring.sends_to(self.rank, piece)
             if piece.kind == "F":
                 grad = torch.is_grad_enabled() and piece.lap >= self.grad_from
                 # stage 0's input at the window's first lap came from a lap without a graph
@@ -274,44 +291,42 @@ class PipelineStage:
                 inputs = None if received is None else [t.requires_grad_(feeds) for t in received]
                 with torch.set_grad_enabled(grad):
                     saved = self._forward(mb, piece.lap, inputs, 1.0 / m, objective, read_steps)
-                if "out" in saved:
-                    message = torch.stack([t.detach() for t in saved["out"]])
-                    pending.append(self._send(message, piece, grad=False))
+                message = None if dest is None else torch.stack([t.detach() for t in saved["out"]])
                 if grad:
                     mb.pieces[piece.lap] = saved
                     live += 1
             else:
                 saved = mb.pieces.pop(piece.lap)
-                grad_in = self._backward(saved, received)
-                if grad_in is not None:
-                    pending.append(self._send(grad_in, piece, grad=True))
+                message = self._backward(saved, received)
                 if "loss" in saved:
                     total += mb.result.loss.detach() / m
                 live -= 1
-            self.busy_s += time.perf_counter() - t0
+            if dest is not None:
+                pending.append(self._send(message, dest[0]))
+            clock.stop()
             self.peak_live = max(self.peak_live, live)
         for work in pending:
             work.wait()
-        self.wall_s = time.perf_counter() - start
+        clock.end()
         return total
 
-    # -- point to point: one message per (microbatch, receiving virtual stage, direction) -----
-    def _virtual(self, piece: Piece) -> int:
-        return piece.lap * self.stages + self.rank
+    @property
+    def busy_s(self) -> float:
+        """Seconds this stage computed in the last step (device time on CUDA)."""
+        return self.clock.busy_s()
 
-    def _tag(self, mb: int, virtual: int, grad: bool) -> int:
-        return (mb * self.loops * self.stages + virtual) * 2 + int(grad)
+    @property
+    def wall_s(self) -> float:
+        """Seconds the last step took on this stage, idle waits included."""
+        return self.clock.wall_s()
 
-    def _send(self, t: Tensor, piece: Piece, grad: bool) -> dist.Work:
-        to = self._virtual(piece) + (-1 if grad else 1)
-        peer = self.topo.pp_prev if grad else self.topo.pp_next
+    # -- point to point: paired by issue order (pipeline_messages.py), never by tag ----------
+    def _send(self, t: Tensor | None, stage: int) -> dist.Work:
+        if t is None:
+            raise RuntimeError("pipeline: a piece the ring order expects a message from sent none")
         self.sent_bytes += t.numel() * t.element_size()
-        return dist.isend(t.contiguous(), peer, tag=self._tag(piece.mb, to, grad))
-
-    def _needs_recv(self, piece: Piece) -> bool:
-        if piece.kind == "F":
-            return not (self.first and piece.lap == 0)
-        return not (self.last and piece.lap == self.loops - 1)
+        peer = self.topo.pp_next if stage == (self.rank + 1) % self.stages else self.topo.pp_prev
+        return dist.isend(t.contiguous(), peer)
 
     def _message_count(self, piece: Piece) -> int:
         """Hidden-sized tensors in the message piece waits for (its input, or the gradient of
@@ -322,13 +337,6 @@ class PipelineStage:
         return 1 if self.last else ring_payload(mode, piece.lap, False)
 
     def _post_recv(self, shape, device, piece: Piece) -> tuple[Tensor, dist.Work]:
-        grad = piece.kind == "B"
         t = torch.empty((self._message_count(piece), *shape), device=device)
-        peer = self.topo.pp_next if grad else self.topo.pp_prev
-        return t, dist.irecv(t, peer, tag=self._tag(piece.mb, self._virtual(piece), grad))
-
-    def _wait(self, t: Tensor, work: dist.Work) -> Tensor:
-        t0 = time.perf_counter()
-        work.wait()
-        self.wait_s += time.perf_counter() - t0
-        return t
+        peer = self.topo.pp_next if piece.kind == "B" else self.topo.pp_prev
+        return t, dist.irecv(t, peer)

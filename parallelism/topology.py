@@ -46,11 +46,22 @@ class Topology:
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    """This process's device: with one GPU visible (SLURM's per-task binding,
+    CUDA_VISIBLE_DEVICES set per rank) it is cuda:0 whatever the local rank; with several, the
+    one at the local rank (torchrun on a whole node)."""
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device: 'cuda' requested but CUDA is not available")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name, local_rank) if name == "cuda" else torch.device(name)
+    if name != "cuda":
+        return torch.device(name)
+    visible = torch.cuda.device_count()
+    if visible == 1:
+        return torch.device("cuda", 0)
+    if local_rank >= visible:
+        raise ConfigError(f"train.device: local rank {local_rank} has no GPU of its own "
+                          f"({visible} visible): launch at most {visible} processes per node")
+    return torch.device("cuda", local_rank)
 
 
 def _cpu_collectives_shim() -> None:

@@ -14,6 +14,19 @@ ROOT = Path(__file__).resolve().parents[1]
 # deterministic cuBLAS (every test runs with torch.use_deterministic_algorithms): must be set
 # before CUDA starts, so here, at collection
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def pin_fp32() -> None:
+    """fp32 matmuls in full fp32 whatever the environment says: NGC images may set
+    TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 (read when cuBLAS starts, so dropped here, at
+    collection), which would turn the CUDA tier's fp32 comparisons with the CPU into TF32 ones."""
+    os.environ.pop("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", None)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+
+
+pin_fp32()
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA device (the CUDA tier: pytest -m cuda)")
 # a test parametrised over DEVICES runs on CPU everywhere and on CUDA in the CUDA tier
@@ -55,6 +68,7 @@ PARALLEL_VARIANTS = {**{v: VARIANTS[v] for v in ("ouro", "lt_i", "lt_ia", "flt_r
 def _deterministic():
     torch.manual_seed(0)
     torch.use_deterministic_algorithms(True)
+    pin_fp32()
     yield
     torch.use_deterministic_algorithms(False)
 

@@ -17,15 +17,6 @@ pytestmark = [pytest.mark.cuda, needs_cuda]
 CUDA = torch.device("cuda")
 
 
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    """fp32 means fp32: TF32 matmuls would round to 10 mantissa bits and hide nothing."""
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
-
-
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_every_loop_mode_on_cuda_equals_cpu_fp32(variant):
     cfg = tiny_config(*VARIANTS[variant], "model.loops=4")
@@ -84,3 +75,4 @@ def test_a_checkpoint_moves_between_gpu_and_cpu(tmp_path):
                 assert torch.equal(x, y.cpu()), name
         trainer.fit()
         before = {k: v.cpu() for k, v in trainer.model.state_dict().items()}
+

@@ -139,3 +139,27 @@ def test_flt_objectives_train_the_chosen_loop_steps(kind, steps):
     out.loss.backward()
     assert gates.grad is None
     assert [lg.grad is not None for lg in logits] == [t in steps for t in range(4)]
+
+
+
+class _Calls(torch.overrides.TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.names.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+def test_exit_cumsum_is_torch_cumsum_bit_for_bit_and_deterministic_on_cuda():
+    """The exit distribution's running sum equals torch.cumsum on the CPU to the bit (so every
+    earlier number stands) without calling it: on CUDA torch.cumsum of floats raises under
+    torch.use_deterministic_algorithms, which the CUDA tier runs under."""
+    from pretrain.model.objective import _cumsum
+
+    x = torch.randn(9, 33, 5) * 10
+    assert torch.equal(_cumsum(x), torch.cumsum(x, 0))
+    with _Calls() as calls:
+        exit_log_probs(torch.randn(4, 3, 2))
+    assert "log_sigmoid" in calls.names and not any("cumsum" in n for n in calls.names)

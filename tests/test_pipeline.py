@@ -8,6 +8,7 @@ import json
 import pytest
 
 from parallelism.pipeline_balance import auto_split
+from parallelism.pipeline_messages import Action, Ring
 from parallelism.pipeline_schedule import Piece, peak_live, schedule, warmup_count
 from pretrain.cli import main
 from pretrain.model.flops import stage_cost_model
@@ -167,3 +168,74 @@ def test_bad_pipeline_layouts(overrides, message, capsys, tmp_path):
     assert main(["train", "--config", str(ROOT / "configs/tiny.yaml"),
                  f"train.out_dir={tmp_path}", *overrides]) == 2
     assert capsys.readouterr().err == f"pretrain: error: {message}\n"
+
+
+def _step_pieces(kind, stages, loops, grad_from, m, rank):
+    """A training step's pieces on `rank` as PipelineStage.run builds them."""
+    ahead = [Piece("F", mb, lap) for lap in range(grad_from) for mb in range(m)]
+    return ahead + [Piece(p.kind, p.mb, p.lap + grad_from)
+                    for p in schedule(kind, stages, loops - grad_from, m, rank)]
+
+
+def _issue_order_violations(ring, actions):
+    """Replays `actions` the way NCCL pairs point-to-point messages: per pair of ranks, the
+    n-th operation one end issues meets the n-th the other end issues. Returns what went
+    wrong: a send met by a send, a receive given another piece's message, a message never
+    received, or a piece run before its message's receive was posted."""
+    sender = {ring.sends_to(r, p): r for r, acts in enumerate(actions) for kind, p in acts
+              if kind == "run"}
+    ops = {}  # (rank, peer) -> [(direction, message)] in rank's issue order
+    wrong = []
+    for rank, acts in enumerate(actions):
+        posted = set()
+        for kind, piece in acts:
+            if kind == "recv":
+                posted.add(piece)
+                ops.setdefault((rank, sender[rank, piece]), []).append(("recv", (rank, piece)))
+                continue
+            if ring.receives(rank, piece) and piece not in posted:
+                wrong.append(f"rank {rank} runs {piece} before posting its receive")
+            dest = ring.sends_to(rank, piece)
+            if dest is not None:
+                ops.setdefault((rank, dest[0]), []).append(("send", dest))
+    for (a, b), mine in ops.items():
+        theirs = ops.get((b, a), [])
+        if len(mine) != len(theirs):
+            wrong.append(f"ranks {a}, {b}: {len(mine)} operations against {len(theirs)}")
+        for (da, ma), (db, mb) in zip(mine, theirs, strict=False):
+            if da == db or ma != mb:
+                wrong.append(f"ranks {a}, {b}: {da} {ma} meets {db} {mb}")
+                break
+    return wrong
+
+
+@pytest.mark.parametrize("kind", ["1f1b", "gpipe"])
+def test_ring_messages_pair_by_issue_order(kind):
+    """NCCL ignores p2p tags and pairs each pair of ranks' operations by issue order: every
+    schedule, PP 2-4, R 1-4, every backprop window and microbatch count issues each pair's
+    sends and receives in the same order at both ends (both directions of a pair share one
+    NCCL stream, so a mismatch hangs or pairs the wrong tensors). The multi-process
+    equivalence tests run the same order on gloo with every tag 0."""
+    checked = 0
+    for stages in (2, 3, 4):
+        for loops in (1, 2, 3, 4):
+            for grad_from in range(loops):
+                for m in (1, 2, stages, 2 * stages):
+                    if loops - grad_from > 1 and m % stages and m > stages:
+                        continue
+                    ring = Ring(stages, loops, grad_from)
+                    pieces = [_step_pieces(kind, stages, loops, grad_from, m, r)
+                              for r in range(stages)]
+                    assert _issue_order_violations(ring, ring.actions(pieces)) == []
+                    checked += 1
+    assert checked > 100
+
+
+def test_ring_order_check_catches_receives_posted_in_own_order():
+    """The check above can fail: posting each rank's receives in its own piece order (what a
+    tag-matched ring may do) mispairs PP = 2 1F1B's two directions of one pair."""
+    ring, m = Ring(2, 2, 0), 2
+    pieces = [_step_pieces("1f1b", 2, 2, 0, m, r) for r in range(2)]
+    own = [[a for p in ps for a in ([Action("recv", p)] if ring.receives(r, p) else [])
+            + [Action("run", p)]] for r, ps in enumerate(pieces)]
+    assert _issue_order_violations(ring, own)

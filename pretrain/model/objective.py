@@ -81,11 +81,23 @@ def _at_least_fp32(x: Tensor) -> Tensor:
     return x.float() if x.element_size() < 4 else x
 
 
+def _cumsum(x: Tensor) -> Tensor:
+    """torch.cumsum(x, 0) as the CPU computes it (a running sum in fp64, each prefix cast back),
+    step by step: the same bits on every device, and allowed under
+    torch.use_deterministic_algorithms on CUDA, where torch.cumsum of floats raises. R terms,
+    so R small kernels."""
+    acc, out = torch.zeros_like(x[0], dtype=torch.float64), []
+    for t in range(x.shape[0]):
+        acc = acc + x[t].double()
+        out.append(acc.to(x.dtype))
+    return torch.stack(out)
+
+
 def exit_log_probs(gate_logits: Tensor) -> Tensor:
     """log p_t for the exit distribution, [R, ...] from gate logits [R, ...]."""
     g = _at_least_fp32(gate_logits)
     log_stay = F.logsigmoid(-g)  # log(1 - lambda)
-    survive = torch.cumsum(log_stay, 0) - log_stay  # sum_{j<t} log(1 - lambda_j)
+    survive = _cumsum(log_stay) - log_stay  # sum_{j<t} log(1 - lambda_j)
     log_p = F.logsigmoid(g) + survive
     return torch.cat((log_p[:-1], survive[-1:]), 0)
 
