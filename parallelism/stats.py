@@ -8,6 +8,7 @@ them into what every rank logs with one all-gather:
         data-parallel replica (TP ranks hold copies; other stages record None)
   sum   the same ranks' values added (validation's CE x tokens, token and skip counts)
   max   over every rank that holds it (peak memory, and values every rank holds alike)
+  min   the same, the least (free device memory)
 
 A per-loop-step vector is recorded once (`steps=True`) and logged as name1 .. nameR (loop
 steps count from 1 in names, from 0 in code).
@@ -23,7 +24,7 @@ from torch import Tensor
 
 from parallelism.topology import Topology
 
-REDUCTIONS = ("mean", "sum", "max")
+REDUCTIONS = ("mean", "sum", "max", "min")
 
 
 @dataclass
@@ -66,7 +67,7 @@ class Metrics:
         whether it counts (1 / 0) -- one float64 vector, the same length on every rank."""
         values, counts = [], []
         for e, n in zip(self._entries.values(), self._sizes(), strict=True):
-            here = e.value is not None and (e.how == "max" or topo.tp_rank == 0)
+            here = e.value is not None and (e.how in ("max", "min") or topo.tp_rank == 0)
             values.append(e.value.reshape(-1) if here else torch.zeros(n, dtype=torch.float64))
             counts.append(torch.full((n,), float(here), dtype=torch.float64))
         return torch.cat(values + counts)
@@ -81,6 +82,8 @@ class Metrics:
         for (name, e), v, counts in rows:
             if e.how == "max":
                 r = v.masked_fill(~counts, float("-inf")).max(0).values
+            elif e.how == "min":
+                r = v.masked_fill(~counts, float("inf")).min(0).values
             else:
                 r = (v * counts).sum(0)
                 if e.how == "mean":

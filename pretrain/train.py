@@ -33,7 +33,7 @@ from pretrain.checkpoint.offline import saved_tensors
 from pretrain.checkpoint.record import make_record, trainer_state
 from pretrain.config import Config, dump_config
 from pretrain.data import default_data
-from pretrain.hardware import peak_flops, peak_memory_bytes
+from pretrain.hardware import memory_gb, peak_flops
 from pretrain.model.flops import run_flops_per_token
 from pretrain.model.looped import LoopedLM
 from pretrain.optim import lr_at, set_lr, warmup_notice
@@ -69,7 +69,7 @@ def summary_table(history: list[dict[str, float]], tokens_per_step: int, loops: 
             else ("CE at the last loop step", f"{last['loop/ce_last']:.3f}"),
             ("E[loops]", f"{last['train/expected_loops']:.2f}"),
             ("tokens/s (mean)", f"{mean('train/tokens_per_s'):,.0f}"),
-            ("MFU (mean)", f"{100 * mean('train/mfu'):.1f}%"),
+            ("MFU (mean)", f"{100 * mean('train/mfu'):.1f}%" if "train/mfu" in last else "unknown"),
             ("peak memory / rank", f"{max(h['train/peak_memory_gb'] for h in history):.2f} GB"),
             ("skipped steps", f"{last['train/skipped_steps']:.0f}"),
             ("skipped samples", f"{last['data/skipped_samples']:.0f}")]
@@ -103,7 +103,10 @@ class Trainer:
                                          cfg.train.keep_last, cfg.train.async_checkpoint, self.log)
         self.saved_step = -1
         self.flops_per_token = run_flops_per_token(cfg)
-        self.peak_flops = peak_flops(self.device, cfg.train.peak_flops) * self.topo.world
+        peak, why = peak_flops(self.device, cfg.train.peak_flops)
+        self.peak_flops = None if peak is None else peak * self.topo.world  # None: MFU unknown
+        if peak is None:
+            self.log(why)
         self.step = 0
         self.skipped = 0
         self.bad_streak = 0
@@ -161,12 +164,14 @@ class Trainer:
         # data skips: each replica's own samples, counted once per replica (the last stage)
         m.record("data/skipped_samples",
                  None if out is None else getattr(self.data, "skipped_samples", 0), "sum")
-        m.record("train/peak_memory_gb", peak_memory_bytes(self.device) / 2**30, "max")
+        for name, gib in memory_gb(self.device).items():
+            m.record(f"train/{name}", gib, "min" if name.startswith("free") else "max")
         # the same on every rank (the norm is global, ranks skip together): max keeps it
         m.record("train/lr", lr_at(self.cfg.optim, self.step - 1, self.cfg.train.max_steps), "max")
         m.record("train/grad_norm", result.grad_norm, "max")
         m.record("train/tokens_per_s", tokens_per_s, "max")
-        m.record("train/mfu", self.flops_per_token * tokens_per_s / self.peak_flops, "max")
+        if self.peak_flops is not None:
+            m.record("train/mfu", self.flops_per_token * tokens_per_s / self.peak_flops, "max")
         m.record("train/skipped_steps", self.skipped, "max")
         for i, g in enumerate(result.layer_grad_norms or []):
             m.record(f"grad_norm/block_layer{i}", g, "max")

@@ -11,6 +11,7 @@ import torch
 from core.config_schema import ConfigError
 from parallelism import timing
 from parallelism.topology import pick_device
+from pretrain import hardware
 from tests.conftest import pin_fp32
 
 
@@ -95,3 +96,45 @@ def test_cpu_timings_use_the_host_clock(monkeypatch):
     clock.stop()
     clock.end()
     assert clock.busy_s() == 2.0 and clock.wall_s() == 4.0
+
+
+@pytest.mark.parametrize("reported, product", [
+    ("NVIDIA H100 80GB HBM3", "H100 SXM"), ("NVIDIA H100 PCIe", "H100 PCIe"),
+    ("NVIDIA H100 NVL", "H100 NVL"), ("NVIDIA H200", "H200 SXM"), ("NVIDIA H200 NVL", "H200 NVL"),
+    ("NVIDIA GH200 480GB", "GH200 (96 GB HBM3)"), ("NVIDIA GH200 144G HBM3e", "GH200 (144 GB HBM3e)"),
+    ("NVIDIA H800", "H800 SXM"), ("NVIDIA H20", "H20"), ("NVIDIA A100-SXM4-80GB", "A100 SXM 80GB"),
+    ("NVIDIA A100-SXM4-40GB", "A100 SXM 40GB"), ("NVIDIA A100 80GB PCIe", "A100 PCIe 80GB"),
+    ("NVIDIA A100-PCIE-40GB", "A100 PCIe 40GB"), ("NVIDIA L40S", "L40S"), ("NVIDIA B200", "B200"),
+])
+def test_gpu_names_match_whole_products(reported, product):
+    """torch's device names map onto the product, not onto a substring's: a PCIe or NVL H100
+    does not get the SXM peak, a GH200 is not an H200; every entry names its source."""
+    gpu = hardware.lookup(reported)
+    assert gpu is not None and gpu.name == product and gpu.source
+
+
+@pytest.mark.parametrize("reported", ["NVIDIA H100X", "NVIDIA GeForce RTX 4090", "Tesla V100-SXM2-16GB",
+                                      "NVIDIA H2000", "AMD Instinct MI300X"])
+def test_unknown_gpus_have_no_peak(reported):
+    assert hardware.lookup(reported) is None
+
+
+def test_an_unknown_gpu_reports_mfu_unknown_with_the_reason(monkeypatch):
+    """Not a CPU measurement standing in for a GPU's peak (MFU far above 100%): no peak, and
+    one line saying why and what to set."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "NVIDIA GeForce RTX 4090")
+    monkeypatch.setattr(hardware, "measured_cpu_peak", lambda: pytest.fail("CPU peak for a GPU"))
+    peak, why = hardware.peak_flops(torch.device("cuda", 0))
+    assert peak is None and "RTX 4090" in why and "train.peak_flops" in why and "\n" not in why
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "NVIDIA H100 PCIe")
+    assert hardware.peak_flops(torch.device("cuda", 0))[0] == 756.5e12
+    assert hardware.peak_flops(torch.device("cuda", 0), 1e15)[0] == 1e15
+
+
+def test_cuda_memory_reports_allocated_reserved_and_free(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *_: (3 * 2**30, 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *_: 2**30)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda *_: 2 * 2**30)
+    assert hardware.memory_gb(torch.device("cuda", 0)) == {
+        "peak_memory_gb": 1.0, "peak_reserved_gb": 2.0, "free_memory_gb": 3.0}
+    assert set(hardware.memory_gb(torch.device("cpu"))) == {"peak_memory_gb"}

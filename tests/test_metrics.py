@@ -15,6 +15,7 @@ def _record(m: Metrics, last_stage: bool, loss: float, memory: float, skips: int
              shape=(2,), steps=True)
     m.record("data/skipped_samples", skips if last_stage else None, "sum")
     m.record("train/peak_memory_gb", memory, "max")
+    m.record("train/free_memory_gb", 100 - memory, "min")
 
 
 def test_each_name_reduces_as_recorded_over_tp_pp_dp():
@@ -31,7 +32,8 @@ def test_each_name_reduces_as_recorded_over_tp_pp_dp():
                 metrics = m
     named = metrics.named(metrics.combine(torch.stack(rows)))
     assert named == {"train/loss": 1.5, "loop/ce_step1": 1.5, "loop/ce_step2": 0.75,
-                     "data/skipped_samples": 7.0, "train/peak_memory_gb": 15.0}
+                     "data/skipped_samples": 7.0, "train/peak_memory_gb": 15.0,
+                     "train/free_memory_gb": 85.0}
 
 
 def test_one_process_logs_its_own_values():
@@ -39,7 +41,7 @@ def test_one_process_logs_its_own_values():
     _record(m, True, loss=2.0, memory=1.5, skips=0)
     assert m.named(m.reduce(Topology())) == {
         "train/loss": 2.0, "loop/ce_step1": 2.0, "loop/ce_step2": 1.0,
-        "data/skipped_samples": 0.0, "train/peak_memory_gb": 1.5}
+        "data/skipped_samples": 0.0, "train/peak_memory_gb": 1.5, "train/free_memory_gb": 98.5}
 
 
 def test_an_unknown_reduction_is_refused():

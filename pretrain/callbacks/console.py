@@ -44,9 +44,21 @@ class Console(Callback):
         self.log(f"step {step:>6}/{trainer.cfg.train.max_steps} | loss {m['train/loss']:.4f} | "
                  f"{_loops(m, trainer)} | E[loops] {m['train/expected_loops']:.2f}"
                  f" | lr {m['train/lr']:.2e} | gnorm {m['train/grad_norm']:.3f} | "
-                 f"{m['train/tokens_per_s']:,.0f} tok/s | MFU {100 * m['train/mfu']:.1f}% | mem "
-                 f"{m['train/peak_memory_gb']:.2f} GB | skipped {m['train/skipped_steps']:.0f} steps "
+                 f"{m['train/tokens_per_s']:,.0f} tok/s | MFU {_mfu(m)} | mem {_memory(m)}"
+                 f" | skipped {m['train/skipped_steps']:.0f} steps "
                  f"{m['data/skipped_samples']:.0f} samples | ETA {_duration(left)}")
+
+
+def _mfu(m: dict[str, float]) -> str:
+    return f"{100 * m['train/mfu']:.1f}%" if "train/mfu" in m else "unknown"
+
+
+def _memory(m: dict[str, float]) -> str:
+    """Peak allocated; on CUDA also the allocator's reserved peak and the least free memory."""
+    out = f"{m['train/peak_memory_gb']:.2f} GB"
+    if "train/peak_reserved_gb" in m:
+        out += f" (reserved {m['train/peak_reserved_gb']:.2f}, free {m['train/free_memory_gb']:.2f})"
+    return out
 
 
 def _loops(m: dict[str, float], trainer) -> str:
