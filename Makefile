@@ -23,12 +23,26 @@ install: $(STAMP)
 # versions tested in .venv, as wheels for this Python and platform (run it on a machine that
 # matches the nodes: the same container, or the same Python on x86_64/aarch64). On the node:
 #   pip install --no-index --find-links wheelhouse -e '.[dev]'
+# A short GPU lease carries only what its image lacks: ONLY names those distributions (as pip
+# freeze spells them), PYTHON the image's Python (e.g. 3.12) -- binary wheels for it, no deps:
+#   make wheelhouse PYTHON=3.12 ONLY="megatron-core webdataset braceexpand zstandard"
 WHEELHOUSE ?= wheelhouse
+ONLY ?=
+PYTHON ?=
 wheelhouse: install
 	mkdir -p $(WHEELHOUSE)
+ifeq ($(ONLY),)
 	$(PY) -m pip freeze --exclude-editable | grep -viE '^(torch|triton|nvidia-)' > $(WHEELHOUSE)/requirements.txt
 	$(PY) -m pip wheel -q --no-deps --no-build-isolation -r $(WHEELHOUSE)/requirements.txt -w $(WHEELHOUSE)
 	$(PY) -m pip wheel -q --no-deps --no-build-isolation -w $(WHEELHOUSE) setuptools wheel
+else
+	$(PY) -m pip freeze --exclude-editable | grep -iE '^($(subst $() ,|,$(strip $(ONLY))))==' > $(WHEELHOUSE)/requirements.txt
+	$(PY) -m pip download -q --no-deps --only-binary=:all: -d $(WHEELHOUSE) \
+		$(if $(PYTHON),--python-version $(PYTHON) --platform manylinux_2_28_$(shell uname -m) \
+		--platform manylinux2014_$(shell uname -m) --platform manylinux_2_17_$(shell uname -m)) \
+		-r $(WHEELHOUSE)/requirements.txt
+	@du -sh $(WHEELHOUSE)
+endif
 
 # The demo: a byte-level BPE trained on the bundled text, webdataset shards, then training on
 # 2 ranks (megatron-core tensor + sequence parallelism, gloo on CPU) with the streaming loader.

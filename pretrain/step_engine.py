@@ -102,6 +102,7 @@ class PlainUpdate:
         self.model, self.optimizer, self.topo, self.clip = model, optimizer, topo, grad_clip
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.reducer = reducer  # None: one process per model replica, nothing to average
+        self.host_syncs = True  # False under fake tensors (pretrain/fake_step.py): no finite check
 
     def backward(self, loss: Tensor, micro_batches: int) -> None:
         (loss / micro_batches).backward()
@@ -112,8 +113,8 @@ class PlainUpdate:
         grad_norm = global_grad_norm(self.params, self.topo)
         layers = (layer_grad_norms(self.model, self.topo, self.model.cfg.num_layers)
                   if diagnostics else None)
-        ok = all_ranks_agree(bool(torch.isfinite(loss) & torch.isfinite(grad_norm)), self.topo,
-                             self.topo.device)
+        ok = not self.host_syncs or all_ranks_agree(
+            bool(torch.isfinite(loss) & torch.isfinite(grad_norm)), self.topo, self.topo.device)
         if ok:
             if self.clip:
                 torch.nn.utils.clip_grads_with_norm_(self.params, self.clip, grad_norm)
@@ -233,7 +234,8 @@ def build_engine(cfg: Config, model: nn.Module, topo: Topology,
     def read_steps(loops: int) -> range:
         return readout_steps(cfg.objective.kind, loops)
 
-    model.to(topo.device)
+    if any(p.device != topo.device for p in model.parameters()):  # (fake tensors cannot move)
+        model.to(topo.device)
     pipeline = None
     if topo.pp > 1:
         pipeline = PipelineStage(model, topo, cfg, read_steps)
