@@ -12,8 +12,9 @@ run. Per token (per GPU: divided by TP; per step: times the GPU's tokens):
               through HBM per logit (bf16->fp32 cast 6, log-softmax reading twice and writing
               once 12, the dense gradient NLL writes 4, log-softmax backward 12, cast back 6).
               At a 131k vocabulary this is as much traffic as all the layers' elementwise work
-  TP          4 collectives of s x b x h bf16 per layer per loop (2 forward, 2 backward),
-              ring cost 2 (t-1)/t over NVLink, not overlapped; sequence parallelism on
+  TP          4 all-reduces (or all-gather + reduce-scatter pairs, with sequence parallelism)
+              of s x b x h bf16 per layer per loop (2 forward, 2 backward, 2 more for a
+              recomputed forward), ring cost 2 (t-1)/t over NVLink, not overlapped
   DP          without ZeRO an all-reduce of the fp32 gradients; with ZeRO a reduce-scatter of
               the gradients + an all-gather of the parameters; ring cost over InfiniBand once
               DP leaves the node. With `parallel.overlap_grad_reduce` the gradient reduction
@@ -22,6 +23,10 @@ run. Per token (per GPU: divided by TP; per step: times the GPU's tokens):
               exposed. Without it (or with R sampled per step), all of it is exposed.
   PP          the circular pipeline's bubble: (p-1)/(R m + p-1) of the step; p2p overlapped
   optimizer   Adam over this rank's shard: ~32 bytes per parameter through HBM
+  launches    eager PyTorch pays LAUNCH_S of host time per ATen op (dispatch + kernel launch);
+              the host runs ahead of the GPU, so a stage's step takes the longer of its GPU work
+              and its ops x LAUNCH_S (pretrain/fake_step.py `eager_ops` counts the step's ops:
+              per micro-batch, and per step). Many small micro-batches lose to launch overhead
 Truncated backprop and a sampled R (pretrain/model/recurrence.py): the loop steps count at E[R]
 with E[k] of them running a backward (a step without a graph costs its forward only); memory
 keeps the backprop window's laps alone (k, or R's 99th percentile when R is sampled without
@@ -32,10 +37,33 @@ of the first R-k loops' layers, `selective` the attention core's; the chunked re
 the TF32 rate (half the bf16 peak) and moves twice the elementwise bytes.
 Memory, as the trainer holds it: fp32 weights 4 B (bf16 is autocast, the weights are the
 master copy) + fp32 grads 4 B + Adam moments 8 B per parameter (the 8 B divided over DP with
-ZeRO); activations from pretrain/model/activations.py (what this code saves for backward,
-checked exactly by bench/activation_memory.py) for the worst pipeline stage, times the pieces
-the schedule keeps alive at once.
-MFU counts model FLOPs (flops_per_token: full attention scores, as Megatron counts them).
+ZeRO), and, each measured against the real step under fake tensors (`pretrain plan --fake`):
+  autocast cache   bf16 weight copies, 2 B per matmul parameter, kept for the whole step (one
+                   autocast region: every micro-batch reuses the casts)
+  loop grad sum    from the second micro-batch on, autograd's sum of the R loops' gradient
+                   contributions to each shared-block weight, held beside the accumulated
+                   gradient through the backward: 2 B per parameter under bf16 (summed on the
+                   autocast copy), 4 B in fp32 or in megatron's TP layers (they cast inside
+                   their autograd Function); the pipeline's backward per lap sums nothing
+  grad buckets     with DP and no ZeRO, the reducer's flat fp32 copies, 4 B per parameter,
+                   until the optimizer step (parallelism/grad_overlap.py): overlapped, they
+                   fill during the last backward in the loop sums' place; otherwise after
+                   backward, counted only beyond what backward held besides the gradients
+  zero buffers     DeepSpeed's fp32 master and averaged-gradient partitions (8 B per
+                   parameter / DP) and its reduce bucket (two while overlapping)
+  grad transient   the widest weight's gradient as backward makes it, bf16 and fp32 at once,
+                   beside the gradient it is added to (so from the second backward of a step
+                   on; where the loop sums are held, it is their first contribution: not
+                   extra); the head's shares a stage with the layers only without the pipeline
+  readout chunk    with a chunked readout, one chunk's logits in its backward
+                   (READOUT_BYTES_PER_LOGIT), which runs before the block's: where it exceeds
+                   the loop sums and the gradient transient
+  activations      pretrain/model/activations.py (what this code saves for backward, checked
+                   exactly by bench/activation_memory.py) for the worst pipeline stage, times
+                   the pieces the schedule keeps alive at once.
+MFU counts model FLOPs (flops_per_token: full attention scores, as Megatron counts them);
+`Estimate.flops` is what a GPU executes in a step (recompute included, full attention scores:
+torch's FLOP counter's convention), which `pretrain plan --fake` measures.
 """
 
 from __future__ import annotations
@@ -45,6 +73,7 @@ from dataclasses import dataclass
 
 from parallelism.pipeline_schedule import peak_live, schedule
 from pretrain.config import Config
+from pretrain.fake_step import eager_ops
 from pretrain.hardware import Accelerator
 from pretrain.model.activations import Shard, saved_bytes
 from pretrain.model.flops import (
@@ -65,6 +94,13 @@ LOSS_BYTES_PER_LOGIT = 40  # fp32 cross-entropy forward + backward, counted in t
 COLLECTIVE_EFFICIENCY = 0.80  # NCCL ring bus bandwidth, fraction of the link
 MEMORY_HEADROOM = 0.90  # usable fraction of device memory (allocator, CUDA context)
 TF32_RATE = 0.5  # fp32 GEMMs run as TF32 at half the dense bf16 peak (H100, A100)
+# host time per eager ATen op: ~3-5 us of dispatch and ~2-4 us of cudaLaunchKernel on a server
+# CPU (the issue's FLT figure: 3.9M ops, 20-30 s a step, is 5-8 us)
+LAUNCH_S = 6e-6
+# what one chunk of the deferred readout holds at once in its backward, per logit: the fp32
+# log-softmax output, its gradient and the logits' gradient (4 B each); with a soft cap also
+# the tanh output (+4). Counted under fake tensors (bench/fake_step.py: 11.6 and 15.6 B)
+READOUT_BYTES_PER_LOGIT = 12
 
 
 @dataclass(frozen=True)
@@ -87,6 +123,10 @@ class Estimate:
     tokens_per_s: float
     feasible: bool
     why: str = ""
+    flops: float = 0.0  # executed per GPU per step (module docstring)
+    # per GPU per step, full-tensor bytes of the collectives (an all-gather's output, a
+    # reduce-scatter's input): TP's in the layers, DP's of the gradients (and ZeRO's weights)
+    comm_bytes: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def _gemm_time(flops: float, width: float, gpu: Accelerator) -> float:
@@ -150,6 +190,8 @@ def estimate(cfg: Config, lay: Layout, gpu: Accelerator, global_batch: int) -> E
     t, p, d = lay.tp, lay.pp, lay.dp
     params = count_parameters(m)
     per_gpu_params = params["total"] / (t * p)
+    # every weight but the input embedding's is read by a matmul (a tied one by the head)
+    matmul_params = params["total"] - (0 if m.tie_embeddings else params["embedding"] / 2)
     tokens = lay.micro_batch * lay.microbatches * s  # per DP rank per step
     # -- compute (one model replica of t x p GPUs processes `tokens`) --
     q = m.num_heads * m.kv_channels
@@ -165,6 +207,8 @@ def estimate(cfg: Config, lay: Layout, gpu: Accelerator, global_batch: int) -> E
     head = tokens * 2 * h * m.vocab_size * (reads + (2 + chunked) * reads_bwd) / t
     core_again = 1 if tr.recompute == "selective" else again
     attn = tokens * 2 * s * q * (passes + (2 + core_again) * passes_bwd) / t  # causal: half
+    # executed: full scores, and FlashAttention's backward recomputes them (2.5 x the forward)
+    attn_run = tokens * 4 * s * q * (passes + (2.5 + core_again) * passes_bwd) / t
     t_gemm = (_gemm_time(gemm, min(h, f / t, q / t), gpu)
               + _gemm_time(head, min(h, m.vocab_size / t), gpu)) / rate
     t_attn = attn / (gpu.peak_flops * rate * ATTENTION_EFFICIENCY)
@@ -173,9 +217,15 @@ def estimate(cfg: Config, lay: Layout, gpu: Accelerator, global_batch: int) -> E
         * act_size / t + tokens * reads * LOSS_BYTES_PER_LOGIT * (1 + chunked / 3) * m.vocab_size / t
     t_elem = elementwise_bytes / (gpu.hbm_bw * ELEMENTWISE_BANDWIDTH)
     compute = (t_gemm + t_attn + t_elem) / p  # each stage does 1/p of the layers
+    ops_mb, ops_step = eager_ops(cfg)
+    t_launch = (ops_mb * lay.microbatches + ops_step) / p * LAUNCH_S
     # -- communication --
     act_bytes = lay.micro_batch * s * h * 2
-    t_tp = _ring(act_bytes, t, gpu.intra_node_bw) * 2 * (passes + passes_bwd) / p * lay.microbatches
+    tp_calls = 2 * (passes + (1 + again) * passes_bwd)  # a recomputed forward repeats its own
+    t_tp = _ring(act_bytes, t, gpu.intra_node_bw) * tp_calls / p * lay.microbatches
+    sp = 2 if cfg.parallel.sequence_parallel else 1  # an all-reduce as all-gather + reduce-scatter
+    comm = {"tp": act_bytes * tp_calls * sp / p * lay.microbatches if t > 1 else 0.0,
+            "dp": per_gpu_params * 4 * (2 if lay.zero else 1) if d > 1 else 0.0}
     dp_bw = gpu.intra_node_bw if t * p * d <= gpu.per_node else gpu.inter_node_bw
     if lay.zero:
         reduce = _ring(per_gpu_params * 4, d, dp_bw) / 2  # reduce-scatter of fp32 gradients
@@ -183,29 +233,55 @@ def estimate(cfg: Config, lay: Layout, gpu: Accelerator, global_batch: int) -> E
     else:
         reduce, gather = _ring(per_gpu_params * 4, d, dp_bw), 0.0  # all-reduce
     microbatch = compute / lay.microbatches  # forward 1/3, backward 2/3
-    if cfg.parallel.overlap_grad_reduce and m.loops_sampler == "fixed":  # step_engine.py
+    overlapped = cfg.parallel.overlap_grad_reduce and m.loops_sampler == "fixed"  # step_engine.py
+    if overlapped:
         t_dp = max(0.0, reduce - microbatch * 2 / 3) + max(0.0, gather - microbatch / 3)
     else:
         t_dp = reduce + gather
     bubble = (p - 1) / (r * lay.microbatches + p - 1) if p > 1 else 0.0
     shard = d if lay.zero else 1
     t_opt = per_gpu_params / shard * 32 / gpu.hbm_bw
-    busy = compute + t_tp
+    busy = max(compute + t_tp, t_launch)
     t_bubble = busy / (1 - bubble) - busy
     step = busy + t_bubble + t_dp + t_opt
     flops = run_flops_per_token(cfg) * tokens * d
     mfu = flops / (step * t * p * d * gpu.peak_flops)
     # -- memory --
+    bf16_sum = tr.precision == "bf16" and t == 1  # megatron's TP layers cast inside their Function
     mem = {"weights": per_gpu_params * 4, "grads": per_gpu_params * 4,
-           "optimizer": per_gpu_params * 8 / shard, "activations": activation_bytes(cfg, lay)}
+           "optimizer": per_gpu_params * 8 / shard, "activations": activation_bytes(cfg, lay),
+           "autocast_cache": 2 * matmul_params / (t * p) if tr.precision == "bf16" else 0.0,
+           "loop_grad_sum": (params["looped_block"] / (t * p) * (2 if bf16_sum else 4)
+                             if k > 1 and p == 1 and lay.microbatches > 1 else 0.0)}
+    # the largest weight's gradient as backward makes it: bf16 (2 B) and fp32 (4 B) at once
+    widest = max((2 if m.mlp == "swiglu" else 1) * f, q + 2 * m.num_kv_heads * m.kv_channels,
+                 m.vocab_size if lay.pp == 1 else 0) * h / t
+    accumulates = (lay.microbatches > 1 or lay.pp > 1) and not mem["loop_grad_sum"]
+    mem["grad_transient"] = widest * (6 if tr.precision == "bf16" else 4) if accumulates else 0.0
+    if tr.loss_chunk_tokens:  # one chunk's logits through its backward (a transient)
+        per_logit = READOUT_BYTES_PER_LOGIT + (4 if m.logit_softcap else 0)
+        chunk = min(tr.loss_chunk_tokens, s) * lay.micro_batch * m.vocab_size / t * per_logit
+        # the readout's backward runs before the block's: the chunk and the loop sums (or the
+        # widest gradient) do not meet, the larger counts
+        mem["readout_chunk"] = max(0.0, chunk - mem["loop_grad_sum"] - mem["grad_transient"])
+    if lay.zero and d > 1:  # DeepSpeed: fp32 master and gradient partitions, reduce buckets
+        mem["zero_buffers"] = (per_gpu_params * 8 / d
+                               + cfg.parallel.grad_bucket_mb * 2**20 * (1 + overlapped))
+    buckets = per_gpu_params * 4 if d > 1 and not lay.zero else 0.0
+    if overlapped:  # filled during the last backward, as its loop sums are folded in
+        mem["grad_buckets"] = buckets
+        mem["loop_grad_sum"] = max(0.0, mem["loop_grad_sum"] - buckets)
+    else:  # filled after backward: they count where they outgrow the backward's transients
+        mem["grad_buckets"] = max(0.0, buckets - mem["activations"] - mem["autocast_cache"]
+                                  - mem["loop_grad_sum"])
     mem = {k: v / 2**30 for k, v in mem.items()}
     mem["total"] = sum(mem.values())
     why = check(cfg, lay, gpu, global_batch)
     if not why and mem["total"] > gpu.memory_gb * MEMORY_HEADROOM:
         why = f"needs {mem['total']:.1f} GiB of {gpu.memory_gb:.0f} GB per GPU"
     return Estimate(lay, mem, {"compute": compute, "tp_comm": t_tp, "bubble": t_bubble,
-                               "dp_comm_exposed": t_dp, "optimizer": t_opt},
-                    step, mfu, tokens * d / step, not why, why)
+                               "dp_comm_exposed": t_dp, "optimizer": t_opt, "launch": t_launch},
+                    step, mfu, tokens * d / step, not why, why, (gemm + head + attn_run) / p, comm)
 
 
 def realising_config(cfg: Config, lay: Layout) -> list[str]:

@@ -102,7 +102,6 @@ class PlainUpdate:
         self.model, self.optimizer, self.topo, self.clip = model, optimizer, topo, grad_clip
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.reducer = reducer  # None: one process per model replica, nothing to average
-        self.host_syncs = True  # False under fake tensors (pretrain/fake_step.py): no finite check
 
     def backward(self, loss: Tensor, micro_batches: int) -> None:
         (loss / micro_batches).backward()
@@ -113,8 +112,9 @@ class PlainUpdate:
         grad_norm = global_grad_norm(self.params, self.topo)
         layers = (layer_grad_norms(self.model, self.topo, self.model.cfg.num_layers)
                   if diagnostics else None)
-        ok = not self.host_syncs or all_ranks_agree(
-            bool(torch.isfinite(loss) & torch.isfinite(grad_norm)), self.topo, self.topo.device)
+        # asked as "is anything wrong", as DeepSpeed asks (pretrain/fake_step.py reads False)
+        bad = bool(~(torch.isfinite(loss) & torch.isfinite(grad_norm)))
+        ok = all_ranks_agree(not bad, self.topo, self.topo.device)
         if ok:
             if self.clip:
                 torch.nn.utils.clip_grads_with_norm_(self.params, self.clip, grad_norm)

@@ -14,12 +14,11 @@ def _plan(args: argparse.Namespace) -> int:
     from pretrain.planner import plan, realising_config
 
     cfg = load_config(args.config, args.overrides)
-    if args.gpu not in GPUS:
-        raise ConfigError(f"--gpu: {args.gpu!r} unknown; one of {sorted(GPUS)}")
+    gpu = _gpu(args.gpu, GPUS)
     batch = args.global_batch or cfg.train.micro_batch_size * cfg.train.grad_accum_steps * args.gpus
-    ests = plan(cfg, args.gpus, GPUS[args.gpu], batch)
+    ests = plan(cfg, args.gpus, gpu, batch)
     ok = [e for e in ests if e.feasible]
-    print(f"{len(ok)} of {len(ests)} layouts fit ({args.gpus} x {GPUS[args.gpu].name}, global "
+    print(f"{len(ok)} of {len(ests)} layouts fit ({args.gpus} x {gpu.name}, global "
           f"batch {batch} x {cfg.train.seq_len} tokens, R={cfg.model.loops}; "
           f"{train_options(cfg.train)}, grad-reduce overlap "
           f"{'on' if cfg.parallel.overlap_grad_reduce else 'off'})")
@@ -57,15 +56,43 @@ def _rehearse(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fake(args: argparse.Namespace) -> int:
+    """The config's own layout, one rank per stage under fake tensors, beside the planner."""
+    from pretrain.hardware import GPUS
+    from pretrain.plan_check import check_layout, report
+
+    cfg = load_config(args.config, args.overrides)
+    print("\n".join(report(check_layout(cfg, _gpu(args.gpu, GPUS)))))
+    return 0
+
+
+def _gpu(name: str, table: dict):
+    if name not in table:
+        raise ConfigError(f"--gpu: {name!r} unknown; one of {sorted(table)}")
+    return table[name]
+
+
+def _choose(args: argparse.Namespace) -> int:
+    if args.fake:
+        return _fake(args)
+    if args.gpus is None:
+        raise ConfigError("plan: --gpus is required (except with --fake: the config's layout)")
+    return _rehearse(args) if args.rehearse else _plan(args)
+
+
 def add_commands(sub) -> None:
     pl = sub.add_parser("plan", help="predict memory, bubble, comm and MFU; rank the layouts")
     pl.add_argument("--config", required=True)
     pl.add_argument("overrides", nargs="*")
-    pl.add_argument("--gpus", type=at_least(1), required=True)
-    pl.add_argument("--gpu", default="h100", help="h100, h200, a100, b200")
+    pl.add_argument("--gpus", type=at_least(1))
+    pl.add_argument("--gpu", default="h100", help="a key of pretrain/hardware.py's table")
     pl.add_argument("--global-batch", type=at_least(0), default=0, help="sequences per step")
     pl.add_argument("--top", type=at_least(1), default=10)
     pl.add_argument("--rehearse", action="store_true",
                     help="set every layout up on the meta device (TP layers, pipeline stages, "
                          "ZeRO config, checkpoint entries) instead of ranking them")
-    pl.set_defaults(fn=lambda a: _rehearse(a) if a.rehearse else _plan(a))
+    pl.add_argument("--fake", action="store_true",
+                    help="run the config's own layout's training step, one rank per pipeline "
+                         "stage, at full shapes under fake tensors; print peak memory, FLOPs, "
+                         "ops and collective bytes beside the planner's (minutes on a CPU)")
+    pl.set_defaults(fn=_choose)
