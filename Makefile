@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: install demo test test-fast lint bench clean wheelhouse
+.PHONY: install demo test test-fast test-oldest-torch lint bench clean wheelhouse
 
 $(STAMP): setup.cfg pyproject.toml
 	python3 -m venv $(VENV)
@@ -69,6 +69,10 @@ test: install lint
 test-fast: install lint
 	$(PY) -m pytest -q -rs -m "not multiproc and not slurm and not slow"
 
+# the fast tier on the oldest supported torch (2.9.1), in .venv-torch2.9.1 (CI runs it too)
+test-oldest-torch: install
+	bash .ci/oldest_torch.sh
+
 bench: install
 	$(PY) bench/overhead.py
 	$(PY) bench/data_throughput.py
@@ -81,4 +85,4 @@ bench: install
 	$(PY) bench/loop_modes.py run --only ouro-R1 ouro-R4 flt-K1 lt_ia-K4-all --tokens 500000
 
 clean:
-	rm -rf $(VENV) runs $(WHEELHOUSE)
+	rm -rf $(VENV) .venv-torch* runs $(WHEELHOUSE)

@@ -14,8 +14,9 @@ a fake loss has no value). Step 0 creates the optimizer state; step 1 runs under
                block, called R times, is its parameters once plus what each call saves);
                every fake tensor alive when step 1 starts (parameters, optimizer state,
                DeepSpeed's buffers) is live from the start
-  FLOPs        torch.utils.flop_counter's formulas per op (matmuls; attention, its CPU flash
-               kernel counted as the CUDA one: full scores), executed FLOPs: recompute included
+  FLOPs        torch.utils.flop_counter's formulas per op (matmuls), the CPU flash attention
+               kernel's by the same convention (full scores; backward 2.5 x), executed FLOPs:
+               recompute included
   ops          dispatched non-view ATen ops (eager kernel launches, to a first order)
   comm bytes   per c10d collective (all-reduce, all-gather, reduce-scatter, send/recv), the
                full tensor's size (an all-gather's output, a reduce-scatter's input)
@@ -37,23 +38,39 @@ from unittest import mock
 
 import torch
 from torch import Tensor, nn
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
+from torch._subclasses.fake_tensor import (
+    FakeTensor,
+    FakeTensorMode,
+    UnsupportedOperatorException,
+    unset_fake_temporarily,
+)
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import flop_registry
 
 from parallelism.topology import Topology, end_rehearsal, rehearsal_topology
-from pretrain.config import Config
+from pretrain.config import Config, ConfigError
 from pretrain.model.looped import LoopedLM
 from pretrain.step_engine import build_engine
 
+
+def _attention(q: Tensor, k: Tensor, v: Tensor, *_, **__) -> int:
+    """Scores and weighted sum of the CPU flash kernel, full (torch's convention), any number
+    of key/value heads (grouped queries: each query head does the work)."""
+    b, h, s_q, d = q.shape
+    return 2 * b * h * s_q * k.shape[-2] * (d + v.shape[-1])
+
+
+def _attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, *_, **__) -> int:
+    """The scores again, then dV, dP, dQ, dK: 2.5 x the forward at d = d_v."""
+    b, h, s_q, d = q.shape
+    return 2 * b * h * s_q * k.shape[-2] * (3 * d + 2 * v.shape[-1])
+
+
 aten = torch.ops.aten
-# the CPU flash kernel's ops take the CUDA flash ops' leading arguments: count them alike
 FLOPS = {**flop_registry,
-         aten._scaled_dot_product_flash_attention_for_cpu:
-             flop_registry[aten._scaled_dot_product_flash_attention],
-         aten._scaled_dot_product_flash_attention_for_cpu_backward:
-             flop_registry[aten._scaled_dot_product_flash_attention_backward]}
+         aten._scaled_dot_product_flash_attention_for_cpu: _attention,
+         aten._scaled_dot_product_flash_attention_for_cpu_backward: _attention_backward}
 
 
 def _kernel(func) -> bool:
@@ -149,7 +166,8 @@ def _live(mode: FakeTensorMode) -> list[Tensor]:
     """Every fake tensor of `mode` alive now: parameters, buffers, the optimizer's state,
     DeepSpeed's flat partitions -- whatever the step starts with."""
     gc.collect()
-    return [o for o in gc.get_objects() if isinstance(o, FakeTensor) and o.fake_mode is mode]
+    return [o for o in gc.get_objects() if isinstance(o, FakeTensor)
+            and getattr(o, "fake_mode", mode) is mode]
 
 
 def profile_stage(cfg: Config, rank: int, stage: int) -> StageProfile:
@@ -173,6 +191,9 @@ def profile_stage(cfg: Config, rank: int, stage: int) -> StageProfile:
             with prof:
                 engine.train_step(batches, 1)
         return StageProfile(stage, rank, prof.peak, static, prof.flops, prof.ops, dict(prof.comm))
+    except UnsupportedOperatorException as e:  # torch 2.9's c10d ops have no fake kernels
+        raise ConfigError(f"plan --fake: torch {torch.__version__} cannot run {e.func} under "
+                          f"fake tensors (torch 2.13 can)") from None
     finally:
         if not single:
             end_rehearsal()

@@ -75,7 +75,7 @@ from parallelism.pipeline_schedule import peak_live, schedule
 from pretrain.config import Config
 from pretrain.fake_step import eager_ops
 from pretrain.hardware import Accelerator
-from pretrain.model.activations import Shard, saved_bytes
+from pretrain.model.activations import Shard, layer_elements, saved_bytes
 from pretrain.model.flops import (
     adapter_flops,
     count_parameters,
@@ -183,6 +183,61 @@ def activation_bytes(cfg: Config, lay: Layout) -> float:
     return per_mb / m.loops * live
 
 
+def memory_bytes(cfg: Config, lay: Layout, overlapped: bool) -> dict[str, float]:
+    """Per-GPU bytes at the step's peak, term by term (module docstring)."""
+    m, tr, t, p, d = cfg.model, cfg.train, lay.tp, lay.pp, lay.dp
+    params = count_parameters(m)
+    per_gpu_params = params["total"] / (t * p)
+    # every weight but the input embedding's is read by a matmul (a tied one by the head)
+    matmul_params = params["total"] - (0 if m.tie_embeddings else params["embedding"] / 2)
+    bf16 = tr.precision == "bf16"
+    loop_sum = 0.0
+    if expected_loops(m, tr.backprop_loops)[1] > 1 and p == 1 and lay.microbatches > 1:
+        # made weight by weight as the last lap's backward frees that lap's activations
+        loop_sum = max(0.0, params["looped_block"] / (t * p) * (2 if bf16 and t == 1 else 4)
+                       - _last_lap_bytes(cfg, lay))
+    mem = {"weights": per_gpu_params * 4, "grads": per_gpu_params * 4,
+           "optimizer": per_gpu_params * 8 / (d if lay.zero else 1),
+           "activations": activation_bytes(cfg, lay),
+           "autocast_cache": 2 * matmul_params / (t * p) if bf16 else 0.0,
+           "loop_grad_sum": loop_sum}
+    # the widest weight's gradient as backward makes it: bf16 (2 B) and fp32 (4 B) at once
+    widest = max((2 if m.mlp == "swiglu" else 1) * m.ffn_hidden_size,
+                 (m.num_heads + 2 * m.num_kv_heads) * m.kv_channels,
+                 m.vocab_size if p == 1 else 0) * m.hidden_size / t
+    accumulates = (lay.microbatches > 1 or p > 1) and not loop_sum
+    mem["grad_transient"] = widest * (6 if bf16 else 4) if accumulates else 0.0
+    if tr.loss_chunk_tokens:  # one chunk's logits through its backward (a transient)
+        per_logit = READOUT_BYTES_PER_LOGIT + (4 if m.logit_softcap else 0)
+        chunk = (min(tr.loss_chunk_tokens, tr.seq_len) * lay.micro_batch * m.vocab_size / t
+                 * per_logit)
+        # the readout's backward runs before the block's: the chunk and the loop sums (or the
+        # widest gradient) do not meet, the larger counts
+        mem["readout_chunk"] = max(0.0, chunk - loop_sum - mem["grad_transient"])
+    if lay.zero and d > 1:  # DeepSpeed: fp32 master and gradient partitions, reduce buckets
+        mem["zero_buffers"] = (per_gpu_params * 8 / d
+                               + cfg.parallel.grad_bucket_mb * 2**20 * (1 + overlapped))
+    buckets = per_gpu_params * 4 if d > 1 and not lay.zero else 0.0
+    if overlapped:  # filled during the last backward, as its loop sums are folded in
+        mem["grad_buckets"] = buckets
+        mem["loop_grad_sum"] = max(0.0, loop_sum - buckets)
+    else:  # filled after backward: they count where they outgrow the backward's transients
+        mem["grad_buckets"] = max(0.0, buckets - mem["activations"] - mem["autocast_cache"]
+                                  - loop_sum)
+    return mem
+
+
+def _last_lap_bytes(cfg: Config, lay: Layout) -> float:
+    """Activations the window's last lap keeps (nothing where every layer is recomputed)."""
+    if cfg.train.recompute == "full":
+        return 0.0
+    m, t = cfg.model, lay.tp
+    hidden, other = layer_elements(m, t, t > 1 and cfg.parallel.sequence_parallel,
+                                   cfg.train.recompute == "selective")
+    big, small = (4, 2) if cfg.train.precision == "bf16" else (4, 4)
+    return m.num_layers / lay.pp * (hidden * big + other * small) * lay.micro_batch * cfg.train.seq_len
+
+
 def estimate(cfg: Config, lay: Layout, gpu: Accelerator, global_batch: int) -> Estimate:
     m, s, tr = cfg.model, cfg.train.seq_len, cfg.train
     h, f = m.hidden_size, m.ffn_hidden_size
@@ -190,8 +245,6 @@ def estimate(cfg: Config, lay: Layout, gpu: Accelerator, global_batch: int) -> E
     t, p, d = lay.tp, lay.pp, lay.dp
     params = count_parameters(m)
     per_gpu_params = params["total"] / (t * p)
-    # every weight but the input embedding's is read by a matmul (a tied one by the head)
-    matmul_params = params["total"] - (0 if m.tie_embeddings else params["embedding"] / 2)
     tokens = lay.micro_batch * lay.microbatches * s  # per DP rank per step
     # -- compute (one model replica of t x p GPUs processes `tokens`) --
     q = m.num_heads * m.kv_channels
@@ -246,34 +299,7 @@ def estimate(cfg: Config, lay: Layout, gpu: Accelerator, global_batch: int) -> E
     step = busy + t_bubble + t_dp + t_opt
     flops = run_flops_per_token(cfg) * tokens * d
     mfu = flops / (step * t * p * d * gpu.peak_flops)
-    # -- memory --
-    bf16_sum = tr.precision == "bf16" and t == 1  # megatron's TP layers cast inside their Function
-    mem = {"weights": per_gpu_params * 4, "grads": per_gpu_params * 4,
-           "optimizer": per_gpu_params * 8 / shard, "activations": activation_bytes(cfg, lay),
-           "autocast_cache": 2 * matmul_params / (t * p) if tr.precision == "bf16" else 0.0,
-           "loop_grad_sum": (params["looped_block"] / (t * p) * (2 if bf16_sum else 4)
-                             if k > 1 and p == 1 and lay.microbatches > 1 else 0.0)}
-    # the largest weight's gradient as backward makes it: bf16 (2 B) and fp32 (4 B) at once
-    widest = max((2 if m.mlp == "swiglu" else 1) * f, q + 2 * m.num_kv_heads * m.kv_channels,
-                 m.vocab_size if lay.pp == 1 else 0) * h / t
-    accumulates = (lay.microbatches > 1 or lay.pp > 1) and not mem["loop_grad_sum"]
-    mem["grad_transient"] = widest * (6 if tr.precision == "bf16" else 4) if accumulates else 0.0
-    if tr.loss_chunk_tokens:  # one chunk's logits through its backward (a transient)
-        per_logit = READOUT_BYTES_PER_LOGIT + (4 if m.logit_softcap else 0)
-        chunk = min(tr.loss_chunk_tokens, s) * lay.micro_batch * m.vocab_size / t * per_logit
-        # the readout's backward runs before the block's: the chunk and the loop sums (or the
-        # widest gradient) do not meet, the larger counts
-        mem["readout_chunk"] = max(0.0, chunk - mem["loop_grad_sum"] - mem["grad_transient"])
-    if lay.zero and d > 1:  # DeepSpeed: fp32 master and gradient partitions, reduce buckets
-        mem["zero_buffers"] = (per_gpu_params * 8 / d
-                               + cfg.parallel.grad_bucket_mb * 2**20 * (1 + overlapped))
-    buckets = per_gpu_params * 4 if d > 1 and not lay.zero else 0.0
-    if overlapped:  # filled during the last backward, as its loop sums are folded in
-        mem["grad_buckets"] = buckets
-        mem["loop_grad_sum"] = max(0.0, mem["loop_grad_sum"] - buckets)
-    else:  # filled after backward: they count where they outgrow the backward's transients
-        mem["grad_buckets"] = max(0.0, buckets - mem["activations"] - mem["autocast_cache"]
-                                  - mem["loop_grad_sum"])
+    mem = memory_bytes(cfg, lay, overlapped)
     mem = {k: v / 2**30 for k, v in mem.items()}
     mem["total"] = sum(mem.values())
     why = check(cfg, lay, gpu, global_batch)

@@ -10,16 +10,36 @@ import sys
 import pytest
 from packaging.specifiers import SpecifierSet
 
-from pretrain.doctor import tested_torch
+from pretrain import doctor
+from pretrain.doctor import TORCH_RANGE
 from tests.conftest import ROOT
 
 
-def test_the_declared_torch_range_admits_the_tested_release_and_ngc_builds():
-    spec = SpecifierSet(tested_torch())
-    for admitted in ("2.13.0", "2.13.0+cpu", "2.14.1+cu130", "2.13.0a0+5228986c39.nv25.10"):
+def test_the_declared_torch_range_admits_the_tested_releases_and_ngc_builds():
+    spec = SpecifierSet(TORCH_RANGE)
+    for admitted in ("2.9.0a0+145a3a7bda.nv25.10", "2.9.1", "2.11.0+cu130", "2.13.0+cpu",
+                     "2.14.1+cu130", "2.15.0"):
         assert spec.contains(admitted, prereleases=True), admitted
-    for refused in ("2.12.1", "2.15.0", "3.0.0"):
+    for refused in ("2.8.0", "2.8.0a0+5228986c39.nv25.06", "2.16.0", "3.0.0"):
         assert not spec.contains(refused, prereleases=True), refused
+
+
+def test_setup_cfg_declares_the_range_the_doctor_checks():
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    reqs = [r.strip() for r in cfg["options"]["install_requires"].splitlines()]
+    assert f"torch{TORCH_RANGE}" in reqs
+
+
+@pytest.mark.parametrize("version, level", [("2.8.0", "blocked"), ("2.16.0", "blocked"),
+                                            ("2.9.1", "ok"), ("2.15.0+cu130", "ok")])
+def test_doctor_blocks_a_torch_outside_the_range(monkeypatch, version, level):
+    monkeypatch.setattr(doctor.torch, "__version__", version)
+    [finding] = doctor._torch()
+    assert finding.level == level
+    assert (TORCH_RANGE in finding.why) == (level == "blocked")
 
 
 @pytest.mark.slow

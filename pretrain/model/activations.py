@@ -120,6 +120,8 @@ def saved_bytes(cfg, micro_batch: int, policy: MemoryPolicy, shard: Shard = Shar
     hidden_l, other_l = layer_elements(m, shard.tp, shard.sp, policy.recompute == "selective")
     full_layer = hidden_l * big + other_l * small
     h_bytes = m.hidden_size / (shard.tp if shard.sp else 1) * big
+    # the prelude's and coda's layers: recomputed (their input kept) under `full` only
+    outside = h_bytes if policy.recompute == "full" else full_layer
     total = 0.0
     for t in range(loops):
         again = policy.recomputes_layer(t, loops)
@@ -128,7 +130,7 @@ def saved_bytes(cfg, micro_batch: int, policy: MemoryPolicy, shard: Shard = Shar
             total += loop_extra_elements(m, shard.tp, shard.sp, layers, shard.first,
                                          shard.last, again) * big
     if shard.first:
-        total += 2 * 4 + (m.prelude_layers * full_layer)  # the ids (int64)
+        total += 2 * 4 + m.prelude_layers * outside  # the ids (int64)
         if m.loop_mode != "ouro":  # x_1 = nu(e): e and the rsqrt
             total += h_bytes + 4 / (shard.tp if shard.sp else 1)
         total += m.kv_channels * big / micro_batch  # rope cos/sin rows of the sequence
@@ -137,7 +139,7 @@ def saved_bytes(cfg, micro_batch: int, policy: MemoryPolicy, shard: Shard = Shar
         steps = loops if read_count is None else read_count
         total += loops * hidden_r * big + steps * other_r * 4  # the loss path is fp32
         total += (7 * loops + 1) * 4  # gate, exit distribution and ELBO terms of the objective
-        total += loops * m.coda_layers * full_layer
+        total += steps * m.coda_layers * outside  # the coda runs on each step read out
         if not shard.first:
             total += m.kv_channels * big / micro_batch
     return total * tokens
