@@ -14,3 +14,20 @@ def fsync_path(path: str | Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def open_no_link(path: str | Path, append: bool = False):
+    """`path` opened for writing text (truncated, or `append`ed), never through a symbolic link:
+    a link planted in a run directory would point our write at another of the user's files.
+    Raises ConfigError, one line naming the path."""
+    from core.config_schema import ConfigError
+
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_APPEND if append else os.O_TRUNC)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as e:
+        if Path(path).is_symlink():
+            raise ConfigError(f"{path}: refused: a symbolic link (this program never writes "
+                              "through one)") from None
+        raise ConfigError(f"{path}: cannot write ({e.strerror})") from None
+    return os.fdopen(fd, "a" if append else "w")

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from core.durable import open_no_link
 from parallelism.sharded_state import ShardedState
 from parallelism.stats import Metrics
 from parallelism.topology import Topology, init_topology
@@ -288,7 +289,8 @@ class Trainer:
             self.callbacks = [cb for cb in self.callbacks if not isinstance(cb, Checkpointing)]
         if self.topo.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "config.yaml").write_text(dump_config(self.cfg))
+            with open_no_link(self.out_dir / "config.yaml") as fh:
+                fh.write(dump_config(self.cfg))
         tick, done = time.perf_counter(), 0
         try:
             for cb in self.callbacks:

@@ -69,6 +69,78 @@ def test_a_crafted_metadata_runs_nothing_and_is_one_line(checkpoint, tmp_path, c
     assert not marker.exists()
 
 
+def _bytes_entry_bypass(checkpoint, tmp_path):
+    """Issue 33's bypass, built from allowed classes only: an entry marked as pickled bytes
+    whose storage is a torch.save'd payload outside the checkpoint (DCP's load_bytes would
+    torch.load it with weights_only=False); meta.json re-recorded to match."""
+    import torch
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
+
+    from pretrain.checkpoint import store
+
+    bad = tmp_path / "run" / "step_0000001"
+    shutil.copytree(checkpoint, bad)
+    marker = tmp_path / "pwned"
+    payload = tmp_path / "p.bin"
+    torch.save(_Payload(marker), payload)
+    md = read_metadata(bad / ".metadata")
+    md.state_dict_metadata["model/embed.weight"] = BytesStorageMetadata()
+    md.storage_data[MetadataIndex("model/embed.weight")] = _StorageInfo(
+        "../../p.bin", 0, payload.stat().st_size)
+    (bad / ".metadata").write_bytes(pickle.dumps(md))
+    meta = json.loads((bad / "meta.json").read_text())
+    meta["files"][".metadata"] = store.describe(bad / ".metadata")
+    (bad / "meta.json").write_text(json.dumps(meta))
+    return bad, marker
+
+
+@pytest.mark.parametrize("command", ["export", "generate", "eval", "resume"])
+def test_a_bytes_entry_pointing_outside_runs_nothing(checkpoint, tmp_path, command, capsys):
+    bad, marker = _bytes_entry_bypass(checkpoint, tmp_path)
+    if command == "resume":
+        trainer = Trainer(tiny_config("train.max_steps=2", "optim.warmup_steps=0",
+                                      out_dir=tmp_path / "r"), log=None, tensorboard=False)
+        with pytest.raises(CheckpointError, match="refused: it asks for .*BytesStorageMetadata"):
+            trainer.resume(str(bad))
+    else:
+        args = {"export": ["export", "--checkpoint", str(bad), "--out", str(tmp_path / "hf")],
+                "generate": ["generate", "--checkpoint", str(bad), "--prompt", "a"],
+                "eval": ["eval", "--checkpoint", str(bad), "--batches", "1"]}[command]
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "asks for torch.distributed.checkpoint.metadata." \
+            "BytesStorageMetadata" in err, err
+    assert not marker.exists()
+
+
+def test_a_storage_path_outside_the_checkpoint_is_refused(checkpoint, tmp_path):
+    import dataclasses
+
+    bad = tmp_path / "step"
+    shutil.copytree(checkpoint, bad)
+    md = read_metadata(bad / ".metadata")
+    key = next(iter(md.storage_data))
+    md.storage_data[key] = dataclasses.replace(md.storage_data[key], relative_path="../x.distcp")
+    (bad / ".metadata").write_bytes(pickle.dumps(md))
+    with pytest.raises(CheckpointError, match="storage path '../x.distcp' is not one of"):
+        read_metadata(bad / ".metadata")
+
+
+def test_a_symlinked_shard_is_refused(checkpoint, tmp_path):
+    from pretrain.checkpoint import store
+
+    bad = tmp_path / "step"
+    shutil.copytree(checkpoint, bad)
+    shard = next(bad.glob("*.distcp"))
+    elsewhere = tmp_path / "elsewhere.distcp"
+    shard.rename(elsewhere)
+    shard.symlink_to(elsewhere)  # same bytes, same CRC: only the link gives it away
+    files = json.loads((bad / "meta.json").read_text())["files"]
+    errors = store.verify(bad, files)
+    assert errors == [f"{shard}: refused: a symbolic link, not a file of the checkpoint"]
+
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus")
@@ -199,3 +271,34 @@ def test_a_checkpoint_record_naming_files_outside_it_is_refused(checkpoint, tmp_
     assert main(["generate", "--checkpoint", str(bad), "--prompt", "a"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "'../../../etc/hostname' is not inside the checkpoint" in err, err
+
+
+@pytest.mark.parametrize("name", [".lock", "config.yaml", "metrics.jsonl"])
+def test_a_link_in_the_run_directory_is_never_written_through(tmp_path, name, capsys):
+    """Issue 33: a link planted where the trainer writes would truncate the file it points at."""
+    victim = tmp_path / "precious.txt"
+    victim.write_text("the user's own file\n")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / name).symlink_to(victim)
+    code = main(["train", "--config", str(ROOT / "configs/tiny.yaml"), f"train.out_dir={out}",
+                 f"data.paths=[{ROOT / 'data/sample.txt'}]", "data.validation=[]",
+                 "train.max_steps=1", "optim.warmup_steps=0", "train.log_every=1"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "refused" in err and name in err, err
+    assert victim.read_text() == "the user's own file\n"
+
+
+def test_the_preemption_marker_is_never_written_through_a_link(tmp_path):
+    from core.config_schema import ConfigError
+    from core.durable import open_no_link
+
+    victim = tmp_path / "precious.txt"
+    victim.write_text("keep\n")
+    (tmp_path / ".preempted").symlink_to(victim)
+    with pytest.raises(ConfigError, match="refused: a symbolic link"):
+        open_no_link(tmp_path / ".preempted")
+    assert victim.read_text() == "keep\n"
+    with open_no_link(tmp_path / "plain") as fh:  # a plain file: written as usual
+        fh.write("x")
+    assert (tmp_path / "plain").read_text() == "x"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 
+from core.durable import open_no_link
 from pretrain.callbacks import Callback
 
 
@@ -14,5 +15,5 @@ class MetricsFile(Callback):
 
     def on_log(self, trainer, step: int, metrics: dict[str, float]) -> None:
         if trainer.topo.is_main:
-            with open(trainer.out_dir / "metrics.jsonl", "a") as fh:
+            with open_no_link(trainer.out_dir / "metrics.jsonl", append=True) as fh:
                 fh.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")

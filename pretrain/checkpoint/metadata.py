@@ -4,14 +4,18 @@ torch.distributed.checkpoint's FileSystemReader unpickles `.metadata` with the p
 module: a crafted file (a `__reduce__` returning os.system, say) runs when any command opens
 the checkpoint -- export, generate, eval, convert, grow, train --resume -- before its sizes and
 CRCs are checked (and those come from the same directory). `SafeReader` unpickles it with an
-allow-list of exactly what DCP writes: its metadata dataclasses, torch.Size, dtypes, the layout
-and memory-format encodings, and a pathlib path; anything else is refused, in one line naming
-the file and the global it asked for.
+allow-list of exactly what DCP writes for this trainer: its tensor metadata dataclasses,
+torch.Size, dtypes, the layout and memory-format encodings, and a pathlib path; anything else
+is refused, in one line naming the file and the global it asked for. Not `BytesStorageMetadata`:
+DCP loads such an entry with `torch.load(weights_only=False)` -- a pickle of the attacker's --
+and this trainer saves tensors only. Every storage location must be one of the checkpoint's own
+`__R_N.distcp` files (no path, no `..`; `store.verify` refuses a link among them).
 """
 
 from __future__ import annotations
 
 import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -20,11 +24,11 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 from pretrain.checkpoint.store import CheckpointError
 
+_SHARD = re.compile(r"__\d+_\d+\.distcp")
 _ALLOWED = {
     "torch.distributed.checkpoint.metadata": {
         "Metadata", "MetadataIndex", "StorageMeta", "ChunkStorageMetadata",
-        "TensorStorageMetadata", "BytesStorageMetadata", "TensorProperties",
-        "_MEM_FORMAT_ENCODING"},
+        "TensorStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING"},
     "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
     "torch.serialization": {"_get_layout"},
     "torch": {"Size"},
@@ -59,6 +63,11 @@ def read_metadata(where: Path) -> Metadata:
         raise CheckpointError(f"{where}: unreadable ({e.__class__.__name__}: {e})") from None
     if not isinstance(md, Metadata):
         raise CheckpointError(f"{where}: not DCP metadata (holds a {type(md).__name__})")
+    for info in (md.storage_data or {}).values():
+        path = getattr(info, "relative_path", None)
+        if not isinstance(path, str) or not _SHARD.fullmatch(path):
+            raise CheckpointError(f"{where}: refused: storage path {path!r} is not one of the "
+                                  "checkpoint's own __R_N.distcp files")
     return md
 
 

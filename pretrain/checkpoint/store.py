@@ -105,6 +105,8 @@ def verify(d: Path, files: dict[str, dict]) -> list[str]:
         f = d / name
         if Path(name).name != name or name in ("", ".", ".."):  # the record is untrusted too
             errors.append(f"{d / META}: file name {name!r} is not inside the checkpoint")
+        elif f.is_symlink():  # a link could point at any file of the user's
+            errors.append(f"{f}: refused: a symbolic link, not a file of the checkpoint")
         elif not f.is_file():
             errors.append(f"{f}: shard file missing")
         elif f.stat().st_size != want["bytes"]:

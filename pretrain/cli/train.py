@@ -7,6 +7,7 @@ import json
 import os
 import sys
 
+from core.durable import open_no_link
 from core.exit_codes import EXIT_DIVERGED, EXIT_PEER_LOST, EXIT_PREEMPTED, PREEMPTED_MARKER
 from pretrain.config import load_config
 from pretrain.preemption import Preempted
@@ -76,7 +77,8 @@ def _run(cfg, args: argparse.Namespace, signals) -> int:
     except Preempted as e:
         shutdown(trainer.topo)
         if trainer.topo.is_main:  # for the batch script (core/exit_codes.py)
-            (trainer.out_dir / PREEMPTED_MARKER).write_text(f"{e}\n")
+            with open_no_link(trainer.out_dir / PREEMPTED_MARKER) as fh:
+                fh.write(f"{e}\n")
         say(f"pretrain: {e}; exit {EXIT_PREEMPTED} (requeue, then --resume auto)")
         return EXIT_PREEMPTED
     except RuntimeError:  # a collective failed: was it a dead peer?
