@@ -302,3 +302,23 @@ def test_the_preemption_marker_is_never_written_through_a_link(tmp_path):
     with open_no_link(tmp_path / "plain") as fh:  # a plain file: written as usual
         fh.write("x")
     assert (tmp_path / "plain").read_text() == "x"
+
+
+def test_sweep_collect_runs_no_command_from_a_points_config(checkpoint, tmp_path, capsys):
+    """Issue 33: a sweep directory from elsewhere whose point's config names a `pipe:`
+    validation source; `collect` refuses it in one line unless --allow-commands."""
+    import yaml
+
+    marker = tmp_path / "pwned"
+    run = tmp_path / "sweep" / "points" / "0"
+    shutil.copytree(checkpoint, run / "checkpoints" / checkpoint.name)
+    ckpt = run / "checkpoints" / checkpoint.name
+    cfg = yaml.safe_load((ckpt / "config.yaml").read_text())
+    cfg["data"]["validation"] = [{"path": str(tmp_path), "url_template": f"pipe:touch {marker}"}]
+    (ckpt / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (tmp_path / "sweep" / "points.json").write_text(json.dumps(
+        {"points": [{"index": 0, "run_dir": str(run)}], "eval_batches": 1}))
+    assert main(["sweep", "collect", str(tmp_path / "sweep")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a shell command; sweep collect runs none" in err, err
+    assert not marker.exists()

@@ -17,7 +17,7 @@ from pretrain.checkpoint import store
 from pretrain.checkpoint.checkpointer import Checkpointer
 from pretrain.checkpoint.metadata import read_metadata
 from pretrain.checkpoint.record import fresh_trainer_state, make_record
-from pretrain.config import Config, dump_config, load_config
+from pretrain.config import Config, ConfigError, dump_config, load_config
 from pretrain.model.looped import LoopedLM
 
 
@@ -30,6 +30,18 @@ def saved_metadata(path: Path) -> dict[str, TensorStorageMetadata]:
 
 def saved_tensors(path: Path) -> dict[str, torch.Size]:
     return {k: v.size for k, v in saved_metadata(path).items()}
+
+
+def refuse_shell_commands(where: str | Path, command: str, hint: str) -> None:
+    """A checkpoint's config may come from anyone: its `pipe:` url_templates are shell
+    commands, which `command` runs only when the user says so (`hint`)."""
+    from data_pipeline.config import shell_commands
+
+    path = store.resolve(where) / "config.yaml"
+    commands = shell_commands(load_config(path).data)
+    if commands:
+        raise ConfigError(f"{path}: {commands[0]} is a shell command; {command} runs none from "
+                          f"a checkpoint's config: {hint}")
 
 
 def load_model(where: str | Path, overrides: list[str] = ()) -> tuple[Config, LoopedLM]:

@@ -40,7 +40,7 @@ def _eval(args: argparse.Namespace) -> int:
     loops = args.loops or []  # each >= 1 (checked where argparse reads them)
     if args.tasks:
         return _downstream(args, loops)
-    from pretrain.checkpoint.offline import load_model
+    from pretrain.checkpoint.offline import load_model, refuse_shell_commands
     from pretrain.evaluate import exit_table
 
     overrides = [f"model.loops={max(loops)}"] if loops else []
@@ -48,7 +48,8 @@ def _eval(args: argparse.Namespace) -> int:
         overrides += ["data.source=shards", f"data.sources=[{{path: {json.dumps(args.data)}}}]",
                       f"data.validation=[{{path: {json.dumps(args.data)}}}]"]
     elif not args.allow_commands:
-        _refuse_checkpoint_commands(args.checkpoint)
+        refuse_shell_commands(args.checkpoint, "eval", "pass --data DIR, or --allow-commands "
+                                                       "to run it")
     rules = _parse_exit_rules(args.exit or ["gate:0.3", "gate:0.5", "gate:0.7", "gate:0.9"])
     cfg, model = load_model(args.checkpoint, overrides)
     table = exit_table(cfg, model, args.batches, rules, args.kv_cache, args.prefill)
@@ -67,20 +68,6 @@ def _eval(args: argparse.Namespace) -> int:
               f"{table[f'loops_exit_{rule}']:.2f} | {table[f'ce_decoded_{rule}']:7.4f} | "
               f"{table[f'bpb_decoded_{rule}']:6.4f} | {table[f'loops_decoded_{rule}']:.2f}")
     return 0
-
-
-def _refuse_checkpoint_commands(checkpoint: str) -> None:
-    """A checkpoint's config may come from anyone: its `pipe:` url_templates are shell
-    commands, run only when the user passes --allow-commands (or measures --data instead)."""
-    from data_pipeline.config import shell_commands
-    from pretrain.checkpoint import store
-    from pretrain.config import load_config
-
-    path = store.resolve(checkpoint) / "config.yaml"
-    commands = shell_commands(load_config(path).data)
-    if commands:
-        raise ConfigError(f"{path}: {commands[0]} is a shell command; eval runs none from a "
-                          "checkpoint's config: pass --data DIR, or --allow-commands to run it")
 
 
 def _downstream(args: argparse.Namespace, loops: list[int]) -> int:

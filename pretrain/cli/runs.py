@@ -59,7 +59,7 @@ def _sweep(args: argparse.Namespace) -> int:
         if args.action == "collect":
             from pretrain.sweep.collect import collect
 
-            collect(Path(args.sweep_dir))
+            collect(Path(args.sweep_dir), allow_commands=args.allow_commands)
         else:
             print(_fit(Path(args.sweep_dir), args.law or "chinchilla", args.budget))
         return 0
@@ -78,7 +78,7 @@ def _sweep(args: argparse.Namespace) -> int:
     run_local(points)
     from pretrain.sweep.collect import collect
 
-    collect(spec.out_dir)
+    collect(spec.out_dir, allow_commands=True)  # the points this command just trained
     print(_fit(spec.out_dir, args.law or spec.law, args.budget))
     return 0
 
@@ -117,6 +117,9 @@ def add_commands(sub) -> None:
     sw.add_argument("--submit", action="store_true", help="submit one SLURM job array")
     sw.add_argument("--overwrite", action="store_true",
                     help="points whose run holds checkpoints of a different config are moved aside")
+    sw.add_argument("--allow-commands", action="store_true",
+                    help="collect: run the pipe: url_templates of the points' data configs (a "
+                         "sweep directory from elsewhere may name any command)")
     sw.add_argument("--budget", type=at_least(0.0, float), default=None, help="FLOPs for the compute optimum")
     sw.add_argument("--law", choices=("chinchilla", "iso-depth"), default=None,
                     help="fit L(N, D) + the loop law, or the iso-depth law with phi (default: "

@@ -16,11 +16,13 @@ COLUMNS = ["point", "hidden_size", "num_layers", "loops", "lr", "params", "non_e
 TEXT_COLUMNS = ("run_dir", "eval_data", "loops_sampler")
 
 
-def collect(sweep_dir: Path, log=print) -> Path:
+def collect(sweep_dir: Path, log=print, allow_commands: bool = False) -> Path:
     """Evaluate every finished point's last checkpoint on eval_batches micro-batches of its
     validation data (evaluate.py `heldout_batches`: "validation", or said plainly "training"
-    when a point has none); points without a checkpoint are listed as missing."""
-    from pretrain.checkpoint.offline import load_model
+    when a point has none); points without a checkpoint are listed as missing. A point's
+    `pipe:` data commands run only with `allow_commands` (the sweep directory may come from
+    anyone; `sweep --local` allows its own)."""
+    from pretrain.checkpoint.offline import load_model, refuse_shell_commands
     from pretrain.evaluate import evaluate
     from pretrain.model.flops import count_parameters, run_flops_per_token
     from pretrain.status import last_metrics
@@ -36,6 +38,8 @@ def collect(sweep_dir: Path, log=print) -> Path:
         if ckpt is None:
             missing.append(pt["index"])
             continue
+        if not allow_commands:
+            refuse_shell_commands(ckpt, "sweep collect", "pass --allow-commands to run it")
         cfg, model = load_model(ckpt)
         meta = store.read_meta(ckpt)
         ev = evaluate(cfg, model, sweep["eval_batches"])
