@@ -51,6 +51,11 @@ def test_a_run_shorter_than_its_warmup_runs_with_a_notice(run):
      ["--workers", "must be >= 1, got -3"]),
     (["plan", "--config", TINY, "--gpus", "two"], ["--gpus", "expected int, got 'two'"]),
     (["train", "--config", TINY, "train.max_steps=-1"], ["train.max_steps", "got -1"]),
+    # issue 33: NaN passed every range check (nan < 0 is False)
+    (["generate", "--checkpoint", "x", "--prompt", "a", "--temperature", "nan"],
+     ["--temperature", "must be a finite number, got 'nan'"]),
+    (["sweep", "fit", "x", "--budget", "nan"], ["--budget", "must be a finite number"]),
+    (["generate", "--checkpoint", "x", "--prompt", "a", "--top-p", "nan"], ["--top-p", "finite"]),
 ])
 def test_a_bad_flag_is_one_line_and_exit_2(args, needles, capsys):
     assert main(args) == 2

@@ -322,3 +322,34 @@ def test_sweep_collect_runs_no_command_from_a_points_config(checkpoint, tmp_path
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is a shell command; sweep collect runs none" in err, err
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda r: r.update(eval_loss="nan"), "line 2: eval_loss is nan (point 0)"),
+    (lambda r: r.update(params="lots"), "line 2: params is 'lots', not a number"),
+    (lambda r: r.update(tokens=""), "line 2: no value for tokens"),
+])
+def test_sweep_fit_refuses_a_row_it_cannot_fit(tmp_path, edit, needle, capsys):
+    """Issue 33: a NaN loss made the fit print its starting guess as a law, exit 0."""
+    import csv as csv_module
+
+    from pretrain.sweep.collect import COLUMNS
+
+    rows = [{c: "1" for c in COLUMNS} | {"point": str(i), "params": str(1e6 * (i + 1)),
+                                          "run_dir": "r", "eval_data": "validation",
+                                          "loops_sampler": "fixed"} for i in range(4)]
+    edit(rows[0])
+    with open(tmp_path / "results.csv", "w", newline="") as fh:
+        writer = csv_module.DictWriter(fh, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    assert main(["sweep", "fit", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and needle in err, err
+
+
+def test_sweep_fit_of_a_binary_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "results.csv").write_bytes(b"\xff\xfe\x00\x81" * 64)
+    assert main(["sweep", "fit", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unreadable as CSV" in err, err

@@ -4,6 +4,7 @@ error (exit 2) as every other bad input, naming the flag, instead of a traceback
 from __future__ import annotations
 
 import argparse
+import math
 
 
 def at_least(low: float, kind: type = int):
@@ -14,6 +15,8 @@ def at_least(low: float, kind: type = int):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
         if value < low:
             raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
         return value

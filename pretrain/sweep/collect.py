@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 from pretrain.checkpoint import store
@@ -71,7 +72,33 @@ def collect(sweep_dir: Path, log=print, allow_commands: bool = False) -> Path:
     return out
 
 
+MAY_BE_NAN = ("train_loss",)  # a point without a metrics log
+
+
 def read_results(path: Path) -> list[dict]:
-    with open(path) as fh:
-        return [{k: (v if k in TEXT_COLUMNS else float(v)) for k, v in row.items()}
-                for row in csv.DictReader(fh)]
+    """results.csv's rows, each number finite (a fit of a NaN prints a law from its start
+    values): one line naming the row and column otherwise."""
+    try:
+        with open(path, newline="") as fh:
+            raw = list(csv.DictReader(fh))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise ConfigError(f"{path}: unreadable as CSV ({e})") from None
+    rows = []
+    for i, row in enumerate(raw, start=2):  # line 1 is the header
+        missing = [c for c in COLUMNS if row.get(c) in (None, "")]
+        if missing:
+            raise ConfigError(f"{path}: line {i}: no value for {missing[0]}")
+        out = {}
+        for k in COLUMNS:
+            if k in TEXT_COLUMNS:
+                out[k] = row[k]
+                continue
+            try:
+                out[k] = float(row[k])
+            except ValueError:
+                raise ConfigError(f"{path}: line {i}: {k} is {row[k]!r}, not a number") from None
+            if not math.isfinite(out[k]) and k not in MAY_BE_NAN:
+                raise ConfigError(f"{path}: line {i}: {k} is {row[k]} (point "
+                                  f"{row['point']}); remove the row or collect it again")
+        rows.append(out)
+    return rows
