@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -94,17 +95,27 @@ def build(cls: type, raw: dict[str, Any], prefix: str = "",
     return cls(**kwargs)
 
 
-def set_dotted(tree: dict[str, Any], override: str) -> None:
-    if "=" not in override:
-        raise ConfigError(f"override {override!r}: expected section.key=value")
-    key, _, text = override.partition("=")
+# an override: `section.key=value` as a user types it, or (section.key, value) from the program
+Override = str | tuple[str, Any]
+
+
+def set_dotted(tree: dict[str, Any], override: Override) -> None:
+    """Apply one override: `section.key=value` as typed (the value read as YAML), or a
+    `(section.key, value)` pair built by the program, whose value is set as it is -- a path
+    holding `#` or `: ` stays that path."""
+    if isinstance(override, tuple):
+        key, value = override
+    else:
+        if "=" not in override:
+            raise ConfigError(f"override {override!r}: expected section.key=value")
+        key, _, text = override.partition("=")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{key}: cannot parse value {text!r} ({e.__class__.__name__})") from None
     parts = key.strip().split(".")
     if not all(parts):
-        raise ConfigError(f"override {override!r}: empty key component")
-    try:
-        value = yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{key}: cannot parse value {text!r} ({e.__class__.__name__})") from None
+        raise ConfigError(f"override {key!r}: empty key component")
     node = tree
     for p in parts[:-1]:
         node = node.setdefault(p, {})
@@ -152,7 +163,7 @@ def _read_yaml(p: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     return merge(_read_yaml(parent, (*chain, p.resolve())), tree)
 
 
-def load_tree(path: str | Path | None, overrides: list[str] = ()) -> dict[str, Any]:
+def load_tree(path: str | Path | None, overrides: Sequence[Override] = ()) -> dict[str, Any]:
     """The YAML mapping at `path` (optional; its `base:` chain resolved) with `a.b=value`
     overrides applied."""
     tree = _read_yaml(Path(path)) if path is not None else {}

@@ -10,13 +10,14 @@ print it and exit 2 without a traceback (a typo in a sweep must not cost a queue
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from core.config_schema import ConfigError, build, load_tree, require
+from core.config_schema import ConfigError, Override, build, load_tree, require
 from data_pipeline.config import DataConfig, SourceConfig, validate_data
 from parallelism.config import ParallelConfig, validate_layout
 from pretrain.downstream.config import DownstreamConfig, validate_downstream
@@ -91,7 +92,7 @@ REMOVED = {
 }
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+def load_config(path: str | Path | None = None, overrides: Sequence[Override] = ()) -> Config:
     """Read YAML at `path` (optional), apply `a.b=value` overrides, build and validate."""
     cfg = build(Config, load_tree(path, overrides), "", REMOVED)
     validate(cfg)

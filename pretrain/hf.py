@@ -195,9 +195,9 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, base_config: str | Path |
         raise ConfigError(f"{src / 'config.json'}: expected a JSON object")
     huginn = hf.get("model_type") == "huginn_raven"
     model_fields = huginn_overrides(hf) if huginn else model_config(hf)
-    overrides = [*model_fields, f"train.out_dir={Path(out_dir).resolve()}"]
+    overrides = [*model_fields, ("train.out_dir", str(Path(out_dir).resolve()))]
     if (src / "tokenizer.json").is_file():
-        overrides.append(f"data.tokenizer={(src / 'tokenizer.json').resolve()}")
+        overrides.append(("data.tokenizer", str((src / "tokenizer.json").resolve())))
     cfg = load_config(base_config, overrides)
     tensors: dict[str, torch.Tensor] = {}
     for f in files:

@@ -353,3 +353,20 @@ def test_sweep_fit_of_a_binary_file_is_one_line(tmp_path, capsys):
     assert main(["sweep", "fit", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unreadable as CSV" in err, err
+
+
+def test_a_path_with_a_hash_stays_that_path(tmp_path):
+    """Issue 33: values the program sets travel as values (a `#` began a YAML comment when a
+    path was pasted into `key=value` and parsed again)."""
+    from pretrain.config import load_config
+    from pretrain.sweep.spec import expand, load_spec
+
+    cfg = load_config(ROOT / "configs/tiny.yaml", [("train.out_dir", "/x/imp #1: a")])
+    assert cfg.train.out_dir == "/x/imp #1: a"
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"base: {ROOT / 'configs/tiny.yaml'}\nout_dir: '{tmp_path}/runs #1'\n"
+                    "grid: {model.loops: [1, 2]}\n")
+    points = expand(load_spec(spec))
+    dirs = [p.cfg.train.out_dir for p in points]
+    assert dirs == [f"{tmp_path}/runs #1/points/0", f"{tmp_path}/runs #1/points/1"]
+    assert [p.cfg.model.loops for p in points] == [1, 2]

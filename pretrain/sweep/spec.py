@@ -95,10 +95,6 @@ def _iso_depth(p: Path, tree) -> list[dict]:
     return [{"model.num_layers": depth // r, "model.loops": r} for r in loops]
 
 
-def _override(key: str, value) -> str:
-    return f"{key}={json.dumps(value) if not isinstance(value, str) else value}"
-
-
 def expand(spec: SweepSpec) -> list[Point]:
     """One validated config per point (grid x list), each with its own run directory."""
     keys = list(spec.grid)
@@ -108,8 +104,7 @@ def expand(spec: SweepSpec) -> list[Point]:
     out = []
     for i, s in enumerate(settings):
         run_dir = spec.out_dir / "points" / str(i)
-        overrides = [*spec.overrides, *(_override(k, v) for k, v in s.items()),
-                     f"train.out_dir={run_dir}"]
+        overrides = [*spec.overrides, *s.items(), ("train.out_dir", str(run_dir))]
         try:
             cfg = load_config(spec.base, overrides)
         except ConfigError as e:
