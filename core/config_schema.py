@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import reprlib
 import typing
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,40 +34,69 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+MAX_YAML_VALUES = 100_000  # a config holds hundreds; aliases of aliases ("billion laughs") more
+MAX_YAML_DEPTH = 64
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """yaml.safe_load, bounded: a document that expands (aliases counted each time they are
+    used) to more than MAX_YAML_VALUES values or nests deeper than MAX_YAML_DEPTH is one line,
+    not a hang or a RecursionError. yaml.YAMLError passes through for the caller to place."""
+    try:
+        tree = yaml.safe_load(text)
+    except RecursionError:
+        raise ConfigError(f"{where}: nested deeper than {MAX_YAML_DEPTH} levels") from None
+    stack, count = [(tree, 0)], 0
+    while stack:
+        value, depth = stack.pop()
+        count += 1
+        if count > MAX_YAML_VALUES:
+            raise ConfigError(f"{where}: expands to over {MAX_YAML_VALUES:,} values (aliases "
+                              "of aliases?); a config needs far fewer")
+        if depth > MAX_YAML_DEPTH:
+            raise ConfigError(f"{where}: nested deeper than {MAX_YAML_DEPTH} levels")
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        stack.extend((c, depth + 1) for c in children)
+    return tree
+
+
 def _coerce(value: Any, tp: Any, name: str, removed: dict[str, str] | None) -> Any:
     """Check `value` against the annotation `tp`; floats also accept ints and '3e-4' strings."""
     origin = typing.get_origin(tp)
-    bad = ConfigError(f"{name}: expected {_type_name(tp)}, got {value!r}")
+
+    def bad() -> ConfigError:  # built when raised: repr of a large value costs
+        return ConfigError(f"{name}: expected {_type_name(tp)}, got {reprlib.repr(value)}")
+
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{name}: expected a mapping of fields, got {value!r}")
+            raise ConfigError(f"{name}: expected a mapping of fields, got {reprlib.repr(value)}")
         return build(tp, value, name, removed)
     if origin is Literal:
         if value not in typing.get_args(tp):
-            raise bad
+            raise bad()
         return value
     if origin is list:
         if not isinstance(value, list):
-            raise bad
+            raise bad()
         return [_coerce(v, typing.get_args(tp)[0], f"{name}[{i}]", removed) for i, v in enumerate(value)]
     if tp is bool:
         if not isinstance(value, bool):
-            raise bad
+            raise bad()
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise bad
+            raise bad()
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise bad
+            raise bad()
         try:
             return float(value)
         except (TypeError, ValueError):
-            raise bad from None
+            raise bad() from None
     if tp is str:
         if not isinstance(value, str):
-            raise bad
+            raise bad()
         return value
     raise TypeError(f"unsupported config annotation {tp!r} for {name}")
 
@@ -110,7 +140,7 @@ def set_dotted(tree: dict[str, Any], override: Override) -> None:
             raise ConfigError(f"override {override!r}: expected section.key=value")
         key, _, text = override.partition("=")
         try:
-            value = yaml.safe_load(text) if text.strip() else ""
+            value = load_yaml(text, key) if text.strip() else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"{key}: cannot parse value {text!r} ({e.__class__.__name__})") from None
     parts = key.strip().split(".")
@@ -139,7 +169,7 @@ def _read_yaml(p: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"{p}: config file not found")
     try:
-        loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        loaded = load_yaml(p.read_text(encoding="utf-8"), str(p))
     except UnicodeDecodeError as e:
         raise ConfigError(f"{p}: not UTF-8 text (byte {e.start})") from None
     except yaml.YAMLError as e:

@@ -370,3 +370,27 @@ def test_a_path_with_a_hash_stays_that_path(tmp_path):
     dirs = [p.cfg.train.out_dir for p in points]
     assert dirs == [f"{tmp_path}/runs #1/points/0", f"{tmp_path}/runs #1/points/1"]
     assert [p.cfg.model.loops for p in points] == [1, 2]
+
+
+def _laughs(levels: int = 9) -> str:
+    lines = ["a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lines += [f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]"
+              for i in range(levels - 1)]
+    return "\n".join(lines) + f"\nmodel: {{num_layers: *{chr(97 + levels - 1)}}}\n"
+
+
+@pytest.mark.parametrize("text, needle", [
+    (_laughs(), "expands to over 100,000 values"),
+    ("model: {num_layers: " + "[" * 50000 + "]" * 50000 + "}\n", "nested deeper than 64"),
+])
+def test_a_hostile_yaml_config_is_one_line_quickly(tmp_path, text, needle, capsys):
+    """Issue 33: 382 bytes of aliases of aliases hung the process building repr(value); 50,000
+    nested lists raised RecursionError. Both now stop in one line."""
+    bad = tmp_path / "bomb.yaml"
+    bad.write_text(text)
+    assert main(["train", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and needle in err, err
+    assert main(["train", "--config", str(ROOT / "configs/tiny.yaml"),
+                 "model.num_layers=" + "[" * 50000 + "]" * 50000]) == 2
+    assert "nested deeper than 64" in capsys.readouterr().err

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import yaml
 
+from core.config_schema import load_yaml
 from pretrain.config import Config, ConfigError, absolute_paths, dump_config, load_config
 
 
@@ -54,7 +55,7 @@ def load_spec(path: str | Path) -> SweepSpec:
     if not p.is_file():
         raise ConfigError(f"{p}: sweep spec not found")
     try:
-        tree = yaml.safe_load(p.read_text()) or {}
+        tree = load_yaml(p.read_text(), str(p)) or {}
     except yaml.YAMLError:
         raise ConfigError(f"{p}: invalid YAML") from None
     unknown = set(tree) - {"base", "out_dir", "overrides", "grid", "list", "eval_batches", "slurm",
