@@ -69,10 +69,11 @@ def test_a_crafted_metadata_runs_nothing_and_is_one_line(checkpoint, tmp_path, c
     assert not marker.exists()
 
 
-def _bytes_entry_bypass(checkpoint, tmp_path):
+def _bytes_entry_bypass(checkpoint, tmp_path, inside: bool):
     """Issue 33's bypass, built from allowed classes only: an entry marked as pickled bytes
-    whose storage is a torch.save'd payload outside the checkpoint (DCP's load_bytes would
-    torch.load it with weights_only=False); meta.json re-recorded to match."""
+    whose storage is a torch.save'd payload -- outside the checkpoint (`../../p.bin`), or
+    inside it as one more `__0_1.distcp`; DCP's own load_bytes would torch.load it with
+    weights_only=False. meta.json re-recorded to match."""
     import torch
     from torch.distributed.checkpoint.filesystem import _StorageInfo
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
@@ -82,26 +83,30 @@ def _bytes_entry_bypass(checkpoint, tmp_path):
     bad = tmp_path / "run" / "step_0000001"
     shutil.copytree(checkpoint, bad)
     marker = tmp_path / "pwned"
-    payload = tmp_path / "p.bin"
+    payload = (bad / "__0_1.distcp") if inside else (tmp_path / "p.bin")
     torch.save(_Payload(marker), payload)
     md = read_metadata(bad / ".metadata")
     md.state_dict_metadata["model/embed.weight"] = BytesStorageMetadata()
     md.storage_data[MetadataIndex("model/embed.weight")] = _StorageInfo(
-        "../../p.bin", 0, payload.stat().st_size)
+        "__0_1.distcp" if inside else "../../p.bin", 0, payload.stat().st_size)
     (bad / ".metadata").write_bytes(pickle.dumps(md))
     meta = json.loads((bad / "meta.json").read_text())
-    meta["files"][".metadata"] = store.describe(bad / ".metadata")
+    for name in (".metadata", "__0_1.distcp") if inside else (".metadata",):
+        meta["files"][name] = store.describe(bad / name)
     (bad / "meta.json").write_text(json.dumps(meta))
     return bad, marker
 
 
+@pytest.mark.parametrize("inside", [False, True], ids=["outside", "inside"])
 @pytest.mark.parametrize("command", ["export", "generate", "eval", "resume"])
-def test_a_bytes_entry_pointing_outside_runs_nothing(checkpoint, tmp_path, command, capsys):
-    bad, marker = _bytes_entry_bypass(checkpoint, tmp_path)
+def test_a_bytes_entry_runs_nothing(checkpoint, tmp_path, command, inside, capsys):
+    bad, marker = _bytes_entry_bypass(checkpoint, tmp_path, inside)
+    needle = ("its bytes hold more than tensors" if inside
+              else "storage path '../../p.bin' is not one of the checkpoint's own")
     if command == "resume":
         trainer = Trainer(tiny_config("train.max_steps=2", "optim.warmup_steps=0",
                                       out_dir=tmp_path / "r"), log=None, tensorboard=False)
-        with pytest.raises(CheckpointError, match="refused: it asks for .*BytesStorageMetadata"):
+        with pytest.raises(CheckpointError, match=needle):
             trainer.resume(str(bad))
     else:
         args = {"export": ["export", "--checkpoint", str(bad), "--out", str(tmp_path / "hf")],
@@ -109,8 +114,7 @@ def test_a_bytes_entry_pointing_outside_runs_nothing(checkpoint, tmp_path, comma
                 "eval": ["eval", "--checkpoint", str(bad), "--batches", "1"]}[command]
         assert main(args) == 2
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and "asks for torch.distributed.checkpoint.metadata." \
-            "BytesStorageMetadata" in err, err
+        assert err.count("\n") == 1 and needle in err, err
     assert not marker.exists()
 
 

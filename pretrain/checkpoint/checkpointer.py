@@ -23,7 +23,7 @@ from torch.distributed.tensor import DTensor
 
 from parallelism.topology import Topology
 from pretrain.checkpoint import store
-from pretrain.checkpoint.metadata import SafeReader
+from pretrain.checkpoint.metadata import SafeLoadPlanner, SafeReader
 
 Entries = dict[str, torch.Tensor]
 # single-process saves and loads (no_dist) are what we ask for; DCP warns that it assumes them
@@ -141,7 +141,7 @@ class Checkpointer:
         if errors:
             raise store.CheckpointError(errors[0])
         try:
-            dcp.load(entries, storage_reader=SafeReader(path),
+            dcp.load(entries, storage_reader=SafeReader(path), planner=SafeLoadPlanner(),
                      process_group=self.group, no_dist=not self.distributed)
         except store.CheckpointError:
             raise

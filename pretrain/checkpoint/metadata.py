@@ -4,23 +4,28 @@ torch.distributed.checkpoint's FileSystemReader unpickles `.metadata` with the p
 module: a crafted file (a `__reduce__` returning os.system, say) runs when any command opens
 the checkpoint -- export, generate, eval, convert, grow, train --resume -- before its sizes and
 CRCs are checked (and those come from the same directory). `SafeReader` unpickles it with an
-allow-list of exactly what DCP writes for this trainer: its tensor metadata dataclasses,
-torch.Size, dtypes, the layout and memory-format encodings, and a pathlib path; anything else
-is refused, in one line naming the file and the global it asked for. Not `BytesStorageMetadata`:
-DCP loads such an entry with `torch.load(weights_only=False)` -- a pickle of the attacker's --
-and this trainer saves tensors only. Every storage location must be one of the checkpoint's own
-`__R_N.distcp` files (no path, no `..`; `store.verify` refuses a link among them).
+allow-list of exactly what DCP writes: its metadata dataclasses, torch.Size, dtypes, the layout
+and memory-format encodings, and a pathlib path; anything else is refused, in one line naming
+the file and the global it asked for. Every storage location must be one of the checkpoint's
+own `__R_N.distcp` files (no path, no `..`; `store.verify` refuses a link among them). A bytes
+entry (DeepSpeed's optimizer state holds some) DCP would `torch.load(weights_only=False)` --
+an attacker's pickle; `SafeLoadPlanner` loads it with `weights_only=True`: tensors and plain
+values, nothing that runs.
 """
 
 from __future__ import annotations
 
+import io
 import pickle
 import re
 from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.planner import ReadItem
 
 from pretrain.checkpoint.store import CheckpointError
 
@@ -28,7 +33,8 @@ _SHARD = re.compile(r"__\d+_\d+\.distcp")
 _ALLOWED = {
     "torch.distributed.checkpoint.metadata": {
         "Metadata", "MetadataIndex", "StorageMeta", "ChunkStorageMetadata",
-        "TensorStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING"},
+        "TensorStorageMetadata", "BytesStorageMetadata", "TensorProperties",
+        "_MEM_FORMAT_ENCODING"},
     "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
     "torch.serialization": {"_get_layout"},
     "torch": {"Size"},
@@ -69,6 +75,22 @@ def read_metadata(where: Path) -> Metadata:
             raise CheckpointError(f"{where}: refused: storage path {path!r} is not one of the "
                                   "checkpoint's own __R_N.distcp files")
     return md
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's load planner with bytes entries unpickled by `torch.load(weights_only=True)`."""
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        fqn = read_item.dest_index.fqn
+        try:
+            obj = torch.load(value, weights_only=True)
+        except Exception as e:  # weights_only refuses any other global: UnpicklingError
+            raise CheckpointError(f"checkpoint entry {fqn!r}: refused: its bytes hold more than "
+                                  f"tensors and plain values ({str(e).splitlines()[0]})") from None
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[fqn], obj)
+        else:
+            self.state_dict[fqn] = obj
 
 
 class SafeReader(dcp.FileSystemReader):
