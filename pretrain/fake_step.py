@@ -155,11 +155,13 @@ class StageProfile:
 
 
 def _fused_adamw(optimizer) -> None:
+    """torch AdamW (alone, inside DeepSpeed's wrapper, or beside Muon: MuonAdamW.adamw) set
+    fused, as it runs on CUDA."""
     inner = getattr(optimizer, "optimizer", optimizer)
-    for opt in getattr(inner, "adamw", inner), getattr(inner, "muon", None):
-        if isinstance(opt, torch.optim.AdamW):
-            for g in opt.param_groups:
-                g["fused"], g["foreach"] = True, False
+    opt = getattr(inner, "adamw", inner)
+    if isinstance(opt, torch.optim.AdamW):
+        for g in opt.param_groups:
+            g["fused"], g["foreach"] = True, False
 
 
 def _live(mode: FakeTensorMode) -> list[Tensor]:

@@ -183,10 +183,11 @@ def activation_bytes(cfg: Config, lay: Layout) -> float:
     return per_mb / m.loops * live
 
 
-def memory_bytes(cfg: Config, lay: Layout, overlapped: bool) -> dict[str, float]:
-    """Per-GPU bytes at the step's peak, term by term (module docstring)."""
+def memory_bytes(cfg: Config, lay: Layout, overlapped: bool,
+                 params: dict[str, int]) -> dict[str, float]:
+    """Per-GPU bytes at the step's peak, term by term (module docstring); `params`: the
+    model's `count_parameters`."""
     m, tr, t, p, d = cfg.model, cfg.train, lay.tp, lay.pp, lay.dp
-    params = count_parameters(m)
     per_gpu_params = params["total"] / (t * p)
     # every weight but the input embedding's is read by a matmul (a tied one by the head)
     matmul_params = params["total"] - (0 if m.tie_embeddings else params["embedding"] / 2)
@@ -299,7 +300,7 @@ def estimate(cfg: Config, lay: Layout, gpu: Accelerator, global_batch: int) -> E
     step = busy + t_bubble + t_dp + t_opt
     flops = run_flops_per_token(cfg) * tokens * d
     mfu = flops / (step * t * p * d * gpu.peak_flops)
-    mem = memory_bytes(cfg, lay, overlapped)
+    mem = memory_bytes(cfg, lay, overlapped, params)
     mem = {k: v / 2**30 for k, v in mem.items()}
     mem["total"] = sum(mem.values())
     why = check(cfg, lay, gpu, global_batch)
