@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from core.config_schema import Override
 from core.weight_layout import FUSED_BLOCKS, split_for
 from pretrain.config import Config, ConfigError, ModelConfig, dump_config
 from pretrain.huginn_format import from_huginn, huginn_config, to_huginn
@@ -122,7 +123,7 @@ def hf_config(cfg: Config) -> dict:
                          "AutoModelForCausalLM": "modeling_ouro.OuroForCausalLM"}}
 
 
-def model_config(hf: dict) -> list[str]:
+def model_config(hf: dict) -> list[Override]:
     """Ouro's config.json as our `model.*` overrides."""
     try:
         pairs = {"vocab_size": hf["vocab_size"], "hidden_size": hf["hidden_size"],
@@ -132,12 +133,12 @@ def model_config(hf: dict) -> list[str]:
                  "loops": hf.get("total_ut_steps", 4),
                  "max_seq_len": hf.get("max_position_embeddings", 4096),
                  "rope_theta": hf.get("rope_theta", 10000.0), "norm_eps": hf.get("rms_norm_eps", 1e-6),
-                 "tie_embeddings": bool(hf.get("tie_word_embeddings", False))}
+                 "tie_embeddings": hf.get("tie_word_embeddings", False)}
     except KeyError as e:
         raise ConfigError(f"config.json: missing field {e.args[0]!r}") from None
     if hf.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"config.json: hidden_act {hf['hidden_act']!r}: only silu (SwiGLU) maps")
-    return [f"model.{k}={json.dumps(v)}" for k, v in pairs.items()] + ["model.sandwich_norm=true"]
+    return [(f"model.{k}", v) for k, v in pairs.items()] + [("model.sandwich_norm", True)]
 
 
 def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
@@ -174,11 +175,12 @@ def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
     return out
 
 
-def import_hf(hf_dir: str | Path, out_dir: str | Path, base_config: str | Path | None = None) -> Path:
+def import_hf(hf_dir: str | Path, out_dir: str | Path, base_config: str | Path | None = None,
+              allow_nonfinite: bool = False) -> Path:
     """Ouro weights -> a step-0 checkpoint under `out_dir/checkpoints` (model only: the
-    optimizer starts fresh) that `pretrain train --resume` continues from."""
-    from safetensors.torch import load_file
-
+    optimizer starts fresh) that `pretrain train --resume` continues from. Every weight the
+    model reads must be there, of config.json's shape, a float (fp32/bf16/fp16/fp64: an
+    integer, boolean or fp8 tensor is refused, not cast) and finite unless `allow_nonfinite`."""
     from pretrain.checkpoint.offline import save_full_model
     from pretrain.config import load_config
     from pretrain.model.looped import LoopedLM
@@ -189,7 +191,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, base_config: str | Path |
         raise ConfigError(f"{src}: expected config.json and *.safetensors")
     try:
         hf = json.loads((src / "config.json").read_text())
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise ConfigError(f"{src / 'config.json'}: not JSON ({e})") from None
     if not isinstance(hf, dict):
         raise ConfigError(f"{src / 'config.json'}: expected a JSON object")
@@ -198,19 +200,22 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, base_config: str | Path |
     overrides = [*model_fields, ("train.out_dir", str(Path(out_dir).resolve()))]
     if (src / "tokenizer.json").is_file():
         overrides.append(("data.tokenizer", str((src / "tokenizer.json").resolve())))
-    cfg = load_config(base_config, overrides)
-    tensors: dict[str, torch.Tensor] = {}
-    for f in files:
-        try:
-            tensors.update(load_file(str(f)))
-        except Exception as e:  # noqa: BLE001 -- safetensors raises its own error types
-            raise ConfigError(f"{f}: not a readable safetensors file ({e})") from None
+    try:
+        cfg = load_config(base_config, overrides)
+    except ConfigError as e:
+        raise ConfigError(f"{src / 'config.json'}: {e}") from None
+    tensors = _Reads(_read_safetensors(files))
     try:
         state = (from_huginn if huginn else from_hf)(cfg.model, tensors)
     except KeyError as e:
         raise ConfigError(f"{src}: weight {e.args[0]} missing for config.json's shapes") from None
+    for name in sorted(tensors.read):
+        _check_weight(src, name, tensors[name], allow_nonfinite)
     model = LoopedLM(cfg.model)
     expected = model.state_dict()
+    missing = sorted(expected.keys() - state.keys())
+    if missing:
+        raise ConfigError(f"{src}: no weight for {missing[0]} (config.json's model has it)")
     wrong = [f"{k} {tuple(v.shape)} (config.json: {tuple(expected[k].shape)})"
              for k, v in state.items() if k in expected and v.shape != expected[k].shape]
     if wrong:
@@ -219,3 +224,38 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, base_config: str | Path |
     (Path(out_dir)).mkdir(parents=True, exist_ok=True)
     (Path(out_dir) / "config.yaml").write_text(dump_config(cfg))
     return save_full_model(cfg, model, Path(out_dir) / "checkpoints")
+
+
+class _Reads(dict):
+    """The tensors of a release, remembering which names a format mapping read."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        super().__init__(tensors)
+        self.read: set[str] = set()
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        self.read.add(name)
+        return super().__getitem__(name)
+
+
+def _read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            tensors.update(load_file(str(f)))
+        except Exception as e:  # noqa: BLE001 -- safetensors raises its own error types
+            raise ConfigError(f"{f}: not a readable safetensors file ({e})") from None
+    return tensors
+
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _check_weight(src: Path, name: str, t: torch.Tensor, allow_nonfinite: bool) -> None:
+    if t.dtype not in _FLOATS:
+        raise ConfigError(f"{src}: {name} is {str(t.dtype).removeprefix('torch.')}, not a float "
+                          "weight (fp32, bf16, fp16): it is not cast on import")
+    if not allow_nonfinite and not bool(torch.isfinite(t).all()):
+        raise ConfigError(f"{src}: {name} holds NaN or Inf (--allow-nonfinite imports it as it is)")

@@ -28,12 +28,13 @@ and anything else their format cannot say.
 
 from __future__ import annotations
 
-import json
 import math
+import reprlib
 
 import torch
 from torch import Tensor
 
+from core.config_schema import Override
 from pretrain.config import Config, ConfigError, ModelConfig
 
 MODELING_FILES = ("raven_config_minimal.py", "raven_modeling_minimal.py")
@@ -154,18 +155,24 @@ def huginn_config(cfg: Config) -> dict:
                          "AutoModelForCausalLM": "raven_modeling_minimal.RavenForCausalLM"}}
 
 
-def model_overrides(hf: dict) -> list[str]:
+def model_overrides(hf: dict) -> list[Override]:
     """Their config.json as our `model.*` / `objective.*` / `train.*` overrides."""
+    h = hf.get("n_embd")
+    if type(h) is not int or h < 1:
+        raise ConfigError(f"config.json: n_embd: expected a positive integer, got {reprlib.repr(h)}")
+    depth = hf.get("mean_backprop_depth", 0)
+    if type(depth) is not int or depth < 0:
+        raise ConfigError("config.json: mean_backprop_depth: expected an integer >= 0, got "
+                          f"{reprlib.repr(depth)}")
     try:
-        h = int(hf["n_embd"])
         pairs = {"vocab_size": hf["vocab_size"], "hidden_size": h, "num_heads": hf["n_heads"],
                  "num_kv_heads": hf["n_heads"], "ffn_hidden_size": hf["intermediate_size"],
                  "prelude_layers": hf["n_layers_in_prelude"],
                  "num_layers": hf["n_layers_in_recurrent_block"],
                  "coda_layers": hf["n_layers_in_coda"], "loops": hf["mean_recurrence"],
                  "max_seq_len": hf["block_size"], "rope_theta": hf["rope_base"],
-                 "norm_eps": hf["norm_eps"], "qk_bias": bool(hf["qk_bias"]),
-                 "tie_embeddings": bool(hf["tie_embeddings"]), "loop_mode": "huginn",
+                 "norm_eps": hf["norm_eps"], "qk_bias": hf["qk_bias"],
+                 "tie_embeddings": hf["tie_embeddings"], "loop_mode": "huginn",
                  "sandwich_norm": True, "sandwich_style": "huginn",
                  "embed_scale": math.sqrt(h), "state_std": math.sqrt(2 / (5 * h)),
                  "loops_sampler": "poisson_lognormal"}
@@ -173,5 +180,5 @@ def model_overrides(hf: dict) -> list[str]:
         raise ConfigError(f"config.json: missing field {e.args[0]!r}") from None
     if hf.get("bias", False):
         raise ConfigError("config.json: bias true: Huginn's biased adapter has no counterpart")
-    return [f"model.{k}={json.dumps(v)}" for k, v in pairs.items()] + [
-        "objective.kind=last", f"train.backprop_loops={int(hf.get('mean_backprop_depth', 0))}"]
+    return [(f"model.{k}", v) for k, v in pairs.items()] + [
+        ("objective.kind", "last"), ("train.backprop_loops", depth)]

@@ -24,6 +24,11 @@ LOCK = ".lock"
 
 def move_aside(path: Path) -> Path:
     """Rename `path` to `<path>.old-<time>` (a suffix if that exists too); the new name."""
+    path = Path(os.path.abspath(path))  # `.` and `..` named as the directories they are
+    here = Path.cwd().resolve()
+    if not path.name or path.resolve() == here or path.resolve() in here.parents:
+        raise ConfigError(f"{path}: refused to move it aside: it is the current directory, one "
+                          "above it, or the root; name a directory of its own for the output")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     aside, n = path.with_name(f"{path.name}.old-{stamp}"), 1
     while aside.exists():

@@ -42,6 +42,25 @@ def tiny_config(*overrides: str, out_dir: str | Path = "runs/test"):
                         *overrides])
 
 
+def tiny_train_args(out_dir: str | Path, *overrides: str) -> list[str]:
+    """`pretrain train` on configs/tiny.yaml and the bundled text, no held-out data, into
+    `out_dir` (argv for pretrain.cli.main)."""
+    return ["train", "--config", str(ROOT / "configs/tiny.yaml"), f"train.out_dir={out_dir}",
+            f"data.paths=[{ROOT / 'data/sample.txt'}]", "data.validation=[]",
+            "optim.warmup_steps=0", "train.log_every=1", *overrides]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """A run directory trained 2 steps with a checkpoint at each (read-only to tests: copy it
+    before changing anything)."""
+    from pretrain.cli import main
+
+    out = tmp_path_factory.mktemp("tiny_run")
+    assert main(tiny_train_args(out, "train.max_steps=2", "train.checkpoint_every=1")) == 0
+    return out
+
+
 # the FLT authors' layer recipe (their init aside: zero output projections would hide bugs)
 FLT_RECIPE = ["model.sandwich_norm=false", "model.norm_weights=false", "model.qk_norm=true",
               "model.mlp=relu2", "model.logit_softcap=15", "model.rope_reverse=true"]

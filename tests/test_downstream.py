@@ -343,3 +343,17 @@ def test_bad_task_is_one_line_exit_2_before_the_model(tmp_path, spec, capsys):
     assert len(errors) == 1 and "--tasks" in errors[0], err[-2000:]
     assert ("no_such_task_xyz" in errors[0]) if spec.startswith("no_") else ("broken.yaml" in errors[0])
     assert "no_checkpoint_here" not in err  # the checkpoint was never looked at
+
+
+@pytest.mark.parametrize("budget, needle", [("128", "max_gen_toks 128 must be a count from 1 to "
+                                                     "below the model's max_seq_len 128"),
+                                            ("0", "max_gen_toks 0"), ("'6'", "max_gen_toks '6'")])
+def test_a_generation_budget_that_leaves_no_context_is_one_line(run, tmp_path, budget, needle,
+                                                                capsys):
+    """Issue 33: max_gen_toks reaching the context sliced the prompt to nothing (a traceback)."""
+    text = (run["root"] / "gen.yaml").read_text().replace("max_gen_toks: 6", f"max_gen_toks: {budget}")
+    (tmp_path / "gen.yaml").write_text(text.replace("task: local_gen", "task: local_gen_long"))
+    capsys.readouterr()
+    assert main(_eval(run, "gen_long", "--tasks", str(tmp_path / "gen.yaml"), "--limit", "1")) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("pretrain: error:")]
+    assert len(err) == 1 and "task local_gen_long: " + needle in err[0], err

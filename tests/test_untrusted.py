@@ -19,7 +19,7 @@ from pretrain.checkpoint import CheckpointError
 from pretrain.checkpoint.metadata import read_metadata
 from pretrain.cli import main
 from pretrain.train import Trainer
-from tests.conftest import ROOT, tiny_config
+from tests.conftest import ROOT, tiny_config, tiny_train_args
 
 
 class _Payload:
@@ -33,12 +33,8 @@ class _Payload:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    assert main(["train", "--config", str(ROOT / "configs/tiny.yaml"), f"train.out_dir={out}",
-                 f"data.paths=[{ROOT / 'data/sample.txt'}]", "data.validation=[]",
-                 "train.max_steps=1", "optim.warmup_steps=0", "train.log_every=1"]) == 0
-    return out / "checkpoints/step_0000001"
+def checkpoint(tiny_run):
+    return tiny_run / "checkpoints/step_0000002"
 
 
 def test_our_own_metadata_reads_through_the_allow_list(checkpoint):
@@ -285,9 +281,7 @@ def test_a_link_in_the_run_directory_is_never_written_through(tmp_path, name, ca
     out = tmp_path / "run"
     out.mkdir()
     (out / name).symlink_to(victim)
-    code = main(["train", "--config", str(ROOT / "configs/tiny.yaml"), f"train.out_dir={out}",
-                 f"data.paths=[{ROOT / 'data/sample.txt'}]", "data.validation=[]",
-                 "train.max_steps=1", "optim.warmup_steps=0", "train.log_every=1"])
+    code = main(tiny_train_args(out, "train.max_steps=1"))
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "refused" in err and name in err, err
     assert victim.read_text() == "the user's own file\n"

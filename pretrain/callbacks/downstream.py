@@ -47,7 +47,7 @@ class Downstream(Callback):
 
         trained = trainer.cfg.model.loops
         loops = self.d.loops or [trained]
-        cfg, model = load_model(path, [f"model.loops={max(loops)}"] if max(loops) != trained else [])
+        cfg, model = load_model(path, [("model.loops", max(loops))] if max(loops) != trained else [])
         results = evaluate_model(cfg, model.to(trainer.device), self.tasks, loops,
                                  [ExitRule.parse(e) for e in self.d.exits], batch_size=self.d.batch_size,
                                  limit=self.d.limit or None, bootstrap_iters=0)

@@ -12,8 +12,11 @@ shares.
 
 from __future__ import annotations
 
+import reprlib
+
 from parallelism.stats import Metrics
 from pretrain.callbacks import Callback
+from pretrain.checkpoint import CheckpointError
 from pretrain.data import heldout_data
 from pretrain.evaluate import heldout_metrics, scored_sums, sum_shapes
 from pretrain.model.generate import ExitRule
@@ -61,4 +64,8 @@ class Validation(Callback):
         return {"best": self.best}
 
     def load_state_dict(self, state: dict) -> None:
-        self.best = state.get("best", float("inf"))
+        best = state.get("best", float("inf"))
+        if not isinstance(best, (int, float)) or isinstance(best, bool):
+            raise CheckpointError(f"meta.json: trainer.callbacks.validation: best is "
+                                  f"{reprlib.repr(best)}, not a number")
+        self.best = best

@@ -7,8 +7,10 @@ WANDB_MODE=offline and `wandb sync` later."""
 from __future__ import annotations
 
 import copy
+import reprlib
 
 from pretrain.callbacks import Callback
+from pretrain.checkpoint import CheckpointError
 
 REDACTED = "<redacted>"
 
@@ -55,3 +57,7 @@ class WandB(Callback):
 
     def load_state_dict(self, state: dict) -> None:
         self.run_id, self.run_dir = state.get("run_id"), state.get("run_dir")
+        for key, value in state.items():
+            if value is not None and not isinstance(value, str):
+                raise CheckpointError(f"meta.json: trainer.callbacks.wandb: {key} is "
+                                      f"{reprlib.repr(value)}, not a string")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pretrain.checkpoint import store
-from pretrain.config import Config, load_config
+from pretrain.config import Config, ConfigError, load_config
 
 # model fields that change a weight's shape or meaning: a checkpoint never loads across them
 # (loops, max_seq_len, rope_theta, dropout may change: same weights, a different run)
@@ -29,7 +29,16 @@ class Incompatible(store.CheckpointError):
 
 
 def require_fit(path: Path, cfg: Config) -> None:
-    why = incompatibility(load_config(path / "config.yaml"), cfg)
+    """Incompatible if the checkpoint is of another architecture; a plain CheckpointError (a
+    damaged checkpoint: resume falls back past it) if its config.yaml does not read."""
+    where = path / "config.yaml"
+    try:
+        if not where.read_text(errors="replace").strip():
+            raise ConfigError(f"{where}: empty")
+        saved = load_config(where)
+    except (OSError, ConfigError) as e:
+        raise store.CheckpointError(f"damaged checkpoint config: {e}") from None
+    why = incompatibility(saved, cfg)
     if why:
         raise Incompatible(f"{path}: incompatible checkpoint: {why}")
 

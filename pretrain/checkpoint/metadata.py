@@ -16,6 +16,7 @@ values, nothing that runs.
 from __future__ import annotations
 
 import io
+import math
 import pickle
 import re
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import ReadItem
 
 from pretrain.checkpoint.store import CheckpointError
@@ -69,12 +70,50 @@ def read_metadata(where: Path) -> Metadata:
         raise CheckpointError(f"{where}: unreadable ({e.__class__.__name__}: {e})") from None
     if not isinstance(md, Metadata):
         raise CheckpointError(f"{where}: not DCP metadata (holds a {type(md).__name__})")
+    shard_bytes = {}
     for info in (md.storage_data or {}).values():
         path = getattr(info, "relative_path", None)
         if not isinstance(path, str) or not _SHARD.fullmatch(path):
             raise CheckpointError(f"{where}: refused: storage path {path!r} is not one of the "
                                   "checkpoint's own __R_N.distcp files")
+        if path not in shard_bytes:
+            f = where.parent / path
+            shard_bytes[path] = f.lstat().st_size if f.is_file() else 0
+        span = (getattr(info, "offset", None), getattr(info, "length", None))
+        if not all(_count(x) for x in span):
+            raise CheckpointError(f"{where}: a storage span {span} of {path} is not a count")
+        if sum(span) > shard_bytes[path]:
+            raise CheckpointError(f"{where.parent / path}: .metadata places bytes up to "
+                                  f"{sum(span)} in it, it holds {shard_bytes[path]} (truncated?)")
+    total = sum(shard_bytes.values())
+    for name, entry in md.state_dict_metadata.items():
+        if isinstance(entry, TensorStorageMetadata):
+            _check_tensor(where, name, entry, total)
     return md
+
+
+def _count(x) -> bool:
+    return type(x) is int and x >= 0
+
+
+def _check_tensor(where: Path, name, entry: TensorStorageMetadata, total: int) -> None:
+    """Sizes that are counts, chunks inside the tensor, and a tensor no larger than the shard
+    files that must hold it (a size of 10^13 would be allocated before any read)."""
+    size, dtype = tuple(entry.size), getattr(entry.properties, "dtype", None)
+    if not all(_count(n) for n in size) or not isinstance(dtype, torch.dtype):
+        raise CheckpointError(f"{where}: entry {name!r}: size {size} / dtype {dtype!r} is not a "
+                              "tensor's")
+    nbytes = math.prod(size) * dtype.itemsize
+    if nbytes > total:
+        raise CheckpointError(f"{where}: entry {name!r} of size {size} needs {nbytes:,} bytes; "
+                              f"the checkpoint's shard files hold {total:,}")
+    for chunk in entry.chunks:
+        offsets, sizes = tuple(chunk.offsets), tuple(chunk.sizes)
+        if (len(offsets) != len(size) or len(sizes) != len(size)
+                or not all(_count(x) for x in offsets + sizes)
+                or any(o + n > dim for o, n, dim in zip(offsets, sizes, size, strict=True))):
+            raise CheckpointError(f"{where}: entry {name!r}: a chunk at {offsets} of size "
+                                  f"{sizes} lies outside its size {size}")
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):

@@ -6,11 +6,13 @@ checkpoint into full tensors; DCP assembles the TP shards and PP stages it overl
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from core.config_schema import Override
 from parallelism.sharded_state import ShardedState
 from parallelism.topology import Topology
 from pretrain.checkpoint import store
@@ -44,7 +46,7 @@ def refuse_shell_commands(where: str | Path, command: str, hint: str) -> None:
                           f"a checkpoint's config: {hint}")
 
 
-def load_model(where: str | Path, overrides: list[str] = ()) -> tuple[Config, LoopedLM]:
+def load_model(where: str | Path, overrides: Sequence[Override] = ()) -> tuple[Config, LoopedLM]:
     """The full model of a checkpoint (any layout); `overrides` may change e.g. model.loops."""
     path = store.resolve(where)
     cfg = load_config(path / "config.yaml", overrides)

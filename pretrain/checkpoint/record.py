@@ -11,7 +11,9 @@ level; `trainer_state` reads both, so those checkpoints still resume.
 
 from __future__ import annotations
 
-from pretrain.checkpoint.store import CheckpointError
+import reprlib
+
+from pretrain.checkpoint.store import CheckpointError, count, field
 
 FORMAT = 2
 
@@ -29,12 +31,24 @@ def fresh_trainer_state(step: int = 0) -> dict:
 
 
 def trainer_state(record: dict, where: str = "meta.json") -> dict:
-    """`Trainer.load_state_dict`'s input from a record of either format."""
+    """`Trainer.load_state_dict`'s input from a record of either format, checked for the
+    shape it relies on (counts, a data position, callbacks' states as objects)."""
     fmt = record.get("format")
     if fmt == FORMAT:
-        return record["trainer"]
-    if fmt == 1:
-        return {"step": record["step"], **record["trainer"], "data": record["data"],
-                "callbacks": record.get("callbacks", {})}
-    raise CheckpointError(f"{where}: unknown checkpoint record format {fmt!r} (this version "
-                          f"reads 1 and {FORMAT})")
+        state = field(record, "trainer", dict, where)
+    elif fmt == 1:
+        state = {"step": record["step"], **field(record, "trainer", dict, where),
+                 "data": record.get("data"), "callbacks": record.get("callbacks", {})}
+    else:
+        raise CheckpointError(f"{where}: unknown checkpoint record format "
+                              f"{reprlib.repr(fmt)} (this version reads 1 and {FORMAT})")
+    at = f"{where}: trainer"
+    for key in ("step", "skipped", "bad_streak"):
+        count(state, key, at)
+    for name in field(state, "callbacks", dict, at):
+        field(state["callbacks"], name, dict, f"{at}.callbacks")
+    data = field(state, "data", dict, at)
+    return {**state, "data": {**data,
+            "samples_consumed": count(data, "samples_consumed", f"{at}.data"),
+            "skipped_samples": count(data, "skipped_samples", f"{at}.data", default=0),
+            "fingerprint": field(data, "fingerprint", dict, f"{at}.data", default={})}}

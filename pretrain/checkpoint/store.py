@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import reprlib
 import shutil
 import zlib
 from pathlib import Path
@@ -118,10 +119,55 @@ def verify(d: Path, files: dict[str, dict]) -> list[str]:
 
 
 def read_meta(d: Path) -> dict:
+    """The record, checked for the shape its readers rely on (it is untrusted like the rest):
+    `step` and `tokens` counts, a `layout` of positive sizes, and `files` naming `.metadata`
+    with every file's size and CRC-32. A record of another shape is one CheckpointError."""
+    where = d / META
     try:
-        return json.loads((d / META).read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{d / META}: unreadable checkpoint record ({e})") from None
+        meta = json.loads(where.read_text())
+    except (OSError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{where}: unreadable checkpoint record ({e})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{where}: not a checkpoint record (a JSON object)")
+    count(meta, "step", where)
+    count(meta, "tokens", where, default=0)
+    layout = field(meta, "layout", dict, where)
+    for k in ("tensor", "pipeline", "data"):
+        count(layout, k, f"{where}: layout", least=1)
+    files = field(meta, "files", dict, where)
+    if ".metadata" not in files:
+        raise CheckpointError(f"{where}: files: .metadata is not listed")
+    for name, entry in files.items():
+        at = f"{where}: files[{name!r}]"
+        if not isinstance(entry, dict):
+            raise CheckpointError(f"{at}: expected an object with bytes and crc32")
+        count(entry, "bytes", at)
+        if count(entry, "crc32", at) >= 1 << 32:
+            raise CheckpointError(f"{at}: crc32 is not a 32-bit value")
+    return meta
+
+
+_KINDS = {dict: "an object", int: "an integer", list: "a list", str: "a string"}
+
+
+def field(obj: dict, key: str, kind: type, where, default=None):
+    """`obj[key]` if it is a `kind` (a bool is no int); `default` when absent, if one is given."""
+    if key not in obj:
+        if default is None:
+            raise CheckpointError(f"{where}: no {key}")
+        return default
+    value = obj[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise CheckpointError(f"{where}: {key} is {reprlib.repr(value)}, not {_KINDS[kind]}")
+    return value
+
+
+def count(obj: dict, key: str, where, least: int = 0, default: int | None = None) -> int:
+    """`obj[key]` as an int of at least `least`."""
+    value = field(obj, key, int, where, default)
+    if value < least:
+        raise CheckpointError(f"{where}: {key} is {value}, below {least}")
+    return value
 
 
 def seal(tmp: Path, meta: dict) -> Path:

@@ -32,7 +32,7 @@ def _import(args: argparse.Namespace) -> int:
     from pretrain.hf import import_hf
 
     _claim(args, "a run directory")
-    ckpt = import_hf(args.hf, args.out, args.config)
+    ckpt = import_hf(args.hf, args.out, args.config, args.allow_nonfinite)
     print(f"imported {args.hf} -> {ckpt}; continue pretraining with: pretrain train --config "
           f"{args.out}/config.yaml --resume {ckpt}")
     return 0
@@ -70,6 +70,8 @@ def add_commands(sub) -> None:
     im.add_argument("--hf", required=True, help="directory with config.json + *.safetensors")
     im.add_argument("--out", required=True, help="run directory to create")
     im.add_argument("--config", default=None, help="base run config (model fields come from HF)")
+    im.add_argument("--allow-nonfinite", action="store_true",
+                    help="import weights holding NaN or Inf as they are (refused by default)")
     im.set_defaults(fn=_import)
     tools = sub.add_parser("checkpoint", help="checkpoint tools").add_subparsers(
         dest="checkpoint_command", required=True)

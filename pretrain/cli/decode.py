@@ -5,7 +5,6 @@ rule, through the same decoding path."""
 from __future__ import annotations
 
 import argparse
-import json
 import math
 
 from pretrain.cli.flags import at_least, probability
@@ -20,11 +19,16 @@ def _generate(args: argparse.Namespace) -> int:
     from pretrain.text import TextCodec
 
     (rule,) = _parse_exit_rules([args.exit])
-    overrides = [f"model.loops={args.loops}"] if args.loops else []
-    cfg, model = load_model(args.checkpoint, overrides)
+    cfg, model = load_model(args.checkpoint, [("model.loops", args.loops)] if args.loops else [])
     codec = TextCodec.of(cfg.data.tokenizer)
     encode, decode = codec.encode, codec.decode
-    prompt = torch.tensor([encode(args.prompt)])
+    ids = encode(args.prompt)
+    if not ids:
+        raise ConfigError("--prompt: empty (it encodes to no tokens; give some text)")
+    if len(ids) + args.max_new_tokens > cfg.model.max_seq_len:
+        raise ConfigError(f"--prompt: {len(ids)} tokens + --max-new-tokens {args.max_new_tokens} "
+                          f"exceed the model's max_seq_len {cfg.model.max_seq_len}")
+    prompt = torch.tensor([ids])
     gen = generate(model, prompt, args.max_new_tokens, rule=rule, kv_cache=args.kv_cache,
                    temperature=args.temperature, top_p=args.top_p,
                    generator=torch.Generator().manual_seed(cfg.train.seed),
@@ -43,10 +47,10 @@ def _eval(args: argparse.Namespace) -> int:
     from pretrain.checkpoint.offline import load_model, refuse_shell_commands
     from pretrain.evaluate import exit_table
 
-    overrides = [f"model.loops={max(loops)}"] if loops else []
+    overrides = [("model.loops", max(loops))] if loops else []
     if args.data:  # shards to measure instead of the run's data.validation
-        overrides += ["data.source=shards", f"data.sources=[{{path: {json.dumps(args.data)}}}]",
-                      f"data.validation=[{{path: {json.dumps(args.data)}}}]"]
+        overrides += [("data.source", "shards"), ("data.sources", [{"path": args.data}]),
+                      ("data.validation", [{"path": args.data}])]
     elif not args.allow_commands:
         refuse_shell_commands(args.checkpoint, "eval", "pass --data DIR, or --allow-commands "
                                                        "to run it")
@@ -92,7 +96,7 @@ def _downstream(args: argparse.Namespace, loops: list[int]) -> int:
     trained = load_config(path / "config.yaml").model.loops
     loops = loops or [trained]
     topo = join_replicas(args.device)
-    cfg, model = load_model(path, [f"model.loops={max(loops)}"] if max(loops) != trained else [])
+    cfg, model = load_model(path, [("model.loops", max(loops))] if max(loops) != trained else [])
     results = evaluate_model(cfg, model.to(topo.device), tasks, loops, rules, args.kv_cache,
                              args.batch_size, args.limit, args.bootstrap_iters)
     if topo.is_main:

@@ -38,6 +38,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from torch import Tensor
 
+from pretrain.config import ConfigError
 from pretrain.model.generate import ExitRule, LoopKVCache, forward_chunk, generate, readout_exit_steps
 from pretrain.model.looped import LoopedLM
 from pretrain.text import TextCodec
@@ -182,7 +183,8 @@ class LoopedHarnessLM(TemplateLM):
         groups: dict[tuple, list[tuple[int, list[int]]]] = defaultdict(list)
         for i in range(rank, len(requests), world):
             context, gen_kwargs = requests[i].args
-            groups[_generation_setting(gen_kwargs)].append((i, self.tok_encode(context)))
+            setting = _generation_setting(gen_kwargs, self.max_length, requests[i].task_name)
+            groups[setting].append((i, self.tok_encode(context)))
         mine: dict[int, tuple[str, float, int]] = {}
         for (until, new), items in groups.items():
             items.sort(key=lambda item: -len(item[1]))
@@ -229,12 +231,17 @@ class LoopedHarnessLM(TemplateLM):
         return out
 
 
-def _generation_setting(gen_kwargs: dict) -> tuple[tuple[str, ...], int]:
-    """(stop strings, token budget) of lm-eval's generation kwargs; greedy decoding only."""
+def _generation_setting(gen_kwargs: dict, max_length: int, task: str) -> tuple[tuple[str, ...], int]:
+    """(stop strings, token budget) of lm-eval's generation kwargs; greedy decoding only, a
+    budget that leaves the context at least one token of max_length (one line otherwise)."""
     kwargs = dict(gen_kwargs)
     until = kwargs.pop("until", None) or []
     until = [until] if isinstance(until, str) else list(until)
     if kwargs.get("do_sample") or float(kwargs.get("temperature", 0.0) or 0.0) > 0:
-        raise ValueError("generate_until: only greedy decoding (do_sample false, temperature "
-                         "0) is supported")
-    return tuple(until), int(kwargs.get("max_gen_toks", 256))
+        raise ConfigError(f"task {task}: only greedy decoding (do_sample false, temperature 0) "
+                          "is supported")
+    new = kwargs.get("max_gen_toks", 256)
+    if type(new) is not int or not 1 <= new < max_length:
+        raise ConfigError(f"task {task}: max_gen_toks {new!r} must be a count from 1 to below "
+                          f"the model's max_seq_len {max_length} (the context needs the rest)")
+    return tuple(until), new

@@ -28,25 +28,22 @@ def collect(sweep_dir: Path, log=print, allow_commands: bool = False) -> Path:
     from pretrain.model.flops import count_parameters, run_flops_per_token
     from pretrain.status import last_metrics
 
-    index = sweep_dir / "points.json"
-    if not index.is_file():
-        raise ConfigError(f"{index}: not a sweep directory (run `pretrain sweep --spec ...`)")
-    sweep = json.loads(index.read_text())
+    indices, eval_batches = read_index(sweep_dir)
     rows, missing = [], []
-    for pt in sweep["points"]:
-        run_dir = Path(pt["run_dir"])
+    for index in indices:
+        run_dir = sweep_dir / "points" / str(index)
         ckpt = store.newest(run_dir / "checkpoints")
         if ckpt is None:
-            missing.append(pt["index"])
+            missing.append(index)
             continue
         if not allow_commands:
             refuse_shell_commands(ckpt, "sweep collect", "pass --allow-commands to run it")
         cfg, model = load_model(ckpt)
         meta = store.read_meta(ckpt)
-        ev = evaluate(cfg, model, sweep["eval_batches"])
+        ev = evaluate(cfg, model, eval_batches)
         params = count_parameters(cfg.model)
         metrics = last_metrics(run_dir) or {}
-        rows.append({"point": pt["index"], "hidden_size": cfg.model.hidden_size,
+        rows.append({"point": index, "hidden_size": cfg.model.hidden_size,
                      "num_layers": cfg.model.num_layers, "loops": cfg.model.loops,
                      "lr": cfg.optim.lr, "params": params["total"],
                      "non_embedding_params": params["non_embedding"],
@@ -70,6 +67,29 @@ def collect(sweep_dir: Path, log=print, allow_commands: bool = False) -> Path:
         writer.writerows(rows)
     log(f"sweep collect: {len(rows)} point(s) -> {out}")
     return out
+
+
+def read_index(sweep_dir: Path) -> tuple[list[int], int]:
+    """points.json's point indices and eval_batches. Each point's run is read from
+    `sweep_dir/points/<index>` (where `write_points` put it), never from a path the index
+    names: a sweep directory may be moved, or come from anyone."""
+    index = sweep_dir / "points.json"
+    if not index.is_file():
+        raise ConfigError(f"{index}: not a sweep directory (run `pretrain sweep --spec ...`)")
+    try:
+        sweep = json.loads(index.read_text())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ConfigError(f"{index}: unreadable ({e})") from None
+    points = sweep.get("points") if isinstance(sweep, dict) else None
+    indices = [p.get("index") for p in points or () if isinstance(p, dict)]
+    if (not isinstance(points, list) or len(indices) != len(points)
+            or not all(type(i) is int and i >= 0 for i in indices)):
+        raise ConfigError(f"{index}: expected {{\"points\": [{{\"index\": N, ...}}, ...]}}")
+    batches = sweep.get("eval_batches", 8)
+    if type(batches) is not int or batches < 1:
+        raise ConfigError(f"{index}: eval_batches: expected an integer >= 1, got "
+                          f"{str(batches)[:40]!r}")
+    return indices, batches
 
 
 MAY_BE_NAN = ("train_loss",)  # a point without a metrics log

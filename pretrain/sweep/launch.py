@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import reprlib
 import shlex
 import subprocess
 import sys
 from pathlib import Path
 
+from core.config_schema import build
 from pretrain.config import ConfigError
 from pretrain.sweep.spec import Point, SweepSpec
 
@@ -35,14 +37,24 @@ def submit_array(spec: SweepSpec, points: list[Point]) -> str:
     from slurm.submit import JobSpec, render, sbatch
 
     s = dict(spec.slurm)
-    concurrent = int(s.pop("concurrent", 0))
+    if isinstance(s.get("time"), int):  # YAML 1.1 reads an unquoted 4:00:00 as base-60 seconds
+        raise ConfigError(f"{spec.path}: slurm.time: {s['time']} is a number (YAML reads an "
+                          "unquoted 4:00:00 as seconds); quote it: time: \"04:00:00\"")
+    concurrent = s.pop("concurrent", 0)
+    if not isinstance(concurrent, int) or isinstance(concurrent, bool) or concurrent < 0:
+        raise ConfigError(f"{spec.path}: slurm.concurrent: expected an integer >= 0, got "
+                          f"{reprlib.repr(concurrent)}")
+    for key in ("array", "tasks_per_node"):
+        if key in s:
+            raise ConfigError(f"{spec.path}: slurm.{key}: set by the sweep (one task per point, "
+                              "parallel.* processes each)")
+    job = build(JobSpec, s, f"{spec.path}: slurm")
     world = points[0].cfg.parallel.world_size
-    nodes = int(s.pop("nodes", 1))
-    try:
-        job = JobSpec(nodes=nodes, tasks_per_node=world // nodes, array=f"0-{len(points) - 1}"
-                      + (f"%{concurrent}" if concurrent else ""), **s)
-    except TypeError as e:
-        raise ConfigError(f"{spec.path}: slurm: {e}") from None
+    if job.nodes < 1 or world % job.nodes:
+        raise ConfigError(f"{spec.path}: slurm.nodes: {job.nodes} does not divide the "
+                          f"{world} processes of a point")
+    job.tasks_per_node = world // job.nodes
+    job.array = f"0-{len(points) - 1}" + (f"%{concurrent}" if concurrent else "")
     points_dir = shlex.quote(str(spec.out_dir / "points"))
     command = (f"{shlex.quote(sys.executable)} -m pretrain.cli train --config "
                f"{points_dir}/\"${{SLURM_ARRAY_TASK_ID}}\"/config.yaml --resume auto")

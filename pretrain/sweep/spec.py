@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +51,9 @@ class Point:
     cfg: Config
 
 
+_KINDS = {str: "a string", list: "a list", dict: "a mapping", int: "an integer"}
+
+
 def load_spec(path: str | Path) -> SweepSpec:
     p = Path(path)
     if not p.is_file():
@@ -58,12 +62,21 @@ def load_spec(path: str | Path) -> SweepSpec:
         tree = load_yaml(p.read_text(), str(p)) or {}
     except yaml.YAMLError:
         raise ConfigError(f"{p}: invalid YAML") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{p}: expected a mapping of keys (base, out_dir, grid, ...)")
     unknown = set(tree) - {"base", "out_dir", "overrides", "grid", "list", "eval_batches", "slurm",
                            "iso_depth", "law"}
     if unknown:
-        raise ConfigError(f"{p}: unknown key(s) {sorted(unknown)}")
+        raise ConfigError(f"{p}: unknown key(s) {sorted(map(str, unknown))}")
     if "base" not in tree or "out_dir" not in tree:
         raise ConfigError(f"{p}: 'base' and 'out_dir' are required")
+    for key, kind in (("base", str), ("out_dir", str), ("overrides", list), ("grid", dict),
+                      ("list", list), ("eval_batches", int), ("slurm", dict), ("law", str)):
+        value = tree.get(key)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            raise ConfigError(f"{p}: {key}: expected {_KINDS[kind]}, got {reprlib.repr(value)}")
+    if tree.get("eval_batches", 1) < 1:
+        raise ConfigError(f"{p}: eval_batches: must be >= 1")
     grid = tree.get("grid") or {}
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
@@ -76,7 +89,7 @@ def load_spec(path: str | Path) -> SweepSpec:
         raise ConfigError(f"{p}: law: {law!r}: expected chinchilla or iso-depth")
     return SweepSpec(path=p, base=(p.parent / tree["base"]).resolve(),
                      out_dir=Path(tree["out_dir"]).resolve(), overrides=list(tree.get("overrides") or []),
-                     grid=grid, points=points, eval_batches=int(tree.get("eval_batches", 8)),
+                     grid=grid, points=points, eval_batches=tree.get("eval_batches", 8),
                      slurm=dict(tree.get("slurm") or {}),
                      iso_depth=_iso_depth(p, tree.get("iso_depth")), law=law)
 
