@@ -109,7 +109,7 @@ class Checkpointer:
     def _write_and_seal(self, step: int, entries: Entries, meta: dict, config_text: str) -> None:
         tmp = store.step_dir(self.root, step).with_name(f"step_{step:07d}.tmp")
         if self.topo.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
+            store.remove_stale(tmp)
             tmp.mkdir(parents=True)
             (tmp / "config.yaml").write_text(config_text)
         if self.distributed:
@@ -159,7 +159,7 @@ class Checkpointer:
             return
         for d in store.incomplete(self.root):
             self.log(f"checkpoint: warning: removing incomplete {d} (a save did not finish)")
-            shutil.rmtree(d, ignore_errors=True)
+            store.remove_stale(d)
         for d in damaged:
             self.log(f"checkpoint: warning: set aside damaged {d} as {store.set_aside(d, 'damaged')}")
         if resumed is not None and resumed.parent.resolve() == self.root.resolve():

@@ -181,16 +181,28 @@ def seal(tmp: Path, meta: dict) -> Path:
     aside = None
     if final.exists():  # a re-run of the same step (resumed from an older checkpoint):
         aside = final.with_name(final.name + ".replaced")  # moved, not deleted, until the new
-        shutil.rmtree(aside, ignore_errors=True)  # one has its name
+        remove_stale(aside)  # one has its name
         final.rename(aside)
     tmp.rename(final)
     link = final.parent / (LATEST + ".tmp")
-    link.write_text(final.name + "\n")
+    remove_stale(link)
+    with open(link, "x") as fh:  # O_EXCL: created here, never a file a link points at
+        fh.write(final.name + "\n")
     os.replace(link, final.parent / LATEST)
     fsync_path(final.parent)
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)
     return final
+
+
+def remove_stale(p: Path) -> None:
+    """Clear a temporary name (`step_N.tmp`, `latest.tmp`) a crash may have left: a directory
+    or file is removed, a symbolic link unlinked -- never followed, so a link planted there
+    cannot point a save at another directory of the user's."""
+    if p.is_symlink() or p.is_file():
+        p.unlink()
+    elif p.exists():
+        shutil.rmtree(p)
 
 
 def prune(root: Path, keep_last: int, sealed: Path) -> list[Path]:

@@ -1,5 +1,6 @@
 """Issue 33, item 7: inputs that ended in a traceback (exit 1) now end in one line (exit 2),
-or, for a damaged newest checkpoint, in a resume from the one before."""
+or, for a damaged newest checkpoint, in a resume from the one before; and a save's temporary
+names are never followed through a link."""
 
 from __future__ import annotations
 
@@ -265,3 +266,21 @@ def test_overwrite_never_moves_the_current_directory_or_one_above(tiny_run, tmp_
     _one_line(capsys, "refused to move it aside")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["work"]
     assert (work / "checkpoints/step_0000002/meta.json").is_file()
+
+
+def test_a_save_never_writes_through_links_planted_at_its_temporary_names(tmp_path):
+    """Issue 33: `step_N.tmp` (rmtree(ignore_errors) left a link in place) and `latest.tmp`
+    (write_text followed it) are cleared, links unlinked, before a save uses them."""
+    victim_dir, victim = tmp_path / "precious", tmp_path / "precious.txt"
+    victim_dir.mkdir()
+    (victim_dir / "notes.txt").write_text("keep\n")
+    victim.write_text("keep\n")
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints/step_0000001.tmp").symlink_to(victim_dir)
+    (run / "checkpoints/latest.tmp").symlink_to(victim)
+    assert main(tiny_train_args(run, "train.max_steps=1")) == 0
+    assert sorted(p.name for p in victim_dir.iterdir()) == ["notes.txt"]
+    assert victim.read_text() == (victim_dir / "notes.txt").read_text() == "keep\n"
+    assert (run / "checkpoints/latest").read_text() == "step_0000001\n"
+    assert (run / "checkpoints/step_0000001/meta.json").is_file()
