@@ -65,9 +65,10 @@ lint: install
 test: install lint
 	$(PY) -m pytest -q -rs
 
-# the edit-run loop: every in-process test (no torchrun, SLURM or training subprocess)
+# the edit-run loop: every in-process test (no torchrun, SLURM or training subprocess) but the
+# fuzz tier (pytest -m fuzz)
 test-fast: install lint
-	$(PY) -m pytest -q -rs -m "not multiproc and not slurm and not slow"
+	$(PY) -m pytest -q -rs -m "not multiproc and not slurm and not slow and not fuzz"
 
 # the fast tier on the oldest supported torch (2.9.1), in .venv-torch2.9.1 (CI runs it too)
 test-oldest-torch: install

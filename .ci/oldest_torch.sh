@@ -13,4 +13,4 @@ purelib() { "$1" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])';
 echo "import site; site.addsitedir('$(purelib .venv/bin/python)')" > "$(purelib "$venv/bin/python")/zz_project_venv.pth"
 "$venv/bin/python" -c "import torch; assert torch.__version__.startswith('$version'), torch.__version__"
 exec "$venv/bin/python" -m pytest -q -rs -p no:cacheprovider \
-    -m "not multiproc and not slurm and not slow" "$@"
+    -m "not multiproc and not slurm and not slow and not fuzz" "$@"

@@ -38,8 +38,11 @@ def step_of(d: Path) -> int:
     return int(_STEP.match(d.name).group(1))
 
 
+REQUIRED = (META, ".metadata", "config.yaml")
+
+
 def is_complete(d: Path) -> bool:
-    return bool(_STEP.match(d.name)) and (d / META).is_file() and (d / ".metadata").is_file()
+    return bool(_STEP.match(d.name)) and all((d / name).is_file() for name in REQUIRED)
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -75,8 +78,9 @@ def resolve(where: str | Path) -> Path:
         p = p.parent / p.read_text().strip()
     if _STEP.match(p.name.removesuffix(".tmp")) and p.is_dir():
         if not is_complete(p):
-            raise CheckpointError(f"{p}: incomplete checkpoint (no {META} or .metadata: the save "
-                                  "did not finish)")
+            missing = next(name for name in REQUIRED if not (p / name).is_file())
+            raise CheckpointError(f"{p}: incomplete checkpoint (no {missing}: the save did not "
+                                  "finish, or it was damaged)")
         return p
     for root in (p / "checkpoints", p):
         found = complete_checkpoints(root)

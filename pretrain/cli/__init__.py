@@ -25,7 +25,13 @@ class _Parser(argparse.ArgumentParser):
     --help still prints it)."""
 
     def error(self, message: str):
-        self.exit(EXIT_CONFIG, f"{self.prog}: error: {message}\n")
+        self.exit(EXIT_CONFIG, f"{self.prog}: error: {one_line(message)}\n")
+
+
+def one_line(text: str) -> str:
+    """`text` with every character that would break the line or drive the terminal (controls,
+    line and paragraph separators) escaped: messages quote what users and files gave."""
+    return "".join(c if c.isprintable() or c == " " else ascii(c)[1:-1] for c in str(text))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,5 +50,5 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except (ConfigError, DataError, CheckpointError) as e:
-        print(f"pretrain: error: {e}", file=sys.stderr)
+        print(f"pretrain: error: {one_line(e)}", file=sys.stderr)
         return EXIT_CONFIG

@@ -73,7 +73,8 @@ def load_spec(path: str | Path) -> SweepSpec:
     for key, kind in (("base", str), ("out_dir", str), ("overrides", list), ("grid", dict),
                       ("list", list), ("eval_batches", int), ("slurm", dict), ("law", str)):
         value = tree.get(key)
-        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+        if (value is not None or key in ("base", "out_dir")) and (
+                not isinstance(value, kind) or isinstance(value, bool)):
             raise ConfigError(f"{p}: {key}: expected {_KINDS[kind]}, got {reprlib.repr(value)}")
     if tree.get("eval_batches", 1) < 1:
         raise ConfigError(f"{p}: eval_batches: must be >= 1")
