@@ -163,9 +163,10 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _read_yaml(p: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+def _read_yaml(p: Path, chain: tuple[Path, ...] = (), bases: bool = True) -> dict[str, Any]:
     """The mapping in file `p`, with `base: other.yaml` (relative to `p`) resolved first: the
-    file holds its differences from the base."""
+    file holds its differences from the base. Without `bases` (a file from elsewhere: it
+    names no other file to read) a `base:` is refused."""
     if not p.is_file():
         raise ConfigError(f"{p}: config file not found")
     try:
@@ -182,6 +183,9 @@ def _read_yaml(p: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     base = tree.pop("base", None)
     if base is None:
         return tree
+    if not bases:
+        raise ConfigError(f"{p}: base: refused (this file must be whole; it may name no other "
+                          "file to read)")
     if not isinstance(base, str) or not base:
         raise ConfigError(f"{p}: base: expected a YAML file name, got {base!r}")
     parent = (p.parent / base).resolve()
@@ -193,10 +197,11 @@ def _read_yaml(p: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     return merge(_read_yaml(parent, (*chain, p.resolve())), tree)
 
 
-def load_tree(path: str | Path | None, overrides: Sequence[Override] = ()) -> dict[str, Any]:
-    """The YAML mapping at `path` (optional; its `base:` chain resolved) with `a.b=value`
-    overrides applied."""
-    tree = _read_yaml(Path(path)) if path is not None else {}
+def load_tree(path: str | Path | None, overrides: Sequence[Override] = (),
+              bases: bool = True) -> dict[str, Any]:
+    """The YAML mapping at `path` (optional; its `base:` chain resolved, or refused without
+    `bases`) with `a.b=value` overrides applied."""
+    tree = _read_yaml(Path(path), bases=bases) if path is not None else {}
     for o in overrides:
         set_dotted(tree, o)
     return tree

@@ -92,9 +92,11 @@ REMOVED = {
 }
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[Override] = ()) -> Config:
-    """Read YAML at `path` (optional), apply `a.b=value` overrides, build and validate."""
-    cfg = build(Config, load_tree(path, overrides), "", REMOVED)
+def load_config(path: str | Path | None = None, overrides: Sequence[Override] = (),
+                bases: bool = True) -> Config:
+    """Read YAML at `path` (optional), apply `a.b=value` overrides, build and validate;
+    `bases=False` for a file from elsewhere (a checkpoint's): a `base:` in it is refused."""
+    cfg = build(Config, load_tree(path, overrides, bases), "", REMOVED)
     validate(cfg)
     return cfg
 

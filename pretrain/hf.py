@@ -209,6 +209,9 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, base_config: str | Path |
         state = (from_huginn if huginn else from_hf)(cfg.model, tensors)
     except KeyError as e:
         raise ConfigError(f"{src}: weight {e.args[0]} missing for config.json's shapes") from None
+    except (RuntimeError, IndexError) as e:  # pieces that do not fit together (torch.cat)
+        raise ConfigError(f"{src}: weights do not match config.json's shapes "
+                          f"({str(e).splitlines()[0]})") from None
     for name in sorted(tensors.read):
         _check_weight(src, name, tensors[name], allow_nonfinite)
     model = LoopedLM(cfg.model)

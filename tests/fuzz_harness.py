@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from pretrain.cli import main
 
-TIME_S = 60  # a tiny model's command takes a few seconds; a hang is what this catches
+TIME_S = 120  # a tiny model's command takes seconds (more on a loaded box); this catches hangs
 MEMORY_BYTES = 4 << 30  # a tiny model needs MBs; a 10^13-row tensor would need far more
 
 # values a JSON/YAML field may become: scalars of every kind, edge numbers, nesting

@@ -24,9 +24,9 @@ def _rope(x, theta, reverse=False):
     """Rotate each (x_i, x_{i+d/2}) pair by +pos * theta^(-2i/d) (Ouro's rotate-half), or by
     the negative angle (nanochat's apply_rotary_emb: y1 = x1 cos + x2 sin, y2 = -x1 sin + x2 cos)."""
     d, s = x.shape[-1], x.shape[2]
-    inv = theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
-    ang = torch.outer(torch.arange(s, dtype=torch.float64), inv)
-    cos, sin = ang.cos().float(), ang.sin().float()
+    inv = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))  # fp32, as all
+    ang = torch.outer(torch.arange(s, dtype=torch.float32), inv)  # three releases compute it
+    cos, sin = ang.cos(), ang.sin()
     a, b = x[..., : d // 2], x[..., d // 2 :]
     if reverse:
         return torch.cat((a * cos + b * sin, -a * sin + b * cos), -1)

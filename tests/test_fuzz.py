@@ -12,6 +12,7 @@ import os
 import pickle
 import shutil
 
+import matplotlib.pyplot  # noqa: F401 -- its first import (a font cache) is no case's time
 import pytest
 import torch
 import yaml

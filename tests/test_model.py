@@ -184,3 +184,19 @@ def test_only_the_model_sequences_the_end_of_a_loop_step():
             found += [f"{rel}:{i}" for i, line in enumerate(path.read_text().splitlines(), 1)
                       if pattern.search(line)]
     assert found == []
+
+
+@pytest.mark.parametrize("head_dim, theta", [(96, 10000.0), (128, 1000000.0), (64, 50000.0)])
+def test_rope_tables_are_the_releases_fp32_tables(head_dim, theta):
+    """Ouro's (Qwen2's rotary), nanochat's and Huginn's tables are computed in fp32: 1/θ^(2i/D)
+    in fp32, times the fp32 position, cos and sin. Ours equal them to the bit at 4,096
+    positions; an fp64 table (ours before) differs there by more than 1e-4."""
+    from pretrain.model.layers import rope_tables
+
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angle = torch.arange(4096, dtype=torch.float32)[:, None] * inv[None, :]
+    cos, sin = rope_tables(head_dim, 4096, theta)
+    assert torch.equal(cos, angle.cos()) and torch.equal(sin, angle.sin())
+    wide = torch.arange(4096, dtype=torch.float64)[:, None] * (
+        theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))[None, :]
+    assert (wide.cos().float() - cos).abs().max() > 1e-4

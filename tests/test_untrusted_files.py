@@ -284,3 +284,36 @@ def test_a_save_never_writes_through_links_planted_at_its_temporary_names(tmp_pa
     assert victim.read_text() == (victim_dir / "notes.txt").read_text() == "keep\n"
     assert (run / "checkpoints/latest").read_text() == "step_0000001\n"
     assert (run / "checkpoints/step_0000001/meta.json").is_file()
+
+
+@pytest.mark.parametrize("text, needle", [
+    (b"\x80\x81 not text", "not UTF-8 text"),
+    (b"base: ../../../victim.yaml\n", "base: refused"),
+])
+@pytest.mark.parametrize("command", ["convert", "generate", "resume"])
+def test_a_checkpoint_config_is_read_whole_and_as_text(run, tmp_path, text, needle, command,
+                                                       capsys):
+    """Found by the fuzz tier: `convert` copied a non-UTF-8 config.yaml with read_text (a
+    traceback). And a checkpoint's config may name no other file (`base:`) to read."""
+    (tmp_path / "victim.yaml").write_text("model: {loops: 3}\n")
+    shutil.rmtree(run / "checkpoints/step_0000001")
+    ckpt = run / "checkpoints/step_0000002"
+    (ckpt / "config.yaml").write_bytes(text)
+    args = {"convert": ["checkpoint", "convert", str(ckpt), "--out", str(tmp_path / "c")],
+            "generate": ["generate", "--checkpoint", str(ckpt), "--prompt", "a"],
+            "resume": [*tiny_train_args(run, "train.max_steps=3"), "--resume", "auto"]}[command]
+    assert main(args) == 2
+    _one_line(capsys, needle)
+
+
+def test_import_of_pieces_that_do_not_fit_together_is_one_line(hf_export, tmp_path, capsys):
+    """Found by the fuzz tier: a q projection cut to 1-D met 2-D k and v in torch.cat."""
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert _import(hf_export, tmp_path, lambda w: w.__setitem__(name, w[name].reshape(-1))) == 2
+    _one_line(capsys, "weights do not match config.json's shapes (Tensors must have same number")
+
+
+def test_a_sweep_spec_override_that_is_not_text_is_one_line(tmp_path, capsys):
+    """Found by the fuzz tier: `overrides: [null]` reached set_dotted (a TypeError)."""
+    assert main(["sweep", "--spec", str(_spec(tmp_path, "overrides: [null]\n")), "--submit"]) == 2
+    _one_line(capsys, "overrides: expected a list of `section.key=value` strings")

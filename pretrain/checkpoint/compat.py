@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
+from core.config_schema import Override
 from pretrain.checkpoint import store
 from pretrain.config import Config, ConfigError, load_config
 
@@ -24,6 +26,12 @@ def incompatibility(saved: Config, cfg: Config) -> str | None:
     return None
 
 
+def saved_config(path: Path, overrides: Sequence[Override] = ()) -> Config:
+    """A checkpoint's config.yaml, read as the untrusted file it is: whole (a `base:` naming
+    another file is refused), validated like any config."""
+    return load_config(path / "config.yaml", overrides, bases=False)
+
+
 class Incompatible(store.CheckpointError):
     """A sound checkpoint of another architecture (no fallback past it: the run is wrong)."""
 
@@ -35,7 +43,7 @@ def require_fit(path: Path, cfg: Config) -> None:
     try:
         if not where.read_text(errors="replace").strip():
             raise ConfigError(f"{where}: empty")
-        saved = load_config(where)
+        saved = saved_config(path)
     except (OSError, ConfigError) as e:
         raise store.CheckpointError(f"damaged checkpoint config: {e}") from None
     why = incompatibility(saved, cfg)

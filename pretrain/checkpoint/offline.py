@@ -17,9 +17,10 @@ from parallelism.sharded_state import ShardedState
 from parallelism.topology import Topology
 from pretrain.checkpoint import store
 from pretrain.checkpoint.checkpointer import Checkpointer
+from pretrain.checkpoint.compat import saved_config
 from pretrain.checkpoint.metadata import read_metadata
 from pretrain.checkpoint.record import fresh_trainer_state, make_record
-from pretrain.config import Config, ConfigError, dump_config, load_config
+from pretrain.config import Config, ConfigError, dump_config
 from pretrain.model.looped import LoopedLM
 
 
@@ -39,17 +40,17 @@ def refuse_shell_commands(where: str | Path, command: str, hint: str) -> None:
     commands, which `command` runs only when the user says so (`hint`)."""
     from data_pipeline.config import shell_commands
 
-    path = store.resolve(where) / "config.yaml"
-    commands = shell_commands(load_config(path).data)
+    path = store.resolve(where)
+    commands = shell_commands(saved_config(path).data)
     if commands:
-        raise ConfigError(f"{path}: {commands[0]} is a shell command; {command} runs none from "
-                          f"a checkpoint's config: {hint}")
+        raise ConfigError(f"{path / 'config.yaml'}: {commands[0]} is a shell command; {command} "
+                          f"runs none from a checkpoint's config: {hint}")
 
 
 def load_model(where: str | Path, overrides: Sequence[Override] = ()) -> tuple[Config, LoopedLM]:
     """The full model of a checkpoint (any layout); `overrides` may change e.g. model.loops."""
     path = store.resolve(where)
-    cfg = load_config(path / "config.yaml", overrides)
+    cfg = saved_config(path, overrides)
     model = LoopedLM(cfg.model)
     state = ShardedState(model, Topology())
     groups = state.targets(saved_tensors(path), optimizer=False)
@@ -71,7 +72,7 @@ def consolidate(where: str | Path, out_root: str | Path) -> Path:
     meta.pop("files", None)
     root = Path(out_root)
     Checkpointer(root, Topology(), local=True, log=lambda _: None).save(
-        meta["step"], entries, meta, (path / "config.yaml").read_text())
+        meta["step"], entries, meta, dump_config(saved_config(path)))
     return store.step_dir(root, meta["step"])
 
 

@@ -80,8 +80,8 @@ def _downstream(args: argparse.Namespace, loops: list[int]) -> int:
 
     from parallelism.topology import join_replicas
     from pretrain.checkpoint import store
+    from pretrain.checkpoint.compat import saved_config
     from pretrain.checkpoint.offline import load_model
-    from pretrain.config import load_config
     from pretrain.downstream.report import table, write_report
     from pretrain.downstream.run import evaluate_model
     from pretrain.downstream.tasks import load_tasks
@@ -93,7 +93,7 @@ def _downstream(args: argparse.Namespace, loops: list[int]) -> int:
                               "runs on held-out data (eval without --tasks) and in generate")
     tasks = load_tasks(args.tasks.split(","), args.num_fewshot, args.include_path)
     path = store.resolve(args.checkpoint)
-    trained = load_config(path / "config.yaml").model.loops
+    trained = saved_config(path).model.loops
     loops = loops or [trained]
     topo = join_replicas(args.device)
     cfg, model = load_model(path, [("model.loops", max(loops))] if max(loops) != trained else [])

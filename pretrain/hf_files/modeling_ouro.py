@@ -135,10 +135,10 @@ class OuroModel(OuroPreTrainedModel):
         cfg = self.config
         b, s = input_ids.shape
         device = input_ids.device
-        inv = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64,
+        inv = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32,
                                                     device=device) / cfg.head_dim)
-        ang = torch.outer(torch.arange(s, dtype=torch.float64, device=device), inv)
-        cos, sin = ang.cos().float(), ang.sin().float()
+        ang = torch.outer(torch.arange(s, dtype=torch.float32, device=device), inv)  # fp32, as
+        cos, sin = ang.cos(), ang.sin()  # Ouro's release (Qwen2's rotary) computes it
         mask = torch.ones(s, s, dtype=torch.bool, device=device).tril()[None, None]
         if attention_mask is not None:
             mask = mask & attention_mask[:, None, None, :].bool()

@@ -76,6 +76,8 @@ def load_spec(path: str | Path) -> SweepSpec:
         if (value is not None or key in ("base", "out_dir")) and (
                 not isinstance(value, kind) or isinstance(value, bool)):
             raise ConfigError(f"{p}: {key}: expected {_KINDS[kind]}, got {reprlib.repr(value)}")
+    if not all(isinstance(o, str) for o in tree.get("overrides") or ()):
+        raise ConfigError(f"{p}: overrides: expected a list of `section.key=value` strings")
     if tree.get("eval_batches", 1) < 1:
         raise ConfigError(f"{p}: eval_batches: must be >= 1")
     grid = tree.get("grid") or {}
