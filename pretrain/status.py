@@ -19,7 +19,7 @@ def metrics(run_dir: Path) -> list[dict]:
     for line in path.read_text(errors="replace").splitlines():
         try:
             record = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
         if isinstance(record, dict) and isinstance(record.get("step"), int):
             records.append(record)
@@ -28,13 +28,18 @@ def metrics(run_dir: Path) -> list[dict]:
 
 def losses_by_step(run_dir: Path, key: str = "train/loss") -> dict[int, float]:
     """`key` per logged step; a step logged again after a resume keeps its last record."""
-    return {r["step"]: r[key] for r in metrics(run_dir) if key in r}
+    return {r["step"]: r[key] for r in metrics(run_dir) if _is_number(r.get(key))}
 
 
 def last_metrics(run_dir: Path, key: str = "train/loss") -> dict | None:
-    """The newest record holding `key` (training records; "val/loss": validation ones)."""
-    rows = [r for r in metrics(run_dir) if key in r]
+    """The newest record holding `key` as a number (training records; "val/loss": validation
+    ones)."""
+    rows = [r for r in metrics(run_dir) if _is_number(r.get(key))]
     return rows[-1] if rows else None
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def run_status(run_dir: Path) -> str:
@@ -42,8 +47,10 @@ def run_status(run_dir: Path) -> str:
         raise store.CheckpointError(f"{run_dir}: no such run directory")
     out = [f"run: {run_dir}"]
     m, val = last_metrics(run_dir), last_metrics(run_dir, "val/loss")
-    out.append(f"step: {m['step']}  loss {m['train/loss']:.4f}  {m['train/tokens_per_s']:,.0f} tok/s"
-               if m else "step: none logged yet")
+    speed = m.get("train/tokens_per_s") if m else None
+    out.append(f"step: {m['step']}  loss {m['train/loss']:.4f}"
+               + (f"  {speed:,.0f} tok/s" if _is_number(speed) else "") if m
+               else "step: none logged yet")
     if val:
         out.append(f"validation: loss {val['val/loss']:.4f} at step {val['step']}")
     ckpt = store.newest(run_dir / "checkpoints")

@@ -26,7 +26,7 @@ from tests.fuzz_harness import check, mutate_bytes, mutate_tree
 
 pytestmark = pytest.mark.fuzz
 # FUZZ_EXAMPLES / FUZZ_RANDOM: more cases, or a fresh seed, for a search beyond CI's
-FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", 100)), deadline=None,
+FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", 400)), deadline=None,
                 derandomize=not os.environ.get("FUZZ_RANDOM"), database=None,
                 phases=[Phase.explicit, Phase.generate, Phase.shrink],
                 suppress_health_check=list(HealthCheck))
@@ -54,9 +54,16 @@ def _setup(tiny_run, root):
 
 
 def _mutate_checkpoint(data, ckpt, root) -> str:
-    """One mutation of the newest checkpoint; what it was (for the failure message)."""
-    what = data.draw(st.sampled_from(["meta", "config", "metadata", "bytes", "link", "remove"]))
-    if what == "meta":
+    """One mutation of the newest checkpoint (or of the run's metrics log); what it was (for
+    the failure message)."""
+    what = data.draw(st.sampled_from(["meta", "config", "metadata", "bytes", "link", "remove",
+                                      "metrics"]))
+    if what == "metrics":
+        log = ckpt.parent.parent / "metrics.jsonl"
+        records = [json.loads(line) for line in log.read_text().splitlines()]
+        records[-1] = mutate_tree(data, records[-1])
+        log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    elif what == "meta":
         meta = json.loads((ckpt / "meta.json").read_text())
         (ckpt / "meta.json").write_text(json.dumps(mutate_tree(data, meta)))
     elif what == "config":

@@ -317,3 +317,17 @@ def test_a_sweep_spec_override_that_is_not_text_is_one_line(tmp_path, capsys):
     """Found by the fuzz tier: `overrides: [null]` reached set_dotted (a TypeError)."""
     assert main(["sweep", "--spec", str(_spec(tmp_path, "overrides: [null]\n")), "--submit"]) == 2
     _one_line(capsys, "overrides: expected a list of `section.key=value` strings")
+
+
+@pytest.mark.parametrize("edit", [
+    lambda r: r.update({"train/loss": None}), lambda r: r.pop("train/tokens_per_s"),
+    lambda r: r.update({"train/loss": "low"}),
+])
+def test_status_reads_a_metrics_record_of_the_wrong_shape(run, edit, capsys):
+    """Issue 33: a metrics.jsonl record with `loss: null` (a TypeError in status)."""
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    record = json.loads(lines[-1])
+    edit(record)
+    (run / "metrics.jsonl").write_text("\n".join([*lines[:-1], json.dumps(record), "[" * 10**5]))
+    assert main(["status", str(run)]) == 0
+    assert "step: " in capsys.readouterr().out
