@@ -79,8 +79,8 @@ def test_pruning_never_removes_the_sealed_step_or_a_newer_one(tmp_path):
     for step in (2, 4, 6, 8):
         d = store.step_dir(root, step)
         d.mkdir(parents=True)
-        (d / store.META).write_text("{}")
-        (d / ".metadata").write_text("")
+        for name in store.REQUIRED:
+            (d / name).write_text("")
     removed = store.prune(root, 2, store.step_dir(root, 4))
     assert [d.name for d in removed] == []  # 4 and the one before it: 2
     removed = store.prune(root, 1, store.step_dir(root, 4))
