@@ -331,3 +331,11 @@ def test_status_reads_a_metrics_record_of_the_wrong_shape(run, edit, capsys):
     (run / "metrics.jsonl").write_text("\n".join([*lines[:-1], json.dumps(record), "[" * 10**5]))
     assert main(["status", str(run)]) == 0
     assert "step: " in capsys.readouterr().out
+
+
+def test_a_sweep_spec_with_a_null_eval_batches_takes_the_default(tmp_path, capsys):
+    """Found by the fuzz tier: `eval_batches: null` reached `None < 1` (a TypeError)."""
+    assert main(["sweep", "--spec", str(_spec(tmp_path, "eval_batches: null\nslurm: {time: "
+                                                        "'00:10:00'}\n")), "--submit"]) in (0, 2)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") <= 1, err

@@ -78,7 +78,8 @@ def load_spec(path: str | Path) -> SweepSpec:
             raise ConfigError(f"{p}: {key}: expected {_KINDS[kind]}, got {reprlib.repr(value)}")
     if not all(isinstance(o, str) for o in tree.get("overrides") or ()):
         raise ConfigError(f"{p}: overrides: expected a list of `section.key=value` strings")
-    if tree.get("eval_batches", 1) < 1:
+    eval_batches = 8 if tree.get("eval_batches") is None else tree["eval_batches"]
+    if eval_batches < 1:
         raise ConfigError(f"{p}: eval_batches: must be >= 1")
     grid = tree.get("grid") or {}
     for key, values in grid.items():
@@ -92,7 +93,7 @@ def load_spec(path: str | Path) -> SweepSpec:
         raise ConfigError(f"{p}: law: {law!r}: expected chinchilla or iso-depth")
     return SweepSpec(path=p, base=(p.parent / tree["base"]).resolve(),
                      out_dir=Path(tree["out_dir"]).resolve(), overrides=list(tree.get("overrides") or []),
-                     grid=grid, points=points, eval_batches=tree.get("eval_batches", 8),
+                     grid=grid, points=points, eval_batches=eval_batches,
                      slurm=dict(tree.get("slurm") or {}),
                      iso_depth=_iso_depth(p, tree.get("iso_depth")), law=law)
 
