@@ -14,11 +14,6 @@ from torch import Tensor, nn
 
 IGNORE_INDEX = -100  # a label that adds nothing to the loss (padding, an unreadable shard)
 
-# loop modes whose later loops read the embedding stream e (stage 0 of the pipeline keeps it)
-READS_E = ("lt_i", "lt_ia", "flt", "flt_res", "huginn")
-# loop modes whose every layer reads h_{t-1} besides the stream (it travels the ring with x)
-LAYERS_READ_H = ("flt", "flt_res")
-
 Rope = tuple[Tensor, Tensor]
 
 
@@ -41,11 +36,22 @@ class NoKV:
         pass
 
 
+class LoopFamilyTraits(Protocol):
+    """What the parallel code asks of the model's loop family (pretrain/model/families/): the
+    family itself is the model's business, never named here or in parallelism/."""
+
+    reads_embedding: bool  # later loops read the embedding stream e (pipeline stage 0 keeps it)
+
+    def ring_tensors(self, lap: int) -> int:
+        """Hidden-sized tensors that travel between stages inside lap `lap`."""
+        ...
+
+
 @dataclass(frozen=True)
 class LoopPlan:
     """How one training step loops (pretrain/model/recurrence.py draws it from the seed and the
     step): R loop steps, the last `backprop` of them with a graph (= R: all), and the seed of
-    each micro-batch's initial state (huginn)."""
+    each micro-batch's initial state (families that start from a random one)."""
 
     loops: int
     backprop: int
@@ -94,11 +100,14 @@ class LoopedModel(Protocol):
     0-based in code; metric names count them from 1 (`loop/ce_step1` is step 0)."""
 
     cfg: object  # the model section of the config (hidden_size, loops, loop_mode, ...)
+    family: LoopFamilyTraits
     layer_offset: int  # index of block[0] in the whole shared block
     seq_shard: tuple[int, int]  # (index, count): the slice of the sequence the stream holds
     embed: nn.Module | None
     prelude: nn.ModuleList
-    adapter: nn.Module | None  # huginn: Linear([x; e]) -> x, on the stage that starts a lap
+    # the family's own modules, attributes of the model under these names: kept by the stage
+    # that starts a lap (None elsewhere), replicated under tensor parallelism
+    loop_modules: tuple[str, ...]
     block: nn.ModuleList  # the shared looped layers (each has .attn and .mlp)
     coda: nn.ModuleList
     norm: nn.Module | None

@@ -1,7 +1,7 @@
 """The circular pipeline: the shared looped block unrolled across pipeline stages.
 
 Stage k owns a contiguous slice of the block's layers (and nothing else of it); stage 0 also
-owns the embedding, prelude and huginn's adapter (it builds every lap's input), the last
+owns the embedding, prelude and the loop family's modules (it builds every lap's input), the last
 stage the coda, final norm, LM head and exit gate. A *lap* is one pass of a microbatch around
 the ring: lap t (0-based) runs loop step t through every stage's slice in order, and a
 microbatch makes R laps. The last stage ends the loop step (`end_loop`: norm, readout,
@@ -14,12 +14,11 @@ schedules give wrong gradients when virtual stages share weights (measured: 0.54
 error at R=2); owning the loop also keeps megatron-core TP layers and the optimizer (ZeRO)
 untouched -- the pipeline only decides when each piece's forward and backward run.
 
-What crosses the ring depends on `model.loop_mode` (pretrain/model/looped.py): inside a lap
-the stream x_t goes from stage to stage, together with h_{t-1} for flt / flt_res, whose every
-layer reads it (twice the bytes of the other modes on laps t > 1); at a lap boundary the last
-stage sends h_t = N(x_t) -- the normed state -- back to stage 0, which builds the next lap's
-input from it and from the embedding stream e it keeps (lt_i, lt_ia, flt, flt_res restart from
-e every lap). `ring_payload` gives the count of hidden-sized tensors per message.
+What crosses the ring is the loop family's to say (`model.family`, core/model_interface.py):
+inside a lap the stream x_t goes from stage to stage, together with h_{t-1} where every layer
+reads it (`ring_tensors(lap)`: the count of hidden-sized tensors); at a lap boundary the last
+stage sends what the step hands over back to stage 0, which builds the next lap's input from
+it and, for a family that `reads_embedding`, from the embedding stream e it keeps.
 
 A step's R comes from its `LoopPlan` (the sampler may change it every step), and so does the
 backprop window: laps before `grad_from` run forward only -- all microbatches, lap by lap, no
@@ -48,7 +47,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from core.model_interface import LAYERS_READ_H, READS_E, LoopedModel, LoopPlan
+from core.model_interface import LoopedModel, LoopPlan
 from parallelism.pipeline_messages import Action, Ring
 from parallelism.pipeline_schedule import Piece, schedule
 from parallelism.timing import DeviceClock
@@ -59,13 +58,10 @@ from parallelism.topology import Topology
 Objective = Callable[[list[Tensor | None], Tensor, Tensor, Tensor], Any]
 
 
-def ring_payload(mode: str, lap: int, to_first: bool) -> int:
-    """Hidden-sized tensors in the message that starts lap `lap`'s piece on the receiver:
-    h alone at a lap boundary (to stage 0), x (and h_{t-1} where every layer reads it)
-    inside a lap."""
-    if to_first:
-        return 1
-    return 2 if mode in LAYERS_READ_H and lap > 0 else 1
+def ring_payload(model: LoopedModel, lap: int, to_first: bool) -> int:
+    """Hidden-sized tensors in the message that starts lap `lap`'s piece on the receiver: the
+    handover alone at a lap boundary (to stage 0), what the family sends inside a lap."""
+    return 1 if to_first else model.family.ring_tensors(lap)
 
 
 def keep_stage(model: LoopedModel, split: list[int], stage: int) -> None:
@@ -76,7 +72,9 @@ def keep_stage(model: LoopedModel, split: list[int], stage: int) -> None:
     model.block = nn.ModuleList(list(model.block)[start:start + split[stage]])
     model.layer_offset = start
     if not first:
-        model.embed, model.prelude, model.adapter = None, nn.ModuleList(), None
+        model.embed, model.prelude = None, nn.ModuleList()
+        for name in model.loop_modules:
+            setattr(model, name, None)
     if not last:
         model.coda, model.norm, model.lm_head, model.gate = nn.ModuleList(), None, None, None
 
@@ -125,7 +123,7 @@ class _Handoff:
 class _Microbatch:
     ids: Tensor
     labels: Tensor
-    state_seed: int | None = None  # huginn's initial state (stage 0)
+    state_seed: int | None = None  # seeds the family's initial state, if it has one (stage 0)
     e: _Handoff | None = None  # stage 0: the embedding stream, for modes that reuse it
     steps: list[tuple[_Handoff, _Handoff]] = field(default_factory=list)  # (logits, gate) per lap
     norms: list[Tensor] = field(default_factory=list)  # last stage: |x_t| per lap (diagnostic)
@@ -158,7 +156,7 @@ class PipelineStage:
                           state_seed=mb.state_seed)
         saved: dict = {"inputs": received or [], "handoffs": []}
         if self.first:
-            reads_e = model.cfg.loop_mode in READS_E
+            reads_e = model.family.reads_embedding
             if lap == 0 or (lap == self.grad_from and reads_e):  # the window's first lap: e
                 # again, with a graph
                 e = model.embed_stream(mb.ids, run)
@@ -172,7 +170,7 @@ class PipelineStage:
             x, h = received[0], (received[1] if len(received) > 1 else None)
         x = model.run_block(lap, x, h, run)
         if not self.last:
-            saved["out"] = [x, h] if ring_payload(model.cfg.loop_mode, lap, False) == 2 else [x]
+            saved["out"] = [x, h] if ring_payload(model, lap, False) == 2 else [x]
             return saved
         step = model.end_loop(lap, x, run)
         mb.norms.append(step.stream_norm())
@@ -331,10 +329,9 @@ class PipelineStage:
     def _message_count(self, piece: Piece) -> int:
         """Hidden-sized tensors in the message piece waits for (its input, or the gradient of
         its output)."""
-        mode = self.cfg.model.loop_mode
         if piece.kind == "F":
-            return ring_payload(mode, piece.lap, self.first)
-        return 1 if self.last else ring_payload(mode, piece.lap, False)
+            return ring_payload(self.model, piece.lap, self.first)
+        return 1 if self.last else ring_payload(self.model, piece.lap, False)
 
     def _post_recv(self, shape, device, piece: Piece) -> tuple[Tensor, dist.Work]:
         t = torch.empty((self._message_count(piece), *shape), device=device)

@@ -3,7 +3,7 @@
 The cost model charges each stage its forward + backward FLOPs per token (the model side
 computes it: pretrain/model/flops.py `stage_cost_model`; a lap without a graph -- truncated
 backprop -- costs its forward alone, a sampled R counts its expectation):
-  stage k: sum over its layers' laps (matmuls + attention) [+ prelude, adapter on stage 0]
+  stage k: sum over its layers' laps (matmuls + attention) [+ prelude, the family's modules on stage 0]
            [+ the coda, gate and LM heads of the steps the objective reads, on the last stage]
 `auto_split` picks the contiguous split minimising the most expensive stage (exact, by dynamic
 programming); an explicit `parallel.pipeline_split` is checked and reported the same way.
@@ -18,7 +18,7 @@ from functools import cache
 @dataclass(frozen=True)
 class StageCosts:
     """Forward + backward FLOPs per token (pretrain/model/flops.py `stage_cost_model`): one
-    block layer with all its laps, and what stage 0 (the prelude, huginn's adapter) and the
+    block layer with all its laps, and what stage 0 (the prelude, the loop family's modules) and the
     last stage (coda, gate, the LM heads read out) add."""
 
     per_layer: int

@@ -11,14 +11,16 @@ exactly the shards of the TP=1 model from seed s. The model code itself never le
   o_proj, down_proj       -> RowParallelLinear
   embed                   -> VocabParallelEmbedding, lm_head -> ColumnParallelLinear (vocab),
                              and every loop step's CE is megatron's vocab_parallel_cross_entropy
-  qk_bias (Huginn)        -> this rank's heads' share, like the q and k rows
-  gate, norms, adapter    -> replicated: with TP alone every rank computes the same values
+  qk_bias                 -> this rank's heads' share, like the q and k rows
+  gate, norms, the loop   -> replicated: with TP alone every rank computes the same values
+  family's modules
 
 With sequence parallelism the residual stream between TP regions is sharded along the sequence
 (megatron's all-gather / reduce-scatter replace the all-reduces); the exit gate's logits are
 all-gathered so every rank holds all of them, and the replicated norm and gate weights, which
 now see only a slice of the sequence, get their gradients summed over the TP group by a
-gradient hook (huginn's adapter too, and the model learns which slice it holds: `seq_shard`).
+gradient hook (the loop family's modules too, and the model learns which slice it holds:
+`seq_shard`).
 """
 
 from __future__ import annotations
@@ -159,8 +161,9 @@ def parallelize_tensor(model: LoopedModel, topo: Topology, sequence_parallel: bo
         gate.load_state_dict(model.gate.state_dict())
         model.gate = gate
         model.seq_shard = (topo.tp_rank, topo.tp)
+        replicated = ("gate.", *(f"{name}." for name in model.loop_modules))
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or name.startswith(("gate.", "adapter.")):
+            if name.endswith("norm.weight") or name.startswith(replicated):
                 p.sequence_parallel = True
                 # summed over TP as autograd produces it, before it reaches .grad: every
                 # backward pattern (pipeline pieces) and optimizer (ZeRO hooks) sees the sum

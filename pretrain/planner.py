@@ -77,9 +77,9 @@ from pretrain.fake_step import eager_ops
 from pretrain.hardware import Accelerator
 from pretrain.model.activations import Shard, layer_elements, saved_bytes
 from pretrain.model.flops import (
-    adapter_flops,
     count_parameters,
     layer_matmul_flops,
+    loop_flops,
     read_count,
     run_flops_per_token,
 )
@@ -257,7 +257,7 @@ def estimate(cfg: Config, lay: Layout, gpu: Accelerator, global_batch: int) -> E
     chunked = tr.loss_chunk_tokens > 0
     rate = 1.0 if tr.precision == "bf16" else TF32_RATE
     gemm = tokens * (layer_matmul_flops(m) * (passes + (2 + again) * passes_bwd) / t
-                     + adapter_flops(m) * (r + 2 * k))  # the adapter is replicated over TP
+                     + loop_flops(m) * (r + 2 * k))  # the family's modules: replicated over TP
     head = tokens * 2 * h * m.vocab_size * (reads + (2 + chunked) * reads_bwd) / t
     core_again = 1 if tr.recompute == "selective" else again
     attn = tokens * 2 * s * q * (passes + (2 + core_again) * passes_bwd) / t  # causal: half

@@ -64,7 +64,7 @@ def tiny_run(tmp_path_factory) -> Path:
 # the FLT authors' layer recipe (their init aside: zero output projections would hide bugs)
 FLT_RECIPE = ["model.sandwich_norm=false", "model.norm_weights=false", "model.qk_norm=true",
               "model.mlp=relu2", "model.logit_softcap=15", "model.rope_reverse=true"]
-LOOP_MODES = ("ouro", "lt", "lt_i", "lt_ia", "flt", "flt_res")
+LOOP_MODES = ("ouro", "lt", "lt_i", "lt_ia", "flt", "flt_res")  # huginn: its own variant below
 VARIANTS = {
     **{mode: [f"model.loop_mode={mode}"] for mode in LOOP_MODES},
     "flt_recipe": ["model.loop_mode=flt", *FLT_RECIPE],

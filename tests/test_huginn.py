@@ -81,13 +81,14 @@ def test_format_round_trip_is_exact_and_refuses_what_it_cannot_say():
 def test_the_state_is_drawn_from_its_seed_truncated_and_scaled():
     cfg, model = _model(*RELEASED)
     run = model.begin(_ids(), state_seed=9)
-    a, b = model.initial_state(run, torch.device("cpu")), model.initial_state(run, torch.device("cpu"))
+    draw = model.family.initial_state
+    a, b = draw(run, torch.device("cpu")), draw(run, torch.device("cpu"))
     assert torch.equal(a, b) and a.shape == (20, 2, H)
     std, scale = cfg.model.state_std, cfg.model.embed_scale
     assert a.abs().max() <= 3 * std * scale * (1 + 1e-6)  # cut at +-3 std, then scaled
     assert a.std().item() == pytest.approx(std * scale * 0.986, rel=0.05)  # truncated normal's std
     other = model.begin(_ids(), state_seed=10)
-    assert not torch.equal(a, model.initial_state(other, torch.device("cpu")))
+    assert not torch.equal(a, draw(other, torch.device("cpu")))
 
 
 def test_sampler_is_a_function_of_seed_and_step_with_huginns_mean():

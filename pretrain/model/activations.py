@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pretrain.model.families import family_class
 from pretrain.model.memory import MemoryPolicy
 
 
@@ -67,33 +68,24 @@ def layer_elements(m, tp: int, sp: bool, recompute_core: bool) -> tuple[float, f
     return hidden, attn + mlp
 
 
-def loop_extra_elements(m, tp: int, sp: bool, layers: int, first_layer: bool,
-                        last: bool, recomputed: bool) -> float:
-    """Per loop t > 1, what the loop mode adds per token on a stage holding `layers` layers
-    (the first of the block when `first_layer`; the readout too when `last`; the layers
-    `recomputed`): inputs built from e and h, queries from h."""
+@dataclass(frozen=True)
+class Widths:
+    """Per-token widths on one rank that a loop family's terms are made of (elements): h a
+    hidden-sized tensor, r a norm's rsqrt, q_norm the queries' attn_norm(h) net of the query
+    projection the core no longer keeps (0 inside a recomputed layer, which keeps its input only)."""
+
+    h: float
+    r: float
+    q_norm: float
+
+
+def widths(m, tp: int, sp: bool, recomputed: bool) -> Widths:
     h = m.hidden_size / (tp if sp else 1)
     r = 1 / (tp if sp else 1)
-    mode, w = m.loop_mode, m.norm_weights
     # attn_norm(h) for the queries; their projection's output is then no longer part of a
     # fused q|k|v that the core keeps (v), and rotation keeps none of it: - q
-    q_norm = _norm(h, r, w, True) - m.num_heads * m.kv_channels / tp
-    if recomputed:  # inside the recomputed layer: only its input h is kept (counted already)
-        q_norm = 0.0
-    if mode in ("ouro", "lt"):  # the input is the last loop's h, counted by its readout
-        return -h if (first_layer and last) else 0.0
-    if mode == "lt_i":
-        return (h + r) if first_layer else 0.0
-    if mode in ("lt", "lt_ia", "flt", "flt_res"):
-        extra = r if first_layer else 0.0  # nu(e) again
-        if mode == "lt_ia" and first_layer:
-            extra += q_norm
-        if mode == "flt":
-            extra += layers * q_norm
-        if mode == "flt_res":
-            extra += layers * (h + r)
-        return extra
-    return 0.0
+    q_norm = _norm(h, r, m.norm_weights, True) - m.num_heads * m.kv_channels / tp
+    return Widths(h, r, 0.0 if recomputed else q_norm)
 
 
 def readout_elements(m, tp: int, sp: bool, chunked: bool) -> tuple[float, float]:
@@ -122,17 +114,17 @@ def saved_bytes(cfg, micro_batch: int, policy: MemoryPolicy, shard: Shard = Shar
     h_bytes = m.hidden_size / (shard.tp if shard.sp else 1) * big
     # the prelude's and coda's layers: recomputed (their input kept) under `full` only
     outside = h_bytes if policy.recompute == "full" else full_layer
+    family = family_class(m.loop_mode)(m)
     total = 0.0
     for t in range(loops):
         again = policy.recomputes_layer(t, loops)
         total += layers * (h_bytes if again else full_layer)  # recomputed: the input only
-        if t > 0:
-            total += loop_extra_elements(m, shard.tp, shard.sp, layers, shard.first,
-                                         shard.last, again) * big
+        if t > 0:  # what the loop family adds per step (model/families/)
+            total += family.saved_per_loop(widths(m, shard.tp, shard.sp, again), layers,
+                                           shard.first, shard.last) * big
     if shard.first:
         total += 2 * 4 + m.prelude_layers * outside  # the ids (int64)
-        if m.loop_mode != "ouro":  # x_1 = nu(e): e and the rsqrt
-            total += h_bytes + 4 / (shard.tp if shard.sp else 1)
+        total += family.saved_first(widths(m, shard.tp, shard.sp, False)) * big
         total += m.kv_channels * big / micro_batch  # rope cos/sin rows of the sequence
     if shard.last:
         hidden_r, other_r = readout_elements(m, shard.tp, shard.sp, policy.chunk_rows > 0)

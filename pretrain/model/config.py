@@ -29,11 +29,9 @@ class ModelConfig:
     tie_embeddings: bool = False
     prelude_layers: int = 0  # unshared layers run once before the loop (Huginn-style)
     coda_layers: int = 0  # unshared layers run on every loop's output before the head
-    # how one loop hands over to the next (model/looped.py): the released Ouro function, or the
-    # Fully Looped Transformer paper's FLT / FLT_res and its baselines LT, LT_i, LT_ia
-    # Fully Looped Transformer paper's FLT / FLT_res and its baselines LT, LT_i, LT_ia, or
-    # Huginn-0125's recurrence x_t = Block(Adapter([x_{t-1}; e])) from a random state
-    loop_mode: Literal["ouro", "lt", "lt_i", "lt_ia", "flt", "flt_res", "huginn"] = "ouro"
+    # the loop family: how one loop hands over to the next (model/families/: ouro, the FLT
+    # paper's lt, lt_i, lt_ia, flt, flt_res, huginn, or any family registered by name)
+    loop_mode: str = "ouro"
     # how many loops a training step runs: `loops` every step, or Huginn's draw per step,
     # R = Poisson(LogNormal(ln(loops) - sigma^2/2, sigma)) + 1 (model/recurrence.py)
     loops_sampler: Literal["fixed", "poisson_lognormal"] = "fixed"
@@ -43,7 +41,7 @@ class ModelConfig:
     norm_between_loops: bool = True
     qk_bias: bool = False  # Huginn: a learned bias on every query and key head, before RoPE
     embed_scale: float = 1.0  # e = Embed(ids) * embed_scale (Huginn: sqrt(hidden_size))
-    # huginn mode: x_0 ~ truncated normal(0, state_std, cut at +-3 state_std) * embed_scale
+    # huginn: x_0 ~ truncated normal(0, state_std, cut at +-3 state_std) * embed_scale
     # (Huginn: state_std = sqrt(2 / (5 hidden_size))); 0: x_0 = 0
     state_std: float = 0.0
     qk_norm: bool = False  # FLT recipe: weightless RMSNorm of queries and keys after RoPE
@@ -88,8 +86,11 @@ def validate_model(m: ModelConfig) -> None:
     require(m.rope_theta > 0, "model.rope_theta", "must be > 0")
     require(m.norm_eps > 0, "model.norm_eps", "must be > 0")
     require(m.init_std > 0, "model.init_std", "must be > 0")
-    require(m.norm_between_loops or m.loop_mode == "ouro", "model.norm_between_loops",
-            f"false applies to loop_mode ouro only (the {m.loop_mode} mode defines its own handover)")
+    # imported here, not above: the families' modules build layers, which read this module
+    from pretrain.model.families import family_class, family_names
+    require(m.loop_mode in family_names(), "model.loop_mode",
+            f"expected one of {', '.join(map(repr, sorted(family_names())))}, got {m.loop_mode!r}")
+    family_class(m.loop_mode).check(m)
     require(m.sandwich_style == "ouro" or m.sandwich_norm, "model.sandwich_style",
             "huginn places the second norm of a sandwich: it needs model.sandwich_norm: true")
     require(m.embed_scale > 0, "model.embed_scale", f"must be > 0, got {m.embed_scale}")

@@ -5,7 +5,8 @@ from the code and a 2.6B config costs no memory. FLOPs are analytic, per token, 
 backward (= 3x forward): every matmul counts 2 FLOPs per multiply-add; attention scores and the
 weighted sum count 2 * 2 * seq_len * (heads * head_dim) per layer per loop (full sequence, the
 PaLM/Chinchilla convention); the LM head and exit gate run on every loop step read out; the
-prelude runs once, the coda once per readout, huginn's adapter (2H -> H) once per loop. With
+prelude runs once, the coda once per readout, a loop family's own modules (model/families/:
+huginn's adapter, 2H -> H) once per loop. With
 truncated backprop only the last k loop steps have a backward: a step without a graph costs
 its forward alone; a run with R drawn per step counts E[R] and E[k] (model/recurrence.py).
 Every loop mode costs the same: FLT's queries from h_{t-1} use the
@@ -20,6 +21,7 @@ import torch
 
 from parallelism.pipeline_balance import StageCosts, auto_split
 from pretrain.model.config import ModelConfig
+from pretrain.model.families import family_class
 from pretrain.model.looped import LoopedLM
 from pretrain.model.objective import readout_steps, trains_gate
 from pretrain.model.recurrence import expected_loops
@@ -33,9 +35,9 @@ def count_parameters(cfg: ModelConfig) -> dict[str, int]:
     if not cfg.tie_embeddings:
         embedding += model.lm_head.weight.numel()
     block = sum(p.numel() for p in model.block.parameters())
-    adapter = model.adapter.weight.numel() if model.adapter is not None else 0
-    # run every loop step: the block and huginn's adapter (the iso-depth law's N_rec)
-    recurrent = block + adapter
+    # run every loop step: the block and the family's modules (the iso-depth law's N_rec)
+    recurrent = block + sum(p.numel() for name in model.loop_modules
+                            for p in getattr(model, name).parameters())
     return {"total": total, "non_embedding": total - embedding, "embedding": embedding,
             "looped_block": block, "recurrent": recurrent,
             "once": total - embedding - recurrent}
@@ -59,9 +61,9 @@ def head_flops(cfg: ModelConfig) -> int:
     return 2 * cfg.hidden_size * cfg.vocab_size
 
 
-def adapter_flops(cfg: ModelConfig) -> int:
-    """Forward FLOPs per token of huginn's adapter, Linear(2H -> H), once per loop step."""
-    return 2 * 2 * cfg.hidden_size * cfg.hidden_size if cfg.loop_mode == "huginn" else 0
+def loop_flops(cfg: ModelConfig) -> int:
+    """Forward FLOPs per token of the loop family's own modules, once per loop step."""
+    return family_class(cfg.loop_mode)(cfg).loop_flops()
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, loops: float | None = None,
@@ -78,7 +80,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, loops: float | None = None,
     reads_bwd = min(reads, k)
     unshared = layer_matmul_flops(cfg) + attention_flops(cfg, seq_len)
     step = cfg.num_layers * (layer_matmul_flops(cfg) + attention_flops(cfg, seq_len)) \
-        + adapter_flops(cfg)
+        + loop_flops(cfg)
     readout = cfg.coda_layers * unshared + head_flops(cfg)
     forward = cfg.prelude_layers * unshared + r * step + reads * readout
     backward = 2 * (cfg.prelude_layers * unshared + k * step + reads_bwd * readout)
@@ -114,7 +116,7 @@ def stage_cost_model(cfg) -> StageCosts:
     laps, read_laps = r + 2 * k, reads + 2 * min(reads, k)
     unshared = layer_matmul_flops(m) + attention_flops(m, s)
     return StageCosts(per_layer=round(laps * (layer_matmul_flops(m) + attention_flops(m, s))),
-                      first=round(3 * m.prelude_layers * unshared + laps * adapter_flops(m)),
+                      first=round(3 * m.prelude_layers * unshared + laps * loop_flops(m)),
                       last=round(read_laps * (m.coda_layers * unshared + 2 * m.hidden_size
                                               + head_flops(m))))
 

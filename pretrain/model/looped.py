@@ -13,40 +13,14 @@ weightless RMSNorm, loop step t = 1..R runs
 `model.logit_softcap` c > 0: c tanh(logits / c)). `objective.py` turns the per-step logits and
 gates into the training loss.
 
-Loop modes -- how loop t hands over to loop t + 1:
-
-  ouro     x_1 = e, x_t = h_{t-1}. The released Ouro model (ByteDance/Ouro-1.4B,
-           modeling_ouro.py `OuroModel.forward`; arXiv 2510.25741 Sec. 3): `model.norm` is
-           applied at the end of every loop and the normalised state feeds the next loop, the
-           exit gate and the LM head.
-  lt       x_1 = nu(e), x_t = h_{t-1}: the plain looped transformer baseline.
-  lt_i     x_1 = nu(e), x_t = nu(e + h_{t-1}): additive input injection.
-  lt_ia    x_t = nu(e) every loop; on t > 1 the block's first layer takes its attention
-           queries from h_{t-1} (keys/values from the stream).
-  flt      x_t = nu(e) every loop; on t > 1 *every* layer takes its attention queries from
-           h_{t-1}, keys/values from the stream (the Fully Looped Transformer).
-  flt_res  x_t = nu(e) every loop; on t > 1 every layer first mixes x = nu(x + h_{t-1}), then
-           runs as a plain layer.
-
-  huginn   x_t = Adapter([x_{t-1}; e]) with x_0 a random state (the released Huginn-0125,
-           arXiv 2502.05171; seal-rg/recurrent-pretraining, recpre/raven_modeling_minimal.py
-           `iterate_forward`, `core_block_forward`, `initialize_state`): Adapter a Linear
-           2H -> H without bias, e = Prelude(Embed(ids) * embed_scale), x_0 ~ truncated
-           normal(0, state_std) * embed_scale (`LoopPass.state`; a caller may pass it in). The
-           raw block output x_t is handed over (no norm between recurrences); the readout is
-           theirs, N(Coda(N(x_t))) -> LMHead, and their objective reads the last step only
-           (`objective.kind: last`; configs/huginn-*.yaml also set their sandwich_style,
-           qk_bias, embed_scale, tied embeddings). Their RoPE rotates adjacent pairs (2i, 2i+1);
-           ours rotates (i, i + D/2): the same function after one fixed permutation of each
-           head's query/key rows, which their format's export/import applies (pretrain/hf.py).
-
-lt .. flt_res follow the FLT authors' code (Chen et al., arXiv 2605.18797; repository
-FuRuF-11/FullyLoopedTransformer, nanochat/gpt.py `GPT.forward`, `Block`, `Block_res`). Their
-norms are weightless; here nu is weightless and N, like the layers' norms, carries a learned
-scale unless `model.norm_weights: false` (the FLT configs set it false, so the function is
-theirs). Queries from h use the layer's own input norm (attn_norm(h)), which is their norm(h)
-when the norms are weightless. The FLT paper has no exit gate: its configs train the CE of the
-last / every / the last third of the loops (`objective.kind`), and the gate is left untrained.
+Loop families -- how loop t hands over to loop t + 1 (`model.loop_mode`) -- live one per
+module in pretrain/model/families/ (base.py: what a family decides): ouro (the released Ouro
+model), lt, lt_i, lt_ia, flt, flt_res (the Fully Looped Transformer paper's) and huginn
+(Huginn-0125's recurrence from a random state). The model asks its family (`self.family`) for
+the loop input, each block layer's input and the handover, and sets the family's extra modules
+(`loop_modules`) on itself under their names. The FLT paper has no exit gate: its configs train
+the CE of the last / every / the last third of the loops (`objective.kind`), and the gate is
+left untrained.
 
 What training keeps for backward (activation recompute, a deferred chunked readout) is the
 `MemoryPolicy` set by `set_memory` (model/memory.py); it changes no value.
@@ -54,17 +28,18 @@ What training keeps for backward (activation recompute, a deferred chunked reado
 One loop step is three methods, called in this order by every driver (training's `forward`,
 the circular pipeline, decoding): `loop_input` (x_t from e and what step t - 1 handed over),
 `run_block` (this module's slice of the block) and `end_loop` (norm, readout or none, handover).
-A loop mode lives in `loop_input` and `run_block` alone. The equations above count steps from
-1 as the papers do; code counts them from 0 (metric names from 1: `loop/ce_step1` is t = 0).
+The equations count steps from 1 as the papers do; code counts them from 0 (metric names
+from 1: `loop/ce_step1` is t = 0).
 
 Truncated backprop (`train.backprop_loops` k, model/recurrence.py): loop steps before the
 last k run without building a graph (`LoopPass.grad_from`); their readouts still enter the loss
 value, as constants.
 
 The model holds no process-group logic. `layer_offset` is the index of `block[0]` in the whole
-shared block: the circular pipeline keeps a slice of the layers on each stage, and lt_ia needs
-to know which layer is the first. `seq_shard` (index, count) is the slice of the sequence the
-stream between layers holds (sequence parallelism): huginn's state x_0 is drawn whole and cut.
+shared block: the circular pipeline keeps a slice of the layers on each stage, and a family's
+layer input may depend on the layer (lt_ia: the first). `seq_shard` (index, count) is the slice
+of the sequence the stream between layers holds (sequence parallelism): an initial state drawn
+for the whole sequence is cut to it.
 """
 
 from __future__ import annotations
@@ -77,7 +52,8 @@ from torch import Tensor, nn
 
 from core.model_interface import KVStore, NoKV, Rope
 from pretrain.model.config import ModelConfig
-from pretrain.model.layers import Attention, DecoderLayer, RMSNorm, rms_norm, rope_tables
+from pretrain.model.families import family_class
+from pretrain.model.layers import Attention, DecoderLayer, RMSNorm, rope_tables
 from pretrain.model.memory import DeferredLogits, MemoryPolicy, plain, recomputed
 
 
@@ -90,7 +66,7 @@ class LoopPass:
     loops: int  # R of this forward (may differ from model.loops: test-time compute)
     read_steps: range  # the loop steps (0-based) whose logits and gate are computed
     tokens: tuple[int, int]  # (S, B): the shape of one step's gate logits
-    state: Tensor | None = None  # huginn: x_0 [S, B, H], the whole sequence (None: drawn)
+    state: Tensor | None = None  # an initial state x_0 [S, B, H], the whole sequence (None: drawn)
     state_seed: int | None = None  # seeds the draw of x_0 (None: torch's default generator)
     grad_from: int = 0  # loop steps before this one build no graph (truncated backprop)
 
@@ -142,8 +118,11 @@ class LoopedLM(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.gate = nn.Linear(cfg.hidden_size, 1)
-        huginn = cfg.loop_mode == "huginn"
-        self.adapter = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False) if huginn else None
+        self.family = family_class(cfg.loop_mode)(cfg)
+        extra = self.family.modules()
+        for name, module in extra.items():
+            setattr(self, name, module)
+        self.loop_modules = tuple(extra)
         cos, sin = rope_tables(cfg.kv_channels, cfg.max_seq_len, cfg.rope_theta, cfg.rope_reverse)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -162,8 +141,8 @@ class LoopedLM(nn.Module):
         `flt` (the FLT authors' init_weights): embedding N(0, 1), LM head N(0, 0.001), the
         other input projections uniform with std 1/sqrt(hidden), output projections zero."""
         std, flt = self.cfg.init_std, self.cfg.init == "flt"
-        # the unrolled depth (Huginn's effective depth: the coda runs once after the last loop)
-        coda_runs = 1 if self.cfg.loop_mode == "huginn" else self.cfg.loops
+        # the unrolled depth (a family may run the coda once, after the last loop)
+        coda_runs = self.cfg.loops if self.family.coda_every_loop else 1
         depth = (self.cfg.prelude_layers + self.cfg.loops * self.cfg.num_layers
                  + coda_runs * self.cfg.coda_layers)
         out_std = std / math.sqrt(2 * max(depth, 1))
@@ -192,8 +171,8 @@ class LoopedLM(nn.Module):
               state: Tensor | None = None, state_seed: int | None = None) -> LoopPass:
         """What every loop step of one forward over ids [B, S] shares: positions start.., the KV
         store, the loop count (default model.loops), the steps read out (default all), how many
-        last steps build a graph (0: all) and huginn's x_0 (`state`, else drawn: from
-        `state_seed`, or from torch's default generator as the released code does)."""
+        last steps build a graph (0: all) and an initial state x_0 where the family starts from
+        one (`state`, else drawn from `state_seed`, or from torch's default generator)."""
         loops = loops or self.cfg.loops
         positions = torch.arange(start, start + ids.shape[1], device=ids.device)
         return LoopPass(rope=(self.rope_cos[positions], self.rope_sin[positions]),
@@ -201,20 +180,6 @@ class LoopedLM(nn.Module):
                         read_steps=range(loops) if read_steps is None else read_steps,
                         tokens=(ids.shape[1], ids.shape[0]), state=state, state_seed=state_seed,
                         grad_from=max(loops - backprop, 0) if backprop else 0)
-
-    def initial_state(self, run: LoopPass, device: torch.device) -> Tensor:
-        """Huginn's x_0: [S, B, H] truncated normal(0, state_std, +-3 state_std) times
-        embed_scale (zeros when state_std is 0), from a generator seeded with run.state_seed;
-        drawn on the stage that starts the loop, only there."""
-        x = torch.zeros((*run.tokens, self.cfg.hidden_size), device=device)
-        std = self.cfg.state_std
-        if std > 0:
-            gen = None
-            if run.state_seed is not None:
-                gen = torch.Generator(device=device).manual_seed(run.state_seed)
-            nn.init.trunc_normal_(x, 0.0, std, -3 * std, 3 * std, generator=gen)
-            x = x * self.cfg.embed_scale
-        return x
 
     def embed_stream(self, ids: Tensor, run: LoopPass) -> Tensor:
         """e = Prelude(Embed(ids) * embed_scale), ids [B, S] -> [S, B, H]."""
@@ -226,34 +191,17 @@ class LoopedLM(nn.Module):
     def loop_input(self, t: int, e: Tensor | None, h: Tensor | None,
                    run: LoopPass) -> tuple[Tensor, Tensor | None]:
         """The start of loop step t: (x_t, the h_{t-1} the layers read) from e and what step
-        t - 1 handed over (`LoopStep.handover`; huginn: run.state on step 0)."""
-        mode, eps = self.cfg.loop_mode, self.cfg.norm_eps
-        if mode == "huginn":
-            if t == 0:
-                state = run.state if run.state is not None else self.initial_state(run, e.device)
-                index, count = self.seq_shard
-                h = state.chunk(count)[index].to(e.dtype)
-            return self.adapter(torch.cat((h, e), dim=-1)), None
-        if t == 0:
-            return (e if mode == "ouro" else rms_norm(e, eps)), None
-        if mode in ("ouro", "lt"):
-            return h, None
-        if mode == "lt_i":
-            return rms_norm(e + h, eps), None
-        return rms_norm(e, eps), h
+        t - 1 handed over (`LoopStep.handover`; None on step 0)."""
+        return self.family.loop_input(self, t, e, h, run)
 
     def run_block(self, t: int, x: Tensor, h: Tensor | None, run: LoopPass) -> Tensor:
-        """This module's layers of the shared block on loop step t; h: h_{t-1} where the mode
+        """This module's layers of the shared block on loop step t; h: h_{t-1} where the family
         reads it."""
-        mode = self.cfg.loop_mode
         call = recomputed if self.memory.recomputes_layer(t, run.loops) else plain
         for i, layer in enumerate(self.block):
             q_input = None
             if h is not None:
-                if mode == "flt_res":
-                    x = rms_norm(x + h, self.cfg.norm_eps)
-                elif mode == "flt" or self.layer_offset + i == 0:
-                    q_input = h
+                x, q_input = self.family.layer_input(self.layer_offset + i, x, h)
             x, k, v = call(layer, x, *run.rope, q_input=q_input, **run.store.attn_inputs("block", t, i))
             run.store.save("block", t, i, k, v)
         return x
@@ -267,8 +215,8 @@ class LoopedLM(nn.Module):
             logits, gate = self._readout(h, t, run)
         else:  # not read out: no logits, NaN gate logits (the FLT objectives skip them)
             logits, gate = None, torch.full(run.tokens, float("nan"), device=x.device)
-        raw = self.cfg.loop_mode == "huginn" or not self.cfg.norm_between_loops
-        return LoopStep(x=x, h=h, logits=logits, gate_logits=gate, handover=x if raw else h)
+        return LoopStep(x=x, h=h, logits=logits, gate_logits=gate,
+                        handover=self.family.handover(x, h))
 
     def _readout(self, h: Tensor, t: int, run: LoopPass) -> tuple[Tensor | DeferredLogits, Tensor]:
         """Logits and exit-gate logit of loop step t from its state h_t = N(x_t)."""

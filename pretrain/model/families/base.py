@@ -1,0 +1,98 @@
+"""What a loop family is: how loop step t builds its input from the embedding stream e and
+what step t - 1 handed over, what each block layer reads besides the stream, what it hands
+over, its extra modules, and the terms the planner needs -- one subclass per family, registered
+by name (`model.loop_mode` picks one). The model (model/looped.py), the circular pipeline, tensor
+parallelism, FLOP and activation accounting ask the family; none of them names one.
+
+Adding a family is one module under pretrain/model/families/ (or anywhere imported before the
+config is read, a test file included): subclass `LoopFamily`, decorate it with `@register`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:  # the model and the activation widths are passed in, never imported here
+    from pretrain.model.activations import Widths
+    from pretrain.model.config import ModelConfig
+
+_FAMILIES: dict[str, type[LoopFamily]] = {}
+
+
+def register(cls: type[LoopFamily]) -> type[LoopFamily]:
+    """Class decorator: make `cls` the family named `cls.name` (a name is taken once)."""
+    if cls.name in _FAMILIES and _FAMILIES[cls.name] is not cls:
+        raise ValueError(f"loop family {cls.name!r} is registered twice")
+    _FAMILIES[cls.name] = cls
+    return cls
+
+
+def family_names() -> tuple[str, ...]:
+    return tuple(_FAMILIES)
+
+
+def family_class(name: str) -> type[LoopFamily]:
+    """The registered family `name` (KeyError: none; the config check names the choices)."""
+    return _FAMILIES[name]
+
+
+class LoopFamily:
+    """One looped model's recurrence. The defaults describe a family that restarts each loop
+    from what the last one handed over and adds nothing of its own."""
+
+    name: ClassVar[str]
+    reads_embedding: ClassVar[bool] = False  # later loops read e (pipeline stage 0 keeps it)
+    layers_read_state: ClassVar[bool] = False  # every layer reads h_{t-1} (it rides the ring)
+    hands_over_raw: ClassVar[bool] = False  # step t + 1 receives x_t, not h_t = N(x_t)
+    coda_every_loop: ClassVar[bool] = True  # the unrolled depth counts the coda per loop (init)
+
+    def __init__(self, cfg: ModelConfig):
+        self.cfg = cfg
+
+    @classmethod
+    def check(cls, m: ModelConfig) -> None:
+        """Refuse model fields this family cannot honour (core.config_schema.require)."""
+
+    def modules(self) -> dict[str, nn.Module]:
+        """Extra modules, set on the model under these names: the pipeline keeps them on the
+        stage that starts a lap (they build the loop input), tensor parallelism replicates
+        them, and they run on every loop step (the iso-depth law's recurrent parameters)."""
+        return {}
+
+    def loop_input(self, model: nn.Module, t: int, e: Tensor | None, h: Tensor | None,
+                   run) -> tuple[Tensor, Tensor | None]:
+        """(x_t, the h_{t-1} the block's layers read or None) at the start of loop step t
+        (0-based) from e and what step t - 1 handed over (None on step 0)."""
+        raise NotImplementedError
+
+    def layer_input(self, index: int, x: Tensor, h: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Before block layer `index` (of the whole block) on a step whose layers read h:
+        (the layer's stream input, the input of its attention queries or None: from x)."""
+        return x, None
+
+    def handover(self, x: Tensor, h: Tensor) -> Tensor:
+        """What loop step t + 1 receives from the block's output x_t and h_t = N(x_t)."""
+        return x if self.hands_over_raw or not self.cfg.norm_between_loops else h
+
+    def ring_tensors(self, lap: int) -> int:
+        """Hidden-sized tensors travelling between stages inside lap `lap` (x, and h_{t-1}
+        where every layer reads it)."""
+        return 2 if self.layers_read_state and lap > 0 else 1
+
+    def loop_flops(self) -> int:
+        """Forward FLOPs per token of the family's modules on one loop step: 2 per weight
+        (they are matmuls applied to every token); a family with other work overrides it."""
+        with torch.device("meta"):
+            return 2 * sum(p.numel() for mod in self.modules().values() for p in mod.parameters())
+
+    def saved_first(self, w: Widths) -> float:
+        """Elements per token that the first loop step's input keeps for backward (stage 0)."""
+        return 0.0
+
+    def saved_per_loop(self, w: Widths, layers: int, first_layer: bool, last: bool) -> float:
+        """Elements per token each loop step t > 1 keeps beyond its layers' own on a stage with
+        `layers` block layers (the block's first when `first_layer`; the readout when `last`)."""
+        return 0.0
