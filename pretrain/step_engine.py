@@ -189,7 +189,7 @@ class StepEngine:
 
     def evaluate(self, batches: Batches, readout: Readout) -> list | None:
         """`readout` of every micro-batch, forward only (None off the last pipeline stage);
-        huginn's initial states are seeded by (seed, micro-batch), the same every pass."""
+        a family's initial states are seeded by (seed, micro-batch), the same every pass."""
         self.model.eval()
         seeds = tuple(mixed_seed(self.cfg.train.seed, -1, self.dp_rank, i)
                       for i in range(len(batches)))

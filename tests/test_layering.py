@@ -39,3 +39,73 @@ def test_a_back_import_is_caught(tmp_path):
         "import torch\n\ndef f():\n    from pretrain.model.looped import LoopedLM\n")
     (tmp_path / "core/ok.py").write_text("import yaml\n")
     assert back_imports(tmp_path) == ["parallelism/pipeline.py:4 imports pretrain.model.looped"]
+
+
+# code that drives any loop family and so must name none (issue 35): a family is one module
+FAMILY_BLIND = ("core", "parallelism", "pretrain/step_engine.py", "pretrain/model/generate.py",
+                "pretrain/planner.py")
+
+
+def family_mentions(root: Path, names: set[str], modules: set[str]) -> list[str]:
+    """'file:line what' for each import of a family module, string constant (docstrings aside:
+    they cite papers) equal to a family's name or naming one of its modules' weights, and
+    identifier equal to a family's name or module."""
+    found = []
+    for where in FAMILY_BLIND:
+        path = root / where
+        for file in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            tree = ast.parse(file.read_text())
+            docs = {id(n.body[0].value) for n in ast.walk(tree)
+                    if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef)) and n.body
+                    and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+            for node in ast.walk(tree):
+                what = None
+                if isinstance(node, ast.ImportFrom) and "families" in (node.module or ""):
+                    what = f"imports {node.module}"
+                elif isinstance(node, ast.Import) and any("families" in a.name for a in node.names):
+                    what = "imports a family module"
+                elif (isinstance(node, ast.Constant) and isinstance(node.value, str)
+                      and id(node) not in docs
+                      and (node.value in names or node.value.split(".")[0] in modules)):
+                    what = f"names {node.value!r}"
+                elif isinstance(node, ast.Attribute) and node.attr in names | modules:
+                    what = f"names .{node.attr}"
+                elif isinstance(node, ast.Name) and node.id in names | modules:
+                    what = f"names {node.id}"
+                if what:
+                    found.append(f"{file.relative_to(root)}:{node.lineno} {what}")
+    return found
+
+
+def _family_words() -> tuple[set[str], set[str]]:
+    from pretrain.model.config import ModelConfig
+    from pretrain.model.families import family_class, family_names
+
+    names = set(family_names())
+    modules = {m for n in names for m in family_class(n)(ModelConfig(loop_mode=n)).modules()}
+    return names, modules
+
+
+def test_the_parallel_code_names_no_loop_family():
+    names, modules = _family_words()
+    assert {"ouro", "flt", "huginn"} <= names and "adapter" in modules
+    assert family_mentions(ROOT, names, modules) == []
+
+
+def test_a_family_mention_is_caught(tmp_path):
+    for where in FAMILY_BLIND:
+        (tmp_path / where).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "core").mkdir(exist_ok=True)
+    (tmp_path / "parallelism").mkdir(exist_ok=True)
+    (tmp_path / "core/a.py").write_text('"""huginn is cited here."""\nMODES = ("lt", "x")\n')
+    (tmp_path / "parallelism/b.py").write_text(
+        "from pretrain.model.families.huginn import Huginn\n"
+        "def f(model):\n    return model.adapter, 'adapter.weight'\n")
+    for where in ("pretrain/step_engine.py", "pretrain/model/generate.py", "pretrain/planner.py"):
+        (tmp_path / where).write_text("x = 1\n")
+    (tmp_path / "pretrain/planner.py").write_text("def f(cfg):\n    return cfg.loop_mode == 'flt'\n")
+    assert family_mentions(tmp_path, {"lt", "flt", "huginn"}, {"adapter"}) == [
+        "core/a.py:2 names 'lt'",
+        "parallelism/b.py:1 imports pretrain.model.families.huginn",
+        "parallelism/b.py:3 names .adapter", "parallelism/b.py:3 names 'adapter.weight'",
+        "pretrain/planner.py:2 names 'flt'"]

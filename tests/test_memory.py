@@ -88,11 +88,12 @@ def test_chunked_readout_keeps_no_logits():
     assert counts[0] - counts[16] >= logits  # all R steps' fp32 log-softmax are gone
 
 
-@pytest.mark.parametrize("variant", [*MODES, "flt_recipe_qk", "relu2_plain"])
+@pytest.mark.parametrize("variant", [*MODES, "huginn", "flt_recipe_qk", "relu2_plain"])
 @pytest.mark.parametrize("policy", ["none", "selective", "full", "loops-k1", "chunked"])
 def test_planner_predicts_saved_bytes(variant, policy):
-    """model/activations.py against the exact count, within 10%, for every loop mode, norm
-    and MLP variant and every policy (bench/activation_memory.py: a 25M model, TP, PP)."""
+    """model/activations.py against the exact count, within 10%, for every loop family, norm
+    and MLP variant and every policy (bench/activation_memory.py: a 25M model, TP, PP); the
+    forward reads out the steps the objective trains, as the step engine's does."""
     extra = {"flt_recipe_qk": [*VARIANTS["flt_recipe"], "model.qk_norm=true"],
              "relu2_plain": ["model.mlp=relu2", "model.sandwich_norm=false"]}
     cfg = tiny_config(*(extra.get(variant) or VARIANTS[variant]), "model.loops=4",
@@ -102,10 +103,10 @@ def test_planner_predicts_saved_bytes(variant, policy):
     model = LoopedLM(cfg.model)
     model.set_memory(pol)
     ids, labels = _batch(cfg)
+    steps = readout_steps(cfg.objective.kind, 4)
     with SavedForBackward(model.parameters()) as c:
-        compute_objective(cfg.objective, model(ids), labels)
-    reads = len(readout_steps(cfg.objective.kind, 4))
-    predicted = saved_bytes(cfg, 3, pol, read_count=reads)
+        compute_objective(cfg.objective, model(ids, read_steps=steps), labels)
+    predicted = saved_bytes(cfg, 3, pol, read_count=len(steps))
     assert abs(predicted / c.bytes - 1) < 0.10, (predicted, c.bytes)
 
 
