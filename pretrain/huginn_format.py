@@ -175,6 +175,7 @@ def model_overrides(hf: dict) -> list[Override]:
                  "tie_embeddings": hf["tie_embeddings"], "loop_mode": "huginn",
                  "sandwich_norm": True, "sandwich_style": "huginn",
                  "embed_scale": math.sqrt(h), "state_std": math.sqrt(2 / (5 * h)),
+                 "init_std": math.sqrt(2 / (5 * h)), "init": "huginn",
                  "loops_sampler": "poisson_lognormal"}
     except KeyError as e:
         raise ConfigError(f"config.json: missing field {e.args[0]!r}") from None

@@ -222,3 +222,40 @@ def test_flops_count_a_no_graph_recurrence_as_one_forward():
     mean_r, mean_k = expected_loops(sampled.model, 2)
     assert run_flops_per_token(sampled) == pytest.approx(
         3 * layer + mean_r * rec + 2 * mean_k * rec + 3 * head + 2 * h, rel=1e-12)
+
+
+def test_init_is_theirs():
+    """`model.init: huginn` draws as their `_init_weights`: truncated normals cut at +-3 std,
+    std = sqrt(2 / (5 H)) for the embedding, q|k|v, the MLP's gate half and the adapter, and
+    std / sqrt(2 * effective depth) -- prelude + R x block + coda -- for the output projections
+    and the MLP's up half. A truncated normal's std is 0.98658 of its parameter's; each sample
+    holds >= 16k values, so the sample std sits within ~1% of it (4.4 standard errors at 2%)."""
+    h, f = 128, 512
+    cfg = tiny_config("model.loop_mode=huginn", f"model.hidden_size={h}",
+                      f"model.ffn_hidden_size={f}", "model.prelude_layers=2",
+                      "model.coda_layers=2", "model.num_layers=4", "model.loops=8",
+                      "model.init=huginn", f"model.init_std={math.sqrt(2 / (5 * h))}")
+    model = LoopedLM(cfg.model)
+    std = math.sqrt(2 / (5 * h))
+    out = std / math.sqrt(2 * (2 + 8 * 4 + 2))
+    layer = model.block[1]
+    gate, up = layer.mlp.gate_up_proj.weight.detach().chunk(2)
+    samples = {"embed": (model.embed.weight, std), "qkv": (layer.attn.qkv_proj.weight, std),
+               "adapter": (model.adapter.weight, std), "gate half": (gate, std),
+               "up half": (up, out), "o_proj": (layer.attn.o_proj.weight, out),
+               "down_proj": (layer.mlp.down_proj.weight, out)}
+    for name, (w, sd) in samples.items():
+        w = w.detach()
+        assert w.abs().max() <= 3 * sd, name
+        assert w.std().item() == pytest.approx(0.98658 * sd, rel=0.02), name
+    default = LoopedLM(tiny_config("model.loop_mode=huginn", f"model.hidden_size={h}",
+                                   f"model.ffn_hidden_size={f}").model)
+    assert default.embed.weight.abs().max() > 3 * 0.02  # `normal` is untruncated
+
+
+def test_import_keeps_their_init():
+    from pretrain.huginn_format import model_overrides
+
+    c = huginn_config(tiny_config(*RELEASED))
+    got = dict(model_overrides(c))
+    assert got["model.init"] == "huginn" and got["model.init_std"] == pytest.approx(math.sqrt(2 / (5 * H)))

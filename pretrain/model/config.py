@@ -48,7 +48,8 @@ class ModelConfig:
     norm_weights: bool = True  # False: RMSNorm without a learned scale (FLT recipe)
     mlp: Literal["swiglu", "relu2"] = "swiglu"  # relu2: down(relu(up(x))^2) (FLT recipe)
     logit_softcap: float = 0.0  # > 0: logits = c tanh(logits / c) (FLT recipe: 15)
-    init: Literal["normal", "flt"] = "normal"  # flt: the FLT authors' initialisation
+    # flt: the FLT authors' initialisation; huginn: Huginn-0125's (model/looped.py)
+    init: Literal["normal", "flt", "huginn"] = "normal"
     dropout: float = 0.0
     init_std: float = 0.02
 

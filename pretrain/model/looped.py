@@ -138,8 +138,11 @@ class LoopedLM(nn.Module):
 
     def reset_parameters(self) -> None:
         """`normal`: N(0, init_std), residual output projections shrunk by the unrolled depth.
-        `flt` (the FLT authors' init_weights): embedding N(0, 1), LM head N(0, 0.001), the
-        other input projections uniform with std 1/sqrt(hidden), output projections zero."""
+        `huginn` (Huginn-0125's `_init_weights`, raven_modeling_minimal.py): the same stds as
+        normals truncated at +-3 std, and the MLP's up half (their fc's second chunk) at the
+        output projections' std. `flt` (the FLT authors' init_weights): embedding N(0, 1), LM
+        head N(0, 0.001), the other input projections uniform with std 1/sqrt(hidden), output
+        projections zero."""
         std, flt = self.cfg.init_std, self.cfg.init == "flt"
         # the unrolled depth (a family may run the coda once, after the last loop)
         coda_runs = self.cfg.loops if self.family.coda_every_loop else 1
@@ -147,21 +150,32 @@ class LoopedLM(nn.Module):
                  + coda_runs * self.cfg.coda_layers)
         out_std = std / math.sqrt(2 * max(depth, 1))
         bound = math.sqrt(3 / self.cfg.hidden_size)
+
+        def normal(t: Tensor, sd: float) -> None:
+            if self.cfg.init == "huginn":
+                nn.init.trunc_normal_(t, 0.0, sd, -3 * sd, 3 * sd)
+            else:
+                nn.init.normal_(t, 0.0, sd)
+
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 nn.init.ones_(p)
             elif name == "gate.bias" or name.endswith("qk_bias"):
                 nn.init.zeros_(p)
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
-                nn.init.zeros_(p) if flt else nn.init.normal_(p, 0.0, out_std)
+                nn.init.zeros_(p) if flt else normal(p, out_std)
             elif flt and name == "embed.weight":
                 nn.init.normal_(p, 0.0, 1.0)
             elif flt and name == "lm_head.weight":
                 nn.init.normal_(p, 0.0, 0.001)
             elif flt and name.endswith("_proj.weight"):
                 nn.init.uniform_(p, -bound, bound)
+            elif self.cfg.init == "huginn" and name.endswith("gate_up_proj.weight"):
+                gate, up = p.data.chunk(2)
+                normal(gate, std)
+                normal(up, out_std)
             else:
-                nn.init.normal_(p, 0.0, std)
+                normal(p, std)
 
     # -- one forward pass, loop step by loop step (the circular pipeline runs the pieces on
     # different stages; decoding runs them against a KV cache) -------------------------------
