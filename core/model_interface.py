@@ -126,3 +126,9 @@ class LoopedModel(Protocol):
     def run_block(self, t: int, x: Tensor, h: Tensor | None, run: LoopPass) -> Tensor: ...
 
     def end_loop(self, t: int, x: Tensor, run: LoopPass) -> LoopStep: ...
+
+    def output(self, logits: list, gate_logits: Tensor, hidden_norm: Tensor) -> object:
+        """The one output type of a forward, from every step's logits (None: not read out),
+        gate logits [R, S, B] and stream norms [R]: what the local forward returns and what
+        the pipeline's last stage hands the objective."""
+        ...

@@ -53,9 +53,9 @@ from parallelism.pipeline_schedule import Piece, schedule
 from parallelism.timing import DeviceClock
 from parallelism.topology import Topology
 
-# the last stage's end of a microbatch: (logits per step (None: not read out), gate logits
-# [R, S, B], |x_t| per step [R], labels) -> the objective's output (it has a `.loss`)
-Objective = Callable[[list[Tensor | None], Tensor, Tensor, Tensor], Any]
+# the last stage's end of a microbatch: (the model's output, as its local forward returns it
+# -- `LoopedModel.output` --, labels) -> the objective's result (it has a `.loss`)
+Objective = Callable[[Any, Tensor], Any]
 
 
 def ring_payload(model: LoopedModel, lap: int, to_first: bool) -> int:
@@ -180,10 +180,10 @@ class PipelineStage:
             saved["handoffs"].extend(t for t in mb.steps[-1] if t is not None)
             saved["out"] = [step.handover]
             return saved
-        mb.result = objective(
+        mb.result = objective(model.output(
             [None if st[0] is None else st[0].value for st in mb.steps] + [step.logits],
             torch.stack([st[1].leaf for st in mb.steps] + [step.gate_logits]),
-            torch.stack(mb.norms), mb.labels)
+            torch.stack(mb.norms)), mb.labels)
         if torch.is_grad_enabled():
             saved["loss"] = mb.result.loss * scale
         return saved

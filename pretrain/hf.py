@@ -60,7 +60,8 @@ _TOP = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.
 OURO_FORMAT = {"loop_mode": "ouro", "norm_between_loops": True, "prelude_layers": 0,
                "coda_layers": 0, "sandwich_norm": True, "qk_norm": False, "norm_weights": True,
                "mlp": "swiglu", "logit_softcap": 0.0, "rope_reverse": False,
-               "sandwich_style": "ouro", "qk_bias": False, "embed_scale": 1.0}
+               "sandwich_style": "ouro", "qk_bias": False, "embed_scale": 1.0,
+               "residual_scale": 0.0}
 
 
 def _check_exportable(m: ModelConfig) -> None:

@@ -46,7 +46,7 @@ _SEGMENTS = {"prelude": "prelude", "block": "core_block", "coda": "coda"}
 # every model field their format fixes, and the value it fixes it to
 _FIXED = {"loop_mode": "huginn", "sandwich_norm": True, "sandwich_style": "huginn",
           "qk_norm": False, "norm_weights": True, "mlp": "swiglu", "logit_softcap": 0.0,
-          "rope_reverse": False, "head_dim": 0}
+          "rope_reverse": False, "head_dim": 0, "residual_scale": 0.0}
 
 
 def _check(m: ModelConfig) -> None:

@@ -17,6 +17,7 @@ import socket
 import time
 from pathlib import Path
 
+from pretrain.checkpoint.store import set_aside
 from pretrain.config import ConfigError
 
 LOCK = ".lock"
@@ -29,12 +30,7 @@ def move_aside(path: Path) -> Path:
     if not path.name or path.resolve() == here or path.resolve() in here.parents:
         raise ConfigError(f"{path}: refused to move it aside: it is the current directory, one "
                           "above it, or the root; name a directory of its own for the output")
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    aside, n = path.with_name(f"{path.name}.old-{stamp}"), 1
-    while aside.exists():
-        aside, n = path.with_name(f"{path.name}.old-{stamp}-{n}"), n + 1
-    path.rename(aside)
-    return aside
+    return set_aside(path, "old-" + time.strftime("%Y%m%d-%H%M%S"))
 
 
 def claim_output(path: str | Path, overwrite: bool, what: str) -> str | None:

@@ -69,14 +69,6 @@ class LocalPass:
                 for (inputs, labels), seed in zip(batches, seeds, strict=True)]
 
 
-def at_last_lap(readout: Readout):
-    """`readout` as the pipeline calls it on the last stage after lap R (parallelism/pipeline.py
-    `Objective`: the pieces of a LoopedOutput, then the labels)."""
-    def call(logits, gates, norms, labels):
-        return readout(LoopedOutput(logits, gates, norms), labels)
-    return call
-
-
 class PipelinePass:
     """The circular pipeline: this stage's pieces of every micro-batch (parallelism/pipeline.py).
     Its backward runs inside the schedule; the result lives on the last stage (None elsewhere)."""
@@ -86,11 +78,11 @@ class PipelinePass:
 
     def train(self, batches: Batches, objective: Readout, backward: Callable[[Tensor], None],
               plan: LoopPlan):
-        out = self.stage.run(batches, self.schedule, at_last_lap(objective), plan)
+        out = self.stage.run(batches, self.schedule, objective, plan)
         return out, (out.loss if out is not None else torch.zeros((), device=batches[0][0].device))
 
     def evaluate(self, batches: Batches, readout: Readout, seeds: tuple[int, ...]) -> list | None:
-        return self.stage.evaluate(batches, at_last_lap(readout), seeds)
+        return self.stage.evaluate(batches, readout, seeds)
 
 
 class PlainUpdate:

@@ -200,3 +200,33 @@ def test_rope_tables_are_the_releases_fp32_tables(head_dim, theta):
     wide = torch.arange(4096, dtype=torch.float64)[:, None] * (
         theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))[None, :]
     assert (wide.cos().float() - cos).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("style", ["ouro", "huginn", "plain"])
+def test_residual_scale_scales_each_block_branch(style):
+    """model.residual_scale lambda (arXiv 2606.18524): each residual branch of the shared block
+    adds epsilon f(x), epsilon = lambda / (R sqrt(L)) -- written out here per sandwich style --
+    and the prelude and coda stay unscaled."""
+    extra = {"ouro": [], "huginn": ["model.sandwich_style=huginn"],
+             "plain": ["model.sandwich_norm=false"]}[style]
+    cfg = tiny_config(*extra, "model.residual_scale=2.0", "model.loops=3", "model.num_layers=4",
+                      "model.prelude_layers=1")
+    model = LoopedLM(cfg.model)
+    eps = 2.0 / (3 * 2.0)
+    assert [layer.branch_scale for layer in model.block] == [eps] * 4
+    assert model.prelude[0].branch_scale == 1.0
+    layer = model.block[1]
+    x = torch.randn(5, 2, cfg.model.hidden_size, generator=torch.Generator().manual_seed(0))
+    cos, sin = model.rope_cos[:5], model.rope_sin[:5]
+    with torch.no_grad():
+        a = layer.attn(layer.attn_norm(x), cos, sin)[0]
+        if style == "ouro":
+            y = x + eps * layer.attn_post_norm(a)
+            want = y + eps * layer.mlp_post_norm(layer.mlp(layer.mlp_norm(y)))
+        elif style == "huginn":
+            y = layer.attn_post_norm(x + eps * a)
+            want = layer.mlp_post_norm(y + eps * layer.mlp(layer.mlp_norm(y)))
+        else:
+            y = x + eps * a
+            want = y + eps * layer.mlp(layer.mlp_norm(y))
+        assert torch.equal(layer(x, cos, sin)[0], want)

@@ -14,7 +14,7 @@ from pretrain.config import Config, ConfigError, load_config
 ARCHITECTURE = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
                 "head_dim", "ffn_hidden_size", "sandwich_norm", "tie_embeddings",
                 "prelude_layers", "coda_layers", "loop_mode", "qk_norm", "norm_weights", "mlp",
-                "rope_reverse", "norm_between_loops")
+                "rope_reverse", "norm_between_loops", "residual_scale")
 
 
 def incompatibility(saved: Config, cfg: Config) -> str | None:

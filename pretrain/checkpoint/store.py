@@ -61,8 +61,8 @@ def incomplete(root: Path) -> list[Path]:
 
 
 def set_aside(d: Path, why: str) -> Path:
-    """Rename a checkpoint out of the run's sight (`step_N.<why>`, a suffix if taken): no
-    resume picks it, no pruning removes it; the user decides."""
+    """Rename `d` to `<d>.<why>` (a suffix if taken); the new name. A checkpoint so named is
+    out of the run's sight: no resume picks it, no pruning removes it; the user decides."""
     aside, n = d.with_name(f"{d.name}.{why}"), 1
     while aside.exists():
         aside, n = d.with_name(f"{d.name}.{why}-{n}"), n + 1

@@ -52,6 +52,10 @@ class ModelConfig:
     init: Literal["normal", "flt", "huginn"] = "normal"
     dropout: float = 0.0
     init_std: float = 0.02
+    # lambda > 0: every residual branch of the shared block adds epsilon f(x), epsilon = lambda /
+    # (loops sqrt(num_layers)) (arXiv 2606.18524: the best lr then depends on num_layers only,
+    # not on R); 0: off (every released model)
+    residual_scale: float = 0.0
 
     @property
     def kv_channels(self) -> int:
@@ -97,6 +101,7 @@ def validate_model(m: ModelConfig) -> None:
     require(m.embed_scale > 0, "model.embed_scale", f"must be > 0, got {m.embed_scale}")
     require(m.state_std >= 0, "model.state_std", f"must be >= 0, got {m.state_std}")
     require(m.loops_sigma > 0, "model.loops_sigma", f"must be > 0, got {m.loops_sigma}")
+    require(m.residual_scale >= 0, "model.residual_scale", f"must be >= 0, got {m.residual_scale}")
     require(m.logit_softcap >= 0, "model.logit_softcap", f"must be >= 0, got {m.logit_softcap}")
 
 

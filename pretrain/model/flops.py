@@ -1,4 +1,4 @@
-"""Parameter and FLOP accounting for `pretrain params` (and, later, MFU and the planner).
+"""Parameter and FLOP accounting: `pretrain params`, MFU, the planner and the pipeline balance.
 
 Parameters are counted on a meta-device instance of the real model, so the count cannot drift
 from the code and a 2.6B config costs no memory. FLOPs are analytic, per token, forward plus

@@ -202,6 +202,7 @@ class DecoderLayer(nn.Module):
         self.mlp_post_norm = norm() if cfg.sandwich_norm else None
         self.drop = nn.Dropout(cfg.dropout)
         self.norm_sum = cfg.sandwich_style == "huginn"
+        self.branch_scale = 1.0  # epsilon of x + epsilon f(x) (model.residual_scale; looped.py)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, q_input: Tensor | None = None,
                 **kv) -> tuple[Tensor, Tensor, Tensor]:
@@ -212,7 +213,11 @@ class DecoderLayer(nn.Module):
 
     def _residual(self, x: Tensor, branch: Tensor, post_norm: RMSNorm | None) -> Tensor:
         if post_norm is None:
-            return x + self.drop(branch)
+            return x + self._scaled(self.drop(branch))
         if self.norm_sum:
-            return post_norm(x + self.drop(branch))
-        return x + self.drop(post_norm(branch))
+            return post_norm(x + self._scaled(self.drop(branch)))
+        return x + self._scaled(self.drop(post_norm(branch)))
+
+    def _scaled(self, branch: Tensor) -> Tensor:
+        """What the residual adds: the branch, times epsilon where one is set."""
+        return branch if self.branch_scale == 1.0 else branch * self.branch_scale

@@ -10,8 +10,10 @@ weightless RMSNorm, loop step t = 1..R runs
     logits_t = LMHead(h_t),  lambda_t = sigmoid(w . h_t + b)      (exit gate, per token)
 
 (with coda layers the readout is N(Coda(h_t)); logits are soft-capped when
-`model.logit_softcap` c > 0: c tanh(logits / c)). `objective.py` turns the per-step logits and
-gates into the training loss.
+`model.logit_softcap` c > 0: c tanh(logits / c)). `model.residual_scale` lambda > 0 scales
+every residual branch of the block, x + epsilon f(x) with epsilon = lambda / (R sqrt(N_layers))
+at the configured R (arXiv 2606.18524; an option, in no released model). `objective.py` turns
+the per-step logits and gates into the training loss.
 
 Loop families -- how loop t hands over to loop t + 1 (`model.loop_mode`) -- live one per
 module in pretrain/model/families/ (base.py: what a family decides): ouro (the released Ouro
@@ -96,11 +98,6 @@ class LoopedOutput:
     gate_logits: Tensor  # [R, S, B]; lambda_t = sigmoid(gate_logits[t]) (NaN: not read out)
     hidden_norm: Tensor | None = None  # [R] mean L2 norm of the block output x_t (detached)
 
-    @classmethod
-    def of(cls, steps: list[LoopStep]) -> LoopedOutput:
-        return cls(logits=[s.logits for s in steps],
-                   gate_logits=torch.stack([s.gate_logits for s in steps]),
-                   hidden_norm=torch.stack([s.stream_norm() for s in steps]))
 
 
 class LoopedLM(nn.Module):
@@ -112,6 +109,9 @@ class LoopedLM(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.prelude = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.prelude_layers))
         self.block = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        if cfg.residual_scale > 0:  # the training R and the unique depth fix epsilon
+            for layer in self.block:
+                layer.branch_scale = cfg.residual_scale / (cfg.loops * math.sqrt(cfg.num_layers))
         self.coda = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.coda_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.norm_weights)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -277,4 +277,10 @@ class LoopedLM(nn.Module):
                 step = self.end_loop(t, self.run_block(t, x, h_read, run), run)
             steps.append(step)
             handover = step.handover
-        return LoopedOutput.of(steps)
+        return self.output([s.logits for s in steps], torch.stack([s.gate_logits for s in steps]),
+                           torch.stack([s.stream_norm() for s in steps]))
+
+    def output(self, logits: list, gate_logits: Tensor, hidden_norm: Tensor) -> LoopedOutput:
+        """The forward's result from its steps' pieces (the pipeline's last stage builds the
+        same from the laps it ran)."""
+        return LoopedOutput(logits, gate_logits, hidden_norm)

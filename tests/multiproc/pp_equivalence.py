@@ -24,7 +24,6 @@ from pretrain.config import ConfigError
 from pretrain.model.looped import LoopedLM
 from pretrain.model.memory import MemoryPolicy
 from pretrain.model.objective import compute_objective, readout_steps, token_cross_entropy
-from pretrain.step_engine import at_last_lap
 from pretrain.train import Trainer
 from tests.conftest import PARALLEL_VARIANTS, tiny_config
 from tests.conftest import VARIANTS as ALL_VARIANTS
@@ -72,8 +71,8 @@ def one_case(topo, loops, m, kind, variant, split, sp, backprop=0) -> dict:
     keep_stage(stage, split, topo.pp_rank)
     pipe = PipelineStage(stage, topo, cfg, lambda r: readout_steps(cfg.objective.kind, r))
     plan = LoopPlan(loops, backprop or loops, tuple(range(100, 100 + m)))
-    out = pipe.run(batches, kind, at_last_lap(
-        lambda o, lb: compute_objective(cfg.objective, o, lb, ce or token_cross_entropy)), plan)
+    out = pipe.run(batches, kind,
+                   lambda o, lb: compute_objective(cfg.objective, o, lb, ce or token_cross_entropy), plan)
     reads = readout_steps(cfg.objective.kind, loops)
     total = sum(compute_objective(cfg.objective, ref(ids, read_steps=reads, backprop=plan.backprop,
                                                      state_seed=seed), labels).loss
