@@ -38,6 +38,7 @@ from pretrain.hardware import memory_gb, peak_flops
 from pretrain.model.flops import run_flops_per_token
 from pretrain.model.looped import LoopedLM
 from pretrain.optim import lr_at, set_lr, warmup_notice
+from pretrain.run_dir import RunLock
 from pretrain.step_engine import build_engine
 
 
@@ -103,6 +104,7 @@ class Trainer:
         self.checkpointer = Checkpointer(self.out_dir / "checkpoints", self.topo,
                                          cfg.train.keep_last, cfg.train.async_checkpoint, self.log)
         self.saved_step = -1
+        self.run_lock: RunLock | None = None  # the CLI's, else taken by fit() while it saves
         self.flops_per_token = run_flops_per_token(cfg)
         peak, why = peak_flops(self.device, cfg.train.peak_flops)
         self.peak_flops = None if peak is None else peak * self.topo.world  # None: MFU unknown
@@ -283,10 +285,16 @@ class Trainer:
                  f"x pipeline {lay['pipeline']} x data {lay['data']})")
 
     def fit(self, save: bool = True) -> RunSummary:
-        """Train to train.max_steps; `save=False` runs without the checkpointing callback."""
+        """Train to train.max_steps; `save=False` runs without the checkpointing callback.
+        A run that saves holds train.out_dir's lock (pretrain/run_dir.py) while it trains: the
+        caller's (`run_lock`, the CLI's), else its own."""
         t = self.cfg.train
         if not save:
             self.callbacks = [cb for cb in self.callbacks if not isinstance(cb, Checkpointing)]
+        own_lock = save and self.topo.is_main and self.run_lock is None
+        if own_lock:
+            self.run_lock = RunLock(self.out_dir)
+            self.run_lock.acquire()
         if self.topo.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             with open_no_link(self.out_dir / "config.yaml") as fh:
@@ -311,6 +319,9 @@ class Trainer:
                 cb.on_fit_end(self)
             ckpt = self.checkpointer.wait() if save else None
             self.checkpointer.close()
+            if own_lock:
+                self.run_lock.release()
+                self.run_lock = None
         history = self.history
         if history:
             self.log(summary_table(history, self.tokens_per_step, self.cfg.model.loops))

@@ -19,6 +19,7 @@ import pytest
 from core.exit_codes import EXIT_CONFIG, EXIT_PREEMPTED, PREEMPTED_MARKER
 from pretrain.checkpoint import store
 from pretrain.cli import main
+from pretrain.config import ConfigError
 from pretrain.run_dir import RunLock
 from pretrain.status import losses_by_step
 from tests.conftest import ROOT
@@ -110,6 +111,28 @@ def test_a_live_job_holds_the_run_directory_and_a_dead_ones_lock_is_taken_over(t
     lock.acquire()  # released at the end of the run above
     assert json.loads((run / ".lock").read_text())["pid"] == os.getpid()
     lock.release()
+
+
+def test_a_trainer_fit_from_python_holds_the_lock_too(tmp_path):
+    """`Trainer(cfg).fit()` without the CLI takes train.out_dir's lock while it saves: a second
+    writer is refused in one line before any step; `fit(save=False)` writes nothing and takes
+    none; the lock is free again after the run."""
+    from pretrain.train import Trainer
+    from tests.conftest import tiny_config
+
+    run = tmp_path / "run"
+    cfg = tiny_config("train.max_steps=2", "train.log_every=1", out_dir=run)
+    other = RunLock(run)
+    other.acquire()
+    with pytest.raises(ConfigError, match="another live job is running in this run directory"):
+        Trainer(cfg, log=None, tensorboard=False).fit()
+    assert not (run / "checkpoints").exists()
+    Trainer(cfg, log=None, tensorboard=False).fit(save=False)
+    other.release()
+    trainer = Trainer(cfg, log=None, tensorboard=False)
+    assert trainer.fit().steps == 2 and trainer.run_lock is None
+    other.acquire()  # free after the run
+    other.release()
 
 
 def test_resume_auto_falls_back_past_a_damaged_newest_checkpoint(tmp_path, capsys):

@@ -66,7 +66,7 @@ def _run(cfg, args: argparse.Namespace, signals) -> int:
           f"{trainer.topo.tp} x pipeline {trainer.topo.pp} x data {trainer.topo.dp}")
     say(describe(cfg, trainer.device, trainer.optimizer, trainer.topo.dp))
     resume = args.resume or ("auto" if "SLURM_JOB_ID" in os.environ else "none")
-    lock = _own_run_dir(trainer, resume, args.overwrite)
+    lock = trainer.run_lock = _own_run_dir(trainer, resume, args.overwrite)
     try:
         if resume != "none":
             trainer.resume(resume)
