@@ -31,3 +31,10 @@ def open_no_link(path: str | Path, append: bool = False):
                               "through one)") from None
         raise ConfigError(f"{path}: cannot write ({e.strerror})") from None
     return os.fdopen(fd, "a" if append else "w")
+
+
+def new_file_mode() -> int:
+    """The mode a file created now gets by default: 0666 less this process's umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask

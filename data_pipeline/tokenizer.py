@@ -35,6 +35,33 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out: str | Path,
     return tok
 
 
+def _byte_chars() -> list[str]:
+    """The printable character byte-level tokenizers show for each byte 0..255: the byte's own
+    character where it is printable Latin-1, else chr(256 + n) in byte order (GPT-2's table,
+    which `pre_tokenizers.ByteLevel` applies)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+            *range(ord("\xae"), ord("\xff") + 1)]
+    chars, extra = [], 0
+    for b in range(256):
+        if b in keep:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
+
+
+def byte_tokenizer(eos_token: str = EOS_TOKEN) -> Tokenizer:
+    """Our byte-level ids (a UTF-8 byte b is id b, EOS 256: pretrain/data.py `ByteTokenizer`)
+    as a `tokenizers` file, so a byte-level model exports a tokenizer transformers loads."""
+    vocab = {c: b for b, c in enumerate(_byte_chars())}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([eos_token])
+    return tok
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
     p = Path(path)
     if not p.is_file():

@@ -45,7 +45,8 @@ class TrainConfig:
     out_dir: str = "runs/default"
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    checkpoint_every: int = 0  # steps between sharded checkpoints; 0: only at the end
+    checkpoint_every: int = 0  # steps between sharded checkpoints; 0: by time and at the end
+    checkpoint_minutes: float = 30.0  # a checkpoint once this long since the last; 0: never
     keep_last: int = 3  # complete checkpoints kept on disk; 0: all
     async_checkpoint: bool = False  # write checkpoints in the background while training goes on
     peak_flops: float = 0.0  # per device, for MFU; 0: the GPU table, or measured on a CPU
@@ -108,7 +109,7 @@ def validate_train(t: TrainConfig, max_seq_len: int) -> None:
     require(t.seq_len <= max_seq_len, "train.seq_len",
             f"{t.seq_len} exceeds model.max_seq_len {max_seq_len}")
     require(bool(t.out_dir), "train.out_dir", "must not be empty")
-    for name in ("checkpoint_every", "keep_last", "eval_every"):
+    for name in ("checkpoint_every", "checkpoint_minutes", "keep_last", "eval_every"):
         require(getattr(t, name) >= 0, f"train.{name}", f"must be >= 0, got {getattr(t, name)}")
     require(t.eval_tokens >= t.seq_len, "train.eval_tokens",
             f"must be >= train.seq_len {t.seq_len}, got {t.eval_tokens}")

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from core.config_schema import Override
+from core.durable import new_file_mode
 from core.weight_layout import FUSED_BLOCKS, split_for
 from pretrain.config import Config, ConfigError, ModelConfig, dump_config
 from pretrain.huginn_format import from_huginn, huginn_config, to_huginn
@@ -150,11 +151,11 @@ def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
     directory renamed onto `out_dir` at the end, so a failure leaves no half export."""
     from safetensors.torch import save_file
 
-    from data_pipeline.tokenizer import EOS_TOKEN, load_tokenizer
+    from data_pipeline.tokenizer import EOS_TOKEN, byte_tokenizer, load_tokenizer
     from pretrain.checkpoint.offline import load_model
 
     cfg, model = load_model(checkpoint)
-    tokenizer = load_tokenizer(cfg.data.tokenizer) if cfg.data.tokenizer else None
+    tokenizer = load_tokenizer(cfg.data.tokenizer) if cfg.data.tokenizer else byte_tokenizer()
     out = Path(out_dir)
     partial = out.with_name(f".{out.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -167,11 +168,14 @@ def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
     (partial / "config.json").write_text(json.dumps(config, indent=2))
     for name in files:
         shutil.copy(Path(__file__).parent / "hf_files" / name, partial / name)
-    if tokenizer is not None:
-        tokenizer.save(str(partial / "tokenizer.json"))
-        (partial / "tokenizer_config.json").write_text(json.dumps(
-            {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS_TOKEN,
-             "model_max_length": cfg.model.max_seq_len}, indent=2))
+    tokenizer.save(str(partial / "tokenizer.json"))
+    # model_input_names: the model reads no token_type_ids, so `model(**tok(text))` works
+    (partial / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS_TOKEN,
+         "model_max_length": cfg.model.max_seq_len,
+         "model_input_names": ["input_ids", "attention_mask"]}, indent=2))
+    for f in partial.iterdir():  # what the user's other new files get (safetensors writes 0600)
+        f.chmod(new_file_mode())
     partial.rename(out)  # replaces a missing or empty out_dir (the CLI claimed it)
     return out
 

@@ -1,6 +1,7 @@
-"""Preemption: SIGTERM / SIGUSR1 (what SLURM sends before a time limit or a preemption) ask
-the run to checkpoint at the next step boundary and exit with `EXIT_PREEMPTED`
-(core/exit_codes.py).
+"""Preemption and Ctrl-C: SIGTERM / SIGUSR1 (what SLURM sends before a time limit or a
+preemption) ask the run to checkpoint at the next step boundary and exit with `EXIT_PREEMPTED`
+(core/exit_codes.py); SIGINT (Ctrl-C) does the same and exits `EXIT_INTERRUPTED`, saying how
+to continue -- a second Ctrl-C stops at once, without a checkpoint.
 
 The handler only records the signal; at each step boundary the ranks agree (any rank that
 got it stops everyone), so all of them save the same step -- whichever ranks the signal
@@ -19,11 +20,16 @@ import signal
 import torch
 import torch.distributed as dist
 
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class Preempted(Exception):
-    """Raised after the preemption checkpoint is sealed."""
+    """Raised after the preemption checkpoint is sealed; `interrupted`: by Ctrl-C here (the
+    user's stop, not the scheduler's: no requeue)."""
+
+    def __init__(self, message: str, interrupted: bool = False):
+        super().__init__(message)
+        self.interrupted = interrupted
 
 
 class PreemptionSignal:
@@ -45,14 +51,17 @@ class PreemptionSignal:
         self._previous.clear()
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
         self.received = signum
 
-    def agreed(self, device: torch.device, group=None) -> bool:
-        """True on every rank once any rank received a signal (one tiny all-reduce)."""
-        flag = self.received is not None
+    def agreed(self, device: torch.device, group=None, due: bool = False) -> tuple[bool, bool]:
+        """(stop, due) the same on every rank: stop once any rank received a signal, due once
+        any rank says so (a timed checkpoint: the ranks' clocks differ); one tiny all-reduce."""
+        flags = [self.received is not None, due]
         if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
-            t = torch.tensor([float(flag)], device=device)
+            t = torch.tensor([float(f) for f in flags], device=device)
             dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-            flag = bool(t.item())
-        self.stopping = flag
-        return flag
+            flags = [bool(v) for v in t.tolist()]
+        self.stopping = flags[0]
+        return flags[0], flags[1]

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from core.durable import new_file_mode
 from pretrain.checkpoint.offline import load_model
 from pretrain.cli import main
 from pretrain.config import ConfigError
@@ -130,7 +131,9 @@ def _load_without_our_code(hf_dir, ids, tmp_path, transformers5: bool) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "PYTHONPATH": str(ROOT / ".venv/transformers5") if transformers5 else ""}
     res = subprocess.run([sys.executable, str(ROOT / "tests/hf_check.py"), str(hf_dir), out],
-                         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+                         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                         stdin=subprocess.DEVNULL)  # an interactive prompt fails, never waits
+    assert "Do you wish to run the custom code" not in res.stdout + res.stderr
     assert res.returncode == 0, res.stderr[-3000:]
     return torch.load(out, weights_only=True)
 
@@ -169,3 +172,10 @@ def test_exported_model_loads_in_transformers_and_equals_ours_at_every_loop(
     pick = want.permute(1, 2, 0, 3)[torch.arange(2)[:, None], torch.arange(12), step]
     torch.testing.assert_close(got["threshold_logits"], pick, rtol=0, atol=1e-5)
     assert torch.equal(got["generated"], generate(model, ids[:1, :5], 6).tokens)
+    # the stock calls: a byte-level model exports a tokenizer too; no token_type_ids
+    assert got["tokens"] == list(b"The Fox") and got["input_names"] == ["attention_mask", "input_ids"]
+    prompt = torch.tensor([list(b"The Fox")])
+    assert torch.equal(got["stock_generated"], generate(model, prompt, 4).tokens)
+    # every file readable by the user's group and others as the umask allows (not 0600)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in hf_dir.iterdir()}
+    assert set(modes.values()) == {new_file_mode()} and new_file_mode() & 0o044, modes

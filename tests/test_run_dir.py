@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import resource
+import shlex
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from core.exit_codes import EXIT_CONFIG, EXIT_PREEMPTED, PREEMPTED_MARKER
+from core.exit_codes import EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_PREEMPTED, PREEMPTED_MARKER
 from pretrain.checkpoint import store
 from pretrain.cli import main
 from pretrain.config import ConfigError
@@ -187,6 +188,41 @@ def test_a_signal_from_setup_to_the_final_save_is_a_requeueable_exit(tmp_path, w
     else:
         assert res.returncode == 0, res.stderr
         assert store.newest(run / "checkpoints").name == "step_0000008"
+
+
+@pytest.mark.multiproc
+def test_ctrl_c_seals_a_checkpoint_and_says_how_to_continue(tmp_path):
+    """SIGINT at step 3 of 8: the step finishes, a checkpoint is sealed, one line gives the
+    command that continues (exit 130, not the scheduler's requeue code, no requeue marker);
+    that command, pasted, ends with the losses of an uninterrupted run, bit for bit."""
+    whole = tmp_path / "whole"
+    assert main(_cli(whole)) == 0
+    run = tmp_path / "run"
+    ctrl_c = ("from pretrain.train import Trainer\n_step = Trainer.train_step\n"
+              "def _interrupted(self):\n    if self.step == 2:\n"
+              "        os.kill(os.getpid(), signal.SIGINT)\n    return _step(self)\n"
+              "Trainer.train_step = _interrupted\n")
+    res = _run_patched(run, ctrl_c)
+    assert res.returncode == EXIT_INTERRUPTED, res.stderr
+    line = res.stdout.strip().splitlines()[-1]
+    assert line.startswith(f"pretrain: interrupted (Ctrl-C) at step 3: checkpoint "
+                           f"{run / 'checkpoints/step_0000003'} sealed; continue with: pretrain train")
+    assert line.endswith(f"--resume auto; exit {EXIT_INTERRUPTED}") and "Traceback" not in res.stderr
+    assert not (run / PREEMPTED_MARKER).exists()
+    argv = shlex.split(line.split("continue with: ")[1].split(";")[0])
+    assert argv[:2] == ["pretrain", "train"]
+    assert main(argv[1:]) == 0
+    assert losses_by_step(run) == losses_by_step(whole)
+
+
+def test_a_timed_checkpoint_is_taken_when_due(tmp_path):
+    """train.checkpoint_minutes: a checkpoint once that long since the last (here: due at
+    once, so after every step), besides train.checkpoint_every."""
+    run = tmp_path / "run"
+    assert main(_cli(run, "train.checkpoint_every=0", "train.checkpoint_minutes=1e-9",
+                     "train.max_steps=3")) == 0
+    assert sorted(d.name for d in (run / "checkpoints").iterdir() if d.is_dir()) == [
+        "step_0000001", "step_0000002", "step_0000003"]
 
 
 @pytest.mark.multiproc

@@ -5,10 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 
 from core.durable import open_no_link
-from core.exit_codes import EXIT_DIVERGED, EXIT_PEER_LOST, EXIT_PREEMPTED, PREEMPTED_MARKER
+from core.exit_codes import (
+    EXIT_DIVERGED,
+    EXIT_INTERRUPTED,
+    EXIT_PEER_LOST,
+    EXIT_PREEMPTED,
+    PREEMPTED_MARKER,
+)
 from pretrain.config import load_config
 from pretrain.preemption import Preempted
 
@@ -23,6 +30,12 @@ def _train(args: argparse.Namespace) -> int:
         return _run(cfg, args, signals)
     finally:
         signals.uninstall()
+
+
+def _resume_command(args: argparse.Namespace) -> str:
+    """The command that continues this run, shell-quoted."""
+    return shlex.join(["pretrain", "train", "--config", str(args.config), *args.overrides,
+                       "--resume", "auto"])
 
 
 def _own_run_dir(trainer, resume: str, overwrite: bool):
@@ -76,6 +89,9 @@ def _run(cfg, args: argparse.Namespace, signals) -> int:
         return EXIT_DIVERGED
     except Preempted as e:
         shutdown(trainer.topo)
+        if e.interrupted:
+            say(f"pretrain: {e}; continue with: {_resume_command(args)}; exit {EXIT_INTERRUPTED}")
+            return EXIT_INTERRUPTED
         if trainer.topo.is_main:  # for the batch script (core/exit_codes.py)
             with open_no_link(trainer.out_dir / PREEMPTED_MARKER) as fh:
                 fh.write(f"{e}\n")
