@@ -14,6 +14,18 @@ def test_params_json_for_ouro(capsys):
     assert report["flops_per_token"] > 6 * report["non_embedding"] * report["loops"]
 
 
+def test_print_config_prints_the_resolved_config_and_trains_nothing(tmp_path, capsys):
+    import yaml
+
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(ROOT / "configs/tiny.yaml"), "model.loops=5",
+                 f"train.out_dir={out}", "--print-config"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["model"]["loops"] == 5 and cfg["model"]["hidden_size"] == 64  # override, base
+    assert cfg["train"]["checkpoint_minutes"] == 30.0  # a default
+    assert not out.exists()
+
+
 def test_train_then_generate_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--config", str(ROOT / "configs/tiny.yaml"), "train.max_steps=30",
@@ -27,6 +39,14 @@ def test_train_then_generate_end_to_end(tmp_path, capsys):
     ckpt = out / "checkpoints/step_0000030"
     assert f"checkpoint: {ckpt}" in text
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    # the resolved config in TensorBoard: as text, and as hparams
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"tensors": 0})
+    events.Reload()
+    text_tag = next(t for t in events.Tags()["tensors"] if t.startswith("config"))
+    assert b"loops: 3" in events.Tensors(text_tag)[0].tensor_proto.string_val[0]
+    assert "_hparams_/session_start_info" in events.summary_metadata
     assert main(["generate", "--checkpoint", str(ckpt), "--prompt", "The Fox",
                  "--max-new-tokens", "8", "--exit", "gate:0.5", "--kv-cache", "last"]) == 0
     lines = capsys.readouterr().out.splitlines()

@@ -1,4 +1,5 @@
-"""TensorBoard scalars under the run's tensorboard/ directory (main rank only)."""
+"""TensorBoard under the run's tensorboard/ directory (main rank only): the scalars, and the
+resolved config as text and as hparams (its scalar and string fields, dotted)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,10 @@ class TensorBoard(Callback):
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(trainer.out_dir / "tensorboard"))
+            from pretrain.config import dump_config
+
+            self.writer.add_text("config", f"```yaml\n{dump_config(trainer.cfg)}```", trainer.step)
+            self.writer.add_hparams(hparams(trainer.cfg.to_dict()), {}, run_name=".")
 
     def on_log(self, trainer, step: int, metrics: dict[str, float]) -> None:
         if self.writer is not None:
@@ -26,3 +31,17 @@ class TensorBoard(Callback):
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+def hparams(tree: dict, prefix: str = "") -> dict:
+    """The config's numbers, booleans and strings as {"section.field": value}; lists as text."""
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(hparams(value, f"{name}."))
+        elif isinstance(value, (bool, int, float, str)):
+            flat[name] = value
+        else:
+            flat[name] = str(value)
+    return flat

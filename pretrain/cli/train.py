@@ -16,7 +16,7 @@ from core.exit_codes import (
     EXIT_PREEMPTED,
     PREEMPTED_MARKER,
 )
-from pretrain.config import load_config
+from pretrain.config import dump_config, load_config
 from pretrain.preemption import Preempted
 
 
@@ -24,6 +24,9 @@ def _train(args: argparse.Namespace) -> int:
     from pretrain.preemption import PreemptionSignal
 
     cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(dump_config(cfg), end="")
+        return 0
     signals = PreemptionSignal()  # live from setup until the final save has been waited on
     signals.install()
     try:
@@ -146,3 +149,6 @@ def add_commands(sub) -> None:
             p.add_argument("--overwrite", action="store_true",
                            help="start afresh in a train.out_dir that holds another run: the old "
                                 "run is moved aside (renamed, not deleted)")
+            p.add_argument("--print-config", action="store_true",
+                           help="print the resolved config (base files, defaults and overrides "
+                                "applied) as YAML and exit without training")
