@@ -12,6 +12,7 @@ costs little over a bare PyTorch loop (bench/overhead.py).
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from pretrain.callbacks import Callback, Logged, default_callbacks
 from pretrain.callbacks.checkpointing import Checkpointing
 from pretrain.checkpoint import store
 from pretrain.checkpoint.checkpointer import Checkpointer
-from pretrain.checkpoint.compat import Incompatible, require_fit, resume_points
+from pretrain.checkpoint.compat import Incompatible, config_changes, require_fit, resume_points
 from pretrain.checkpoint.offline import saved_tensors
 from pretrain.checkpoint.record import make_record, trainer_state
 from pretrain.config import Config, dump_config
@@ -256,6 +257,9 @@ class Trainer:
         (checkpoint/compat.py `resume_points`). Any saved layout loads; the RNG state only
         under the same layout."""
         candidates = resume_points(where, self.checkpointer.root)
+        if not candidates:
+            self.log(f"resume: no complete checkpoint under {self.checkpointer.root}: starting "
+                     "at step 0")
         damaged: list[Path] = []
         path = None
         for path in candidates:
@@ -271,7 +275,7 @@ class Trainer:
         return path
 
     def _load(self, path: Path) -> None:
-        require_fit(path, self.cfg)
+        saved = require_fit(path, self.cfg)
         record = store.read_meta(path)
         groups = self.state.targets(saved_tensors(path))
         self.checkpointer.load(path, {k: v for g in groups.values() for k, v in g.items()})
@@ -283,6 +287,19 @@ class Trainer:
         self.checkpointer.last = path
         self.log(f"resumed from {path} at step {self.step} (saved under tensor {lay['tensor']} "
                  f"x pipeline {lay['pipeline']} x data {lay['data']})")
+        self._say_what_changes(saved)
+
+    def _say_what_changes(self, saved: Config) -> None:
+        """One line per kind of change this run makes to the checkpoint's run: its config
+        values, and the learning rate where the schedule is recomputed."""
+        changed = config_changes(saved, self.cfg)
+        if changed:
+            self.log(f"resume: this run's config differs from the checkpoint's: {'; '.join(changed)}")
+        before = lr_at(saved.optim, self.step, saved.train.max_steps)
+        now = lr_at(self.cfg.optim, self.step, self.cfg.train.max_steps)
+        if not math.isclose(before, now, rel_tol=1e-6, abs_tol=1e-12):
+            self.log(f"resume: the learning rate schedule is recomputed: lr at step {self.step} "
+                     f"is {now:.3g} (the checkpoint's schedule: {before:.3g})")
 
     def fit(self, save: bool = True) -> RunSummary:
         """Train to train.max_steps; `save=False` runs without the checkpointing callback.

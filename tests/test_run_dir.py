@@ -246,3 +246,23 @@ def test_a_save_that_fills_the_disk_is_one_line_and_the_run_resumes(tmp_path):
     assert err.endswith(f"newest complete checkpoint: {run / 'checkpoints/step_0000004'}")
     assert main(_cli(run, "--resume", "auto")) == 0
     assert store.newest(run / "checkpoints").name == "step_0000008"
+
+
+def test_resume_says_what_it_changes(tmp_path, capsys):
+    """Resuming with other values says so: each config value that differs, the learning rate
+    when the schedule is recomputed (train.max_steps raised), a finished run's "nothing to
+    train", and `--resume auto` with no checkpoint starting at step 0."""
+    run = tmp_path / "run"
+    assert main(_cli(run, "--resume", "auto")) == 0
+    assert f"resume: no complete checkpoint under {run / 'checkpoints'}: starting at step 0" \
+        in capsys.readouterr().out
+    assert main(_cli(run, "--resume", "auto")) == 0  # at train.max_steps 8 already
+    out = capsys.readouterr().out
+    assert "pretrain: nothing to train: the run is at step 8 of train.max_steps 8" in out
+    assert "loss nan" not in out
+    assert main(_cli(run, "train.max_steps=16", "model.loops=2", "--resume", "auto")) == 0
+    out = capsys.readouterr().out
+    assert ("resume: this run's config differs from the checkpoint's: model.loops 3 -> 2; "
+            "train.max_steps 8 -> 16") in out
+    line = next(x for x in out.splitlines() if "schedule is recomputed" in x)
+    assert line.startswith("resume: the learning rate schedule is recomputed: lr at step 8 is ")

@@ -36,9 +36,10 @@ class Incompatible(store.CheckpointError):
     """A sound checkpoint of another architecture (no fallback past it: the run is wrong)."""
 
 
-def require_fit(path: Path, cfg: Config) -> None:
-    """Incompatible if the checkpoint is of another architecture; a plain CheckpointError (a
-    damaged checkpoint: resume falls back past it) if its config.yaml does not read."""
+def require_fit(path: Path, cfg: Config) -> Config:
+    """The checkpoint's config; Incompatible if it is of another architecture; a plain
+    CheckpointError (a damaged checkpoint: resume falls back past it) if its config.yaml does
+    not read."""
     where = path / "config.yaml"
     try:
         if not where.read_text(errors="replace").strip():
@@ -49,6 +50,25 @@ def require_fit(path: Path, cfg: Config) -> None:
     why = incompatibility(saved, cfg)
     if why:
         raise Incompatible(f"{path}: incompatible checkpoint: {why}")
+    return saved
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_changes(saved: Config, cfg: Config) -> list[str]:
+    """'field old -> new' for each value this run sets otherwise than the checkpoint's config
+    (train.out_dir aside: a moved run directory is the same run)."""
+    old, new = _flat(saved.to_dict()), _flat(cfg.to_dict())
+    return [f"{k} {old.get(k)!r} -> {v!r}" for k, v in new.items()
+            if k != "train.out_dir" and old.get(k) != v]
 
 
 def resume_points(where: str, root: Path) -> list[Path]:

@@ -86,6 +86,11 @@ def _run(cfg, args: argparse.Namespace, signals) -> int:
     try:
         if resume != "none":
             trainer.resume(resume)
+        if trainer.step >= cfg.train.max_steps:
+            say(f"pretrain: nothing to train: the run is at step {trainer.step} of "
+                f"train.max_steps {cfg.train.max_steps}; raise train.max_steps to continue it")
+            shutdown(trainer.topo)
+            return 0
         summary = trainer.fit()
     except TrainingDiverged as e:
         print(f"pretrain: error: {e}", file=sys.stderr)
