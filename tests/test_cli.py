@@ -36,6 +36,8 @@ def test_train_then_generate_end_to_end(tmp_path, capsys):
               if line.startswith("step")]
     assert len(losses) == 3 and losses[-1] < losses[0]
     assert f"TensorBoard logs: {out / 'tensorboard'}" in text
+    assert (f"out_dir {out}; data: text {ROOT / 'data/sample.txt'}; checkpoints: every 30 min, "
+            "at the end, keep 3; validation: off (data.validation: data/validation.txt)") in text
     ckpt = out / "checkpoints/step_0000030"
     assert f"checkpoint: {ckpt}" in text
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))

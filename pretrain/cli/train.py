@@ -35,6 +35,20 @@ def _train(args: argparse.Namespace) -> int:
         signals.uninstall()
 
 
+def _policies(cfg) -> str:
+    """The run header's line of where things go: out_dir, the data, checkpoints, evaluation."""
+    d, t = cfg.data, cfg.train
+    data = (f"text {', '.join(d.paths)}" if d.source == "text" else "shards " + ", ".join(
+        f"{s.path} (weight {s.weight:g})" for s in d.sources))
+    saves = [f"every {t.checkpoint_every} steps"] if t.checkpoint_every else []
+    if t.checkpoint_minutes:
+        saves.append(f"every {t.checkpoint_minutes:g} min")
+    held = ", ".join(s.path for s in d.validation) or "none configured"
+    evals = f"every {t.eval_every} steps on {held}" if t.eval_every else f"off (data.validation: {held})"
+    return (f"out_dir {t.out_dir}; data: {data}; checkpoints: {', '.join([*saves, 'at the end'])}, "
+            f"keep {t.keep_last or 'all'}; validation: {evals}")
+
+
 def _resume_command(args: argparse.Namespace) -> str:
     """The command that continues this run, shell-quoted."""
     return shlex.join(["pretrain", "train", "--config", str(args.config), *args.overrides,
@@ -81,6 +95,7 @@ def _run(cfg, args: argparse.Namespace, signals) -> int:
           f"device {trainer.device}; {trainer.tokens_per_step:,} tokens/step; layout tensor "
           f"{trainer.topo.tp} x pipeline {trainer.topo.pp} x data {trainer.topo.dp}")
     say(describe(cfg, trainer.device, trainer.optimizer, trainer.topo.dp))
+    say(_policies(cfg))
     resume = args.resume or ("auto" if "SLURM_JOB_ID" in os.environ else "none")
     lock = trainer.run_lock = _own_run_dir(trainer, resume, args.overwrite)
     try:
