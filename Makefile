@@ -47,17 +47,22 @@ endif
 # The demo: a byte-level BPE trained on the bundled text, webdataset shards, then training on
 # 2 ranks (megatron-core tensor + sequence parallelism, gloo on CPU) with the streaming loader.
 demo: install
+	@echo "demo: starting afresh in $(DEMO_DIR) (an earlier demo run there is removed)"
 	rm -rf $(DEMO_DIR)
 	$(VENV)/bin/pretrain data train-tokenizer --input data/sample.txt --vocab-size 512 \
 		--output $(DEMO_DIR)/data/tokenizer.json
 	$(VENV)/bin/pretrain data tokenize --input data/sample.txt \
 		--tokenizer $(DEMO_DIR)/data/tokenizer.json --output $(DEMO_DIR)/data/shards \
 		--shard-tokens 2048 --chunk-tokens 256
+	$(VENV)/bin/pretrain data tokenize --input data/validation.txt \
+		--tokenizer $(DEMO_DIR)/data/tokenizer.json --output $(DEMO_DIR)/data/validation \
+		--shard-tokens 2048 --chunk-tokens 256
 	OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore $(VENV)/bin/torchrun --nproc_per_node=2 \
 		--master_port=$${DEMO_PORT:-29500} -m pretrain.cli train --config configs/tiny.yaml \
 		train.out_dir=$(DEMO_DIR) parallel.tensor=2 parallel.sequence_parallel=true \
 		data.source=shards 'data.sources=[{path: $(DEMO_DIR)/data/shards}]' \
-		data.tokenizer=$(DEMO_DIR)/data/tokenizer.json model.vocab_size=512
+		data.tokenizer=$(DEMO_DIR)/data/tokenizer.json model.vocab_size=512 \
+		'data.validation=[{path: $(DEMO_DIR)/data/validation}]'
 
 lint: install
 	$(PY) -m ruff check .

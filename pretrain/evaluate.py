@@ -26,7 +26,10 @@ def heldout_batches(cfg: Config, batches: int) -> tuple[list, str, bool]:
     held = heldout_data(cfg)
     if held is not None:
         out = held.rank_batches(batches * t.micro_batch_size * t.seq_len, t.micro_batch_size, 0, 1)
-        return out, f"validation data ({', '.join(held.names)})", True
+        n = min(batches * t.micro_batch_size, held.total)
+        part = "all" if n == held.total else f"the first {n:,} of {held.total:,} sequences"
+        more = "" if n == held.total else f" ({n / held.total:.1%}; --batches takes more)"
+        return out, f"validation data ({', '.join(held.names)}): {part}{more}", True
     train = dataclasses.replace(t, seed=t.seed + EVAL_SEED_OFFSET, grad_accum_steps=1)
     it = default_data(dataclasses.replace(cfg, train=train)).batches()
     return [next(it) for _ in range(batches)], ("TRAINING data (no data.validation configured; "

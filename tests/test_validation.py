@@ -114,7 +114,12 @@ def test_eval_says_which_data_it_measured(tmp_path, capsys):
     assert main(["train", *cfg_args, f"data.validation=[{{path: {ROOT / 'data/validation.txt'}}}]"]) == 0
     capsys.readouterr()
     assert main(["eval", "--checkpoint", str(tmp_path), "--batches", "1", "--exit", "all"]) == 0
-    assert f"data: validation data ({ROOT / 'data/validation.txt'})" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    # 2,854 bytes of text, 1 EOS: 44 sequences of 64 + 1 tokens; one micro-batch holds 16
+    assert (f"data: validation data ({ROOT / 'data/validation.txt'}): the first 16 of 44 "
+            "sequences (36.4%; --batches takes more)") in out
+    assert main(["eval", "--checkpoint", str(tmp_path), "--batches", "3", "--exit", "all"]) == 0
+    assert f"data: validation data ({ROOT / 'data/validation.txt'}): all\n" in capsys.readouterr().out
     assert main(["train", *cfg_args, f"train.out_dir={tmp_path}/b", "data.validation=[]"]) == 0
     capsys.readouterr()
     assert main(["eval", "--checkpoint", f"{tmp_path}/b", "--batches", "1", "--exit", "all"]) == 0
