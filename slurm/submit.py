@@ -81,15 +81,20 @@ def render(spec: JobSpec, name: str, run_dir: Path, command: str) -> str:
         preempted_marker=PREEMPTED_MARKER)
 
 
-def sbatch(script: Path, run_dir: Path, array: bool = False, after: str = "") -> str:
-    """Submit; returns the job id. Logs go next to the script (one file per job, appended
-    across requeues). `after`: a job id this one waits for (it runs only if that succeeded)."""
+def sbatch_command(script: Path, run_dir: Path, array: bool = False, after: str = "") -> list[str]:
+    """The sbatch call: logs next to the script (one file per job, appended across requeues),
+    run in `run_dir`; `after`: a job id this one waits for (it runs only if that succeeded)."""
     log = run_dir / ("slurm-%A_%a.out" if array else "slurm-%j.out")
     if after and not after.isdigit():
         raise ConfigError(f"sbatch {script}: job id {after!r} is not a number")
-    res = subprocess.run(["sbatch", "--parsable", f"--output={log}", f"--chdir={run_dir}",
-                          *([f"--dependency=afterok:{after}"] if after else []), str(script)],
-                         capture_output=True, text=True)
+    return ["sbatch", "--parsable", f"--output={log}", f"--chdir={run_dir}",
+            *([f"--dependency=afterok:{after}"] if after else []), str(script)]
+
+
+def sbatch(script: Path, run_dir: Path, array: bool = False, after: str = "") -> str:
+    """Submit (`sbatch_command`); returns the job id."""
+    res = subprocess.run(sbatch_command(script, run_dir, array, after), capture_output=True,
+                         text=True)
     if res.returncode != 0:
         raise ConfigError(f"sbatch {script}: {res.stderr.strip() or res.stdout.strip()}")
     job = res.stdout.strip().split(";")[0]

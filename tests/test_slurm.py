@@ -115,8 +115,14 @@ def test_hostile_values_stay_literal(cluster, tmp_path):
     canary = tmp_path / "pwned"
     hostile = f"run dir 'q' \"d\" $(touch {canary}) `touch {canary}` ;x"
     out = tmp_path / hostile
-    script = _cli("submit", "--config", *RUN, f"train.out_dir={out}", "--dry-run",
-                  "--name", f"n $(touch {canary})").stdout
+    res = _cli("submit", "--config", *RUN, f"train.out_dir={out}", "--dry-run",
+               "--name", f"n $(touch {canary})")
+    script = res.stdout
+    assert script.startswith("#!/bin/bash\n")  # stdout is the script; how it is submitted:
+    assert res.stderr.strip() == (f"(submitted as: sbatch --parsable "
+                                  f"{shlex.quote(f'--output={out}/slurm-%j.out')} "
+                                  f"{shlex.quote(f'--chdir={out}')} "
+                                  f"{shlex.quote(str(out / 'submit.sbatch'))})")
     name = re.search(r"^#SBATCH --job-name=(.*)$", script, re.M).group(1)
     assert name.startswith("n___touch_") and re.fullmatch(r"[A-Za-z0-9_.+-]{1,64}", name)
     assert f"cd {shlex.quote(str(out))}\n" in script

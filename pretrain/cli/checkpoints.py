@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from core.config_schema import ConfigError
 from pretrain.cli.flags import at_least
-from pretrain.config import ConfigError
 
 
 def _claim(args: argparse.Namespace, what: str) -> None:
@@ -63,8 +63,9 @@ def _grow(args: argparse.Namespace) -> int:
 def add_commands(sub) -> None:
     ex = sub.add_parser("export", help="checkpoint -> Hugging Face safetensors + config (Ouro's "
                                              "layout; Huginn's for loop_mode huginn)")
-    ex.add_argument("--checkpoint", required=True)
-    ex.add_argument("--out", required=True)
+    ex.add_argument("--checkpoint", required=True,
+                    help="run directory, checkpoints root, `latest` or a step directory")
+    ex.add_argument("--out", required=True, help="directory to write (missing or empty)")
     ex.set_defaults(fn=_export)
     im = sub.add_parser("import", help="Hugging Face (Ouro or Huginn) weights -> a step-0 checkpoint")
     im.add_argument("--hf", required=True, help="directory with config.json + *.safetensors")
@@ -78,7 +79,8 @@ def add_commands(sub) -> None:
     conv = tools.add_parser("convert", help="consolidate a sharded checkpoint into one file of "
                                             "full tensors")
     conv.add_argument("checkpoint", help="checkpoint, checkpoints root or run directory")
-    conv.add_argument("--to-layout", default="tp=1,pp=1")
+    conv.add_argument("--to-layout", default="tp=1,pp=1",
+                      help="the layout to write: tp=T,pp=P (the shards one rank of it holds)")
     conv.add_argument("--out", required=True, help="checkpoints root to write into")
     conv.set_defaults(fn=_convert)
     gr = tools.add_parser("grow", help="upcycle to a deeper shared block by layer duplication")

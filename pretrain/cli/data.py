@@ -7,8 +7,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from core.config_schema import ConfigError
 from pretrain.cli.flags import at_least
-from pretrain.config import ConfigError
 
 
 def _settings(args: argparse.Namespace):
@@ -132,22 +132,25 @@ def add_commands(sub) -> None:
                                                            "array and a merge job after it")
     tok.add_argument("--local", action="store_true", help="run the parts here, then merge")
     tok.add_argument("--time", default="04:00:00", help="SLURM time limit per task")
-    tok.add_argument("--partition", default="")
-    tok.add_argument("--account", default="")
+    tok.add_argument("--partition", default="", help="SLURM partition (--submit)")
+    tok.add_argument("--account", default="", help="SLURM account (--submit)")
     tok.add_argument("--cpus-per-task", type=at_least(0), default=0, help="default: --workers")
     tok.add_argument("--concurrent", type=at_least(0), default=0, help="array tasks at once (0: any)")
     bpe = data.add_parser("train-tokenizer", help="train a byte-level BPE on the inputs")
-    bpe.add_argument("--vocab-size", type=at_least(1), required=True)
+    bpe.add_argument("--vocab-size", type=at_least(1), required=True,
+                     help="ids in the tokenizer (>= 258: 256 bytes, EOS, merges)")
     bpe.add_argument("--sample-bytes", type=at_least(0), default=0,
                      help="train on a deterministic sample of about this much text, spread over "
                           "all inputs (0: everything)")
     for p, fn in ((tok, _tokenize), (bpe, _train_tokenizer)):
         p.add_argument("--input", nargs="+", required=True,
                        help="files, directories, glob patterns or pipe:COMMAND")
-        p.add_argument("--output", required=True)
+        p.add_argument("--output", required=True,
+                       help="shard directory (tokenize) or tokenizer.json (train-tokenizer)")
         p.add_argument("--text-field", default="text", help="JSON field / column with the text")
-        p.add_argument("--eos-token", default=EOS_TOKEN)
-        p.add_argument("--on-error", choices=("raise", "skip"), default="raise")
+        p.add_argument("--eos-token", default=EOS_TOKEN, help="the end-of-document token")
+        p.add_argument("--on-error", choices=("raise", "skip"), default="raise",
+                       help="an unreadable record: stop naming it, or skip it (counted, logged)")
         p.add_argument("--empty-documents", choices=("skip", "error"), default="skip",
                        help="documents of only white space: skipped and counted, or an error")
         p.set_defaults(fn=fn)

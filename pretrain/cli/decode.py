@@ -7,8 +7,8 @@ from __future__ import annotations
 import argparse
 import math
 
+from core.config_schema import ConfigError
 from pretrain.cli.flags import at_least, probability
-from pretrain.config import ConfigError
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -125,15 +125,17 @@ def _add_decoding_flags(p) -> None:
 
 def add_commands(sub) -> None:
     g = sub.add_parser("generate", help="generate text from a checkpoint")
-    g.add_argument("--checkpoint", required=True)
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=at_least(1), default=64)
+    g.add_argument("--checkpoint", required=True,
+                   help="run directory, checkpoints root, `latest` or a step directory")
+    g.add_argument("--prompt", required=True, help="text to continue")
+    g.add_argument("--max-new-tokens", type=at_least(1), default=64, help="tokens to generate")
     g.add_argument("--exit", default="all",
                    help="exit rule: gate:Q, delta:EPS, kl:EPS (Huginn), fixed:N or all")
     _add_decoding_flags(g)
     g.add_argument("--loops", type=at_least(0), default=0, help="loop count (default: the trained one)")
     g.add_argument("--temperature", type=at_least(0.0, float), default=0.0, help="0: greedy")
-    g.add_argument("--top-p", type=probability, default=1.0)
+    g.add_argument("--top-p", type=probability, default=1.0,
+                   help="nucleus sampling: the smallest set of tokens holding this probability")
     g.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help="end once the new text holds TEXT or EOS (repeatable)")
     g.set_defaults(fn=_generate)
@@ -143,7 +145,8 @@ def add_commands(sub) -> None:
     ev.add_argument("--tasks", default="", help="lm-eval tasks, comma-separated: registry names "
                                                 "(hellaswag,arc_easy) or task YAML files")
     ev.add_argument("--include-path", default="", help="directory of extra lm-eval task YAMLs")
-    ev.add_argument("--num-fewshot", type=at_least(0), default=None)
+    ev.add_argument("--num-fewshot", type=at_least(0), default=None,
+                    help="few-shot examples per --tasks prompt (default: each task's own)")
     ev.add_argument("--limit", type=at_least(1), default=None, help="documents per task (for testing)")
     ev.add_argument("--loops", type=at_least(1), nargs="+", default=None,
                     help="loop counts to evaluate (default: the trained one)")
@@ -158,7 +161,8 @@ def add_commands(sub) -> None:
                     help="lm-eval's bootstrap samples for stderr (0: none)")
     ev.add_argument("--output", default="", help="results directory (default: <run>/downstream/"
                                                  "<step>)")
-    ev.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    ev.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                    help="where --tasks runs (auto: cuda when present)")
     ev.add_argument("--data", default="", help="held-out shards directory (default: the run's "
                                                "data.validation)")
     ev.add_argument("--batches", type=at_least(1), default=8, help="held-out micro-batches")

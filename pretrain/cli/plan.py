@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+from core.config_schema import ConfigError
 from pretrain.cli.flags import at_least
-from pretrain.config import ConfigError, load_config
 
 
 def _plan(args: argparse.Namespace) -> int:
+    from pretrain.config import load_config
     from pretrain.hardware import GPUS
     from pretrain.kernels import train_options
     from pretrain.planner import plan, realising_config
@@ -58,6 +59,7 @@ def _rehearse(args: argparse.Namespace) -> int:
 
 def _fake(args: argparse.Namespace) -> int:
     """The config's own layout, one rank per stage under fake tensors, beside the planner."""
+    from pretrain.config import load_config
     from pretrain.hardware import GPUS
     from pretrain.plan_check import check_layout, report
 
@@ -82,12 +84,12 @@ def _choose(args: argparse.Namespace) -> int:
 
 def add_commands(sub) -> None:
     pl = sub.add_parser("plan", help="predict memory, bubble, comm and MFU; rank the layouts")
-    pl.add_argument("--config", required=True)
+    pl.add_argument("--config", required=True, help="YAML config file")
     pl.add_argument("overrides", nargs="*")
-    pl.add_argument("--gpus", type=at_least(1))
+    pl.add_argument("--gpus", type=at_least(1), help="GPUs to lay the run out on")
     pl.add_argument("--gpu", default="h100", help="a key of pretrain/hardware.py's table")
     pl.add_argument("--global-batch", type=at_least(0), default=0, help="sequences per step")
-    pl.add_argument("--top", type=at_least(1), default=10)
+    pl.add_argument("--top", type=at_least(1), default=10, help="layouts to print")
     pl.add_argument("--rehearse", action="store_true",
                     help="set every layout up on the meta device (TP layers, pipeline stages, "
                          "ZeRO config, checkpoint entries) instead of ranking them")

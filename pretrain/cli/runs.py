@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
+from core.config_schema import ConfigError
 from pretrain.cli.flags import at_least
-from pretrain.config import ConfigError, load_config
+
+
+def _cpus_per_rank(cfg) -> int:
+    """The trainer, and the streaming loader's workers when it reads shards."""
+    return 1 + (cfg.data.num_workers if cfg.data.source == "shards" else 0)
 
 
 def _submit(args: argparse.Namespace) -> int:
+    import shlex
     from pathlib import Path
 
-    from pretrain.config import absolute_paths, dump_config
-    from slurm.submit import JobSpec, render, sbatch, train_command
+    from pretrain.config import absolute_paths, dump_config, load_config
+    from slurm.submit import JobSpec, render, sbatch, sbatch_command, train_command
 
     cfg = load_config(args.config, args.overrides)
     world = cfg.parallel.world_size
@@ -25,12 +32,15 @@ def _submit(args: argparse.Namespace) -> int:
     absolute_paths(cfg)  # the job runs in the run directory
     run_dir = Path(cfg.train.out_dir)
     spec = JobSpec(nodes=args.nodes, tasks_per_node=per_node, gpus_per_node=args.gpus_per_node,
-                   cpus_per_task=args.cpus_per_task, time=args.time, partition=args.partition,
-                   account=args.account, grace_s=args.grace)
+                   cpus_per_task=args.cpus_per_task or _cpus_per_rank(cfg),
+                   time=args.time, partition=args.partition, account=args.account,
+                   grace_s=args.grace)
     config = run_dir / "submit.yaml"
     script = render(spec, args.name or run_dir.name, run_dir, train_command(config, []))
     if args.dry_run:
+        command = shlex.join(sbatch_command(run_dir / "submit.sbatch", run_dir))
         print(script, end="")
+        print(f"(submitted as: {command})", file=sys.stderr)  # stdout stays the script
         return 0
     run_dir.mkdir(parents=True, exist_ok=True)
     config.write_text(dump_config(cfg))
@@ -96,14 +106,17 @@ def _fit(sweep_dir, law: str, budget: float | None) -> str:
 
 def add_commands(sub) -> None:
     sb = sub.add_parser("submit", help="submit a run to SLURM (auto-requeue on preemption)")
-    sb.add_argument("--config", required=True)
-    sb.add_argument("overrides", nargs="*")
-    sb.add_argument("--nodes", type=at_least(1), default=1)
-    sb.add_argument("--gpus-per-node", type=at_least(0), default=0)
-    sb.add_argument("--cpus-per-task", type=at_least(1), default=1)
+    sb.add_argument("--config", required=True, help="YAML config file")
+    sb.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.loops=2")
+    sb.add_argument("--nodes", type=at_least(1), default=1, help="SLURM nodes")
+    sb.add_argument("--gpus-per-node", type=at_least(0), default=0,
+                    help="GPUs (= ranks) per node; 0: one CPU rank per node")
+    sb.add_argument("--cpus-per-task", type=at_least(0), default=0,
+                    help="CPU cores per rank (0: the trainer's, plus data.num_workers when it "
+                         "streams shards)")
     sb.add_argument("--time", default="01:00:00", help="HH:MM:SS or D-HH:MM:SS")
-    sb.add_argument("--partition", default="")
-    sb.add_argument("--account", default="")
+    sb.add_argument("--partition", default="", help="SLURM partition")
+    sb.add_argument("--account", default="", help="SLURM account")
     sb.add_argument("--grace", type=at_least(1), default=120,
                     help="seconds of warning (USR1) before the limit")
     sb.add_argument("--name", default="", help="job name (default: the run directory's name)")

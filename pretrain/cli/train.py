@@ -16,11 +16,10 @@ from core.exit_codes import (
     EXIT_PREEMPTED,
     PREEMPTED_MARKER,
 )
-from pretrain.config import dump_config, load_config
-from pretrain.preemption import Preempted
 
 
 def _train(args: argparse.Namespace) -> int:
+    from pretrain.config import dump_config, load_config
     from pretrain.preemption import PreemptionSignal
 
     cfg = load_config(args.config, args.overrides)
@@ -82,6 +81,7 @@ def _run(cfg, args: argparse.Namespace, signals) -> int:
     from parallelism.topology import shutdown
     from pretrain.kernels import describe
     from pretrain.model.flops import count_parameters
+    from pretrain.preemption import Preempted
     from pretrain.train import Trainer, TrainingDiverged
 
     trainer = Trainer(cfg, preemption=signals)
@@ -140,6 +140,7 @@ def _run(cfg, args: argparse.Namespace, signals) -> int:
 
 
 def _params(args: argparse.Namespace) -> int:
+    from pretrain.config import load_config
     from pretrain.model.flops import count_parameters, run_flops_per_token
     from pretrain.model.recurrence import expected_loops
 
