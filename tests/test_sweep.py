@@ -53,14 +53,16 @@ def test_a_bad_point_is_named_before_anything_runs(tmp_path):
 def test_local_sweep_trains_collects_and_fits(tmp_path, capsys):
     spec = _spec(tmp_path, f"overrides: [train.max_steps=12, train.log_every=6, "
                            f"optim.warmup_steps=2, 'data.paths=[{ROOT / 'data/sample.txt'}]']\n"
-                           "list: [{model.loops: 1}, {model.loops: 2}, {model.hidden_size: 32, "
-                           "model.ffn_hidden_size: 88}]\neval_batches: 2\n")
+                           "list: [{model.loops: 1}, {model.loops: 2}, {}, {model.hidden_size: "
+                           "32, model.ffn_hidden_size: 88}, {model.hidden_size: 32, "
+                           "model.ffn_hidden_size: 88, train.max_steps: 16}]\neval_batches: 2\n")
     assert main(["sweep", "--spec", str(spec), "--local"]) == 0
     out = capsys.readouterr().out
     with open(tmp_path / "sweep/results.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert [int(r["loops"]) for r in rows] == [1, 2, 3]
-    assert all(float(r["tokens"]) == 12 * 16 * 64 and float(r["eval_loss"]) > 0 for r in rows)
+    assert [int(r["loops"]) for r in rows] == [1, 2, 3, 3, 3]
+    assert [float(r["tokens"]) for r in rows] == [12 * 16 * 64] * 4 + [16 * 16 * 64]
+    assert all(float(r["eval_loss"]) > 0 for r in rows)
     assert "L(N, D) = " in out and "loops at N=" in out
     for png in ("fit_vs_points.png", "isoflop.png", "loops.png"):
         assert (tmp_path / "sweep" / png).stat().st_size > 1000
@@ -87,3 +89,50 @@ def _a_changed_spec_does_not_resume_old_points(tmp_path, spec, capsys):
     moved = {p: (aside[0] / p.relative_to(points / "0")).read_bytes() for p in before
              if p.is_relative_to(points / "0")}
     assert moved and all(before[p] == b for p, b in moved.items())
+
+
+def _results(path, rows):
+    from pretrain.sweep.collect import COLUMNS
+
+    base = {c: 1 for c in COLUMNS} | {"loops_sampler": "fixed", "eval_data": "validation",
+                                      "run_dir": "x", "residual_scale": 0}
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=[c for c in COLUMNS if c in {**base, **rows[0]}])
+        w.writeheader()
+        for i, r in enumerate(rows):
+            w.writerow({**base, "point": i, **r})
+
+
+def test_a_sweep_without_sizes_and_budgets_lists_its_points_instead_of_a_law(tmp_path):
+    """An lr x R sweep (configs/sweeps/lr-transfer-cpu.yaml) has no L(N, D) to fit: one line
+    says why, then every point best first within its group -- not a division by zero; an
+    older results.csv without the residual_scale column reads it as 0."""
+    from pretrain.sweep.fit import fit_sweep
+
+    rows = [{"loops": r, "lr": lr, "eval_loss": loss}
+            for r, lr, loss in ((2, 0.01, 2.5), (2, 0.03, 2.4), (6, 0.01, 2.2), (6, 0.03, 2.3))]
+    _results(tmp_path / "results.csv", rows)
+    assert fit_sweep(tmp_path).splitlines() == [
+        "no L(N, D) law: the points at R=2 hold 1 model size(s) and 1 token budget(s); L(N, D) "
+        f"needs 2 or more of each. The points ({tmp_path / 'results.csv'}):",
+        "  loops=2, lr=0.03: eval loss 2.4000", "  loops=2, lr=0.01: eval loss 2.5000",
+        "  loops=6, lr=0.01: eval loss 2.2000", "  loops=6, lr=0.03: eval loss 2.3000",
+        "loops at N=1, D=1: R=2: 2.4000, R=2: 2.5000, R=6: 2.2000, R=6: 2.3000; fewer than 3 "
+        "loop counts: no fit"]
+    from pretrain.sweep.collect import COLUMNS, read_results
+
+    with open(tmp_path / "old.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=[c for c in COLUMNS if c != "residual_scale"])
+        w.writeheader()
+        w.writerow({c: 1 for c in COLUMNS if c != "residual_scale"} | {"loops_sampler": "fixed"})
+    assert read_results(tmp_path / "old.csv")[0]["residual_scale"] == 0.0
+
+
+def test_a_flat_loss_over_r_is_no_law():
+    """L(R) fitted to losses that do not move with R: C R^-gamma vanishes, and the report says
+    there is no trend instead of printing L(R) = L + 1e-9 / R^1e-4."""
+    from pretrain.sweep.fit import fit_loops, loop_law_text
+
+    assert loop_law_text(fit_loops([1, 2, 4], [2.961, 2.961, 2.961])) == \
+        "no trend in R: the fitted C / R^gamma term vanishes"
+    assert loop_law_text(fit_loops([1, 2, 4], [3.0, 2.5, 2.25])).startswith("L(R) = ")

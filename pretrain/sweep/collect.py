@@ -12,9 +12,10 @@ from pretrain.config import ConfigError
 
 COLUMNS = ["point", "hidden_size", "num_layers", "loops", "lr", "params", "non_embedding_params",
            "once_params", "recurrent_params", "backprop_loops", "loops_sampler",
-           "tokens", "flops", "steps", "train_loss", "eval_loss", "eval_ce_final", "eval_data",
-           "run_dir"]
+           "residual_scale", "tokens", "flops", "steps", "train_loss", "eval_loss",
+           "eval_ce_final", "eval_data", "run_dir"]
 TEXT_COLUMNS = ("run_dir", "eval_data", "loops_sampler")
+LATER_COLUMNS = {"residual_scale": "0"}  # added since: an older results.csv reads as this
 
 
 def collect(sweep_dir: Path, log=print, allow_commands: bool = False) -> Path:
@@ -49,7 +50,8 @@ def collect(sweep_dir: Path, log=print, allow_commands: bool = False) -> Path:
                      "non_embedding_params": params["non_embedding"],
                      "once_params": params["once"], "recurrent_params": params["recurrent"],
                      "backprop_loops": cfg.train.backprop_loops,
-                     "loops_sampler": cfg.model.loops_sampler, "tokens": meta["tokens"],
+                     "loops_sampler": cfg.model.loops_sampler,
+                     "residual_scale": cfg.model.residual_scale, "tokens": meta["tokens"],
                      "flops": run_flops_per_token(cfg) * meta["tokens"],
                      "steps": meta["step"], "train_loss": metrics.get("train/loss", float("nan")),
                      "eval_loss": ev["loss"], "eval_ce_final": ev["ce_final"],
@@ -105,6 +107,9 @@ def read_results(path: Path) -> list[dict]:
         raise ConfigError(f"{path}: unreadable as CSV ({e})") from None
     rows = []
     for i, row in enumerate(raw, start=2):  # line 1 is the header
+        for column, value in LATER_COLUMNS.items():
+            if column not in row:
+                row[column] = value
         missing = [c for c in COLUMNS if row.get(c) in (None, "")]
         if missing:
             raise ConfigError(f"{path}: line {i}: no value for {missing[0]}")

@@ -100,6 +100,15 @@ def fit_loops(loops, loss) -> dict | None:
     return {"L_inf": float(l_inf), "C": float(c), "gamma": float(gamma)}
 
 
+def loop_law_text(f: dict | None) -> str:
+    """A `fit_loops` result as the report says it; a fit whose R term vanishes is no law."""
+    if not f:
+        return "fewer than 3 loop counts: no fit"
+    if f["C"] * f["gamma"] < 1e-6:
+        return "no trend in R: the fitted C / R^gamma term vanishes"
+    return f"L(R) = {f['L_inf']:.4g} + {f['C']:.4g} / R^{f['gamma']:.3g}"
+
+
 def _plots(rows: list[dict], law: LawFit, k: float, loop_groups: dict, out: Path) -> list[Path]:
     import matplotlib
 
@@ -155,6 +164,23 @@ def _plots(rows: list[dict], law: LawFit, k: float, loop_groups: dict, out: Path
     return paths
 
 
+# results.csv columns a sweep may vary, shown when no law fits
+VARIED = ("hidden_size", "num_layers", "loops", "residual_scale", "lr", "params", "tokens")
+
+
+def _no_law(rows: list[dict], csv_path: Path, why: str) -> str:
+    """The report when no L(N, D) law can be fitted: why, then each point's varied values and
+    eval loss, best first within each group of the other varied values (lr last: the best lr
+    of each group)."""
+    varied = [c for c in VARIED if len({r[c] for r in rows}) > 1]
+    lines = [f"no L(N, D) law: {why}. The points ({csv_path}):"]
+    key = [c for c in varied if c != "lr"]
+    for r in sorted(rows, key=lambda r: (*(r[c] for c in key), r["eval_loss"])):
+        values = ", ".join(f"{c}={r[c]:g}" for c in varied)
+        lines.append(f"  {values}: eval loss {r['eval_loss']:.4f}")
+    return "\n".join(lines)
+
+
 def fit_sweep(sweep_dir: Path, budget: float | None = None) -> str:
     """Fit the collected results (results.csv), save fit.json and the PNGs, return a report."""
     from pretrain.config import ConfigError
@@ -168,15 +194,24 @@ def fit_sweep(sweep_dir: Path, budget: float | None = None) -> str:
         raise ConfigError(f"{csv_path}: {len(rows)} point(s); a fit needs at least 2")
     common_r = Counter(r["loops"] for r in rows).most_common(1)[0][0]
     at_r = [r for r in rows if r["loops"] == common_r]
-    law = fit_law([r["params"] for r in at_r], [r["tokens"] for r in at_r],
-                  [r["eval_loss"] for r in at_r])
-    k = float(np.mean([r["flops"] / (r["params"] * r["tokens"]) for r in at_r]))
     groups: dict = defaultdict(lambda: ([], []))
     for r in rows:
         groups[(r["params"], r["tokens"])][0].append(r["loops"])
         groups[(r["params"], r["tokens"])][1].append(r["eval_loss"])
     loop_groups = {key: (rs, ls, fit_loops(rs, ls)) for key, (rs, ls) in groups.items()
                    if len(set(rs)) > 1}
+    loop_lines = [f"loops at N={gn:.4g}, D={gd:.4g}: "
+                  + ", ".join(f"R={r:g}: {v:.4f}" for r, v in sorted(zip(rs, ls, strict=True)))
+                  + f"; {loop_law_text(f)}" for (gn, gd), (rs, ls, f) in loop_groups.items()]
+    sizes, budgets = {r["params"] for r in at_r}, {r["tokens"] for r in at_r}
+    if len(sizes) < 2 or len(budgets) < 2:
+        return "\n".join([_no_law(rows, csv_path, f"the points at R={common_r:g} hold "
+                                                 f"{len(sizes)} model size(s) and {len(budgets)} "
+                                                 "token budget(s); L(N, D) needs 2 or more of "
+                                                 "each"), *loop_lines])
+    law = fit_law([r["params"] for r in at_r], [r["tokens"] for r in at_r],
+                  [r["eval_loss"] for r in at_r])
+    k = float(np.mean([r["flops"] / (r["params"] * r["tokens"]) for r in at_r]))
     budget = budget or max(r["flops"] for r in rows) * 10
     n_opt, d_opt = law.optimal(budget, k)
     report = {"law": asdict(law), "loops_for_law": common_r, "flops_per_param_token": k,
@@ -191,10 +226,6 @@ def fit_sweep(sweep_dir: Path, budget: float | None = None) -> str:
         lines.append(f"warning: {law.points} points for 5 constants: the fit is not identifiable")
     lines.append(f"compute: C = {k:.3g} N D FLOPs; for C = {budget:.3g}: N_opt = {n_opt:.4g} "
                  f"parameters, D_opt = {d_opt:.4g} tokens")
-    for (gn, gd), (rs, ls, f) in loop_groups.items():
-        law_r = (f"L(R) = {f['L_inf']:.4g} + {f['C']:.4g} / R^{f['gamma']:.3g}" if f
-                 else "fewer than 3 loop counts: no fit")
-        pts = ", ".join(f"R={r:g}: {v:.4f}" for r, v in sorted(zip(rs, ls, strict=True)))
-        lines.append(f"loops at N={gn:.4g}, D={gd:.4g}: {pts}; {law_r}")
+    lines += loop_lines
     lines.append("plots: " + ", ".join(str(p) for p in plots) + f"; constants: {sweep_dir / 'fit.json'}")
     return "\n".join(lines)
