@@ -4,6 +4,7 @@ a known law."""
 from __future__ import annotations
 
 import csv
+import re
 
 import numpy as np
 import pytest
@@ -58,6 +59,10 @@ def test_local_sweep_trains_collects_and_fits(tmp_path, capsys):
                            "model.ffn_hidden_size: 88, train.max_steps: 16}]\neval_batches: 2\n")
     assert main(["sweep", "--spec", str(spec), "--local"]) == 0
     out = capsys.readouterr().out
+    assert f"sweep: [1/5] point 0: model.loops=1 (log: {tmp_path / 'sweep/points/0/train.log'})" in out
+    assert re.search(r"^sweep: \[5/5\] point 4 done in \d+ s, train loss \d\.\d{4}$", out, re.M)
+    assert re.search(r"^sweep: \[1/5\] point 0 done in \d+ s, train loss [\d.]+; about [\d.]+ "
+                     r"min left$", out, re.M)
     with open(tmp_path / "sweep/results.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert [int(r["loops"]) for r in rows] == [1, 2, 3, 3, 3]

@@ -7,6 +7,7 @@ import reprlib
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from core.config_schema import build
@@ -14,22 +15,43 @@ from pretrain.config import ConfigError
 from pretrain.sweep.spec import Point, SweepSpec
 
 
+def _shown(path: Path) -> str:
+    """`path` relative to the working directory where it lies below it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def run_local(points: list[Point], log=print) -> None:
     """Each point in turn (torchrun when its layout has several processes); a point that
-    already finished is skipped, an interrupted one resumes."""
-    for pt in points:
+    already finished is skipped, an interrupted one resumes. Says [k/N], each point's settings,
+    log file, final loss and time, and the time left at the mean pace so far."""
+    from pretrain.status import last_metrics
+
+    start = time.monotonic()
+    for k, pt in enumerate(points, start=1):
         world = pt.cfg.parallel.world_size
         prefix = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}"]
                   if world > 1 else [sys.executable])
         cmd = [*prefix, "-m", "pretrain.cli", "train", "--config", str(pt.run_dir / "config.yaml"),
                "--resume", "auto"]
-        log(f"sweep: point {pt.index} {pt.settings} -> {pt.run_dir}")
+        settings = ", ".join(f"{key}={value}" for key, value in pt.settings.items()) or "the base"
+        log(f"sweep: [{k}/{len(points)}] point {pt.index}: {settings} "
+            f"(log: {_shown(pt.run_dir / 'train.log')})")
+        began = time.monotonic()
         with open(pt.run_dir / "train.log", "a") as fh:
             rc = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT,
                                  env={**os.environ, "PYTHONWARNINGS": "ignore"})
         if rc != 0:
             raise ConfigError(f"sweep point {pt.index}: training failed (exit {rc}); "
                               f"see {pt.run_dir / 'train.log'}")
+        loss = (last_metrics(pt.run_dir) or {}).get("train/loss")
+        now = time.monotonic()
+        left = (now - start) / k * (len(points) - k)
+        log(f"sweep: [{k}/{len(points)}] point {pt.index} done in {now - began:.0f} s"
+            + (f", train loss {loss:.4f}" if isinstance(loss, float) else "")
+            + (f"; about {left / 60:.1f} min left" if k < len(points) else ""))
 
 
 def submit_array(spec: SweepSpec, points: list[Point]) -> str:
