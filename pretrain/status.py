@@ -42,9 +42,59 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _max_steps(run_dir: Path) -> int | None:
+    """train.max_steps of the run's config.yaml (None: none, or unreadable)."""
+    from core.config_schema import ConfigError
+    from pretrain.config import load_config
+
+    try:
+        return load_config(run_dir / "config.yaml", bases=False).train.max_steps
+    except (OSError, ConfigError):
+        return None
+
+
+def live_holder(run_dir: Path) -> str | None:
+    """Who holds the run directory's lock (pretrain/run_dir.py) now: its record, or None
+    when no live process does. Probes with a shared lock; creates nothing."""
+    import fcntl
+    import os
+
+    path = run_dir / ".lock"
+    if not path.is_file() or path.is_symlink():
+        return None
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return os.read(fd, 4096).decode(errors="replace").strip() or "unknown"
+    finally:
+        os.close(fd)  # drops the probe's lock too
+    return None
+
+
+def run_state(run_dir: Path, step: int | None) -> str:
+    """finished, running, preempted or stopped, with step N of train.max_steps."""
+    from core.exit_codes import PREEMPTED_MARKER
+
+    total = _max_steps(run_dir)
+    where = f"step {step if step is not None else 0} of {total if total else '?'}"
+    holder = live_holder(run_dir)
+    if holder is not None:
+        return f"running ({where}; held by {holder})"
+    if total and step is not None and step >= total:
+        return f"finished ({where})"
+    if (run_dir / PREEMPTED_MARKER).is_file():
+        return f"preempted ({where}; it resumes with --resume auto when requeued)"
+    return f"stopped ({where}; continue with --resume auto)"
+
+
 def run_status(run_dir: Path) -> str:
     if not run_dir.is_dir():
         raise store.CheckpointError(f"{run_dir}: no such run directory")
+    from pretrain.sweep.collect import POINTS_INDEX
+
+    if (run_dir / POINTS_INDEX).is_file():
+        return sweep_status(run_dir)
     out = [f"run: {run_dir}"]
     m, val = last_metrics(run_dir), last_metrics(run_dir, "val/loss")
     speed = m.get("train/tokens_per_s") if m else None
@@ -54,12 +104,16 @@ def run_status(run_dir: Path) -> str:
     if val:
         out.append(f"validation: loss {val['val/loss']:.4f} at step {val['step']}")
     ckpt = store.newest(run_dir / "checkpoints")
+    saved = None
     if ckpt is not None:
         meta = store.read_meta(ckpt)
+        saved = meta["step"]
         out.append(f"tokens: {meta.get('tokens', 0):,} (at the last checkpoint)")
-        out.append(f"last checkpoint: {ckpt} (step {meta['step']})")
+        out.append(f"last checkpoint: {ckpt} (step {saved})")
     else:
         out.append("last checkpoint: none")
+    step = max((x for x in (saved, m["step"] if m else None) if x is not None), default=None)
+    out.insert(1, f"state: {run_state(run_dir, step)}")
     job_file = run_dir / "slurm_job_id"
     if job_file.is_file():
         from slurm.submit import job_state
@@ -67,6 +121,24 @@ def run_status(run_dir: Path) -> str:
         job = job_file.read_text().strip()
         out.append(f"slurm job: {job} {job_state(job) or 'unknown to SLURM'}")
     return "\n".join(out)
+
+
+def sweep_status(sweep_dir: Path) -> str:
+    """Each point's state and last loss, and how many finished."""
+    from pretrain.sweep.collect import read_index
+
+    indices, _ = read_index(sweep_dir)
+    lines, done = [], 0
+    for index in indices:
+        run_dir = sweep_dir / "points" / str(index)
+        m = last_metrics(run_dir)
+        ckpt = store.newest(run_dir / "checkpoints")
+        steps = (store.read_meta(ckpt)["step"] if ckpt else None, m["step"] if m else None)
+        state = run_state(run_dir, max((x for x in steps if x is not None), default=None))
+        done += state.startswith("finished")
+        loss = f", train loss {m['train/loss']:.4f}" if m else ""
+        lines.append(f"  point {index}: {state}{loss}")
+    return "\n".join([f"sweep: {sweep_dir}: {done} of {len(indices)} points finished", *lines])
 
 
 def is_tokenisation(path: Path) -> bool:

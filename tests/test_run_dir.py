@@ -266,3 +266,24 @@ def test_resume_says_what_it_changes(tmp_path, capsys):
             "train.max_steps 8 -> 16") in out
     line = next(x for x in out.splitlines() if "schedule is recomputed" in x)
     assert line.startswith("resume: the learning rate schedule is recomputed: lr at step 8 is ")
+
+
+def test_status_says_finished_running_or_stopped_and_step_of_max(tmp_path, capsys):
+    """`pretrain status` on a run: finished / stopped at step N of train.max_steps, running
+    while a live process holds the run's lock (its record named)."""
+    run = tmp_path / "run"
+    assert main(_cli(run, "train.max_steps=4")) == 0
+    capsys.readouterr()
+    assert main(["status", str(run)]) == 0
+    assert "state: finished (step 4 of 4)" in capsys.readouterr().out
+    (run / "config.yaml").write_text((run / "config.yaml").read_text().replace(
+        "max_steps: 4", "max_steps: 8"))
+    assert main(["status", str(run)]) == 0
+    assert "state: stopped (step 4 of 8; continue with --resume auto)" in capsys.readouterr().out
+    lock = RunLock(run)
+    lock.acquire()
+    try:
+        assert main(["status", str(run)]) == 0
+        assert f'state: running (step 4 of 8; held by {{"job": "", ' in capsys.readouterr().out
+    finally:
+        lock.release()

@@ -71,6 +71,11 @@ def test_local_sweep_trains_collects_and_fits(tmp_path, capsys):
     assert "L(N, D) = " in out and "loops at N=" in out
     for png in ("fit_vs_points.png", "isoflop.png", "loops.png"):
         assert (tmp_path / "sweep" / png).stat().st_size > 1000
+    assert main(["status", str(tmp_path / "sweep")]) == 0
+    status = capsys.readouterr().out.splitlines()
+    assert status[0] == f"sweep: {tmp_path / 'sweep'}: 5 of 5 points finished"
+    assert status[1].startswith("  point 0: finished (step 12 of 12), train loss ")
+    assert status[5].startswith("  point 4: finished (step 16 of 16), train loss ")
     _a_changed_spec_does_not_resume_old_points(tmp_path, spec, capsys)
 
 

@@ -71,11 +71,14 @@ def collect(sweep_dir: Path, log=print, allow_commands: bool = False) -> Path:
     return out
 
 
+POINTS_INDEX = "points.json"
+
+
 def read_index(sweep_dir: Path) -> tuple[list[int], int]:
     """points.json's point indices and eval_batches. Each point's run is read from
     `sweep_dir/points/<index>` (where `write_points` put it), never from a path the index
     names: a sweep directory may be moved, or come from anyone."""
-    index = sweep_dir / "points.json"
+    index = sweep_dir / POINTS_INDEX
     if not index.is_file():
         raise ConfigError(f"{index}: not a sweep directory (run `pretrain sweep --spec ...`)")
     try:
