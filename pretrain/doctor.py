@@ -179,4 +179,5 @@ def report(findings: list[Finding]) -> tuple[str, int]:
 def _placement_env() -> str:
     """The environment variables that steer placement and threads."""
     keys = ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "NCCL_SOCKET_IFNAME", "DS_ACCELERATOR")
-    return ", ".join(f"{k}={os.environ[k]}" for k in keys if k in os.environ) or "none set"
+    return (", ".join(f"{k}={os.environ[k]}" for k in keys if k in os.environ)
+            or f"none of {', '.join(keys)} is set (defaults apply)")

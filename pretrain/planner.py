@@ -305,7 +305,9 @@ def estimate(cfg: Config, lay: Layout, gpu: Accelerator, global_batch: int) -> E
     mem["total"] = sum(mem.values())
     why = check(cfg, lay, gpu, global_batch)
     if not why and mem["total"] > gpu.memory_gb * MEMORY_HEADROOM:
-        why = f"needs {mem['total']:.1f} GiB of {gpu.memory_gb:.0f} GB per GPU"
+        why = (f"needs {mem['total']:.1f} GiB per GPU, over the "
+               f"{gpu.memory_gb * MEMORY_HEADROOM:.1f} usable ({MEMORY_HEADROOM:.0%} of its "
+               f"{gpu.memory_gb:.0f} GB; the rest: allocator and CUDA context)")
     return Estimate(lay, mem, {"compute": compute, "tp_comm": t_tp, "bubble": t_bubble,
                                "dp_comm_exposed": t_dp, "optimizer": t_opt, "launch": t_launch},
                     step, mfu, tokens * d / step, not why, why, (gemm + head + attn_run) / p, comm)

@@ -261,7 +261,8 @@ def test_delta_rule_exits_where_the_state_stops_moving():
 
 @pytest.mark.parametrize("text,message", [
     ("gate", "expected gate:Q, delta:EPS, kl:EPS, fixed:N or all"), ("speed:2", "expected gate:Q"),
-    ("gate:x", "'x' is not a number"), ("fixed:1.5", "whole number"), ("delta:-1", ">= 0")])
+    ("gate:x", "'x' is not a number"), ("fixed:1.5", "whole number"), ("delta:-1", ">= 0"),
+    ("gate:2", "Q is a probability, in \\[0, 1\\]")])
 def test_bad_exit_rules(text, message):
     with pytest.raises(ValueError, match=message):
         ExitRule.parse(text)

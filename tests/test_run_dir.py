@@ -284,6 +284,6 @@ def test_status_says_finished_running_or_stopped_and_step_of_max(tmp_path, capsy
     lock.acquire()
     try:
         assert main(["status", str(run)]) == 0
-        assert f'state: running (step 4 of 8; held by {{"job": "", ' in capsys.readouterr().out
+        assert 'state: running (step 4 of 8; held by {"job": ' in capsys.readouterr().out
     finally:
         lock.release()

@@ -72,6 +72,8 @@ class ExitRule:
             raise ValueError(f"exit rule {text!r}: the step must be a whole number >= 1")
         if v < 0:
             raise ValueError(f"exit rule {text!r}: must be >= 0")
+        if kind == "gate" and v > 1:
+            raise ValueError(f"exit rule {text!r}: Q is a probability, in [0, 1] (1: never early)")
         return cls(kind, v)
 
     def __str__(self) -> str:

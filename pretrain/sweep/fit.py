@@ -151,10 +151,11 @@ def _plots(rows: list[dict], law: LawFit, k: float, loop_groups: dict, out: Path
     if loop_groups:
         fig, ax = plt.subplots(figsize=(5, 4))
         for (gn, gd), (rs, ls, fit) in loop_groups.items():
-            ax.plot(rs, ls, "o", label=f"N={gn:.3g} D={gd:.3g}")
-            if fit:
+            (dots,) = ax.plot(rs, ls, "o", label=f"N={gn:.3g} D={gd:.3g}")
+            if fit:  # the fitted line in its points' colour
                 grid_r = np.linspace(min(rs), max(rs), 50)
-                ax.plot(grid_r, fit["L_inf"] + fit["C"] * grid_r ** -fit["gamma"], "-")
+                ax.plot(grid_r, fit["L_inf"] + fit["C"] * grid_r ** -fit["gamma"], "-",
+                        color=dots.get_color())
         ax.set(xlabel="loops R", ylabel="eval loss", title="loop-count law")
         ax.legend(fontsize=7)
         paths.append(out / "loops.png")
