@@ -27,6 +27,7 @@ from pretrain.model.config import (
     validate_model,
     validate_objective,
 )
+from pretrain.model.families import check_family
 from pretrain.model.generate import ExitRule
 from pretrain.optim import OptimConfig, validate_optim
 
@@ -141,6 +142,7 @@ def validate_memory(t: TrainConfig, loops: int, tensor: int) -> None:
 def validate(cfg: Config) -> None:
     """Semantic checks that types alone cannot express, section by section."""
     validate_model(cfg.model)
+    check_family(cfg.model)
     validate_objective(cfg.objective, cfg.model)
     validate_train(cfg.train, cfg.model.max_seq_len)
     validate_optim(cfg.optim, cfg.parallel.zero_stage, cfg.parallel.tensor)

@@ -91,10 +91,6 @@ def run_state(run_dir: Path, step: int | None) -> str:
 def run_status(run_dir: Path) -> str:
     if not run_dir.is_dir():
         raise store.CheckpointError(f"{run_dir}: no such run directory")
-    from pretrain.sweep.collect import POINTS_INDEX
-
-    if (run_dir / POINTS_INDEX).is_file():
-        return sweep_status(run_dir)
     out = [f"run: {run_dir}"]
     m, val = last_metrics(run_dir), last_metrics(run_dir, "val/loss")
     speed = m.get("train/tokens_per_s") if m else None
@@ -121,24 +117,6 @@ def run_status(run_dir: Path) -> str:
         job = job_file.read_text().strip()
         out.append(f"slurm job: {job} {job_state(job) or 'unknown to SLURM'}")
     return "\n".join(out)
-
-
-def sweep_status(sweep_dir: Path) -> str:
-    """Each point's state and last loss, and how many finished."""
-    from pretrain.sweep.collect import read_index
-
-    indices, _ = read_index(sweep_dir)
-    lines, done = [], 0
-    for index in indices:
-        run_dir = sweep_dir / "points" / str(index)
-        m = last_metrics(run_dir)
-        ckpt = store.newest(run_dir / "checkpoints")
-        steps = (store.read_meta(ckpt)["step"] if ckpt else None, m["step"] if m else None)
-        state = run_state(run_dir, max((x for x in steps if x is not None), default=None))
-        done += state.startswith("finished")
-        loss = f", train loss {m['train/loss']:.4f}" if m else ""
-        lines.append(f"  point {index}: {state}{loss}")
-    return "\n".join([f"sweep: {sweep_dir}: {done} of {len(indices)} points finished", *lines])
 
 
 def is_tokenisation(path: Path) -> bool:

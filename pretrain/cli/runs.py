@@ -54,9 +54,14 @@ def _status(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from pretrain.status import is_tokenisation, run_status, tokenisation_status
+    from pretrain.sweep.collect import POINTS_INDEX
+    from pretrain.sweep.status import sweep_status
 
     path = Path(args.run_dir)
-    print(tokenisation_status(path) if is_tokenisation(path) else run_status(path))
+    if is_tokenisation(path):
+        print(tokenisation_status(path))
+    else:
+        print(sweep_status(path) if (path / POINTS_INDEX).is_file() else run_status(path))
     return 0
 
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pretrain.model.families import family_class
+from pretrain.model.families import Widths, family_class
 from pretrain.model.memory import MemoryPolicy
 
 
@@ -66,17 +66,6 @@ def layer_elements(m, tp: int, sp: bool, recompute_core: bool) -> tuple[float, f
     f = m.ffn_hidden_size / tp
     mlp = 4 * f if m.mlp == "swiglu" else 2 * f
     return hidden, attn + mlp
-
-
-@dataclass(frozen=True)
-class Widths:
-    """Per-token widths on one rank that a loop family's terms are made of (elements): h a
-    hidden-sized tensor, r a norm's rsqrt, q_norm the queries' attn_norm(h) net of the query
-    projection the core no longer keeps (0 inside a recomputed layer, which keeps its input only)."""
-
-    h: float
-    r: float
-    q_norm: float
 
 
 def widths(m, tp: int, sp: bool, recomputed: bool) -> Widths:

@@ -91,11 +91,6 @@ def validate_model(m: ModelConfig) -> None:
     require(m.rope_theta > 0, "model.rope_theta", "must be > 0")
     require(m.norm_eps > 0, "model.norm_eps", "must be > 0")
     require(m.init_std > 0, "model.init_std", "must be > 0")
-    # imported here, not above: the families' modules build layers, which read this module
-    from pretrain.model.families import family_class, family_names
-    require(m.loop_mode in family_names(), "model.loop_mode",
-            f"expected one of {', '.join(map(repr, sorted(family_names())))}, got {m.loop_mode!r}")
-    family_class(m.loop_mode).check(m)
     require(m.sandwich_style == "ouro" or m.sandwich_norm, "model.sandwich_style",
             "huginn places the second norm of a sandwich: it needs model.sandwich_norm: true")
     require(m.embed_scale > 0, "model.embed_scale", f"must be > 0, got {m.embed_scale}")

@@ -2,6 +2,13 @@
 importing this package registers the built-in ones."""
 
 from pretrain.model.families import flt, huginn, ouro  # noqa: F401  (registers them)
-from pretrain.model.families.base import LoopFamily, family_class, family_names, register
+from pretrain.model.families.base import (
+    LoopFamily,
+    Widths,
+    check_family,
+    family_class,
+    family_names,
+    register,
+)
 
-__all__ = ["LoopFamily", "family_class", "family_names", "register"]
+__all__ = ["LoopFamily", "Widths", "check_family", "family_class", "family_names", "register"]

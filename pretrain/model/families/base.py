@@ -10,14 +10,14 @@ config is read, a test file included): subclass `LoopFamily`, decorate it with `
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-if TYPE_CHECKING:  # the model and the activation widths are passed in, never imported here
-    from pretrain.model.activations import Widths
-    from pretrain.model.config import ModelConfig
+from core.config_schema import require
+from pretrain.model.config import ModelConfig
 
 _FAMILIES: dict[str, type[LoopFamily]] = {}
 
@@ -35,8 +35,27 @@ def family_names() -> tuple[str, ...]:
 
 
 def family_class(name: str) -> type[LoopFamily]:
-    """The registered family `name` (KeyError: none; the config check names the choices)."""
+    """The registered family `name` (KeyError: none; `check_family` names the choices)."""
     return _FAMILIES[name]
+
+
+def check_family(m: ModelConfig) -> None:
+    """model.loop_mode names a registered family, and that family accepts the model's fields."""
+    require(m.loop_mode in _FAMILIES, "model.loop_mode",
+            f"expected one of {', '.join(map(repr, sorted(_FAMILIES)))}, got {m.loop_mode!r}")
+    _FAMILIES[m.loop_mode].check(m)
+
+
+@dataclass(frozen=True)
+class Widths:
+    """Per-token widths on one rank that a family's activation terms are made of (elements):
+    h a hidden-sized tensor, r a norm's rsqrt, q_norm the queries' attn_norm(h) net of the query
+    projection the core no longer keeps (0 inside a recomputed layer, which keeps its input
+    only). model/activations.py builds them."""
+
+    h: float
+    r: float
+    q_norm: float
 
 
 class LoopFamily:
