@@ -8,14 +8,19 @@ DEMO_DIR ?= runs/demo
 .PHONY: install demo test test-fast test-oldest-torch lint bench clean wheelhouse
 
 $(STAMP): setup.cfg pyproject.toml
+	@echo "install: [1/4] a virtualenv in $(VENV)"
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	@echo "install: [2/4] torch 2.13.0 (CPU wheel, ~200 MB)"
 	$(PY) -m pip install -q torch==2.13.0
+	@echo "install: [3/4] the project and its dev extras (megatron-core, deepspeed, lm-eval, ...: a few minutes)"
 	$(PY) -m pip install -q -e '.[dev]'
 	# transformers 5.x beside the dev extras' 4.56 (the Ouro release's), for the export tests; its own
 	# huggingface-hub lives in that directory too, so pip's check against the main env is moot
+	@echo "install: [4/4] transformers 5.x beside 4.56 in $(VENV)/transformers5 (the export tests)"
 	$(PY) -m pip install -q --no-warn-conflicts --target $(VENV)/transformers5 'transformers>=5,<6'
 	touch $(STAMP)
+	@echo "install: done; \`source $(VENV)/bin/activate\` puts \`pretrain\` on PATH"
 
 install: $(STAMP)
 
