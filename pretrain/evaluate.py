@@ -36,6 +36,11 @@ def heldout_batches(cfg: Config, batches: int) -> tuple[list, str, bool]:
                                                 "another sample order than training)"), False
 
 
+# the sums kept per exit rule of each group (`{kind}_{group}`): CE over tokens, CE over the
+# tokens that stand for text (bits per byte), loops used
+PER_RULE = ("ce", "nats", "loops")
+
+
 def heldout_sums(ce: Tensor, labels: Tensor, n_bytes: Tensor,
                  exits: dict[str, list[tuple[Tensor, Tensor]]]) -> dict[str, Tensor]:
     """Sums over one micro-batch's held-out tokens, the one scorer of validation and `pretrain
@@ -48,9 +53,10 @@ def heldout_sums(ce: Tensor, labels: Tensor, n_bytes: Tensor,
     out = {"tokens": mask.sum(), "bytes": (n_bytes.double() * mask).sum(),
            "ce": (ce * mask).sum((1, 2)), "nats": (ce * text).sum((1, 2))}
     for group, per_rule in exits.items():
-        out[f"ce_{group}"] = _stack([(c.double() * mask).sum() for c, _ in per_rule])
-        out[f"nats_{group}"] = _stack([(c.double() * text).sum() for c, _ in per_rule])
-        out[f"loops_{group}"] = _stack([(u * mask).sum() for _, u in per_rule])
+        weighted = {"ce": lambda c, u: c.double() * mask, "nats": lambda c, u: c.double() * text,
+                    "loops": lambda c, u: u * mask}
+        out |= {f"{kind}_{group}": _stack([weighted[kind](c, u).sum() for c, u in per_rule])
+                for kind in PER_RULE}
     return out
 
 
@@ -58,7 +64,7 @@ def sum_shapes(loops: int, rules: int, groups: tuple[str, ...]) -> dict[str, tup
     """The shape of each of `heldout_sums`' entries (for ranks that hold none of them)."""
     shapes = {"tokens": (), "bytes": (), "ce": (loops,), "nats": (loops,)}
     for g in groups:
-        shapes |= {f"ce_{g}": (rules,), f"nats_{g}": (rules,), f"loops_{g}": (rules,)}
+        shapes |= {f"{kind}_{g}": (rules,) for kind in PER_RULE}
     return shapes
 
 
