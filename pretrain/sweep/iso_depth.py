@@ -29,30 +29,22 @@ from pathlib import Path
 
 import numpy as np
 
-from pretrain.sweep.fit import HUBER_DELTA, huber
+from pretrain.sweep.fit import HUBER_DELTA, LawFit, huber
 
 BOOTSTRAP = 200  # resamples for the interval of phi
 LEVEL = 0.95
 
 
 @dataclass
-class IsoDepthFit:
-    E: float
-    A: float
-    alpha: float
-    B: float
-    beta: float
-    phi: float
-    objective: float
-    points: int
+class IsoDepthFit(LawFit):
+    """The Chinchilla law (`LawFit`) of the effective parameters N_once + r^phi N_rec:
+    `predict(effective(n_once, n_rec, r), d)`."""
+
+    phi: float = 0.0
 
     def effective(self, n_once, n_rec, r):
         """Effective parameters N_once + r^phi N_rec."""
         return np.asarray(n_once, float) + np.asarray(r, float) ** self.phi * np.asarray(n_rec, float)
-
-    def predict(self, n_once, n_rec, r, d):
-        return self.E + self.A * self.effective(n_once, n_rec, r) ** -self.alpha \
-            + self.B * np.asarray(d, float) ** -self.beta
 
 
 def _objective(x, log_once, n_rec, log_r, log_d, log_l, delta):
