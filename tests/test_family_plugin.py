@@ -84,20 +84,11 @@ def test_family_equals_its_equations():
 
 
 def test_family_decodes_through_the_kv_cache():
-    from pretrain.model.generate import generate
+    from tests.test_generate import assert_greedy_equals_recompute
 
     _, model = _model("model.loops=3")
-    model.eval()
     prompt = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(2))
-    gen = generate(model, prompt, max_new_tokens=6)
-    tokens = prompt
-    with torch.no_grad():
-        for i in range(6):
-            last = model(tokens).logits[-1][-1]
-            # cached keys sum in another order than the whole forward: fp32 rounding over R loops
-            torch.testing.assert_close(gen.logits[:, i], last, rtol=1e-5, atol=1e-5)
-            tokens = torch.cat((tokens, last.argmax(-1, keepdim=True)), 1)
-    assert torch.equal(gen.tokens, tokens)
+    assert_greedy_equals_recompute(model.eval(), prompt, 6)
 
 
 def test_family_plans_its_flops_parameters_and_memory():

@@ -43,18 +43,24 @@ def test_kv_cache_equals_full_recompute(variant, loops):
     """Greedy generation through the per-loop KV cache picks the same tokens, from the same
     logits, as running the training forward on the whole sequence for every new token."""
     model = _model(f"model.loops={loops}", *VARIANTS[variant])
-    prompt = _prompt()
-    gen = generate(model, prompt, max_new_tokens=12)
+    gen = assert_greedy_equals_recompute(model, _prompt(), 12)
     assert gen.mean_loops == loops and gen.loops_used.shape == (2, 11)
+
+
+def assert_greedy_equals_recompute(model, prompt, new: int):
+    """Greedy decoding of `new` tokens through the KV cache against the training forward over
+    the whole sequence for every token: the same logits and tokens. Returns the generation."""
+    gen = generate(model, prompt, max_new_tokens=new)
     tokens = prompt
     with torch.no_grad():
-        for i in range(12):
+        for i in range(new):
             last = model(tokens).logits[-1][-1]
             # the KV cache's attention sums in another order than the full forward: fp32
             # rounding (~1e-6 relative) through R loops of layers
             torch.testing.assert_close(gen.logits[:, i], last, rtol=1e-5, atol=1e-5)
             tokens = torch.cat((tokens, last.argmax(-1, keepdim=True)), 1)
     assert torch.equal(gen.tokens, tokens)
+    return gen
 
 
 def _spread_gate(model):
