@@ -152,9 +152,10 @@ def test_a_sweep_runs_as_a_job_array_then_collects_and_fits(cluster, tmp_path):
     assert fit.returncode == 0, fit.stderr
     rows = (tmp_path / "sweep/results.csv").read_text().splitlines()
     assert len(rows) == 4  # header + 3 points
-    assert "L(R) = " in fit.stdout  # R in {1, 2, 3} at one size: the loop-count law
-    for png in ("fit_vs_points.png", "isoflop.png", "loops.png"):
-        assert (tmp_path / "sweep" / png).is_file()
+    # R in {1, 2, 3} at one size and budget: the loop-count law, and no L(N, D) law
+    assert "L(R) = " in fit.stdout and fit.stdout.startswith("no L(N, D) law: ")
+    assert (tmp_path / "sweep/loops.png").is_file()
+    assert not (tmp_path / "sweep/fit_vs_points.png").exists()
 
 
 def test_tokenisation_array_merges_to_one_process_and_resubmits_only_what_is_missing(

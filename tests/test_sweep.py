@@ -4,6 +4,7 @@ a known law."""
 from __future__ import annotations
 
 import csv
+import json
 import re
 
 import numpy as np
@@ -128,7 +129,8 @@ def test_a_sweep_without_sizes_and_budgets_lists_its_points_instead_of_a_law(tmp
         "  loops=2, lr=0.03: eval loss 2.4000", "  loops=2, lr=0.01: eval loss 2.5000",
         "  loops=6, lr=0.01: eval loss 2.2000", "  loops=6, lr=0.03: eval loss 2.3000",
         "loops at N=1, D=1: R=2: 2.4000, R=2: 2.5000, R=6: 2.2000, R=6: 2.3000; fewer than 3 "
-        "loop counts: no fit"]
+        "loop counts: no fit", f"plots: {tmp_path / 'loops.png'}"]
+    assert json.loads((tmp_path / "fit.json").read_text())["law"] is None
     from pretrain.sweep.collect import COLUMNS, read_results
 
     with open(tmp_path / "old.csv", "w", newline="") as fh:

@@ -109,11 +109,33 @@ def loop_law_text(f: dict | None) -> str:
     return f"L(R) = {f['L_inf']:.4g} + {f['C']:.4g} / R^{f['gamma']:.3g}"
 
 
-def _plots(rows: list[dict], law: LawFit, k: float, loop_groups: dict, out: Path) -> list[Path]:
+def _plots(rows: list[dict], law: LawFit | None, k: float, loop_groups: dict,
+           out: Path) -> list[Path]:
+    """fit_vs_points.png and isoflop.png (with a law), loops.png (with loop groups)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    paths = [] if law is None else _law_plots(rows, law, k, out, plt)
+    if loop_groups:
+        fig, ax = plt.subplots(figsize=(5, 4))
+        for (gn, gd), (rs, ls, fit) in loop_groups.items():
+            (dots,) = ax.plot(rs, ls, "o", label=f"N={gn:.3g} D={gd:.3g}")
+            if fit:  # the fitted line in its points' colour
+                grid_r = np.linspace(min(rs), max(rs), 50)
+                ax.plot(grid_r, fit["L_inf"] + fit["C"] * grid_r ** -fit["gamma"], "-",
+                        color=dots.get_color())
+        ax.set(xlabel="loops R", ylabel="eval loss", title="loop-count law")
+        ax.legend(fontsize=7)
+        paths.append(out / "loops.png")
+        fig.tight_layout()
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    return paths
+
+
+def _law_plots(rows: list[dict], law: LawFit, k: float, out: Path, plt) -> list[Path]:
     import matplotlib.ticker
 
     paths = []
@@ -147,21 +169,6 @@ def _plots(rows: list[dict], law: LawFit, k: float, loop_groups: dict, out: Path
     fig.tight_layout()
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
-
-    if loop_groups:
-        fig, ax = plt.subplots(figsize=(5, 4))
-        for (gn, gd), (rs, ls, fit) in loop_groups.items():
-            (dots,) = ax.plot(rs, ls, "o", label=f"N={gn:.3g} D={gd:.3g}")
-            if fit:  # the fitted line in its points' colour
-                grid_r = np.linspace(min(rs), max(rs), 50)
-                ax.plot(grid_r, fit["L_inf"] + fit["C"] * grid_r ** -fit["gamma"], "-",
-                        color=dots.get_color())
-        ax.set(xlabel="loops R", ylabel="eval loss", title="loop-count law")
-        ax.legend(fontsize=7)
-        paths.append(out / "loops.png")
-        fig.tight_layout()
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
     return paths
 
 
@@ -205,11 +212,17 @@ def fit_sweep(sweep_dir: Path, budget: float | None = None) -> str:
                   + ", ".join(f"R={r:g}: {v:.4f}" for r, v in sorted(zip(rs, ls, strict=True)))
                   + f"; {loop_law_text(f)}" for (gn, gd), (rs, ls, f) in loop_groups.items()]
     sizes, budgets = {r["params"] for r in at_r}, {r["tokens"] for r in at_r}
+    loop_laws = [{"params": gn, "tokens": gd, "loops": rs, "loss": ls, "fit": f}
+                 for (gn, gd), (rs, ls, f) in loop_groups.items()]
     if len(sizes) < 2 or len(budgets) < 2:
+        (sweep_dir / "fit.json").write_text(json.dumps({"law": None, "loop_laws": loop_laws},
+                                                       indent=1))
+        plots = _plots(rows, None, 0.0, loop_groups, sweep_dir)
         return "\n".join([_no_law(rows, csv_path, f"the points at R={common_r:g} hold "
                                                  f"{len(sizes)} model size(s) and {len(budgets)} "
                                                  "token budget(s); L(N, D) needs 2 or more of "
-                                                 "each"), *loop_lines])
+                                                 "each"), *loop_lines,
+                          *([f"plots: {', '.join(map(str, plots))}"] if plots else [])])
     law = fit_law([r["params"] for r in at_r], [r["tokens"] for r in at_r],
                   [r["eval_loss"] for r in at_r])
     k = float(np.mean([r["flops"] / (r["params"] * r["tokens"]) for r in at_r]))
@@ -217,8 +230,7 @@ def fit_sweep(sweep_dir: Path, budget: float | None = None) -> str:
     n_opt, d_opt = law.optimal(budget, k)
     report = {"law": asdict(law), "loops_for_law": common_r, "flops_per_param_token": k,
               "budget": budget, "optimal_params": n_opt, "optimal_tokens": d_opt,
-              "loop_laws": [{"params": gn, "tokens": gd, "loops": rs, "loss": ls, "fit": f}
-                            for (gn, gd), (rs, ls, f) in loop_groups.items()]}
+              "loop_laws": loop_laws}
     (sweep_dir / "fit.json").write_text(json.dumps(report, indent=1))
     plots = _plots(at_r, law, k, loop_groups, sweep_dir)
     lines = [f"L(N, D) = {law.E:.4g} + {law.A:.4g} / N^{law.alpha:.4g} + {law.B:.4g} / D^{law.beta:.4g}"
