@@ -55,28 +55,25 @@ def test_a_bad_point_is_named_before_anything_runs(tmp_path):
 def test_local_sweep_trains_collects_and_fits(tmp_path, capsys):
     spec = _spec(tmp_path, f"overrides: [train.max_steps=12, train.log_every=6, "
                            f"optim.warmup_steps=2, 'data.paths=[{ROOT / 'data/sample.txt'}]']\n"
-                           "list: [{model.loops: 1}, {model.loops: 2}, {}, {model.hidden_size: "
-                           "32, model.ffn_hidden_size: 88}, {model.hidden_size: 32, "
-                           "model.ffn_hidden_size: 88, train.max_steps: 16}]\neval_batches: 2\n")
+                           "list: [{model.loops: 1}, {model.loops: 2}, {}]\neval_batches: 2\n")
     assert main(["sweep", "--spec", str(spec), "--local"]) == 0
     out = capsys.readouterr().out
-    assert f"sweep: [1/5] point 0: model.loops=1 (log: {tmp_path / 'sweep/points/0/train.log'})" in out
-    assert re.search(r"^sweep: \[5/5\] point 4 done in \d+ s, train loss \d\.\d{4}$", out, re.M)
-    assert re.search(r"^sweep: \[1/5\] point 0 done in \d+ s, train loss [\d.]+; about [\d.]+ "
+    assert f"sweep: [1/3] point 0: model.loops=1 (log: {tmp_path / 'sweep/points/0/train.log'})" in out
+    assert re.search(r"^sweep: \[3/3\] point 2 done in \d+ s, train loss \d\.\d{4}$", out, re.M)
+    assert re.search(r"^sweep: \[1/3\] point 0 done in \d+ s, train loss [\d.]+; about [\d.]+ "
                      r"min left$", out, re.M)
     with open(tmp_path / "sweep/results.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert [int(r["loops"]) for r in rows] == [1, 2, 3, 3, 3]
-    assert [float(r["tokens"]) for r in rows] == [12 * 16 * 64] * 4 + [16 * 16 * 64]
-    assert all(float(r["eval_loss"]) > 0 for r in rows)
-    assert "L(N, D) = " in out and "loops at N=" in out
-    for png in ("fit_vs_points.png", "isoflop.png", "loops.png"):
-        assert (tmp_path / "sweep" / png).stat().st_size > 1000
+    assert [int(r["loops"]) for r in rows] == [1, 2, 3]
+    assert all(float(r["tokens"]) == 12 * 16 * 64 and float(r["eval_loss"]) > 0 for r in rows)
+    # one size and budget: no L(N, D) law (tested below on a written results.csv), the loop law
+    assert "no L(N, D) law" in out and "loops at N=" in out
+    assert (tmp_path / "sweep/loops.png").stat().st_size > 1000
     assert main(["status", str(tmp_path / "sweep")]) == 0
     status = capsys.readouterr().out.splitlines()
-    assert status[0] == f"sweep: {tmp_path / 'sweep'}: 5 of 5 points finished"
+    assert status[0] == f"sweep: {tmp_path / 'sweep'}: 3 of 3 points finished"
     assert status[1].startswith("  point 0: finished (step 12 of 12), train loss ")
-    assert status[5].startswith("  point 4: finished (step 16 of 16), train loss ")
+    assert status[3].startswith("  point 2: finished (step 12 of 12), train loss ")
     _a_changed_spec_does_not_resume_old_points(tmp_path, spec, capsys)
 
 
@@ -148,3 +145,23 @@ def test_a_flat_loss_over_r_is_no_law():
     assert loop_law_text(fit_loops([1, 2, 4], [2.961, 2.961, 2.961])) == \
         "no trend in R: the fitted C / R^gamma term vanishes"
     assert loop_law_text(fit_loops([1, 2, 4], [3.0, 2.5, 2.25])).startswith("L(R) = ")
+
+
+def test_a_sweep_over_sizes_and_budgets_fits_the_law_and_draws_it(tmp_path):
+    """results.csv of 3 sizes x 3 budgets at R = 3 from the Chinchilla law (and R = 1, 2 at one
+    of them): the fit report, fit.json and the three plots."""
+    from pretrain.sweep.fit import fit_sweep
+
+    c = CHINCHILLA
+    rows = [{"loops": 3, "params": n, "tokens": d, "flops": 6 * n * d,
+             "eval_loss": c["E"] + c["A"] / n ** c["alpha"] + c["B"] / d ** c["beta"]}
+            for n in (1e6, 1e7, 1e8) for d in (1e8, 1e9, 1e10)]
+    rows += [{**rows[0], "loops": r, "eval_loss": rows[0]["eval_loss"] + 0.1 / r} for r in (1, 2)]
+    _results(tmp_path / "results.csv", rows)
+    report = fit_sweep(tmp_path)
+    assert report.startswith("L(N, D) = ") and "(9 points at R=3;" in report
+    assert "loops at N=1e+06, D=1e+08: R=1: " in report
+    assert json.loads((tmp_path / "fit.json").read_text())["law"]["alpha"] > 0
+    for png in ("fit_vs_points.png", "isoflop.png", "loops.png"):
+        assert (tmp_path / png).stat().st_size > 1000
+
