@@ -7,6 +7,7 @@ import dataclasses
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from pretrain.config import Config
 from pretrain.data import default_data, heldout_data
@@ -147,7 +148,8 @@ def exit_table(cfg: Config, model: LoopedLM, batches: int, rules: tuple[ExitRule
     data, which, validation = heldout_batches(cfg, batches)
     codec = TextCodec.of(cfg.data.tokenizer)
     total: dict[str, Tensor] = {}
-    for inputs, labels in data:
+    # a bar on a terminal (every rule decodes each batch token by token: minutes at scale)
+    for inputs, labels in tqdm(data, desc="eval", unit=" batches", disable=None, leave=False):
         target = labels[:, prefill:].t()
         out = model(inputs)
         ce = per_step_ce(out.logits, labels.t())[:, prefill:]  # [R, S', B]
