@@ -128,11 +128,15 @@ def _plots(rows: list[dict], law: LawFit | None, k: float, loop_groups: dict,
                         color=dots.get_color())
         ax.set(xlabel="loops R", ylabel="eval loss", title="loop-count law")
         ax.legend(fontsize=7)
-        paths.append(out / "loops.png")
-        fig.tight_layout()
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
+        paths.append(_save(fig, out / "loops.png", plt))
     return paths
+
+
+def _save(fig, path: Path, plt) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def _law_plots(rows: list[dict], law: LawFit, k: float, out: Path, plt) -> list[Path]:
@@ -149,10 +153,7 @@ def _law_plots(rows: list[dict], law: LawFit, k: float, out: Path, plt) -> list[
     lo, hi = min(pred.min(), y.min()), max(pred.max(), y.max())
     ax.plot([lo, hi], [lo, hi], "k--", lw=1)
     ax.set(xlabel="fitted L(N, D)", ylabel="eval loss", title="fit vs points")
-    paths.append(out / "fit_vs_points.png")
-    fig.tight_layout()
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save(fig, out / "fit_vs_points.png", plt))
 
     fig, ax = plt.subplots(figsize=(5, 4))
     grid = np.logspace(np.log10(n.min() / 3), np.log10(n.max() * 3), 100)
@@ -165,10 +166,7 @@ def _law_plots(rows: list[dict], law: LawFit, k: float, out: Path, plt) -> list[
     ax.set(xscale="log", xlabel="parameters N", ylabel="loss", title="isoFLOP curves (* optimum)")
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # a narrow N range: clutter
     ax.legend(fontsize=7)
-    paths.append(out / "isoflop.png")
-    fig.tight_layout()
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save(fig, out / "isoflop.png", plt))
     return paths
 
 
