@@ -168,5 +168,16 @@ def absolute_paths(cfg: Config) -> None:
         cfg.data.tokenizer = str(Path(cfg.data.tokenizer).resolve())
 
 
+def dotted_fields(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """A config's `to_dict()` (or any part of it) as {"section.field": value}."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(dotted_fields(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -174,8 +174,9 @@ def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
         {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS_TOKEN,
          "model_max_length": cfg.model.max_seq_len,
          "model_input_names": ["input_ids", "attention_mask"]}, indent=2))
-    for f in partial.iterdir():  # what the user's other new files get (safetensors writes 0600)
-        f.chmod(new_file_mode())
+    mode = new_file_mode()  # what the user's other new files get (safetensors writes 0600)
+    for f in partial.iterdir():
+        f.chmod(mode)
     partial.rename(out)  # replaces a missing or empty out_dir (the CLI claimed it)
     return out
 

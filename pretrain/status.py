@@ -72,6 +72,12 @@ def live_holder(run_dir: Path) -> str | None:
     return None
 
 
+def reached_step(saved: int | None, logged: dict | None) -> int | None:
+    """The furthest step a run shows: its newest checkpoint's or its last logged record's."""
+    return max((x for x in (saved, logged["step"] if logged else None) if x is not None),
+               default=None)
+
+
 def run_state(run_dir: Path, step: int | None) -> str:
     """finished, running, preempted or stopped, with step N of train.max_steps."""
     from core.exit_codes import PREEMPTED_MARKER
@@ -108,8 +114,7 @@ def run_status(run_dir: Path) -> str:
         out.append(f"last checkpoint: {ckpt} (step {saved})")
     else:
         out.append("last checkpoint: none")
-    step = max((x for x in (saved, m["step"] if m else None) if x is not None), default=None)
-    out.insert(1, f"state: {run_state(run_dir, step)}")
+    out.insert(1, f"state: {run_state(run_dir, reached_step(saved, m))}")
     job_file = run_dir / "slurm_job_id"
     if job_file.is_file():
         from slurm.submit import job_state

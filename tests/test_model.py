@@ -230,3 +230,16 @@ def test_residual_scale_scales_each_block_branch(style):
             y = x + eps * a
             want = y + eps * layer.mlp(layer.mlp_norm(y))
         assert torch.equal(layer(x, cos, sin)[0], want)
+
+
+def test_the_raw_handover_ablation_is_ouros_alone():
+    """model.norm_between_loops: false is Ouro's ablation; every other family defines its own
+    handover and refuses it in one line naming the field (huginn included)."""
+    from pretrain.config import ConfigError
+    from pretrain.model.families import family_names
+
+    assert tiny_config("model.norm_between_loops=false").model.loop_mode == "ouro"
+    for name in set(family_names()) - {"ouro"}:
+        with pytest.raises(ConfigError, match=f"^model.norm_between_loops: false applies to "
+                                              f"loop_mode ouro only \\(the {name} family"):
+            tiny_config(f"model.loop_mode={name}", "model.norm_between_loops=false")

@@ -17,10 +17,13 @@ class TensorBoard(Callback):
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(trainer.out_dir / "tensorboard"))
-            from pretrain.config import dump_config
+            from pretrain.config import dotted_fields, dump_config
 
             self.writer.add_text("config", f"```yaml\n{dump_config(trainer.cfg)}```", trainer.step)
-            self.writer.add_hparams(hparams(trainer.cfg.to_dict()), {}, run_name=".")
+            # hparams take numbers, booleans and strings: lists (e.g. data.paths) as text
+            hparams = {k: v if isinstance(v, (bool, int, float, str)) else str(v)
+                       for k, v in dotted_fields(trainer.cfg.to_dict()).items()}
+            self.writer.add_hparams(hparams, {}, run_name=".")
 
     def on_log(self, trainer, step: int, metrics: dict[str, float]) -> None:
         if self.writer is not None:
@@ -31,17 +34,3 @@ class TensorBoard(Callback):
         if self.writer is not None:
             self.writer.close()
             self.writer = None
-
-
-def hparams(tree: dict, prefix: str = "") -> dict:
-    """The config's numbers, booleans and strings as {"section.field": value}; lists as text."""
-    flat = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(hparams(value, f"{name}."))
-        elif isinstance(value, (bool, int, float, str)):
-            flat[name] = value
-        else:
-            flat[name] = str(value)
-    return flat

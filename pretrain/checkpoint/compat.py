@@ -7,7 +7,7 @@ from pathlib import Path
 
 from core.config_schema import Override
 from pretrain.checkpoint import store
-from pretrain.config import Config, ConfigError, load_config
+from pretrain.config import Config, ConfigError, dotted_fields, load_config
 
 # model fields that change a weight's shape or meaning: a checkpoint never loads across them
 # (loops, max_seq_len, rope_theta, dropout may change: same weights, a different run)
@@ -53,20 +53,10 @@ def require_fit(path: Path, cfg: Config) -> Config:
     return saved
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def config_changes(saved: Config, cfg: Config) -> list[str]:
     """'field old -> new' for each value this run sets otherwise than the checkpoint's config
     (train.out_dir aside: a moved run directory is the same run)."""
-    old, new = _flat(saved.to_dict()), _flat(cfg.to_dict())
+    old, new = dotted_fields(saved.to_dict()), dotted_fields(cfg.to_dict())
     return [f"{k} {old.get(k)!r} -> {v!r}" for k, v in new.items()
             if k != "train.out_dir" and old.get(k) != v]
 

@@ -99,7 +99,6 @@ class LoopedOutput:
     hidden_norm: Tensor | None = None  # [R] mean L2 norm of the block output x_t (detached)
 
 
-
 class LoopedLM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()

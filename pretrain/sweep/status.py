@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pretrain.checkpoint import store
-from pretrain.status import last_metrics, run_state
+from pretrain.status import last_metrics, reached_step, run_state
 from pretrain.sweep.collect import read_index
 
 
@@ -17,8 +17,8 @@ def sweep_status(sweep_dir: Path) -> str:
         run_dir = sweep_dir / "points" / str(index)
         m = last_metrics(run_dir)
         ckpt = store.newest(run_dir / "checkpoints")
-        steps = (store.read_meta(ckpt)["step"] if ckpt else None, m["step"] if m else None)
-        state = run_state(run_dir, max((x for x in steps if x is not None), default=None))
+        saved = store.read_meta(ckpt)["step"] if ckpt else None
+        state = run_state(run_dir, reached_step(saved, m))
         done += state.startswith("finished")
         loss = f", train loss {m['train/loss']:.4f}" if m else ""
         lines.append(f"  point {index}: {state}{loss}")

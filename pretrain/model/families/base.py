@@ -73,7 +73,11 @@ class LoopFamily:
 
     @classmethod
     def check(cls, m: ModelConfig) -> None:
-        """Refuse model fields this family cannot honour (core.config_schema.require)."""
+        """Refuse model fields this family cannot honour (core.config_schema.require); a family
+        defines its own handover, so the raw-handover ablation is refused (Ouro allows it)."""
+        require(m.norm_between_loops, "model.norm_between_loops",
+                f"false applies to loop_mode ouro only (the {cls.name} family defines its own "
+                "handover)")
 
     def modules(self) -> dict[str, nn.Module]:
         """Extra modules, set on the model under these names: the pipeline keeps them on the
@@ -94,7 +98,7 @@ class LoopFamily:
 
     def handover(self, x: Tensor, h: Tensor) -> Tensor:
         """What loop step t + 1 receives from the block's output x_t and h_t = N(x_t)."""
-        return x if self.hands_over_raw or not self.cfg.norm_between_loops else h
+        return x if self.hands_over_raw else h
 
     def ring_tensors(self, lap: int) -> int:
         """Hidden-sized tensors travelling between stages inside lap `lap` (x, and h_{t-1}

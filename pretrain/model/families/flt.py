@@ -17,18 +17,12 @@ the layer's own input norm (attn_norm(h)), which is their norm(h) when the norms
 
 from __future__ import annotations
 
-from core.config_schema import require
 from pretrain.model.families.base import LoopFamily, register
 from pretrain.model.layers import rms_norm
 
 
 class _FromEmbedding(LoopFamily):
     """x_1 = nu(e); later steps as each subclass says."""
-
-    @classmethod
-    def check(cls, m):
-        require(m.norm_between_loops, "model.norm_between_loops",
-                f"false applies to loop_mode ouro only (the {cls.name} mode defines its own handover)")
 
     def loop_input(self, model, t, e, h, run):
         return rms_norm(e, self.cfg.norm_eps), None

@@ -13,6 +13,13 @@ from pretrain.model.families.base import LoopFamily, register
 class Ouro(LoopFamily):
     name = "ouro"
 
+    @classmethod
+    def check(cls, m):
+        pass  # norm_between_loops: false is this family's ablation
+
+    def handover(self, x, h):
+        return h if self.cfg.norm_between_loops else x
+
     def loop_input(self, model, t, e, h, run):
         return (e if t == 0 else h), None
 
