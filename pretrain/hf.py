@@ -152,7 +152,7 @@ def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
     from safetensors.torch import save_file
 
     from data_pipeline.tokenizer import EOS_TOKEN, byte_tokenizer, load_tokenizer
-    from pretrain.checkpoint.offline import load_model
+    from pretrain.checkpoint.offline import load_model, tensor_bytes, timed
 
     cfg, model = load_model(checkpoint)
     tokenizer = load_tokenizer(cfg.data.tokenizer) if cfg.data.tokenizer else byte_tokenizer()
@@ -164,7 +164,8 @@ def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
         tensors, config, files = to_huginn(cfg.model, model.state_dict()), huginn_config(cfg), ()
     else:
         tensors, config, files = to_hf(cfg.model, model.state_dict()), hf_config(cfg), MODELING_FILES
-    save_file(tensors, str(partial / "model.safetensors"), metadata={"format": "pt"})
+    with timed(f"writing {out / 'model.safetensors'}", tensor_bytes(tensors)):
+        save_file(tensors, str(partial / "model.safetensors"), metadata={"format": "pt"})
     (partial / "config.json").write_text(json.dumps(config, indent=2))
     for name in files:
         shutil.copy(Path(__file__).parent / "hf_files" / name, partial / name)
@@ -250,10 +251,13 @@ class _Reads(dict):
 def _read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
+    from pretrain.checkpoint.offline import timed
+
     tensors: dict[str, torch.Tensor] = {}
-    for f in files:
+    for i, f in enumerate(files, 1):
         try:
-            tensors.update(load_file(str(f)))
+            with timed(f"reading [{i}/{len(files)}] {f}", f.stat().st_size):
+                tensors.update(load_file(str(f)))
         except Exception as e:  # noqa: BLE001 -- safetensors raises its own error types
             raise ConfigError(f"{f}: not a readable safetensors file ({e})") from None
     return tensors

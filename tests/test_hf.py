@@ -53,6 +53,27 @@ def test_export_import_round_trip_is_exact(tmp_path, tied):
     assert all(torch.equal(again_tensors[k], v) for k, v in tensors.items())
 
 
+def test_large_reads_and_writes_say_what_they_do_and_how_long_they_took(tmp_path, capsys,
+                                                                        monkeypatch):
+    """Issue 36: export, import and convert of a large checkpoint are one call each (a DCP load,
+    a safetensors write): a line when each starts, with its size, one when it ends. (Below
+    PROGRESS_BYTES they are quiet; this checkpoint is small, so the threshold is lowered.)"""
+    from pretrain.checkpoint import offline
+
+    ckpt = _trained(tmp_path / "run")
+    monkeypatch.setattr(offline, "PROGRESS_BYTES", 0)
+    capsys.readouterr()
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "hf")]) == 0
+    assert main(["import", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "imp")]) == 0
+    assert main(["checkpoint", "convert", str(ckpt), "--out", str(tmp_path / "one")]) == 0
+    started = r"(reading|writing) (?:\[1/1\] )?\S+ \(\d+\.\d\d GB\) \.\.\."
+    lines = capsys.readouterr().err.splitlines()
+    assert [re.sub(started, r"\1", line) for line in lines[::2]] == [
+        "reading", "writing", "reading", "writing", "reading", "writing"], lines
+    assert f"reading [1/1] {tmp_path / 'hf/model.safetensors'}" in lines[4]
+    assert all(re.fullmatch(r"  done in \d+\.\d s \(\d+ MB/s\)", line) for line in lines[1::2])
+
+
 def test_variants_without_ouro_names_are_refused(tmp_path):
     ckpt = _trained(tmp_path / "run", "model.loop_mode=flt")
     with pytest.raises(ConfigError, match="^model.loop_mode: 'flt' has no counterpart in the Ouro"):

@@ -6,7 +6,10 @@ checkpoint into full tensors; DCP assembles the TP shards and PP stages it overl
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -22,6 +25,40 @@ from pretrain.checkpoint.metadata import read_metadata
 from pretrain.checkpoint.record import fresh_trainer_state, make_record
 from pretrain.config import Config, ConfigError, dump_config
 from pretrain.model.looped import LoopedLM
+
+PROGRESS_BYTES = 256 * 2**20
+"""Reads and writes of at least this size say what they do and how long it took (stderr)."""
+
+
+@contextmanager
+def timed(what: str, nbytes: int) -> Iterator[None]:
+    """Work that is one call over a large checkpoint (a DCP load or save, a safetensors file):
+    a line when it starts, with its size, and one when it ends, with its time and rate."""
+    if nbytes < PROGRESS_BYTES:
+        yield
+        return
+    print(f"{what} ({nbytes / 1e9:.2f} GB) ...", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    yield
+    took = time.perf_counter() - start
+    print(f"  done in {took:.1f} s ({nbytes / 1e6 / max(took, 1e-6):.0f} MB/s)", file=sys.stderr,
+          flush=True)
+
+
+def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _read(path: Path, entries: dict[str, torch.Tensor]) -> None:
+    """Fill `entries` from the checkpoint at `path` (one process, any saved layout)."""
+    with timed(f"reading {path}", sum(f.stat().st_size for f in path.iterdir() if f.is_file())):
+        Checkpointer(path.parent, Topology(), local=True).load(path, entries)
+
+
+def _write(root: Path, step: int, entries: dict[str, torch.Tensor], meta: dict, cfg: str) -> Path:
+    with timed(f"writing {store.step_dir(root, step)}", tensor_bytes(entries)):
+        Checkpointer(root, Topology(), local=True, log=lambda _: None).save(step, entries, meta, cfg)
+    return store.step_dir(root, step)
 
 
 def saved_metadata(path: Path) -> dict[str, TensorStorageMetadata]:
@@ -54,8 +91,7 @@ def load_model(where: str | Path, overrides: Sequence[Override] = ()) -> tuple[C
     model = LoopedLM(cfg.model)
     state = ShardedState(model, Topology())
     groups = state.targets(saved_tensors(path), optimizer=False)
-    Checkpointer(path.parent, Topology(), local=True).load(path, {k: v for g in groups.values()
-                                                       for k, v in g.items()})
+    _read(path, {k: v for g in groups.values() for k, v in g.items()})
     state.load(groups, same_layout=False)
     return cfg, model
 
@@ -67,13 +103,10 @@ def consolidate(where: str | Path, out_root: str | Path) -> Path:
     entries = {k: torch.empty(v.size, dtype=v.properties.dtype)
                for k, v in saved_metadata(path).items() if not k.startswith("rng/")}
     meta = store.read_meta(path)
-    Checkpointer(path.parent, Topology(), local=True).load(path, entries)
+    _read(path, entries)
     meta["layout"] = {**meta.get("layout", {}), "tensor": 1, "pipeline": 1, "data": 1}
     meta.pop("files", None)
-    root = Path(out_root)
-    Checkpointer(root, Topology(), local=True, log=lambda _: None).save(
-        meta["step"], entries, meta, dump_config(saved_config(path)))
-    return store.step_dir(root, meta["step"])
+    return _write(Path(out_root), meta["step"], entries, meta, dump_config(saved_config(path)))
 
 
 def save_full_model(cfg: Config, model: LoopedLM, root: Path, step: int = 0) -> Path:
@@ -84,6 +117,4 @@ def save_full_model(cfg: Config, model: LoopedLM, root: Path, step: int = 0) -> 
     meta = make_record(fresh_trainer_state(step), 0, {"tensor": 1, "pipeline": 1, "data": 1,
                                                        "zero_stage": 0, "pipeline_split": []},
                        seed=cfg.train.seed)
-    Checkpointer(root, Topology(), local=True, log=lambda _: None).save(
-        step, entries, meta, dump_config(cfg))
-    return store.step_dir(root, step)
+    return _write(root, step, entries, meta, dump_config(cfg))
