@@ -108,6 +108,10 @@ class LoopedModel(Protocol):
     # the family's own modules, attributes of the model under these names: kept by the stage
     # that starts a lap (None elsewhere), replicated under tensor parallelism
     loop_modules: tuple[str, ...]
+    # the family's modules run once per forward after the prelude (kept by stage 0) and once
+    # per readout (kept by the last stage); replicated under tensor parallelism
+    embedding_modules: tuple[str, ...]
+    readout_modules: tuple[str, ...]
     block: nn.ModuleList  # the shared looped layers (each has .attn and .mlp)
     coda: nn.ModuleList
     norm: nn.Module | None

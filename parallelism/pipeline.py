@@ -73,10 +73,12 @@ def keep_stage(model: LoopedModel, split: list[int], stage: int) -> None:
     model.layer_offset = start
     if not first:
         model.embed, model.prelude = None, nn.ModuleList()
-        for name in model.loop_modules:
+        for name in (*model.loop_modules, *model.embedding_modules):
             setattr(model, name, None)
     if not last:
         model.coda, model.norm, model.lm_head, model.gate = nn.ModuleList(), None, None, None
+        for name in model.readout_modules:
+            setattr(model, name, None)
 
 
 def global_name(model: LoopedModel, name: str) -> str:

@@ -161,7 +161,9 @@ def parallelize_tensor(model: LoopedModel, topo: Topology, sequence_parallel: bo
         gate.load_state_dict(model.gate.state_dict())
         model.gate = gate
         model.seq_shard = (topo.tp_rank, topo.tp)
-        replicated = ("gate.", *(f"{name}." for name in model.loop_modules))
+        replicated = ("gate.", *(f"{name}." for name in (*model.loop_modules,
+                                                            *model.embedding_modules,
+                                                            *model.readout_modules)))
         for name, p in model.named_parameters():
             if name.endswith("norm.weight") or name.startswith(replicated):
                 p.sequence_parallel = True

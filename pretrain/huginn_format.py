@@ -65,14 +65,14 @@ def _check(m: ModelConfig) -> None:
                           f"bias per query head (num_kv_heads = num_heads = {m.num_heads})")
 
 
-def _perm(head_dim: int) -> Tensor:
+def pair_order(head_dim: int) -> Tensor:
     """Our dimension j of a head is their dimension PERM[j]: (0, 2, .., D-2, 1, 3, .., D-1)."""
     return torch.cat((torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)))
 
 
 def _qk_rows(m: ModelConfig) -> Tensor:
     """Our [q | k | v] projection is theirs[_qk_rows]: each q and k head's rows permuted."""
-    perm = _perm(m.kv_channels)
+    perm = pair_order(m.kv_channels)
     heads = m.num_heads + m.num_kv_heads  # q and k heads; v keeps its order
     rows = [h * m.kv_channels + perm for h in range(heads)]
     rows.append(torch.arange(heads * m.kv_channels, (heads + m.num_kv_heads) * m.kv_channels))
@@ -106,7 +106,7 @@ def to_huginn(m: ModelConfig, state: dict[str, Tensor]) -> dict[str, Tensor]:
         if rest == "attn.qkv_proj.weight":
             out[prefix + "attn.Wqkv.weight"] = value[to_theirs].contiguous()
         elif rest == "attn.qk_bias":
-            back = torch.argsort(_perm(d))
+            back = torch.argsort(pair_order(d))
             out[prefix + "attn.qk_bias"] = value.view(2, 1, heads, d)[..., back].contiguous()
         else:
             out[prefix + _PLAIN[rest]] = value
@@ -131,7 +131,7 @@ def from_huginn(m: ModelConfig, tensors: dict[str, Tensor]) -> dict[str, Tensor]
             out[dst + "attn.qkv_proj.weight"] = tensors[src + "attn.Wqkv.weight"][to_ours]
             if m.qk_bias:
                 bias = tensors[src + "attn.qk_bias"]
-                out[dst + "attn.qk_bias"] = bias[..., _perm(m.kv_channels)].reshape(-1)
+                out[dst + "attn.qk_bias"] = bias[..., pair_order(m.kv_channels)].reshape(-1)
     return out
 
 

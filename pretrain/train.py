@@ -177,6 +177,8 @@ class Trainer:
         if self.peak_flops is not None:
             m.record("train/mfu", self.flops_per_token * tokens_per_s / self.peak_flops, "max")
         m.record("train/skipped_steps", self.skipped, "max")
+        for name, value in self.model.family.metrics(self.model).items():
+            m.record(name, value, "max")
         for i, g in enumerate(result.layer_grad_norms or []):
             m.record(f"grad_norm/block_layer{i}", g, "max")
         pipe = self.engine.pipeline

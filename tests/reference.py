@@ -3,7 +3,8 @@ attention, batch-first, every loop mode written out), used as the reference the 
 must match. Written from the papers' descriptions (Ouro arXiv 2510.25741 and its released
 modeling code's forward; the Fully Looped Transformer arXiv 2605.18797 and its authors' model
 types FLT, FLT_res, LT, LT_i, LT_ia; Huginn-0125 arXiv 2502.05171 and its released
-raven_modeling_minimal.py, in its own tensor names and RoPE), not from pretrain/model."""
+raven_modeling_minimal.py, in its own tensor names and RoPE; Parcae arXiv 2604.12946 and its
+released parcae_lm/models/parcae/parcae.py, likewise), not from pretrain/model."""
 
 from __future__ import annotations
 
@@ -182,3 +183,53 @@ def reference_huginn(sd, c, ids, steps, state):
     x = _rms(x, sd[tr + "ln_f.weight"], eps)
     head = sd[tr + "wte.weight"] if c["tie_embeddings"] else sd["lm_head.weight"]
     return x @ head.T
+
+
+def _parcae_block(sd, pre, x, c, ve):
+    """Parcae's TransformerPreNormBlock (parcae_lm/modules/blocks.py, mixer.py, mlp.py) from its
+    tensors; `ve` the layer's value-embedding rows [B, S, kv dim] or None."""
+    b, s, h = x.shape
+    heads, kv, eps = c["num_attention_heads"], c["num_key_value_heads"], c["norm_eps"]
+    d = h // heads
+    xn = _rms(x, sd[pre + "norm_1.weight"], eps)
+    q = (xn @ sd[pre + "attn.c_q.weight"].T).view(b, s, heads, d)
+    k = (xn @ sd[pre + "attn.c_k.weight"].T).view(b, s, kv, d)
+    v = (xn @ sd[pre + "attn.c_v.weight"].T).view(b, s, kv, d)
+    if ve is not None and pre + "attn.ve_gate.weight" in sd:
+        gate = 2 * torch.sigmoid(xn[..., :32] @ sd[pre + "attn.ve_gate.weight"].T)
+        v = v + gate[..., None] * ve.view(b, s, kv, d)
+    q, k = _rope_pairs(q, c["rope_base"]), _rope_pairs(k, c["rope_base"])
+    if c["qk_norm"]:  # F.rms_norm without weight or eps: the dtype's machine epsilon
+        q, k = (F.rms_norm(t, (d,)) for t in (q, k))
+    a = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    x = a.transpose(1, 2).reshape(b, s, h) @ sd[pre + "attn.c_proj.weight"].T + x
+    up = _rms(x, sd[pre + "norm_2.weight"], eps) @ sd[pre + "mlp.fc.weight"].T
+    return (torch.relu(up).pow(2) * 0.5) @ sd[pre + "mlp.proj.weight"].T + x
+
+
+def reference_parcae(sd, c, ids, steps, state):
+    """Parcae's forward (parcae.py `forward`, `iterate_forward`, `core_block_forward`;
+    injection.py `DiagonalInjection`) from its module's tensors `sd` and config fields `c`,
+    batch-first: logits [B, S, V] after `steps` recurrences from the state `state` [B, S, H]."""
+    eps, tr = c["norm_eps"], "transformer."
+    p, r, n = (c[f"n_layers_in_{s}"] for s in ("prelude", "recurrent_block", "coda"))
+
+    def ve(j):
+        w = sd.get(f"value_embeds.{j}.weight")
+        return None if w is None else w[ids]
+
+    e = sd[tr + "wte.weight"][ids]
+    for i in range(p):
+        e = _parcae_block(sd, f"{tr}prelude.{i}.", e, c, ve(i))
+    e = _rms(e, sd[tr + "ln_prelude.weight"], eps)
+    dt = F.softplus(sd[tr + "adapter.dt_bias"])
+    decay = torch.exp(-dt * torch.exp(sd[tr + "adapter.A_log"]))
+    x = state
+    for _ in range(steps):
+        x = x * decay + dt * (e @ sd[tr + "adapter.B"].T)
+        for i in range(r):
+            x = _parcae_block(sd, f"{tr}core_block.{i}.", x, c, ve(p + i))
+    x = x @ sd[tr + "C.weight"].T
+    for i in range(n):
+        x = _parcae_block(sd, f"{tr}coda.{i}.", x, c, ve(p + r + i))
+    return _rms(x, sd[tr + "ln_f.weight"], eps) @ sd["lm_head.weight"].T

@@ -29,7 +29,7 @@ INVALID = [
      "optim.name: muon orthogonalises whole matrices and a tensor-parallel rank holds a shard: "
      "use parallel.tensor=1 (data and pipeline parallelism compose)"),
     (["model.logit_softcap=-1"], "model.logit_softcap: must be >= 0, got -1.0"),
-    (["model.mlp=gelu"], "model.mlp: expected one of 'swiglu', 'relu2', got 'gelu'"),
+    (["model.mlp=gelu"], "model.mlp: expected one of 'swiglu', 'relu2', 'relu2_half', got 'gelu'"),
     (["objective.gate_target=ahead"],
      "objective.gate_target: expected one of 'paper', 'lookahead', got 'ahead'"),
     (["optim.min_lr=1.0"], "optim.min_lr: must be in [0, lr=0.003], got 1.0"),

@@ -32,9 +32,10 @@ class ModelConfig:
     # the loop family: how one loop hands over to the next (model/families/: ouro, the FLT
     # paper's lt, lt_i, lt_ia, flt, flt_res, huginn, or any family registered by name)
     loop_mode: str = "ouro"
-    # how many loops a training step runs: `loops` every step, or Huginn's draw per step,
-    # R = Poisson(LogNormal(ln(loops) - sigma^2/2, sigma)) + 1 (model/recurrence.py)
-    loops_sampler: Literal["fixed", "poisson_lognormal"] = "fixed"
+    # how many loops a training step runs: `loops` every step, Huginn's draw per step,
+    # R = Poisson(LogNormal(ln(loops) - sigma^2/2, sigma)) + 1, or Parcae's R = max(Poisson(loops),
+    # 1) (model/recurrence.py)
+    loops_sampler: Literal["fixed", "poisson_lognormal", "poisson"] = "fixed"
     loops_sigma: float = 0.5  # sigma of the log-normal rate (Huginn: 0.5)
     # False (an ablation, not a published model): ouro mode carries the raw stream x_t into the
     # next loop and norms only the readout
@@ -45,11 +46,14 @@ class ModelConfig:
     # (Huginn: state_std = sqrt(2 / (5 hidden_size))); 0: x_0 = 0
     state_std: float = 0.0
     qk_norm: bool = False  # FLT recipe: weightless RMSNorm of queries and keys after RoPE
+    qk_norm_eps: float = 0.0  # its epsilon (0: model.norm_eps; Parcae: fp32's, F.rms_norm's)
     norm_weights: bool = True  # False: RMSNorm without a learned scale (FLT recipe)
-    mlp: Literal["swiglu", "relu2"] = "swiglu"  # relu2: down(relu(up(x))^2) (FLT recipe)
+    # relu2: down(relu(up(x))^2) (FLT recipe); relu2_half: down(relu(up(x))^2 / 2) (Parcae's)
+    mlp: Literal["swiglu", "relu2", "relu2_half"] = "swiglu"
     logit_softcap: float = 0.0  # > 0: logits = c tanh(logits / c) (FLT recipe: 15)
-    # flt: the FLT authors' initialisation; huginn: Huginn-0125's (model/looped.py)
-    init: Literal["normal", "flt", "huginn"] = "normal"
+    # flt: the FLT authors' initialisation; huginn: Huginn-0125's; parcae: Parcae's scaled-zero
+    # orthogonal one (model/looped.py)
+    init: Literal["normal", "flt", "huginn", "parcae"] = "normal"
     dropout: float = 0.0
     init_std: float = 0.02
     # lambda > 0: every residual branch of the shared block adds epsilon f(x), epsilon = lambda /
@@ -90,6 +94,7 @@ def validate_model(m: ModelConfig) -> None:
     require(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
     require(m.rope_theta > 0, "model.rope_theta", "must be > 0")
     require(m.norm_eps > 0, "model.norm_eps", "must be > 0")
+    require(m.qk_norm_eps >= 0, "model.qk_norm_eps", f"must be >= 0, got {m.qk_norm_eps}")
     require(m.init_std > 0, "model.init_std", "must be > 0")
     require(m.sandwich_style == "ouro" or m.sandwich_norm, "model.sandwich_style",
             "huginn places the second norm of a sandwich: it needs model.sandwich_norm: true")

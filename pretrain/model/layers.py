@@ -8,7 +8,10 @@ previous loop") -- and returns its keys/values so the caller decides what to kee
 
 Variants of the FLT authors' recipe (FuRuF-11/FullyLoopedTransformer, nanochat/gpt.py), each a
 `model.*` field: `norm_weights: false` (RMSNorm without a learned scale), `qk_norm` (weightless
-RMSNorm of every query and key head after RoPE), `mlp: relu2` (down(relu(up(x))^2)).
+RMSNorm of every query and key head after RoPE, epsilon `qk_norm_eps`), `mlp: relu2`
+(down(relu(up(x))^2)); Parcae's (sandyresearch/parcae, parcae_lm/modules/): `mlp: relu2_half`
+(their ReLU2 halves the square) and value embeddings (`ValueEmbedding`, on the layers a loop
+family names).
 """
 
 from __future__ import annotations
@@ -44,6 +47,20 @@ class RMSNorm(nn.Module):
         return (y * self.weight.float()).to(x.dtype)
 
 
+def trunc_orthogonal_(t: Tensor, gain: float) -> Tensor:
+    """Parcae's truncated orthogonal init (parcae_lm/utils/init.py `trunc_orthogonal_`): the Q of
+    a QR factorisation of a truncated normal(0, 1, +-2) matrix (of its transpose when wide),
+    signs fixed by R's diagonal, times `gain`."""
+    with torch.no_grad():
+        rows, cols = t.shape
+        a = nn.init.trunc_normal_(torch.empty(rows, cols, dtype=torch.float32))
+        a = a.t() if rows < cols else a
+        q, r = torch.linalg.qr(a)
+        q = q * torch.diagonal(r).sign()
+        t.copy_((q.t() if rows < cols else q) * gain)
+    return t
+
+
 def rope_tables(head_dim: int, max_pos: int, theta: float,
                 reverse: bool = False) -> tuple[Tensor, Tensor]:
     """cos/sin of shape [max_pos, head_dim // 2] for rotary embeddings (rotate-half layout),
@@ -77,6 +94,34 @@ class FusedLinear(nn.Linear):
         return F.linear(x, self.weight[start:stop])
 
 
+class ValueEmbedding(nn.Module):
+    """Parcae's value embeddings (parcae_lm/modules/mixer.py `CausalSelfAttention`): a table of
+    one vector per token and KV head, added to the attention's values through a gate read from
+    the first 32 channels of the layer's normed input,
+    v[kv head j] += 2 sigmoid(G x[:32])_j table(ids)[j]. The table is an nn.Embedding
+    (N(0, 1)) and G an nn.Linear (uniform, kaiming's default), initialised as theirs are.
+    Tensor parallelism gives each rank its KV heads' columns and gate rows (and gathers the
+    gate's input along the sequence under sequence parallelism: `gate_input`)."""
+
+    GATE_CHANNELS = 32
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_kv, self.hd = cfg.num_kv_heads, cfg.kv_channels
+        self.table = nn.Embedding(cfg.vocab_size, self.n_kv * self.hd)
+        self.gate = nn.Linear(self.GATE_CHANNELS, self.n_kv, bias=False)
+
+    def gate_input(self, x: Tensor) -> Tensor:
+        return x[..., :self.GATE_CHANNELS]
+
+    def forward(self, x: Tensor, ids: Tensor) -> Tensor:
+        """What the values [n, B, kv heads, D] gain, from the normed input x [n, B, H] (a
+        sequence shard under SP) and the tokens ids [B, n]."""
+        n, b = ids.shape[1], ids.shape[0]
+        gate = 2 * torch.sigmoid(self.gate(self.gate_input(x)))
+        return gate[..., None] * self.table(ids.t()).view(n, b, self.n_kv, self.hd)
+
+
 class Attention(nn.Module):
     """Causal grouped-query attention over `scaled_dot_product_attention`.
 
@@ -85,16 +130,17 @@ class Attention(nn.Module):
     one collective for all three; `n_heads`/`n_kv` are the heads held by this module (all of
     them, or one tensor-parallel rank's share)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, value_embedding: bool = False):
         super().__init__()
         self.n_heads, self.n_kv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.kv_channels
-        self.qk_norm, self.eps = cfg.qk_norm, cfg.norm_eps
+        self.qk_norm, self.eps = cfg.qk_norm, cfg.qk_norm_eps or cfg.norm_eps
         self.recompute_core = False  # `train.recompute: selective` (model/memory.py)
         q, kv = self.n_heads * self.hd, self.n_kv * self.hd
         self.qkv_proj = FusedLinear(cfg.hidden_size, (q, kv, kv))
         # Huginn's qk_bias: added to the queries and keys of every head before RoPE ([q | k])
         self.qk_bias = nn.Parameter(torch.zeros(q + kv)) if cfg.qk_bias else None
         self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=False)
+        self.value_embed = ValueEmbedding(cfg) if value_embedding else None
 
     def _project(self, x: Tensor, q_input: Tensor | None) -> tuple[Tensor, Tensor]:
         """(q, kv) projections; queries from `q_input` when given, keys/values from x."""
@@ -113,6 +159,7 @@ class Attention(nn.Module):
         frozen: tuple[Tensor, Tensor, Tensor] | None = None,
         q_input: Tensor | None = None,
         keys: Tensor | None = None,
+        ids: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """x: [n, B, H] at positions len(past)..len(past)+n-1 (normed by the caller).
 
@@ -121,6 +168,7 @@ class Attention(nn.Module):
         q_input: queries come from this [n, B, H] instead of x (FLT).
         keys:    [B, past + n], False at a batch's left padding: no query attends to those
                  keys (a padding query sees itself alone, so no row of scores is empty).
+        ids:     the tokens [B, n], read by a value embedding.
         Returns (output [n, B, H], keys, values) with keys/values [B, heads, past + n, D].
         """
         q, kv = self._project(x, q_input)
@@ -131,7 +179,10 @@ class Attention(nn.Module):
             q, k = q + bq, k + bk
         q = q.view(n, b, self.n_heads, self.hd).permute(1, 2, 0, 3)
         k = k.view(n, b, self.n_kv, self.hd).permute(1, 2, 0, 3)
-        v = v.view(n, b, self.n_kv, self.hd).permute(1, 2, 0, 3)
+        v = v.view(n, b, self.n_kv, self.hd)
+        if self.value_embed is not None:
+            v = v + self.value_embed(x, ids)
+        v = v.permute(1, 2, 0, 3)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.qk_norm:
             q, k = rms_norm(q, self.eps), rms_norm(k, self.eps)
@@ -171,31 +222,34 @@ class SwiGLU(nn.Module):
 
 
 class ReluSquared(nn.Module):
-    """down(relu(up(x))^2) (the FLT authors' MLP, from nanochat)."""
+    """down(relu(up(x))^2) (the FLT authors' MLP, from nanochat); with `half` the square is
+    halved first (Parcae's ReLU2: relu(x)^2 * 0.5)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.ffn_hidden_size, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size, bias=False)
+        self.half = cfg.mlp == "relu2_half"
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.relu(self.up_proj(x)).square())
+        act = F.relu(self.up_proj(x)).square()
+        return self.down_proj(act * 0.5 if self.half else act)
 
 
 class DecoderLayer(nn.Module):
     """Pre-norm decoder layer; with `sandwich_norm` a second norm per sublayer: on its output,
     x + N2(attn(N1 x)) (Ouro), or on the residual sum, N2(x + attn(N1 x)) (`sandwich_style:
     huginn`, Huginn's SandwichBlock). With `q_input` (FLT) the attention's queries come from
-    attn_norm(q_input)."""
+    attn_norm(q_input). `value_embedding`: the attention has one (Parcae)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, value_embedding: bool = False):
         super().__init__()
 
         def norm():
             return RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.norm_weights)
 
         self.attn_norm = norm()
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, value_embedding)
         self.mlp_norm = norm()
         self.mlp = SwiGLU(cfg) if cfg.mlp == "swiglu" else ReluSquared(cfg)
         self.attn_post_norm = norm() if cfg.sandwich_norm else None

@@ -55,7 +55,7 @@ from torch import Tensor, nn
 from core.model_interface import KVStore, NoKV, Rope
 from pretrain.model.config import ModelConfig
 from pretrain.model.families import family_class
-from pretrain.model.layers import Attention, DecoderLayer, RMSNorm, rope_tables
+from pretrain.model.layers import Attention, DecoderLayer, RMSNorm, rope_tables, trunc_orthogonal_
 from pretrain.model.memory import DeferredLogits, MemoryPolicy, plain, recomputed
 
 
@@ -64,6 +64,7 @@ class LoopPass:
     """What the loop steps of one forward share (`LoopedLM.begin`)."""
 
     rope: Rope  # cos, sin of the positions
+    ids: Tensor  # the tokens [B, S] (value embeddings read them)
     store: KVStore  # training: NoKV; decoding: the KV cache
     loops: int  # R of this forward (may differ from model.loops: test-time compute)
     read_steps: range  # the loop steps (0-based) whose logits and gate are computed
@@ -105,28 +106,36 @@ class LoopedLM(nn.Module):
         self.cfg = cfg
         self.layer_offset = 0
         self.seq_shard = (0, 1)
+        self.family = family_class(cfg.loop_mode)(cfg)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.prelude = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.prelude_layers))
-        self.block = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.prelude = self._layers("prelude", cfg.prelude_layers)
+        self.block = self._layers("block", cfg.num_layers)
         if cfg.residual_scale > 0:  # the training R and the unique depth fix epsilon
             for layer in self.block:
                 layer.branch_scale = cfg.residual_scale / (cfg.loops * math.sqrt(cfg.num_layers))
-        self.coda = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.coda_layers))
+        self.coda = self._layers("coda", cfg.coda_layers)
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, cfg.norm_weights)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.gate = nn.Linear(cfg.hidden_size, 1)
-        self.family = family_class(cfg.loop_mode)(cfg)
-        extra = self.family.modules()
-        for name, module in extra.items():
-            setattr(self, name, module)
-        self.loop_modules = tuple(extra)
+        self.loop_modules = self._family_modules(self.family.modules())
+        self.embedding_modules = self._family_modules(self.family.embedding_modules())
+        self.readout_modules = self._family_modules(self.family.readout_modules())
         cos, sin = rope_tables(cfg.kv_channels, cfg.max_seq_len, cfg.rope_theta, cfg.rope_reverse)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.memory = MemoryPolicy()
         self.reset_parameters()
+
+    def _layers(self, segment: str, count: int) -> nn.ModuleList:
+        return nn.ModuleList(DecoderLayer(self.cfg, self.family.value_embedding(segment, i))
+                             for i in range(count))
+
+    def _family_modules(self, modules: dict[str, nn.Module]) -> tuple[str, ...]:
+        for name, module in modules.items():
+            setattr(self, name, module)
+        return tuple(modules)
 
     def set_memory(self, policy: MemoryPolicy) -> None:
         """What training keeps for backward (recompute, deferred readout); values unchanged."""
@@ -141,8 +150,13 @@ class LoopedLM(nn.Module):
         normals truncated at +-3 std, and the MLP's up half (their fc's second chunk) at the
         output projections' std. `flt` (the FLT authors' init_weights): embedding N(0, 1), LM
         head N(0, 0.001), the other input projections uniform with std 1/sqrt(hidden), output
-        projections zero."""
-        std, flt = self.cfg.init_std, self.cfg.init == "flt"
+        projections zero. `parcae` (Parcae's scaled-zero with init_orthogonal,
+        parcae_lm/utils/init.py): every other matrix -- q, k and v each, the MLP's up
+        projection, the embedding, an untied head -- a truncated orthogonal matrix times
+        init_std sqrt(max(rows, cols)), output projections zero. Value embeddings are
+        initialised as nn.Embedding and nn.Linear are (Parcae's code leaves them so); a
+        family's own modules last, by the family (`LoopFamily.init_parameters`)."""
+        std, flt, parcae = self.cfg.init_std, self.cfg.init == "flt", self.cfg.init == "parcae"
         # the unrolled depth (a family may run the coda once, after the last loop)
         coda_runs = self.cfg.loops if self.family.coda_every_loop else 1
         depth = (self.cfg.prelude_layers + self.cfg.loops * self.cfg.num_layers
@@ -159,10 +173,18 @@ class LoopedLM(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 nn.init.ones_(p)
+            elif name.endswith("value_embed.table.weight"):
+                nn.init.normal_(p)
+            elif name.endswith("value_embed.gate.weight"):
+                nn.init.uniform_(p, -1 / math.sqrt(p.shape[1]), 1 / math.sqrt(p.shape[1]))
             elif name == "gate.bias" or name.endswith("qk_bias"):
                 nn.init.zeros_(p)
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
-                nn.init.zeros_(p) if flt else normal(p, out_std)
+                nn.init.zeros_(p) if flt or parcae else normal(p, out_std)
+            elif parcae and p.dim() == 2 and name != "gate.weight":
+                owner = self.get_submodule(name.rsplit(".", 1)[0])
+                for block in p.data.split(list(getattr(owner, "parts", (p.shape[0],))), dim=0):
+                    trunc_orthogonal_(block, std * math.sqrt(max(block.shape)))
             elif flt and name == "embed.weight":
                 nn.init.normal_(p, 0.0, 1.0)
             elif flt and name == "lm_head.weight":
@@ -175,6 +197,7 @@ class LoopedLM(nn.Module):
                 normal(up, out_std)
             else:
                 normal(p, std)
+        self.family.init_parameters(self)
 
     # -- one forward pass, loop step by loop step (the circular pipeline runs the pieces on
     # different stages; decoding runs them against a KV cache) -------------------------------
@@ -188,18 +211,19 @@ class LoopedLM(nn.Module):
         one (`state`, else drawn from `state_seed`, or from torch's default generator)."""
         loops = loops or self.cfg.loops
         positions = torch.arange(start, start + ids.shape[1], device=ids.device)
-        return LoopPass(rope=(self.rope_cos[positions], self.rope_sin[positions]),
+        return LoopPass(rope=(self.rope_cos[positions], self.rope_sin[positions]), ids=ids,
                         store=store if store is not None else NoKV(), loops=loops,
                         read_steps=range(loops) if read_steps is None else read_steps,
                         tokens=(ids.shape[1], ids.shape[0]), state=state, state_seed=state_seed,
                         grad_from=max(loops - backprop, 0) if backprop else 0)
 
     def embed_stream(self, ids: Tensor, run: LoopPass) -> Tensor:
-        """e = Prelude(Embed(ids) * embed_scale), ids [B, S] -> [S, B, H]."""
+        """e = Prelude(Embed(ids) * embed_scale), ids [B, S] -> [S, B, H], as the family reads
+        it (`LoopFamily.embedding`)."""
         e = self.embed(ids.t())
         if self.cfg.embed_scale != 1:
             e = e * self.cfg.embed_scale
-        return self._run_layers("prelude", 0, e, run)
+        return self.family.embedding(self, self._run_layers("prelude", 0, e, run))
 
     def loop_input(self, t: int, e: Tensor | None, h: Tensor | None,
                    run: LoopPass) -> tuple[Tensor, Tensor | None]:
@@ -215,7 +239,8 @@ class LoopedLM(nn.Module):
             q_input = None
             if h is not None:
                 x, q_input = self.family.layer_input(self.layer_offset + i, x, h)
-            x, k, v = call(layer, x, *run.rope, q_input=q_input, **run.store.attn_inputs("block", t, i))
+            x, k, v = call(layer, x, *run.rope, q_input=q_input, ids=run.ids,
+                           **run.store.attn_inputs("block", t, i))
             run.store.save("block", t, i, k, v)
         return x
 
@@ -225,14 +250,15 @@ class LoopedLM(nn.Module):
         them -- training, the pipeline's last stage and decoding all call it."""
         h = self.norm(x)
         if t in run.read_steps:
-            logits, gate = self._readout(h, t, run)
+            logits, gate = self._readout(self.family.readout_input(self, x, h), t, run)
         else:  # not read out: no logits, NaN gate logits (the FLT objectives skip them)
             logits, gate = None, torch.full(run.tokens, float("nan"), device=x.device)
         return LoopStep(x=x, h=h, logits=logits, gate_logits=gate,
                         handover=self.family.handover(x, h))
 
     def _readout(self, h: Tensor, t: int, run: LoopPass) -> tuple[Tensor | DeferredLogits, Tensor]:
-        """Logits and exit-gate logit of loop step t from its state h_t = N(x_t)."""
+        """Logits and exit-gate logit of loop step t from what its readout reads: h_t = N(x_t),
+        or the family's (`LoopFamily.readout_input`), through the coda and N."""
         if self.coda:
             h = self.norm(self._run_layers("coda", t, h, run))
         chunk = self.memory.chunk_rows
@@ -256,7 +282,7 @@ class LoopedLM(nn.Module):
         """The prelude's or the coda's layers (plain layers, no loop signal)."""
         call = recomputed if self.memory.recompute == "full" else plain
         for i, layer in enumerate(getattr(self, segment)):
-            x, k, v = call(layer, x, *run.rope, **run.store.attn_inputs(segment, loop, i))
+            x, k, v = call(layer, x, *run.rope, ids=run.ids, **run.store.attn_inputs(segment, loop, i))
             run.store.save(segment, loop, i, k, v)
         return x
 

@@ -12,6 +12,10 @@ draw comes from the global torch RNG of each rank; ours is a function of (train.
 so every rank draws the same R and a resumed run draws the same sequence. `fixed` runs R =
 model.loops every step; `train.backprop_loops` 0 backpropagates through every step. Both
 apply to every loop mode. Evaluation runs model.loops with every step (theirs: r, k = 0).
+Parcae (sandyresearch/parcae, parcae_lm/models/parcae/parcae.py `randomized_iteration_sampler`,
+its default "poisson-truncated-full") draws R = max(Poisson(r), 1) and backpropagates through
+the last min(k, R): `poisson` (their "per-batch" draw, one R for the step; their released
+configs draw per sequence, which is not offered).
 
 The expected cost of a step (`expected_loops`) is what FLOPs, MFU and the planner count: a
 no-graph recurrence costs one forward, a backpropagated one forward + backward.
@@ -44,6 +48,9 @@ def draw_loops(m: ModelConfig, seed: int, step: int) -> int:
     if m.loops_sampler == "fixed":
         return m.loops
     gen = torch.Generator().manual_seed(mixed_seed(seed, step))
+    if m.loops_sampler == "poisson":
+        rate = torch.tensor(float(m.loops), dtype=torch.float64)
+        return max(int(torch.poisson(rate, generator=gen).item()), 1)
     mu = math.log(m.loops) - m.loops_sigma ** 2 / 2
     rate = torch.exp(mu + m.loops_sigma * torch.randn((), generator=gen, dtype=torch.float64))
     return int(torch.poisson(rate, generator=gen).item()) + 1
@@ -64,8 +71,14 @@ def loop_plan(m: ModelConfig, backprop_loops: int, seed: int, step: int, dp_rank
 
 
 def _distribution(m: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
-    """(R values, their probabilities) of the poisson_lognormal sampler, by Gauss-Hermite
-    quadrature over the log-normal rate and the Poisson sum (mass lost < 1e-6)."""
+    """(R values, their probabilities) of a drawn R: poisson exactly (up to mass < 1e-12
+    beyond the last value), poisson_lognormal by Gauss-Hermite quadrature over the log-normal
+    rate and the Poisson sum (mass lost < 1e-6)."""
+    if m.loops_sampler == "poisson":
+        n = np.arange(int(m.loops * 3 + 50))
+        pmf = np.exp(n * math.log(m.loops) - m.loops - np.array([math.lgamma(k + 1) for k in n]))
+        pmf[1] += pmf[0]  # R = max(Poisson, 1)
+        return n[1:], pmf[1:]
     z, w = np.polynomial.hermite_e.hermegauss(80)  # nodes/weights of the standard normal
     w = w / w.sum()
     rates = np.exp(math.log(m.loops) - m.loops_sigma ** 2 / 2 + m.loops_sigma * z)

@@ -46,6 +46,12 @@ def check_family(m: ModelConfig) -> None:
     _FAMILIES[m.loop_mode].check(m)
 
 
+def _matmul_flops(modules) -> int:
+    with torch.device("meta"):
+        return 2 * sum(p.numel() for mod in modules().values() for p in mod.parameters()
+                       if p.dim() >= 2)
+
+
 @dataclass(frozen=True)
 class Widths:
     """Per-token widths on one rank that a family's activation terms are made of (elements):
@@ -85,6 +91,61 @@ class LoopFamily:
         them, and they run on every loop step (the iso-depth law's recurrent parameters)."""
         return {}
 
+    def embedding_modules(self) -> dict[str, nn.Module]:
+        """Modules `embedding` runs once per forward (stage 0; replicated under TP)."""
+        return {}
+
+    def readout_modules(self) -> dict[str, nn.Module]:
+        """Modules `readout_input` runs once per readout (the last stage; replicated)."""
+        return {}
+
+    def embedding(self, model: nn.Module, e: Tensor) -> Tensor:
+        """The embedding stream the loop reads, from the prelude's output."""
+        return e
+
+    def readout_input(self, model: nn.Module, x: Tensor, h: Tensor) -> Tensor:
+        """What the coda (or, without one, the final norm's readout) reads after loop step t,
+        from the block's output x_t and h_t = N(x_t)."""
+        return h
+
+    def metrics(self, model: nn.Module) -> dict[str, float | None]:
+        """Values the trainer logs with the step's metrics, by name (reduced by max over the
+        ranks that hold them; None on a rank without the modules they read -- every rank
+        returns the same names)."""
+        return {}
+
+    def init_parameters(self, model: nn.Module) -> None:
+        """Initialise the family's own modules on `model`, after the model's init (which
+        drew them as any other weight of its scheme)."""
+
+    def value_embedding(self, segment: str, index: int) -> bool:
+        """Whether layer `index` of `segment` (prelude, block, coda) has a value embedding
+        (model/layers.py `ValueEmbedding`)."""
+        return False
+
+    def initial_state(self, run, device: torch.device) -> Tensor:
+        """x_0 for a family that starts the loop from a random state: [S, B, H] truncated
+        normal(0, model.state_std, +-3 state_std) times model.embed_scale (zeros when state_std
+        is 0), from a generator seeded with run.state_seed (None: torch's default generator,
+        as Huginn's and Parcae's released code draw it); drawn whole on the stage that starts
+        the loop, only there."""
+        x = torch.zeros((*run.tokens, self.cfg.hidden_size), device=device)
+        std = self.cfg.state_std
+        if std > 0:
+            gen = None
+            if run.state_seed is not None:
+                gen = torch.Generator(device=device).manual_seed(run.state_seed)
+            nn.init.trunc_normal_(x, 0.0, std, -3 * std, 3 * std, generator=gen)
+            x = x * self.cfg.embed_scale
+        return x
+
+    def start_state(self, model: nn.Module, e: Tensor, run) -> Tensor:
+        """x_0 on this rank's sequence slice (sequence parallelism): the caller's `run.state`,
+        else drawn (`initial_state`)."""
+        state = run.state if run.state is not None else self.initial_state(run, e.device)
+        index, count = model.seq_shard
+        return state.chunk(count)[index].to(e.dtype)
+
     def loop_input(self, model: nn.Module, t: int, e: Tensor | None, h: Tensor | None,
                    run) -> tuple[Tensor, Tensor | None]:
         """(x_t, the h_{t-1} the block's layers read or None) at the start of loop step t
@@ -106,10 +167,14 @@ class LoopFamily:
         return 2 if self.layers_read_state and lap > 0 else 1
 
     def loop_flops(self) -> int:
-        """Forward FLOPs per token of the family's modules on one loop step: 2 per weight
-        (they are matmuls applied to every token); a family with other work overrides it."""
-        with torch.device("meta"):
-            return 2 * sum(p.numel() for mod in self.modules().values() for p in mod.parameters())
+        """Forward FLOPs per token of the family's modules on one loop step: 2 per weight of
+        a matrix (they are matmuls applied to every token; vectors -- norms, decays -- are
+        elementwise work, not counted, as the layers' norms are not)."""
+        return _matmul_flops(self.modules)
+
+    def readout_flops(self) -> int:
+        """Forward FLOPs per token of the readout modules, once per readout."""
+        return _matmul_flops(self.readout_modules)
 
     def saved_first(self, w: Widths) -> float:
         """Elements per token that the first loop step's input keeps for backward (stage 0)."""

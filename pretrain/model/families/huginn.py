@@ -1,20 +1,21 @@
 """Huginn: x_t = Adapter([x_{t-1}; e]) with x_0 a random state -- the released Huginn-0125
 (arXiv 2502.05171; seal-rg/recurrent-pretraining, recpre/raven_modeling_minimal.py
 `iterate_forward`, `core_block_forward`, `initialize_state`): Adapter a Linear 2H -> H without
-bias, e = Prelude(Embed(ids) * embed_scale), x_0 ~ truncated normal(0, state_std, +-3 state_std)
-* embed_scale (`LoopPass.state`; a caller may pass it in). The raw block output x_t is handed
-over (no norm between recurrences); the readout is theirs, N(Coda(N(x_t))) -> LMHead, the coda
-running once after the last recurrence, and their objective reads the last step only
-(`objective.kind: last`; configs/huginn-*.yaml also set their sandwich_style, qk_bias,
-embed_scale, tied embeddings). Their RoPE rotates adjacent pairs (2i, 2i+1); ours rotates
-(i, i + D/2): the same function after one fixed permutation of each head's query/key rows, which
-their format's export/import applies (pretrain/huginn_format.py).
+bias, e = Prelude(Embed(ids) * embed_scale), x_0 ~ truncated normal(0, state_std, +-3
+state_std) * embed_scale (`LoopFamily.initial_state`; a caller may pass it in: `LoopPass.state`).
+The raw block output x_t is handed over (no norm between recurrences); the readout is theirs,
+N(Coda(N(x_t))) -> LMHead, the coda running once after the last recurrence, and their
+objective reads the last step only (`objective.kind: last`; configs/huginn-*.yaml also set
+their sandwich_style, qk_bias, embed_scale, tied embeddings). Their RoPE rotates adjacent
+pairs (2i, 2i+1); ours rotates (i, i + D/2): the same function after one fixed permutation of
+each head's query/key rows, which their format's export/import applies
+(pretrain/huginn_format.py).
 """
 
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from pretrain.model.families.base import LoopFamily, register
 
@@ -30,26 +31,9 @@ class Huginn(LoopFamily):
         h = self.cfg.hidden_size
         return {"adapter": nn.Linear(2 * h, h, bias=False)}
 
-    def initial_state(self, run, device: torch.device) -> Tensor:
-        """x_0: [S, B, H] truncated normal(0, state_std, +-3 state_std) times embed_scale
-        (zeros when state_std is 0), from a generator seeded with run.state_seed (None: torch's
-        default generator, as the released code draws it); drawn whole on the stage that
-        starts the loop, only there."""
-        x = torch.zeros((*run.tokens, self.cfg.hidden_size), device=device)
-        std = self.cfg.state_std
-        if std > 0:
-            gen = None
-            if run.state_seed is not None:
-                gen = torch.Generator(device=device).manual_seed(run.state_seed)
-            nn.init.trunc_normal_(x, 0.0, std, -3 * std, 3 * std, generator=gen)
-            x = x * self.cfg.embed_scale
-        return x
-
     def loop_input(self, model, t, e, h, run):
-        if t == 0:  # the sequence slice this rank's stream holds (sequence parallelism)
-            state = run.state if run.state is not None else self.initial_state(run, e.device)
-            index, count = model.seq_shard
-            h = state.chunk(count)[index].to(e.dtype)
+        if t == 0:
+            h = self.start_state(model, e, run)
         return model.adapter(torch.cat((h, e), dim=-1)), None
 
     def saved_first(self, w):

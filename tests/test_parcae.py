@@ -1,0 +1,138 @@
+"""Parcae (arXiv 2604.12946): the model against its released function, its tensor names both
+ways, where its value embeddings sit, its initialisation, its recurrence draw, and training."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pretrain.config import load_config
+from pretrain.model.families.parcae import DECAY, injection_spectral_norm
+from pretrain.model.looped import LoopedLM
+from pretrain.model.recurrence import draw_loops, expected_loops
+from pretrain.parcae_format import from_parcae, to_parcae
+from tests.conftest import ROOT
+from tests.reference import reference_parcae
+
+CPU = ROOT / "configs/parcae-cpu.yaml"
+
+
+def _config(*overrides):
+    return load_config(CPU, [f"data.paths=[{ROOT / 'data/sample.txt'}]", "data.validation=[]",
+                             *overrides])
+
+
+def _model(*overrides):
+    """A parcae model whose every weight is random (the init's zero output projections, unit
+    norms and identity B would hide a misplaced weight)."""
+    cfg = _config(*overrides)
+    torch.manual_seed(cfg.train.seed)
+    model = LoopedLM(cfg.model)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("norm.weight", "o_proj.weight", "down_proj.weight", "injection.B",
+                              "injection.A_log", "injection.dt_bias")):
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    return cfg, model
+
+
+def _their_config(m) -> dict:
+    return {"num_attention_heads": m.num_heads, "num_key_value_heads": m.num_kv_heads,
+            "norm_eps": m.norm_eps, "rope_base": m.rope_theta, "qk_norm": m.qk_norm,
+            "n_layers_in_prelude": m.prelude_layers, "n_layers_in_recurrent_block": m.num_layers,
+            "n_layers_in_coda": m.coda_layers}
+
+
+def _ids(b=2, s=20):
+    return torch.randint(0, 257, (b, s), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_every_recurrence_equals_the_released_function(kv_heads):
+    """Our model, in their tensor names, equals Parcae's forward written from parcae.py
+    (prelude with value embeddings, ln_prelude, the diagonal injection, their RoPE on adjacent
+    pairs and QK-norm, C, coda, ln_f, the tied head) after every number of recurrences, from
+    the same state. fp32; other operation orders (explicit softmax, their RoPE): ~1e-6."""
+    cfg, model = _model(f"model.num_kv_heads={kv_heads}", "model.loops=5")
+    ids = _ids()
+    state = torch.randn(2, 20, 64, generator=torch.Generator().manual_seed(4)) * 0.5
+    out = model(ids, state=state.transpose(0, 1))
+    tensors = to_parcae(cfg.model, model.state_dict())
+    for t in range(cfg.model.loops):
+        want = reference_parcae(tensors, _their_config(cfg.model), ids, t + 1, state)
+        torch.testing.assert_close(out.logits[t].transpose(0, 1), want, rtol=1e-5, atol=1e-5)
+
+
+def test_their_names_round_trip_exactly():
+    cfg, model = _model()
+    tensors = to_parcae(cfg.model, model.state_dict())
+    assert not any(k.startswith("gate") for k in tensors)  # Parcae has no exit gate
+    back = from_parcae(cfg.model, tensors)
+    for name, value in model.state_dict().items():
+        if not name.startswith("gate."):
+            assert torch.equal(back[name], value), name
+
+
+@pytest.mark.parametrize("config, expected", [
+    # their rule written out: a table where the layer's index among prelude + block + coda
+    # has the last layer's parity, applied where their gate sits (layer ids: prelude i, block
+    # P + i, coda P + R_mean * B + i; n_layer = B * mean_backprop_depth = B * 4, even)
+    ("parcae-140m.yaml", {"prelude": [1], "block": [1], "coda": [1]}),
+    ("parcae-1.3b.yaml", {"prelude": [1, 3, 5, 7], "block": [1, 3, 5, 7], "coda": [1, 3, 5, 7]}),
+])
+def test_value_embeddings_sit_where_their_two_rules_put_them(config, expected):
+    m = load_config(ROOT / "configs" / config, []).model
+    p, b, c = m.prelude_layers, m.num_layers, m.coda_layers
+    n_eff, n_layer = p + b + c, b * 4
+
+    def theirs(unique, layer_id):
+        return unique % 2 == (n_eff - 1) % 2 and layer_id % 2 == (n_layer - 1) % 2
+
+    want = {"prelude": [i for i in range(p) if theirs(i, i)],
+            "block": [i for i in range(b) if theirs(p + i, p + i)],
+            "coda": [i for i in range(c) if theirs(p + b + i, p + b * m.loops + i)]}
+    assert want == expected
+    with torch.device("meta"):
+        model = LoopedLM(m)
+    got = {seg: [i for i, layer in enumerate(getattr(model, seg))
+                 if layer.attn.value_embed is not None] for seg in want}
+    assert got == expected
+
+
+def test_the_initialisation_is_theirs():
+    """scaled-zero with orthogonal matrices: each of q, k, v and the MLP's up projection an
+    orthogonal matrix times std sqrt(max(rows, cols)), output projections zero, A = 1, the
+    decay sqrt(1/5), B the identity, C orthogonal."""
+    cfg = _config()
+    torch.manual_seed(0)
+    model = LoopedLM(cfg.model)
+    std = cfg.model.init_std
+    layer = model.block[0]
+    for w in (*layer.attn.qkv_proj.weight.split([64, 64, 64]), layer.mlp.up_proj.weight,
+              model.readout_proj.weight, model.embed.weight):
+        small = min(w.shape)
+        gram = (w.T @ w if w.shape[0] >= w.shape[1] else w @ w.T).double()
+        scale = std * math.sqrt(max(w.shape))
+        torch.testing.assert_close(gram, scale ** 2 * torch.eye(small, dtype=torch.float64),
+                                   rtol=0, atol=1e-5 * scale ** 2)
+    assert not layer.attn.o_proj.weight.any() and not layer.mlp.down_proj.weight.any()
+    assert torch.equal(model.injection.B, torch.eye(64)) and not model.injection.A_log.any()
+    torch.testing.assert_close(model.injection.decay(), torch.full((64,), DECAY))
+    assert injection_spectral_norm(model.injection) == pytest.approx(DECAY)
+
+
+def test_the_recurrence_draw_is_theirs_and_its_expectation_exact():
+    """R = max(Poisson(r), 1) per step, a function of (seed, step); E[R] from the exact pmf."""
+    m = _config().model
+    draws = [draw_loops(m, 1234, step) for step in range(4000)]
+    assert draws[:50] == [draw_loops(m, 1234, step) for step in range(50)]
+    assert min(draws) >= 1
+    mean_r, mean_k = expected_loops(m, 4)
+    p0 = math.exp(-8)
+    assert mean_r == pytest.approx(8 + p0, rel=1e-9)  # the zero draws moved to 1
+    assert abs(sum(draws) / len(draws) - mean_r) < 4 * math.sqrt(8 / len(draws))
+    assert mean_k == pytest.approx(sum(min(r, 4) * math.exp(r * math.log(8) - 8 - math.lgamma(r + 1))
+                                       for r in range(1, 80)) + p0 * 1, rel=1e-9)
