@@ -50,12 +50,13 @@ class LoopFamilyTraits(Protocol):
 @dataclass(frozen=True)
 class LoopPlan:
     """How one training step loops (pretrain/model/recurrence.py draws it from the seed and the
-    step): R loop steps, the last `backprop` of them with a graph (= R: all), and the seed of
-    each micro-batch's initial state (families that start from a random one)."""
+    step): R loop steps, the last `backprop` of them with a graph (= R: all), and per
+    micro-batch the seed of each sample's initial state (families that start from a random
+    one)."""
 
     loops: int
     backprop: int
-    state_seeds: tuple[int, ...]
+    state_seeds: tuple[tuple[int, ...], ...]
 
     @property
     def grad_from(self) -> int:
@@ -120,7 +121,8 @@ class LoopedModel(Protocol):
 
     def begin(self, ids: Tensor, store: KVStore | None = None, loops: int | None = None,
               read_steps: range | None = None, start: int = 0, backprop: int = 0,
-              state: Tensor | None = None, state_seed: int | None = None) -> LoopPass: ...
+              state: Tensor | None = None,
+              state_seed: int | tuple[int, ...] | None = None) -> LoopPass: ...
 
     def embed_stream(self, ids: Tensor, run: LoopPass) -> Tensor: ...
 

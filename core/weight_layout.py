@@ -50,4 +50,7 @@ def split_for(cfg, name: str) -> Split | None:
     return {"attn.qkv_proj.weight": Split(0, (q, kv, kv)), "attn.qk_bias": Split(0, (q, kv)),
             "attn.o_proj.weight": Split(1, (q,)),
             "mlp.gate_up_proj.weight": Split(0, (f, f)), "mlp.up_proj.weight": Split(0, (f,)),
-            "mlp.down_proj.weight": Split(1, (f,))}.get(name.split(".", 2)[-1])
+            "mlp.down_proj.weight": Split(1, (f,)),
+            # a value embedding: each rank its KV heads' columns of the table and gate rows
+            "attn.value_embed.table.weight": Split(1, (kv,)),
+            "attn.value_embed.gate.weight": Split(0, (cfg.num_kv_heads,))}.get(name.split(".", 2)[-1])

@@ -125,7 +125,8 @@ class _Handoff:
 class _Microbatch:
     ids: Tensor
     labels: Tensor
-    state_seed: int | None = None  # seeds the family's initial state, if it has one (stage 0)
+    # seeds the family's initial state per sample, if it has one (stage 0)
+    state_seed: tuple[int, ...] | None = None
     e: _Handoff | None = None  # stage 0: the embedding stream, for modes that reuse it
     steps: list[tuple[_Handoff, _Handoff]] = field(default_factory=list)  # (logits, gate) per lap
     norms: list[Tensor] = field(default_factory=list)  # last stage: |x_t| per lap (diagnostic)

@@ -12,6 +12,8 @@ exactly the shards of the TP=1 model from seed s. The model code itself never le
   embed                   -> VocabParallelEmbedding, lm_head -> ColumnParallelLinear (vocab),
                              and every loop step's CE is megatron's vocab_parallel_cross_entropy
   qk_bias                 -> this rank's heads' share, like the q and k rows
+  value embeddings        -> this rank's KV heads' table columns and gate rows (under sequence
+                             parallelism the gate's 32 input channels are all-gathered along S)
   gate, norms, the loop   -> replicated: with TP alone every rank computes the same values
   family's modules
 
@@ -109,6 +111,25 @@ def _mark(p: nn.Parameter, split: Split) -> None:
     mtp.set_tensor_model_parallel_attributes(p, True, split.dim, 1)
 
 
+def _gathered_gate_input(ve: nn.Module):
+    """A value embedding's gate input on the whole sequence (its channels on every rank's
+    slice all-gathered; backward reduce-scatters: each rank's heads add their share)."""
+    def gate_input(x: Tensor) -> Tensor:
+        return mtp.gather_from_sequence_parallel_region(x[..., :ve.GATE_CHANNELS])
+    return gate_input
+
+
+def _shard_value_embedding(cfg, ve: nn.Module, topo: Topology, sequence_parallel: bool) -> None:
+    for name in ("table", "gate"):
+        split = split_for(cfg, f"block.0.attn.value_embed.{name}.weight")
+        module = getattr(ve, name)
+        module.weight = nn.Parameter(split.shard(module.weight.detach(), topo.tp_rank, topo.tp))
+        _mark(module.weight, split)
+    ve.n_kv //= topo.tp
+    if sequence_parallel:
+        ve.gate_input = _gathered_gate_input(ve)
+
+
 def _sum_over_tp(group):
     def hook(grad: Tensor) -> Tensor:
         grad = grad.clone()
@@ -136,6 +157,8 @@ def parallelize_tensor(model: LoopedModel, topo: Topology, sequence_parallel: bo
         a.o_proj = _load(_Row(q, h, input_is_parallel=True, skip_bias_add=False, **kw),
                          a.o_proj.weight, split["attn.o_proj"], topo)
         a.n_heads, a.n_kv = a.n_heads // topo.tp, a.n_kv // topo.tp
+        if a.value_embed is not None:
+            _shard_value_embedding(cfg, a.value_embed, topo, sequence_parallel)
         if a.qk_bias is not None:
             bias = split_for(cfg, "block.0.attn.qk_bias")
             a.qk_bias = nn.Parameter(bias.shard(a.qk_bias.detach(), topo.tp_rank, topo.tp))

@@ -167,7 +167,7 @@ class StepEngine:
         """Step `step`'s R, backprop window and state seeds (model/recurrence.py)."""
         t = self.cfg.train
         return loop_plan(self.cfg.model, t.backprop_loops, t.seed, step, self.dp_rank,
-                         micro_batches)
+                         micro_batches, t.micro_batch_size)
 
     def train_step(self, batches: Batches, step: int, diagnostics: bool = False) -> StepResult:
         """Optimizer step `step` over `batches`; `diagnostics`: also the per-layer grad norms."""

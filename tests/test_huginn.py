@@ -112,6 +112,19 @@ def test_sampler_is_a_function_of_seed_and_step_with_huginns_mean():
     assert len(set(plan.state_seeds)) == 3
 
 
+def test_a_samples_initial_state_seed_does_not_depend_on_the_layout():
+    """The step's 8 samples in global order: one rank with 2 micro-batches of 4, or 2
+    data-parallel ranks with 2 micro-batches of 2 each (data_pipeline/loader.py's order)."""
+    cfg = tiny_config(*RELEASED).model
+
+    def seeds(dp, micro_batches, size):
+        return [s for r in range(dp) for mb in
+                loop_plan(cfg, 2, 1234, 3, r, micro_batches, size).state_seeds for s in mb]
+
+    one = seeds(1, 2, 4)
+    assert len(set(one)) == 8 and seeds(2, 2, 2) == one == seeds(4, 1, 2) == seeds(1, 8, 1)
+
+
 @pytest.mark.parametrize("variant,kind", [("huginn", "last"), ("ouro", "elbo"),
                                           ("flt_recipe", "all")])
 def test_truncated_backprop_equals_detaching_before_the_window(variant, kind):

@@ -3,6 +3,7 @@ ways, where its value embeddings sit, its initialisation, its recurrence draw, a
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -136,3 +137,95 @@ def test_the_recurrence_draw_is_theirs_and_its_expectation_exact():
     assert abs(sum(draws) / len(draws) - mean_r) < 4 * math.sqrt(8 / len(draws))
     assert mean_k == pytest.approx(sum(min(r, 4) * math.exp(r * math.log(8) - 8 - math.lgamma(r + 1))
                                        for r in range(1, 80)) + p0 * 1, rel=1e-9)
+
+
+# the tiny shape the multi-process checks share, as Parcae: two block layers so every segment
+# has a value embedding (prelude 1, block 1, coda 1), the block's on pipeline stage 1; untied (the
+# pipeline does not split tied embeddings yet)
+PARCAE = ["model.loop_mode=parcae", "model.prelude_layers=2", "model.coda_layers=2",
+          "model.num_layers=2", "model.sandwich_norm=false", "model.qk_norm=true",
+          "model.mlp=relu2_half", "model.init=parcae", "model.init_std=0.08",
+          "model.state_std=0.08", "objective.kind=last", "model.tie_embeddings=false"]
+
+
+def test_the_tiny_parallel_shape_has_a_value_embedding_in_every_segment():
+    from tests.conftest import tiny_config
+
+    with torch.device("meta"):
+        model = LoopedLM(tiny_config("model.vocab_size=260", *PARCAE, "model.loops=3").model)
+    assert [[layer.attn.value_embed is not None for layer in getattr(model, seg)]
+            for seg in ("prelude", "block", "coda")] == [[False, True]] * 3
+
+
+@pytest.mark.multiproc
+def test_parcae_trains_under_tp2_sp_pp2_and_zero1(tmp_path):
+    """PP = 2 x TP = 2 with sequence parallelism: gradients of every shard equal the single
+    process's (a fixed R, and R = 3 with backprop through 2), and three trainer steps with R
+    drawn per step and k = 2 give its losses; PP = 2 x DP = 2 with ZeRO-1, likewise."""
+    from tests.distributed import torchrun
+
+    for layout in ("tp", "zero"):
+        out = tmp_path / f"{layout}.json"
+        torchrun(4, "-m", "tests.test_parcae", "--out", str(out), "--layout", layout)
+        res = json.loads(out.read_text())
+        assert len(res) == 4
+        for rank, cases in enumerate(res):
+            for case, r in cases.items():
+                if case == "train":
+                    assert len(r["par"]) == 3 and len(set(r["loops"])) > 1, r
+                    for a, b in zip(r["par"], r["ref"], strict=True):
+                        # means over every token: stage, TP and DP rounding stays ~1e-7
+                        assert a == pytest.approx(b, rel=1e-5), (rank, r)
+                    continue
+                assert "config_error" not in r, r
+                assert r["grad_close"], f"rank {rank} {case}: {r['grad_param']} {r['grad']}"
+                if "loss" in r:
+                    assert r["loss"] < 1e-5, (rank, case)
+
+
+def _worker() -> None:
+    import argparse
+    import os
+    import tempfile
+
+    import torch.distributed as dist
+
+    from parallelism.topology import Topology, init_topology
+    from pretrain.train import Trainer
+    from tests.conftest import tiny_config
+    from tests.multiproc import pp_equivalence as pp
+    from tests.multiproc.compare import finish
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--layout", choices=("tp", "zero"), required=True)
+    args = ap.parse_args()
+    layout = (["parallel.tensor=2", "parallel.sequence_parallel=true"] if args.layout == "tp"
+              else ["parallel.data=2", "parallel.zero_stage=1"])
+    base = [*pp.SHAPES, *PARCAE, "parallel.pipeline=2", "parallel.pipeline_split=[1,1]"]
+    topo = init_topology(tiny_config(*base, *layout, "train.grad_accum_steps=2"))
+    results = {}
+    if args.layout == "tp":
+        pp.VARIANTS["parcae"] = pp.WINDOW_VARIANTS["parcae"] = PARCAE
+        results = {"R3": pp.one_case(topo, 3, 2, "1f1b", "parcae", [1, 1], sp=True),
+                   "R3k2": pp.one_case(topo, 3, 2, "1f1b", "parcae", [1, 1], sp=True, backprop=2)}
+    run = [*pp.SHAPES, *PARCAE, "model.loops=3", "model.loops_sampler=poisson",
+           "train.backprop_loops=2", "train.max_steps=3", "train.log_every=1",
+           "optim.warmup_steps=0", "train.grad_accum_steps=2", "train.micro_batch_size=4",
+           f"train.out_dir={tempfile.mkdtemp(prefix='parcae-train-')}"]
+    dp = 2 if args.layout == "zero" else 1
+    par = Trainer(tiny_config(*run, "parallel.pipeline=2", "parallel.pipeline_split=[1,1]", *layout,
+                              f"train.micro_batch_size={4 // dp}"),
+                  topology=topo, log=lambda _: None, tensorboard=False).fit(save=False)
+    ref = Trainer(tiny_config(*run), topology=Topology(), log=lambda _: None,
+                  tensorboard=False).fit(save=False)
+    results["train"] = {"par": [s["train/loss"] for s in par.history],
+                        "ref": [s["train/loss"] for s in ref.history],
+                        "loops": [s["train/loops"] for s in ref.history]}
+    gathered = [None] * int(os.environ["WORLD_SIZE"])
+    dist.all_gather_object(gathered, results)
+    finish(topo, gathered, args.out)
+
+
+if __name__ == "__main__":
+    _worker()

@@ -70,7 +70,8 @@ class LoopPass:
     read_steps: range  # the loop steps (0-based) whose logits and gate are computed
     tokens: tuple[int, int]  # (S, B): the shape of one step's gate logits
     state: Tensor | None = None  # an initial state x_0 [S, B, H], the whole sequence (None: drawn)
-    state_seed: int | None = None  # seeds the draw of x_0 (None: torch's default generator)
+    # seeds the draw of x_0: one for the batch, or one per sample (None: torch's default generator)
+    state_seed: int | tuple[int, ...] | None = None
     grad_from: int = 0  # loop steps before this one build no graph (truncated backprop)
 
 
@@ -204,7 +205,8 @@ class LoopedLM(nn.Module):
 
     def begin(self, ids: Tensor, store: KVStore | None = None, loops: int | None = None,
               read_steps: range | None = None, start: int = 0, backprop: int = 0,
-              state: Tensor | None = None, state_seed: int | None = None) -> LoopPass:
+              state: Tensor | None = None,
+              state_seed: int | tuple[int, ...] | None = None) -> LoopPass:
         """What every loop step of one forward over ids [B, S] shares: positions start.., the KV
         store, the loop count (default model.loops), the steps read out (default all), how many
         last steps build a graph (0: all) and an initial state x_0 where the family starts from
@@ -288,7 +290,8 @@ class LoopedLM(nn.Module):
 
     def forward(self, input_ids: Tensor, loops: int | None = None,
                 read_steps: range | None = None, backprop: int = 0,
-                state: Tensor | None = None, state_seed: int | None = None) -> LoopedOutput:
+                state: Tensor | None = None,
+                state_seed: int | tuple[int, ...] | None = None) -> LoopedOutput:
         """Every loop step of ids [B, S]. `read_steps`: the loop steps read out (default all);
         training objectives that score some steps only skip the others' readout, as the FLT
         code does. `backprop` k > 0: only the last k steps build a graph."""

@@ -62,12 +62,17 @@ def backprop_count(loops: int, backprop_loops: int) -> int:
 
 
 def loop_plan(m: ModelConfig, backprop_loops: int, seed: int, step: int, dp_rank: int,
-              micro_batches: int) -> LoopPlan:
-    """The step's R and k, and a seed per micro-batch of this data-parallel rank for huginn's
-    initial state (a function of (seed, step, dp rank, micro-batch))."""
+              micro_batches: int, micro_batch_size: int = 1) -> LoopPlan:
+    """The step's R and k, and for each micro-batch of this data-parallel rank the seeds of
+    its samples' initial states (families that start from a random state): a function of
+    (seed, step, the sample's index in the step's global batch) -- the index the data loader
+    gives it (data_pipeline/loader.py `RankSpec.samples`), so any data-parallel split, micro-
+    batch size or accumulation draws the same state for the same sample."""
     loops = draw_loops(m, seed, step)
-    return LoopPlan(loops, backprop_count(loops, backprop_loops),
-                    tuple(mixed_seed(seed, step, dp_rank, i, 1) for i in range(micro_batches)))
+    per_rank = micro_batches * micro_batch_size
+    return LoopPlan(loops, backprop_count(loops, backprop_loops), tuple(
+        tuple(mixed_seed(seed, step, dp_rank * per_rank + i * micro_batch_size + j, 1)
+              for j in range(micro_batch_size)) for i in range(micro_batches)))
 
 
 def _distribution(m: ModelConfig) -> tuple[np.ndarray, np.ndarray]:

@@ -126,16 +126,21 @@ class LoopFamily:
     def initial_state(self, run, device: torch.device) -> Tensor:
         """x_0 for a family that starts the loop from a random state: [S, B, H] truncated
         normal(0, model.state_std, +-3 state_std) times model.embed_scale (zeros when state_std
-        is 0), from a generator seeded with run.state_seed (None: torch's default generator,
-        as Huginn's and Parcae's released code draw it); drawn whole on the stage that starts
-        the loop, only there."""
-        x = torch.zeros((*run.tokens, self.cfg.hidden_size), device=device)
-        std = self.cfg.state_std
+        is 0), drawn from run.state_seed -- one generator for the batch, or one per sample
+        (training: `LoopPlan.state_seeds`), or None: torch's default generator, as Huginn's and
+        Parcae's released code draw it -- whole, on the stage that starts the loop."""
+        s, b = run.tokens
+        x = torch.zeros((s, b, self.cfg.hidden_size), device=device)
+        std, seeds = self.cfg.state_std, run.state_seed
         if std > 0:
-            gen = None
-            if run.state_seed is not None:
-                gen = torch.Generator(device=device).manual_seed(run.state_seed)
-            nn.init.trunc_normal_(x, 0.0, std, -3 * std, 3 * std, generator=gen)
+            cut = (0.0, std, -3 * std, 3 * std)
+            if isinstance(seeds, tuple):
+                for i, seed in enumerate(seeds):
+                    gen = torch.Generator(device=device).manual_seed(seed)
+                    nn.init.trunc_normal_(x[:, i], *cut, generator=gen)
+            else:
+                gen = None if seeds is None else torch.Generator(device=device).manual_seed(seeds)
+                nn.init.trunc_normal_(x, *cut, generator=gen)
             x = x * self.cfg.embed_scale
         return x
 
