@@ -75,6 +75,11 @@ VARIANTS = {
     "huginn": ["model.loop_mode=huginn", "model.prelude_layers=1", "model.coda_layers=1",
                "model.tie_embeddings=true", "model.sandwich_style=huginn", "model.qk_bias=true",
                "model.embed_scale=8", "objective.kind=last"],
+    # Parcae's function (pretrain/model/families/parcae.py): a value embedding in every segment
+    # (prelude 2, block 2, coda 2: the second layer of each), a zero initial state
+    "parcae": ["model.loop_mode=parcae", "model.prelude_layers=2", "model.coda_layers=2",
+               "model.tie_embeddings=true", "model.sandwich_norm=false", "model.qk_norm=true",
+               "model.mlp=relu2_half", "objective.kind=last"],
 }
 
 # what the multi-process equivalence checks run: the modes with distinct handovers, and an

@@ -43,8 +43,9 @@ def _attend(q, k, v):
     return torch.softmax(scores, -1) @ v
 
 
-def _layer(sd, pre, x, cfg: ModelConfig, h=None):
-    """One decoder layer; with h, the queries come from norm(h) (FLT)."""
+def _layer(sd, pre, x, cfg: ModelConfig, h=None, ids=None):
+    """One decoder layer; with h, the queries come from norm(h) (FLT); a value embedding
+    (Parcae) adds 2 sigmoid(G xn[:32]) table[ids] to each KV head's values."""
     b, s, _ = x.shape
     hd, eps = cfg.kv_channels, cfg.norm_eps
 
@@ -61,10 +62,15 @@ def _layer(sd, pre, x, cfg: ModelConfig, h=None):
         q, k = q + bq, k + bk
     q = q.view(b, s, -1, hd).transpose(1, 2)
     k = k.view(b, s, -1, hd).transpose(1, 2)
-    v = (xn @ wv.T).view(b, s, -1, hd).transpose(1, 2)
+    v = (xn @ wv.T).view(b, s, -1, hd)
+    if pre + "attn.value_embed.table.weight" in sd:
+        gate = 2 * torch.sigmoid(xn[..., :32] @ sd[pre + "attn.value_embed.gate.weight"].T)
+        v = v + gate[..., None] * sd[pre + "attn.value_embed.table.weight"][ids].view(b, s, -1, hd)
+    v = v.transpose(1, 2)
     q, k = _rope(q, cfg.rope_theta, cfg.rope_reverse), _rope(k, cfg.rope_theta, cfg.rope_reverse)
     if cfg.qk_norm:
-        q, k = _rms(q, None, eps), _rms(k, None, eps)
+        qk_eps = cfg.qk_norm_eps or eps
+        q, k = _rms(q, None, qk_eps), _rms(k, None, qk_eps)
     a = _attend(q, k, v).transpose(1, 2).reshape(b, s, -1) @ sd[pre + "attn.o_proj.weight"].T
     sum_norm = cfg.sandwich_style == "huginn"  # Huginn: N2(x + a), Ouro: x + N2(a)
     if sum_norm:
@@ -76,7 +82,8 @@ def _layer(sd, pre, x, cfg: ModelConfig, h=None):
         wg, wu = sd[pre + "mlp.gate_up_proj.weight"].chunk(2)
         m = (F.silu(xn @ wg.T) * (xn @ wu.T)) @ sd[pre + "mlp.down_proj.weight"].T
     else:
-        m = torch.relu(xn @ sd[pre + "mlp.up_proj.weight"].T) ** 2 @ sd[pre + "mlp.down_proj.weight"].T
+        half = 0.5 if cfg.mlp == "relu2_half" else 1.0  # Parcae's ReLU2 halves the square
+        m = half * torch.relu(xn @ sd[pre + "mlp.up_proj.weight"].T) ** 2 @ sd[pre + "mlp.down_proj.weight"].T
     if sum_norm:
         return _rms(x + m, w("mlp_post_norm.weight"), eps)
     return x + (_rms(m, w("mlp_post_norm.weight"), eps) if cfg.sandwich_norm else m)
@@ -84,8 +91,8 @@ def _layer(sd, pre, x, cfg: ModelConfig, h=None):
 
 def reference_forward(model, ids, loops=None, state=None):
     """Returns ([logits_t [S, B, V]], gate_logits [R, S, B]) (the model's sequence-first
-    layout), computed batch-first from model.state_dict() alone; huginn starts from `state`
-    [B, S, H] (default zeros: model.state_std 0)."""
+    layout), computed batch-first from model.state_dict() alone; huginn and parcae start from
+    `state` [B, S, H] (default zeros: model.state_std 0)."""
     cfg: ModelConfig = model.cfg
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     loops = loops or cfg.loops
@@ -96,7 +103,11 @@ def reference_forward(model, ids, loops=None, state=None):
 
     e = sd["embed.weight"][ids] * cfg.embed_scale
     for i in range(cfg.prelude_layers):
-        e = _layer(sd, f"prelude.{i}.", e, cfg)
+        e = _layer(sd, f"prelude.{i}.", e, cfg, ids=ids)
+    if mode == "parcae":
+        e = _rms(e, sd["prelude_norm.weight"], eps)
+        dt = F.softplus(sd["injection.dt_bias"])
+        decay = torch.exp(-dt * torch.exp(sd["injection.A_log"]))
     head = sd["embed.weight"] if cfg.tie_embeddings else sd["lm_head.weight"]
     logits, gates = [], []
     h = x = None
@@ -104,6 +115,9 @@ def reference_forward(model, ids, loops=None, state=None):
         if mode == "huginn":  # x_t = Adapter([x_{t-1}; e]), x_0 the initial state
             prev = (torch.zeros_like(e) if state is None else state) if t == 0 else x
             x = torch.cat((prev, e), -1) @ sd["adapter.weight"].T
+        elif mode == "parcae":  # x_t = exp(-dt A) x_{t-1} + dt B e, x_0 the initial state
+            prev = (torch.zeros_like(e) if state is None else state) if t == 0 else x
+            x = prev * decay + dt * (e @ sd["injection.B"].T)
         elif mode == "ouro":  # Ouro: the normed output of a loop is the next loop's input
             x = e if t == 0 else (h if cfg.norm_between_loops else x)
         elif mode == "lt":
@@ -119,12 +133,12 @@ def reference_forward(model, ids, loops=None, state=None):
             elif h is not None and (mode == "flt" or (mode == "lt_ia" and i == 0)):
                 x = _layer(sd, pre, x, cfg, h=h)
             else:
-                x = _layer(sd, pre, x, cfg)
+                x = _layer(sd, pre, x, cfg, ids=ids)
         h = _rms(x, sd.get("norm.weight"), eps)
-        y = h
+        y = x @ sd["readout_proj.weight"].T if mode == "parcae" else h  # Parcae's C
         if cfg.coda_layers:
             for i in range(cfg.coda_layers):
-                y = _layer(sd, f"coda.{i}.", y, cfg)
+                y = _layer(sd, f"coda.{i}.", y, cfg, ids=ids)
             y = _rms(y, sd.get("norm.weight"), eps)
         lg = y @ head.T
         if cfg.logit_softcap:

@@ -118,6 +118,10 @@ def _hand_count(m) -> int:
     layers = (m.num_layers + m.prelude_layers + m.coda_layers) * (attn + mlp + norms)
     emb = m.vocab_size * m.hidden_size * (1 if m.tie_embeddings else 2)
     adapter = 2 * m.hidden_size * m.hidden_size * (m.loop_mode == "huginn")  # Linear 2H -> H
+    if m.loop_mode == "parcae":  # A_log, dt_bias, B; C; the prelude norm; one value embedding
+        # (table, gate) per segment in the shapes counted here (the second layer of each)
+        h, kv = m.hidden_size, m.num_kv_heads * d
+        adapter = 2 * h + h * h + h * h + h + 3 * (m.vocab_size * kv + 32 * m.num_kv_heads)
     return layers + emb + adapter + m.hidden_size * m.norm_weights + (m.hidden_size + 1)  # final norm, gate
 
 

@@ -139,6 +139,74 @@ def test_the_recurrence_draw_is_theirs_and_its_expectation_exact():
                                        for r in range(1, 80)) + p0 * 1, rel=1e-9)
 
 
+@pytest.mark.parametrize("objective, loops", [("last", 4), ("all", 4), ("last", 8)])
+def test_parcae_plans_its_flops_and_memory(objective, loops):
+    """FLOPs: the injection's e B^T (2 H^2) per loop step and C (2 H^2) per readout beside
+    Huginn's adapter (4 H^2 per loop step) and no C; activation bytes as counted (every saved
+    tensor of a real forward, SavedForBackward) within the activation model's 1%."""
+    from pretrain.model.activations import saved_bytes
+    from pretrain.model.flops import flops_per_token
+    from pretrain.model.memory import MemoryPolicy, SavedForBackward
+    from pretrain.model.objective import compute_objective, readout_steps
+
+    cfg = _config("model.loops_sampler=fixed", "train.backprop_loops=0", "train.seq_len=32",
+                  f"model.loops={loops}", f"objective.kind={objective}")
+    huginn = _config("model.loops_sampler=fixed", "train.backprop_loops=0", "train.seq_len=32",
+                     f"model.loops={loops}", "model.loop_mode=huginn", "model.init=huginn")
+    h, reads = cfg.model.hidden_size, readout_steps(objective, loops)
+    diff = (flops_per_token(cfg.model, 32, read_count=len(reads))
+            - flops_per_token(huginn.model, 32, read_count=len(reads)))
+    assert diff == 3 * (loops * (2 * h * h - 4 * h * h) + len(reads) * 2 * h * h)
+    torch.manual_seed(0)
+    model = LoopedLM(cfg.model)
+    ids = torch.randint(0, 256, (3, 32), generator=torch.Generator().manual_seed(3))
+    with SavedForBackward(model.parameters()) as c:
+        compute_objective(cfg.objective, model(ids, state_seed=1, read_steps=reads), ids)
+    planned = saved_bytes(cfg, 3, MemoryPolicy(), read_count=len(reads))
+    assert abs(planned / c.bytes - 1) < 0.01, (planned, c.bytes)
+
+
+@pytest.mark.parametrize("policy", ["full", "last", "average"])
+@pytest.mark.parametrize("rule", ["gate:0.55", "kl:0.01", "delta:0.05", "fixed:2", "all"])
+def test_parcae_decodes_under_every_exit_rule_and_kv_policy(rule, policy):
+    """Decoding through the KV cache (frozen keys of exited tokens, or the one collapsed cache)
+    equals re-scoring the whole sequence for every new token, rule by rule (tests/conftest.py's
+    parcae variant: a zero initial state, so every call is the same function)."""
+    from pretrain.model.generate import ExitRule, generate
+    from tests.conftest import VARIANTS, tiny_config
+    from tests.test_generate import _spread_gate
+
+    cfg = tiny_config(*VARIANTS["parcae"], "model.loops=4")
+    torch.manual_seed(cfg.train.seed)
+    model = _spread_gate(LoopedLM(cfg.model).eval())
+    prompt = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(3))
+    runs = [generate(model, prompt, 10, rule=ExitRule.parse(rule), kv_cache=policy,
+                     temperature=1.0, use_cache=cache, generator=torch.Generator().manual_seed(6))
+            for cache in (True, False)]
+    assert torch.equal(runs[0].tokens, runs[1].tokens)
+    assert torch.equal(runs[0].loops_used, runs[1].loops_used)
+    # cached keys and SDPA's causal mask against an explicit one: fp32 rounding (~1e-6)
+    torch.testing.assert_close(runs[0].logits, runs[1].logits, rtol=1e-5, atol=1e-5)
+    if rule in ("gate:0.55", "kl:0.01"):  # these spread exits over steps: frozen keys in use
+        assert len(set(runs[0].loops_used.flatten().tolist())) > 1
+
+
+def test_the_cpu_config_trains_and_logs_the_injections_spectral_norm(tmp_path):
+    """configs/parcae-cpu.yaml as shipped (R drawn per step, k = 4) for 30 steps: the loss
+    falls, and every logged step carries the injection's spectral norm, below 1 (a
+    contraction by construction) and equal to the trained weights' largest decay."""
+    from pretrain.train import Trainer
+
+    cfg = _config("train.max_steps=30", "train.log_every=10", f"train.out_dir={tmp_path}")
+    trainer = Trainer(cfg, log=lambda _: None, tensorboard=False)
+    history = trainer.fit(save=False).history
+    assert history[-1]["train/loss"] < history[0]["train/loss"] - 0.5
+    norms = [s["family/injection_spectral_norm"] for s in history]
+    assert len(norms) == 3 and all(0 < n < 1 for n in norms)
+    assert norms[-1] == pytest.approx(injection_spectral_norm(trainer.model.injection), rel=1e-6)
+    assert len({s["train/loops"] for s in history}) > 1
+
+
 # the tiny shape the multi-process checks share, as Parcae: two block layers so every segment
 # has a value embedding (prelude 1, block 1, coda 1), the block's on pipeline stage 1; untied (the
 # pipeline does not split tied embeddings yet)

@@ -41,6 +41,7 @@ class Shard:
     tp: int = 1
     sp: bool = False
     layers: int | None = None  # block layers on this stage (None: all)
+    offset: int = 0  # the index of its first block layer in the whole block
     first: bool = True
     last: bool = True
 
@@ -66,6 +67,16 @@ def layer_elements(m, tp: int, sp: bool, recompute_core: bool) -> tuple[float, f
     f = m.ffn_hidden_size / tp
     mlp = 4 * f if m.mlp == "swiglu" else 2 * f
     return hidden, attn + mlp
+
+
+def value_embedding_elements(m, tp: int) -> float:
+    """What a value embedding (model/layers.py `ValueEmbedding`) changes in a layer's saved
+    elements per token: v becomes its own tensor (attention keeps it, not the fused q|k|v
+    projection's output: - q - 2 kv + kv), plus the table's rows (kv) and the gate's two
+    (sigmoid and doubled) outputs."""
+    q, kv, kv_heads = (m.num_heads * m.kv_channels / tp, m.num_kv_heads * m.kv_channels / tp,
+                       m.num_kv_heads / tp)
+    return -q - 2 * kv + kv + kv + 2 * kv_heads
 
 
 def widths(m, tp: int, sp: bool, recomputed: bool) -> Widths:
@@ -104,23 +115,36 @@ def saved_bytes(cfg, micro_batch: int, policy: MemoryPolicy, shard: Shard = Shar
     # the prelude's and coda's layers: recomputed (their input kept) under `full` only
     outside = h_bytes if policy.recompute == "full" else full_layer
     family = family_class(m.loop_mode)(m)
+    ve = value_embedding_elements(m, shard.tp) * big
+
+    def with_ve(segment: str, indices) -> int:
+        return sum(family.value_embedding(segment, i) for i in indices)
+
+    block_ve = with_ve("block", range(shard.offset, shard.offset + layers)) * ve
+    ve_outside = 0.0 if policy.recompute == "full" else ve
     total = 0.0
     for t in range(loops):
         again = policy.recomputes_layer(t, loops)
-        total += layers * (h_bytes if again else full_layer)  # recomputed: the input only
+        # recomputed: the input only
+        total += layers * h_bytes if again else layers * full_layer + block_ve
         if t > 0:  # what the loop family adds per step (model/families/)
             total += family.saved_per_loop(widths(m, shard.tp, shard.sp, again), layers,
                                            shard.first, shard.last) * big
     if shard.first:
         total += 2 * 4 + m.prelude_layers * outside  # the ids (int64)
+        total += with_ve("prelude", range(m.prelude_layers)) * ve_outside
         total += family.saved_first(widths(m, shard.tp, shard.sp, False)) * big
         total += m.kv_channels * big / micro_batch  # rope cos/sin rows of the sequence
     if shard.last:
         hidden_r, other_r = readout_elements(m, shard.tp, shard.sp, policy.chunk_rows > 0)
         steps = loops if read_count is None else read_count
-        total += loops * hidden_r * big + steps * other_r * 4  # the loss path is fp32
+        # the final norm on every loop step, or (a family handing over x_t) on the steps read
+        # out; a family whose readout reads x_t has it after the coda alone (in hidden_r)
+        normed = steps if family.hands_over_raw else loops
+        total += normed * hidden_r * big + steps * other_r * 4  # the loss path is fp32
         total += (7 * loops + 1) * 4  # gate, exit distribution and ELBO terms of the objective
         total += steps * m.coda_layers * outside  # the coda runs on each step read out
+        total += steps * with_ve("coda", range(m.coda_layers)) * ve_outside
         if not shard.first:
             total += m.kv_channels * big / micro_batch
     return total * tokens

@@ -6,7 +6,9 @@ backward (= 3x forward): every matmul counts 2 FLOPs per multiply-add; attention
 weighted sum count 2 * 2 * seq_len * (heads * head_dim) per layer per loop (full sequence, the
 PaLM/Chinchilla convention); the LM head and exit gate run on every loop step read out; the
 prelude runs once, the coda once per readout, a loop family's own modules (model/families/:
-huginn's adapter, 2H -> H) once per loop. With
+huginn's adapter, 2H -> H; parcae's injection, e B^T) once per loop and its readout modules
+(parcae's C) once per readout; value embeddings' gates (2 x 32 x KV heads per token and
+layer, < 0.1% of a layer) are not counted. With
 truncated backprop only the last k loop steps have a backward: a step without a graph costs
 its forward alone; a run with R drawn per step counts E[R] and E[k] (model/recurrence.py).
 Every loop mode costs the same: FLT's queries from h_{t-1} use the
@@ -66,6 +68,11 @@ def loop_flops(cfg: ModelConfig) -> int:
     return family_class(cfg.loop_mode)(cfg).loop_flops()
 
 
+def readout_family_flops(cfg: ModelConfig) -> int:
+    """Forward FLOPs per token of the family's readout modules (Parcae's C), per readout."""
+    return family_class(cfg.loop_mode)(cfg).readout_flops()
+
+
 def flops_per_token(cfg: ModelConfig, seq_len: int, loops: float | None = None,
                     read_count: float | None = None, train_gate: bool = True,
                     backprop: float | None = None) -> float:
@@ -81,7 +88,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, loops: float | None = None,
     unshared = layer_matmul_flops(cfg) + attention_flops(cfg, seq_len)
     step = cfg.num_layers * (layer_matmul_flops(cfg) + attention_flops(cfg, seq_len)) \
         + loop_flops(cfg)
-    readout = cfg.coda_layers * unshared + head_flops(cfg)
+    readout = cfg.coda_layers * unshared + head_flops(cfg) + readout_family_flops(cfg)
     forward = cfg.prelude_layers * unshared + r * step + reads * readout
     backward = 2 * (cfg.prelude_layers * unshared + k * step + reads_bwd * readout)
     gate = 2 * cfg.hidden_size * (reads + 2 * reads_bwd * train_gate)
@@ -118,7 +125,7 @@ def stage_cost_model(cfg) -> StageCosts:
     return StageCosts(per_layer=round(laps * (layer_matmul_flops(m) + attention_flops(m, s))),
                       first=round(3 * m.prelude_layers * unshared + laps * loop_flops(m)),
                       last=round(read_laps * (m.coda_layers * unshared + 2 * m.hidden_size
-                                              + head_flops(m))))
+                                              + head_flops(m) + readout_family_flops(m))))
 
 
 def pipeline_split(cfg) -> list[int]:

@@ -80,7 +80,7 @@ class LoopStep:
     """The end of one loop step (`LoopedLM.end_loop`), sequence-first [S, B, ...]."""
 
     x: Tensor  # the block's output x_t
-    h: Tensor  # the normed state h_t = N(x_t)
+    h: Tensor | None  # the normed state h_t = N(x_t) (None: neither read out nor handed over)
     logits: Tensor | DeferredLogits | None  # None: not read out
     gate_logits: Tensor  # [S, B]; lambda_t = sigmoid(gate_logits) (NaN: not read out)
     handover: Tensor  # what loop step t + 1 receives: h_t, or x_t in the no-norm ablation
@@ -250,8 +250,10 @@ class LoopedLM(nn.Module):
         """The end of loop step t from the block's output x_t: h_t = N(x_t), the readout if t
         is in `run.read_steps`, and what step t + 1 receives. The only place that sequences
         them -- training, the pipeline's last stage and decoding all call it."""
-        h = self.norm(x)
-        if t in run.read_steps:
+        read, family = t in run.read_steps, self.family
+        # h_t is computed where it is handed over or read out (none kept for nothing)
+        h = self.norm(x) if not family.hands_over_raw or (read and family.reads_state) else None
+        if read:
             logits, gate = self._readout(self.family.readout_input(self, x, h), t, run)
         else:  # not read out: no logits, NaN gate logits (the FLT objectives skip them)
             logits, gate = None, torch.full(run.tokens, float("nan"), device=x.device)

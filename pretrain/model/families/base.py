@@ -72,6 +72,7 @@ class LoopFamily:
     reads_embedding: ClassVar[bool] = False  # later loops read e (pipeline stage 0 keeps it)
     layers_read_state: ClassVar[bool] = False  # every layer reads h_{t-1} (it rides the ring)
     hands_over_raw: ClassVar[bool] = False  # step t + 1 receives x_t, not h_t = N(x_t)
+    reads_state: ClassVar[bool] = True  # the readout reads h_t (else x_t alone: readout_input)
     coda_every_loop: ClassVar[bool] = True  # the unrolled depth counts the coda per loop (init)
 
     def __init__(self, cfg: ModelConfig):
@@ -103,9 +104,9 @@ class LoopFamily:
         """The embedding stream the loop reads, from the prelude's output."""
         return e
 
-    def readout_input(self, model: nn.Module, x: Tensor, h: Tensor) -> Tensor:
+    def readout_input(self, model: nn.Module, x: Tensor, h: Tensor | None) -> Tensor:
         """What the coda (or, without one, the final norm's readout) reads after loop step t,
-        from the block's output x_t and h_t = N(x_t)."""
+        from the block's output x_t and h_t = N(x_t) (None unless `reads_state`)."""
         return h
 
     def metrics(self, model: nn.Module) -> dict[str, float | None]:

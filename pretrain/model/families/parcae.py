@@ -77,6 +77,7 @@ class Parcae(LoopFamily):
     name = "parcae"
     reads_embedding = True
     hands_over_raw = True
+    reads_state = False  # the readout reads C x_t
     coda_every_loop = False  # their expected depth counts the coda once
 
     @classmethod
@@ -126,10 +127,12 @@ class Parcae(LoopFamily):
                 None if injection is None else injection_spectral_norm(injection)}
 
     def saved_first(self, w):
-        return 2 * w.h  # x_0 and e, the injection's inputs
+        # x_0 and e B^T (the injection's products), e (its matmul's input, read every loop),
+        # and the prelude norm's input, rsqrt and normalised output (its weight's gradient)
+        return 3 * w.h + 2 * w.h + w.r
 
     def saved_per_loop(self, w, layers, first_layer, last):
-        return 2 * w.h if first_layer else 0.0  # x_{t-1} and e
+        return 2 * w.h if first_layer else 0.0  # x_{t-1} and e B^T
 
 
 def injection_spectral_norm(injection: DiagonalInjection) -> float:
