@@ -35,13 +35,28 @@ from pretrain.model.activations import Shard, saved_bytes  # noqa: E402
 from pretrain.model.flops import count_parameters  # noqa: E402
 from pretrain.model.looped import LoopedLM, LoopedOutput  # noqa: E402
 from pretrain.model.memory import MemoryPolicy, SavedForBackward  # noqa: E402
-from pretrain.model.objective import compute_objective, token_cross_entropy  # noqa: E402
+from pretrain.model.objective import (  # noqa: E402
+    compute_objective,
+    readout_steps,
+    token_cross_entropy,
+)
 
 MODEL = ["model.vocab_size=8192", "model.hidden_size=512", "model.num_layers=6",
          "model.num_heads=8", "model.num_kv_heads=4", "model.ffn_hidden_size=1408",
          "model.max_seq_len=256", "train.seq_len=256", "train.micro_batch_size=2"]
 CHUNK = 64
 MODES = [("none", 0), ("selective", 0), ("full", 0), ("loops", 0), ("none", CHUNK)]  # k = 1
+# the other loop families at R = 4 (each with its objective: which steps are read out)
+FAMILIES = {
+    "flt": ["model.loop_mode=flt", "model.qk_norm=true", "model.mlp=relu2",
+            "model.norm_weights=false", "objective.kind=all"],
+    "huginn": ["model.loop_mode=huginn", "model.prelude_layers=2", "model.coda_layers=2",
+               "model.sandwich_style=huginn", "model.qk_bias=true", "model.num_kv_heads=8",
+               "model.state_std=0.02", "objective.kind=last"],
+    "parcae": ["model.loop_mode=parcae", "model.prelude_layers=2", "model.coda_layers=2",
+               "model.sandwich_norm=false", "model.qk_norm=true", "model.mlp=relu2_half",
+               "model.state_std=0.02", "objective.kind=last"],
+}
 
 
 def config(loops: int, *extra: str):
@@ -59,9 +74,15 @@ def count_whole(cfg, model, pol: MemoryPolicy, ce=token_cross_entropy) -> int:
     g = torch.Generator().manual_seed(0)
     shape = (cfg.train.micro_batch_size, cfg.train.seq_len)
     ids = torch.randint(0, cfg.model.vocab_size, shape, generator=g)
+    reads = readout_steps(cfg.objective.kind, cfg.model.loops)
     with SavedForBackward(model.parameters()) as c:
-        compute_objective(cfg.objective, model(ids), ids, ce)
+        compute_objective(cfg.objective, model(ids, read_steps=reads, state_seed=1), ids, ce)
     return c.bytes
+
+
+def planned(cfg, pol: MemoryPolicy, shard: Shard | None = None) -> float:
+    reads = len(readout_steps(cfg.objective.kind, cfg.model.loops))
+    return saved_bytes(cfg, cfg.train.micro_batch_size, pol, shard or Shard(), read_count=reads)
 
 
 def count_stage(cfg, model, pol: MemoryPolicy, stage: int, stages: int) -> int:
@@ -131,10 +152,19 @@ def main() -> None:
         model = LoopedLM(cfg.model)
         for mode, chunk in MODES:
             n = count_whole(cfg, model, policy(cfg, mode, chunk))
-            pred = saved_bytes(cfg, cfg.train.micro_batch_size, policy(cfg, mode, chunk))
+            pred = planned(cfg, policy(cfg, mode, chunk))
             counted[(loops, mode, chunk)] = n
             worst = max(worst, abs(pred / n - 1))
             print(row(f"1 process R={loops} {mode}{' chunked' if chunk else ''}", n, pred))
+    for family, overrides in FAMILIES.items():
+        cfg = config(4, *overrides)
+        torch.manual_seed(cfg.train.seed)
+        model = LoopedLM(cfg.model)
+        for mode, chunk in MODES:
+            n = count_whole(cfg, model, policy(cfg, mode, chunk))
+            pred = planned(cfg, policy(cfg, mode, chunk))
+            worst = max(worst, abs(pred / n - 1))
+            print(row(f"{family} R=4 {mode}{' chunked' if chunk else ''}", n, pred))
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = 29400 + os.getpid() % 500
@@ -154,8 +184,9 @@ def main() -> None:
             model = LoopedLM(cfg.model)
             keep_stage(model, split, stage)
             n = count_stage(cfg, model, policy(cfg, mode, chunk), stage, 2)
-            shard = Shard(layers=split[stage], first=stage == 0, last=stage == 1)
-            pred = saved_bytes(cfg, cfg.train.micro_batch_size, policy(cfg, mode, chunk), shard)
+            shard = Shard(layers=split[stage], offset=sum(split[:stage]), first=stage == 0,
+                          last=stage == 1)
+            pred = planned(cfg, policy(cfg, mode, chunk), shard)
             worst = max(worst, abs(pred / n - 1))
             print(row(f"PP=2 stage {stage} R=4 {mode}{' chunked' if chunk else ''}", n, pred))
     cfg8 = config(8)

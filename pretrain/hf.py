@@ -25,7 +25,9 @@ trust_remote_code=True)` loads and generates without this framework (transformer
 5.x). RoPE is rotate-half in both. Variants Ouro has no
 names for (another loop mode, prelude/coda layers, the FLT recipe's layers) are refused, not
 approximated. A `loop_mode: huginn` model is written in Huginn-0125's own format instead, and
-a Huginn config.json (model_type huginn_raven) is read as one (pretrain/huginn_format.py).
+a Huginn config.json (model_type huginn_raven) is read as one (pretrain/huginn_format.py); a
+`loop_mode: parcae` model in Parcae's tensor names and config fields, and a config.json with
+`_class_name: ParcaeConfig` is read as one (pretrain/parcae_format.py).
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ from core.weight_layout import FUSED_BLOCKS, split_for
 from pretrain.config import Config, ConfigError, ModelConfig, dump_config
 from pretrain.huginn_format import from_huginn, huginn_config, to_huginn
 from pretrain.huginn_format import model_overrides as huginn_overrides
+from pretrain.parcae_format import from_parcae, parcae_config, to_parcae
+from pretrain.parcae_format import model_overrides as parcae_overrides
 
 MODELING_FILES = ("configuration_ouro.py", "modeling_ouro.py")
 _LAYER = {"attn_norm.weight": "input_layernorm.weight",
@@ -162,6 +166,8 @@ def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
     partial.mkdir(parents=True)
     if cfg.model.loop_mode == "huginn":  # their files are not ours to ship: README says how
         tensors, config, files = to_huginn(cfg.model, model.state_dict()), huginn_config(cfg), ()
+    elif cfg.model.loop_mode == "parcae":  # read by parcae_lm's model classes (README)
+        tensors, config, files = to_parcae(cfg.model, model.state_dict()), parcae_config(cfg), ()
     else:
         tensors, config, files = to_hf(cfg.model, model.state_dict()), hf_config(cfg), MODELING_FILES
     with timed(f"writing {out / 'model.safetensors'}", tensor_bytes(tensors)):
@@ -202,8 +208,10 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, base_config: str | Path |
         raise ConfigError(f"{src / 'config.json'}: not JSON ({e})") from None
     if not isinstance(hf, dict):
         raise ConfigError(f"{src / 'config.json'}: expected a JSON object")
-    huginn = hf.get("model_type") == "huginn_raven"
-    model_fields = huginn_overrides(hf) if huginn else model_config(hf)
+    fmt = ("huginn" if hf.get("model_type") == "huginn_raven" else
+           "parcae" if hf.get("_class_name") == "ParcaeConfig" else "ouro")
+    model_fields = {"huginn": huginn_overrides, "parcae": parcae_overrides,
+                    "ouro": model_config}[fmt](hf)
     overrides = [*model_fields, ("train.out_dir", str(Path(out_dir).resolve()))]
     if (src / "tokenizer.json").is_file():
         overrides.append(("data.tokenizer", str((src / "tokenizer.json").resolve())))
@@ -213,7 +221,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, base_config: str | Path |
         raise ConfigError(f"{src / 'config.json'}: {e}") from None
     tensors = _Reads(_read_safetensors(files))
     try:
-        state = (from_huginn if huginn else from_hf)(cfg.model, tensors)
+        state = {"huginn": from_huginn, "parcae": from_parcae, "ouro": from_hf}[fmt](cfg.model, tensors)
     except KeyError as e:
         raise ConfigError(f"{src}: weight {e.args[0]} missing for config.json's shapes") from None
     except (RuntimeError, IndexError) as e:  # pieces that do not fit together (torch.cat)

@@ -246,4 +246,5 @@ def reference_parcae(sd, c, ids, steps, state):
     x = x @ sd[tr + "C.weight"].T
     for i in range(n):
         x = _parcae_block(sd, f"{tr}coda.{i}.", x, c, ve(p + r + i))
-    return _rms(x, sd[tr + "ln_f.weight"], eps) @ sd["lm_head.weight"].T
+    head = sd.get("lm_head.weight", sd[tr + "wte.weight"])  # tied: their lm_head is wte
+    return _rms(x, sd[tr + "ln_f.weight"], eps) @ head.T

@@ -77,6 +77,48 @@ def test_their_names_round_trip_exactly():
             assert torch.equal(back[name], value), name
 
 
+def test_export_writes_their_names_and_config_and_imports_back_exactly(tmp_path):
+    """`pretrain export` of a parcae checkpoint: model.safetensors in their module's names and
+    their config.json; their forward restated from those two files alone gives our logits;
+    `pretrain import` reads it back to the same weights (the exit gate, which Parcae lacks,
+    at 0); a config their format cannot say is refused naming the field."""
+    from safetensors.torch import load_file
+
+    from pretrain.checkpoint.offline import load_model
+    from pretrain.cli import main
+    from pretrain.config import ConfigError
+    from pretrain.parcae_format import model_overrides
+
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(CPU), "train.max_steps=2", "train.log_every=1",
+                 f"train.out_dir={run}", f"data.paths=[{ROOT / 'data/sample.txt'}]",
+                 "data.validation=[]"]) == 0
+    assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "hf")]) == 0
+    tensors = load_file(str(tmp_path / "hf/model.safetensors"))
+    c = json.loads((tmp_path / "hf/config.json").read_text())
+    assert c["_class_name"] == "ParcaeConfig" and c["n_layers_in_recurrent_block"] == 2
+    assert "transformer.adapter.B" in tensors and "value_embeds.5.weight" in tensors
+    cfg, model = load_model(run)
+    ids = _ids()
+    state = torch.randn(2, 20, 64, generator=torch.Generator().manual_seed(4)) * 0.5
+    with torch.no_grad():
+        ours = model(ids, state=state.transpose(0, 1), loops=3).logits[-1].transpose(0, 1)
+    theirs = reference_parcae(tensors, {**c, "rope_base": c["rope_settings"]["rope_base"]},
+                              ids, 3, state)
+    # their operations restated (explicit softmax, their RoPE): fp32 rounding, ~1e-6
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    assert main(["import", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 0
+    back = load_model(tmp_path / "back")[1].state_dict()
+    for name, value in model.state_dict().items():
+        want = torch.zeros_like(value) if name.startswith("gate.") else value
+        assert torch.equal(back[name], want), name
+    for field, value, message in (("num_key_value_heads", 2, "only 4"),
+                                  ("injection_type", "linear", "has 'diagonal' only"),
+                                  ("n_embd", "64", "expected an integer")):
+        with pytest.raises(ConfigError, match=f"^config.json: {field}: .*{message}"):
+            model_overrides({**c, field: value})
+
+
 @pytest.mark.parametrize("config, expected", [
     # their rule written out: a table where the layer's index among prelude + block + coda
     # has the last layer's parity, applied where their gate sits (layer ids: prelude i, block

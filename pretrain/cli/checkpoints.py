@@ -23,7 +23,8 @@ def _export(args: argparse.Namespace) -> int:
 
     _claim(args, "an export")
     out = export(args.checkpoint, args.out)
-    layout = json.loads((out / "config.json").read_text())["model_type"]
+    config = json.loads((out / "config.json").read_text())
+    layout = config.get("model_type") or config["_class_name"]
     print(f"Hugging Face ({layout} layout): {out / 'model.safetensors'}, {out / 'config.json'}")
     return 0
 
