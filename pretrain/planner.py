@@ -72,7 +72,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from parallelism.pipeline_schedule import peak_live, schedule
-from pretrain.config import Config
+from pretrain.config import Config, ConfigError, validate
 from pretrain.fake_step import eager_ops
 from pretrain.hardware import Accelerator
 from pretrain.model.activations import Shard, layer_elements, saved_bytes
@@ -152,7 +152,21 @@ def check(cfg: Config, lay: Layout, gpu: Accelerator, global_batch: int) -> str:
         return f"global batch {global_batch} != DP x micro-batch x microbatches"
     if lay.pp > 1 and m.loops > 1 and lay.microbatches % lay.pp:
         return f"{lay.microbatches} microbatches not a multiple of PP {lay.pp} (interleaved 1F1B)"
+    try:  # what the run itself would refuse (tied embeddings across stages, Muon under TP, ...)
+        validate(realised(cfg, lay))
+    except ConfigError as e:
+        return str(e)
     return ""
+
+
+def realised(cfg: Config, lay: Layout) -> Config:
+    """The config that runs `lay` (the fields `realising_config` writes as overrides)."""
+    par = dataclasses.replace(cfg.parallel, tensor=lay.tp, pipeline=lay.pp, data=lay.dp,
+                              sequence_parallel=lay.tp > 1, pipeline_split=[],
+                              zero_stage=1 if lay.zero and lay.dp > 1 else 0)
+    train = dataclasses.replace(cfg.train, micro_batch_size=lay.micro_batch,
+                                grad_accum_steps=lay.microbatches)
+    return dataclasses.replace(cfg, parallel=par, train=train)
 
 
 def _recomputed_share(cfg: Config) -> float:
@@ -337,8 +351,9 @@ def layouts(cfg: Config, gpus: int, global_batch: int) -> list[Layout]:
             if dp < 1 or global_batch % dp:
                 continue
             for mb in (1, 2, 4, 8):
-                if (global_batch // dp) % mb == 0:
-                    out.append(Layout(tp, pp, dp, mb, global_batch // (dp * mb)))
+                if (global_batch // dp) % mb == 0:  # ZeRO shards AdamW's states, not Muon's
+                    out.append(Layout(tp, pp, dp, mb, global_batch // (dp * mb),
+                                      zero=cfg.optim.name != "muon"))
     return out
 
 

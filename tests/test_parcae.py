@@ -183,8 +183,8 @@ def test_the_recurrence_draw_is_theirs_and_its_expectation_exact():
 
 @pytest.mark.parametrize("objective, loops", [("last", 4), ("all", 4), ("last", 8)])
 def test_parcae_plans_its_flops_and_memory(objective, loops):
-    """FLOPs: the injection's e B^T (2 H^2) per loop step and C (2 H^2) per readout beside
-    Huginn's adapter (4 H^2 per loop step) and no C; activation bytes as counted (every saved
+    """FLOPs: the injection's e B^T (2 H^2) per loop step, C (2 H^2) per readout and the value
+    embeddings' gates beside Huginn's adapter (4 H^2 per loop step); activation bytes as counted (every saved
     tensor of a real forward, SavedForBackward) within the activation model's 1%."""
     from pretrain.model.activations import saved_bytes
     from pretrain.model.flops import flops_per_token
@@ -198,7 +198,9 @@ def test_parcae_plans_its_flops_and_memory(objective, loops):
     h, reads = cfg.model.hidden_size, readout_steps(objective, loops)
     diff = (flops_per_token(cfg.model, 32, read_count=len(reads))
             - flops_per_token(huginn.model, 32, read_count=len(reads)))
-    assert diff == 3 * (loops * (2 * h * h - 4 * h * h) + len(reads) * 2 * h * h)
+    gate = 2 * 32 * cfg.model.num_kv_heads  # a value embedding's gate: one in each segment
+    assert diff == 3 * (loops * (2 * h * h - 4 * h * h) + len(reads) * 2 * h * h
+                        + gate * (1 + loops + len(reads)))
     torch.manual_seed(0)
     model = LoopedLM(cfg.model)
     ids = torch.randint(0, 256, (3, 32), generator=torch.Generator().manual_seed(3))

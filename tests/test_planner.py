@@ -145,3 +145,21 @@ def test_plan_names_the_trainer_options_and_the_config_that_runs_it(capsys):
     exposed = estimate(load_config(config, ["parallel.overlap_grad_reduce=false"]), lay,
                        GPUS["h100"], 512)
     assert exposed.time_s["dp_comm_exposed"] > base.time_s["dp_comm_exposed"]
+
+
+@pytest.mark.parametrize("name", ["parcae-1.3b", "flt-flt-k12", "ouro-1.4b"])
+def test_every_feasible_row_runs_as_the_planner_prints_it(name):
+    """A row is feasible only if the run accepts its overrides: Parcae's tied embeddings keep
+    it off the pipeline, Muon (Parcae's and FLT's optimizer) off ZeRO and TP."""
+    from pretrain.hardware import lookup
+    from pretrain.planner import plan, realising_config
+
+    path = ROOT / "configs" / f"{name}.yaml"
+    estimates = plan(load_config(path), 16, lookup("h100"), 256)
+    feasible = [e for e in estimates if e.feasible]
+    assert feasible
+    for e in feasible:
+        load_config(path, realising_config(load_config(path), e.layout))  # raises if refused
+    if name == "parcae-1.3b":
+        assert {e.layout.pp for e in feasible} == {1}
+        assert any("tie_embeddings" in e.why for e in estimates if e.layout.pp > 1)

@@ -7,8 +7,8 @@ weighted sum count 2 * 2 * seq_len * (heads * head_dim) per layer per loop (full
 PaLM/Chinchilla convention); the LM head and exit gate run on every loop step read out; the
 prelude runs once, the coda once per readout, a loop family's own modules (model/families/:
 huginn's adapter, 2H -> H; parcae's injection, e B^T) once per loop and its readout modules
-(parcae's C) once per readout; value embeddings' gates (2 x 32 x KV heads per token and
-layer, < 0.1% of a layer) are not counted. With
+(parcae's C) once per readout; a value embedding's gate (a 32 -> KV heads matmul) wherever
+its layer runs. With
 truncated backprop only the last k loop steps have a backward: a step without a graph costs
 its forward alone; a run with R drawn per step counts E[R] and E[k] (model/recurrence.py).
 Every loop mode costs the same: FLT's queries from h_{t-1} use the
@@ -24,6 +24,7 @@ import torch
 from parallelism.pipeline_balance import StageCosts, auto_split
 from pretrain.model.config import ModelConfig
 from pretrain.model.families import family_class
+from pretrain.model.layers import ValueEmbedding
 from pretrain.model.looped import LoopedLM
 from pretrain.model.objective import readout_steps, trains_gate
 from pretrain.model.recurrence import expected_loops
@@ -73,6 +74,16 @@ def readout_family_flops(cfg: ModelConfig) -> int:
     return family_class(cfg.loop_mode)(cfg).readout_flops()
 
 
+def value_embedding_gates(cfg: ModelConfig) -> tuple[int, int, int]:
+    """Forward FLOPs per token of the value-embedding gates in the prelude, the block and the
+    coda (model/layers.py `ValueEmbedding`: where the loop family puts them)."""
+    family = family_class(cfg.loop_mode)(cfg)
+    gate = 2 * ValueEmbedding.GATE_CHANNELS * cfg.num_kv_heads
+    return tuple(gate * sum(family.value_embedding(segment, i) for i in range(n))
+                 for segment, n in (("prelude", cfg.prelude_layers), ("block", cfg.num_layers),
+                                    ("coda", cfg.coda_layers)))
+
+
 def flops_per_token(cfg: ModelConfig, seq_len: int, loops: float | None = None,
                     read_count: float | None = None, train_gate: bool = True,
                     backprop: float | None = None) -> float:
@@ -86,11 +97,13 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, loops: float | None = None,
     reads = r if read_count is None else read_count
     reads_bwd = min(reads, k)
     unshared = layer_matmul_flops(cfg) + attention_flops(cfg, seq_len)
+    ve_prelude, ve_block, ve_coda = value_embedding_gates(cfg)
+    prelude = cfg.prelude_layers * unshared + ve_prelude
     step = cfg.num_layers * (layer_matmul_flops(cfg) + attention_flops(cfg, seq_len)) \
-        + loop_flops(cfg)
-    readout = cfg.coda_layers * unshared + head_flops(cfg) + readout_family_flops(cfg)
-    forward = cfg.prelude_layers * unshared + r * step + reads * readout
-    backward = 2 * (cfg.prelude_layers * unshared + k * step + reads_bwd * readout)
+        + loop_flops(cfg) + ve_block
+    readout = cfg.coda_layers * unshared + head_flops(cfg) + readout_family_flops(cfg) + ve_coda
+    forward = prelude + r * step + reads * readout
+    backward = 2 * (prelude + k * step + reads_bwd * readout)
     gate = 2 * cfg.hidden_size * (reads + 2 * reads_bwd * train_gate)
     return forward + backward + gate
 
