@@ -40,23 +40,18 @@ from pretrain.model.objective import (  # noqa: E402
     readout_steps,
     token_cross_entropy,
 )
+from tests.conftest import VARIANTS  # noqa: E402
 
 MODEL = ["model.vocab_size=8192", "model.hidden_size=512", "model.num_layers=6",
          "model.num_heads=8", "model.num_kv_heads=4", "model.ffn_hidden_size=1408",
          "model.max_seq_len=256", "train.seq_len=256", "train.micro_batch_size=2"]
 CHUNK = 64
 MODES = [("none", 0), ("selective", 0), ("full", 0), ("loops", 0), ("none", CHUNK)]  # k = 1
-# the other loop families at R = 4 (each with its objective: which steps are read out)
-FAMILIES = {
-    "flt": ["model.loop_mode=flt", "model.qk_norm=true", "model.mlp=relu2",
-            "model.norm_weights=false", "objective.kind=all"],
-    "huginn": ["model.loop_mode=huginn", "model.prelude_layers=2", "model.coda_layers=2",
-               "model.sandwich_style=huginn", "model.qk_bias=true", "model.num_kv_heads=8",
-               "model.state_std=0.02", "objective.kind=last"],
-    "parcae": ["model.loop_mode=parcae", "model.prelude_layers=2", "model.coda_layers=2",
-               "model.sandwich_norm=false", "model.qk_norm=true", "model.mlp=relu2_half",
-               "model.state_std=0.02", "objective.kind=last"],
-}
+# the other loop families at R = 4, as the tests define them (each with its objective: which
+# steps are read out), huginn and parcae from a random state
+FAMILIES = {"flt": [*VARIANTS["flt_recipe"], "objective.kind=all"],
+            "huginn": [*VARIANTS["huginn"], "model.state_std=0.02"],
+            "parcae": [*VARIANTS["parcae"], "model.state_std=0.02"]}
 
 
 def config(loops: int, *extra: str):

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import reprlib
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -79,6 +80,16 @@ def _qk_rows(m: ModelConfig) -> Tensor:
     return torch.cat(rows)
 
 
+def layer_weights(state: dict[str, Tensor]) -> Iterator[tuple[str, int, str, Tensor]]:
+    """(segment, index, the name within the layer, value) of every prelude, block and coda
+    layer weight of our state dict ('block.1.attn.o_proj.weight' -> block, 1, attn.o_proj...)."""
+    for name, value in state.items():
+        segment, _, rest = name.partition(".")
+        if segment in ("prelude", "block", "coda"):
+            i, rest = rest.split(".", 1)
+            yield segment, int(i), rest, value
+
+
 def _freqs_cis(m: ModelConfig) -> Tensor:
     """Their RoPE buffer [1, max_seq_len, 1, D/2, 2] (cos, sin)."""
     d = m.kv_channels
@@ -97,11 +108,7 @@ def to_huginn(m: ModelConfig, state: dict[str, Tensor]) -> dict[str, Tensor]:
            "transformer.ln_f.weight": state["norm.weight"], "freqs_cis": _freqs_cis(m)}
     if not m.tie_embeddings:
         out["lm_head.weight"] = state["lm_head.weight"]
-    for name, value in state.items():
-        segment, _, rest = name.partition(".")
-        if segment not in _SEGMENTS:
-            continue
-        i, rest = rest.split(".", 1)
+    for segment, i, rest, value in layer_weights(state):
         prefix = f"transformer.{_SEGMENTS[segment]}.{i}."
         if rest == "attn.qkv_proj.weight":
             out[prefix + "attn.Wqkv.weight"] = value[to_theirs].contiguous()

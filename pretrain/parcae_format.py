@@ -40,7 +40,7 @@ from torch import Tensor
 
 from core.config_schema import Override
 from pretrain.config import Config, ConfigError, ModelConfig
-from pretrain.huginn_format import pair_order
+from pretrain.huginn_format import layer_weights, pair_order
 from pretrain.model.families import family_class
 
 _SEGMENTS = {"prelude": "prelude", "block": "core_block", "coda": "coda"}
@@ -74,11 +74,7 @@ def to_parcae(m: ModelConfig, state: dict[str, Tensor]) -> dict[str, Tensor]:
     out = {theirs: state[ours] for ours, theirs in _TOP.items()}
     if not m.tie_embeddings:  # tied: their module's lm_head is wte (one tensor, written once)
         out["lm_head.weight"] = state["lm_head.weight"]
-    for name, value in state.items():
-        segment, _, rest = name.partition(".")
-        if segment not in _SEGMENTS:
-            continue
-        i, rest = rest.split(".", 1)
+    for segment, i, rest, value in layer_weights(state):
         prefix = f"transformer.{_SEGMENTS[segment]}.{i}."
         if rest == "attn.qkv_proj.weight":
             q, k, v = value.split(_split(m))
@@ -86,7 +82,7 @@ def to_parcae(m: ModelConfig, state: dict[str, Tensor]) -> dict[str, Tensor]:
             out[prefix + "attn.c_k.weight"] = k[torch.argsort(_rows(m.num_kv_heads, d))]
             out[prefix + "attn.c_v.weight"] = v
         elif rest == "attn.value_embed.table.weight":
-            out[f"value_embeds.{_unique_index(m, segment, int(i))}.weight"] = value
+            out[f"value_embeds.{_unique_index(m, segment, i)}.weight"] = value
         else:
             out[prefix + _PLAIN[rest]] = value
     return out

@@ -121,24 +121,12 @@ def test_family_plans_its_flops_parameters_and_memory():
 @pytest.mark.multiproc
 def test_family_trains_under_pp2_tp2_sp(tmp_path):
     from tests.distributed import torchrun
+    from tests.multiproc.compare import assert_family_run
 
     out = tmp_path / "results.json"
     torchrun(4, "-m", "tests.test_family_plugin", "--out", str(out))
     res = json.loads(out.read_text())
-    for rank, cases in enumerate(res):
-        for case, r in cases.items():
-            if case == "train":  # rank 0 logs the step's loss
-                if rank > 0:
-                    continue
-                assert len(r["par"]) == 3
-                for a, b in zip(r["par"], r["ref"], strict=True):
-                    # means over every token: stage and TP rounding stays ~1e-7 (compare.py)
-                    assert a == pytest.approx(b, rel=1e-5), (rank, r)
-                continue
-            assert "config_error" not in r, r
-            assert r["grad_close"], f"rank {rank} {case}: {r['grad_param']} {r['grad']}"
-            if "loss" in r:
-                assert r["loss"] < 1e-5, (rank, case)
+    assert_family_run(res, steps=3)
     assert len(res) == 4 and len(res[0]) == 3
 
 
