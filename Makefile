@@ -12,9 +12,9 @@ $(STAMP): setup.cfg pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	@echo "install: [2/4] torch 2.13.0 (CPU wheel, ~200 MB)"
-	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install torch==2.13.0
 	@echo "install: [3/4] the project and its dev extras (megatron-core, deepspeed, lm-eval, ...: a few minutes)"
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -e '.[dev]'
 	# transformers 5.x beside the dev extras' 4.56 (the Ouro release's), for the export tests; its own
 	# huggingface-hub lives in that directory too, so pip's check against the main env is moot
 	@echo "install: [4/4] transformers 5.x beside 4.56 in $(VENV)/transformers5 (the export tests)"
