@@ -57,6 +57,9 @@ class LoopPlan:
     loops: int
     backprop: int
     state_seeds: tuple[tuple[int, ...], ...]
+    # per micro-batch, each sample's (steps without a graph, steps with one) when the depth is
+    # drawn per sequence (None: every sample runs the step's R)
+    depths: tuple[tuple[tuple[int, int], ...], ...] | None = None
 
     @property
     def grad_from(self) -> int:

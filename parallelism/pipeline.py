@@ -127,6 +127,8 @@ class _Microbatch:
     labels: Tensor
     # seeds the family's initial state per sample, if it has one (stage 0)
     state_seed: tuple[int, ...] | None = None
+    depths: tuple[tuple[int, int], ...] | None = None  # each sample's own depth (LoopPlan)
+    carry: dict = field(default_factory=dict)  # what its laps keep between them on stage 0
     e: _Handoff | None = None  # stage 0: the embedding stream, for modes that reuse it
     steps: list[tuple[_Handoff, _Handoff]] = field(default_factory=list)  # (logits, gate) per lap
     norms: list[Tensor] = field(default_factory=list)  # last stage: |x_t| per lap (diagnostic)
@@ -156,7 +158,8 @@ class PipelineStage:
         """Run piece (mb, lap); returns what its backward needs ('out' goes downstream)."""
         model = self.model
         run = model.begin(mb.ids, loops=self.loops, read_steps=read_steps,
-                          state_seed=mb.state_seed)
+                          backprop=self.loops - self.grad_from, state_seed=mb.state_seed,
+                          depths=mb.depths, carry=mb.carry)
         saved: dict = {"inputs": received or [], "handoffs": []}
         if self.first:
             reads_e = model.family.reads_embedding
@@ -218,8 +221,9 @@ class PipelineStage:
         """Forward and backward of every microbatch at the plan's R and backprop window
         (gradients accumulate, scaled 1/m); returns on the last stage the last microbatch's
         objective with the loss averaged over the microbatches, None elsewhere."""
-        mbs = [_Microbatch(ids, labels, seed)
-               for (ids, labels), seed in zip(batches, plan.state_seeds, strict=True)]
+        depths = plan.depths or [None] * len(batches)
+        mbs = [_Microbatch(ids, labels, seed, d) for (ids, labels), seed, d
+               in zip(batches, plan.state_seeds, depths, strict=True)]
         self.loops, self.grad_from = plan.loops, plan.grad_from
         m = len(mbs)
 

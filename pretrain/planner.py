@@ -84,7 +84,7 @@ from pretrain.model.flops import (
     run_flops_per_token,
 )
 from pretrain.model.memory import MemoryPolicy
-from pretrain.model.recurrence import expected_loops, window_loops
+from pretrain.model.recurrence import expected_loops, step_samples, window_loops
 
 GEMM_EFFICIENCY = 0.80  # large bf16 GEMMs reach ~80% of the dense peak (cuBLAS, Hopper)
 NARROW_GEMM = 512  # efficiency halves at a GEMM width this small (tile quantisation, waves)
@@ -171,7 +171,7 @@ def realised(cfg: Config, lay: Layout) -> Config:
 
 def _recomputed_share(cfg: Config) -> float:
     """Fraction of the backpropagated layers' forward that backward runs again."""
-    loops = window_loops(cfg.model, cfg.train.backprop_loops)
+    loops = window_loops(cfg.model, cfg.train.backprop_loops, batch=step_samples(cfg))
     policy = MemoryPolicy.of(cfg.train)
     return sum(policy.recomputes_layer(i, loops) for i in range(loops)) / loops
 
@@ -180,7 +180,7 @@ def activation_bytes(cfg: Config, lay: Layout) -> float:
     """Bytes kept for backward on the fullest pipeline stage: one microbatch's (the backprop
     window's laps; steps without a graph keep nothing) per lap, times the pieces the circular
     schedule keeps alive at once."""
-    window = window_loops(cfg.model, cfg.train.backprop_loops)
+    window = window_loops(cfg.model, cfg.train.backprop_loops, batch=step_samples(cfg))
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, loops=window,
                                                              loops_sampler="fixed"))
     m, tp, pp = cfg.model, lay.tp, lay.pp
@@ -207,7 +207,8 @@ def memory_bytes(cfg: Config, lay: Layout, overlapped: bool,
     matmul_params = params["total"] - (0 if m.tie_embeddings else params["embedding"] / 2)
     bf16 = tr.precision == "bf16"
     loop_sum = 0.0
-    if expected_loops(m, tr.backprop_loops)[1] > 1 and p == 1 and lay.microbatches > 1:
+    if expected_loops(m, tr.backprop_loops, step_samples(cfg))[1] > 1 and p == 1 \
+            and lay.microbatches > 1:
         # made weight by weight as the last lap's backward frees that lap's activations
         loop_sum = max(0.0, params["looped_block"] / (t * p) * (2 if bf16 and t == 1 else 4)
                        - _last_lap_bytes(cfg, lay))
@@ -256,7 +257,7 @@ def _last_lap_bytes(cfg: Config, lay: Layout) -> float:
 def estimate(cfg: Config, lay: Layout, gpu: Accelerator, global_batch: int) -> Estimate:
     m, s, tr = cfg.model, cfg.train.seq_len, cfg.train
     h, f = m.hidden_size, m.ffn_hidden_size
-    r, k = expected_loops(m, tr.backprop_loops)  # loop steps, those with a backward
+    r, k = expected_loops(m, tr.backprop_loops, global_batch)  # loop steps, with a backward
     t, p, d = lay.tp, lay.pp, lay.dp
     params = count_parameters(m)
     per_gpu_params = params["total"] / (t * p)

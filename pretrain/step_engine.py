@@ -55,9 +55,10 @@ class LocalPass:
     def train(self, batches: Batches, objective: Readout, backward: Callable[[Tensor], None],
               plan: LoopPlan):
         total = torch.zeros((), device=batches[0][0].device)
-        for (inputs, labels), seed in zip(batches, plan.state_seeds, strict=True):
+        depths = plan.depths or [None] * len(batches)
+        for (inputs, labels), seed, d in zip(batches, plan.state_seeds, depths, strict=True):
             out = self.model(inputs, loops=plan.loops, read_steps=self.read_steps(plan.loops),
-                             backprop=plan.backprop, state_seed=seed)
+                             backprop=plan.backprop, state_seed=seed, depths=d)
             out = objective(out, labels)
             backward(out.loss)
             total += out.loss.detach() / len(batches)
@@ -167,7 +168,7 @@ class StepEngine:
         """Step `step`'s R, backprop window and state seeds (model/recurrence.py)."""
         t = self.cfg.train
         return loop_plan(self.cfg.model, t.backprop_loops, t.seed, step, self.dp_rank,
-                         micro_batches, t.micro_batch_size)
+                         micro_batches, t.micro_batch_size, self.cfg.parallel.data)
 
     def train_step(self, batches: Batches, step: int, diagnostics: bool = False) -> StepResult:
         """Optimizer step `step` over `batches`; `diagnostics`: also the per-layer grad norms."""

@@ -191,10 +191,10 @@ def test_parcae_plans_its_flops_and_memory(objective, loops):
     from pretrain.model.memory import MemoryPolicy, SavedForBackward
     from pretrain.model.objective import compute_objective, readout_steps
 
-    cfg = _config("model.loops_sampler=fixed", "train.backprop_loops=0", "train.seq_len=32",
-                  f"model.loops={loops}", f"objective.kind={objective}")
-    huginn = _config("model.loops_sampler=fixed", "train.backprop_loops=0", "train.seq_len=32",
-                     f"model.loops={loops}", "model.loop_mode=huginn", "model.init=huginn")
+    fixed = ["model.loops_sampler=fixed", "model.loops_per_sequence=false",
+             "train.backprop_loops=0", "train.seq_len=32", f"model.loops={loops}"]
+    cfg = _config(*fixed, f"objective.kind={objective}")
+    huginn = _config(*fixed, "model.loop_mode=huginn", "model.init=huginn")
     h, reads = cfg.model.hidden_size, readout_steps(objective, loops)
     diff = (flops_per_token(cfg.model, 32, read_count=len(reads))
             - flops_per_token(huginn.model, 32, read_count=len(reads)))
@@ -251,6 +251,68 @@ def test_the_cpu_config_trains_and_logs_the_injections_spectral_norm(tmp_path):
     assert len({s["train/loops"] for s in history}) > 1
 
 
+def test_a_depth_per_sequence_is_each_sequence_run_alone_at_its_depth():
+    """model.loops_per_sequence (their released "per-sequence"): a batch whose samples draw
+    their own depths T_i (n_i without a graph, k_i with one) gives each sample the logits and
+    the loss gradient of that sample run alone for T_i steps, backpropagating through k_i --
+    the batch runs max T_i steps, a sample idling through the first steps of each phase."""
+    from pretrain.model.objective import compute_objective
+    from pretrain.model.recurrence import loop_plan
+
+    cfg, model = _model("model.loops_per_sequence=true", "model.state_std=0.3")
+    plan = loop_plan(cfg.model, 4, 1234, 5, 0, 1, 6)
+    (depths,), (seeds,) = plan.depths, plan.state_seeds
+    totals = [n + k for n, k in depths]
+    assert plan.loops == max(totals) and len(set(totals)) > 2 and min(totals) < plan.loops
+    assert all(k == min(tot, 4) for (n, k), tot in zip(depths, totals, strict=True))
+    ids, labels = _ids(6, 12), _ids(6, 12).roll(1, 1)
+    out = model(ids, loops=plan.loops, backprop=plan.backprop, state_seed=seeds, depths=depths)
+    compute_objective(cfg.objective, out, labels).loss.backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    alone = []
+    for i, (n, k) in enumerate(depths):
+        one = model(ids[i:i + 1], loops=n + k, backprop=k, state_seed=(seeds[i],))
+        alone.append(one.logits[-1])
+        (compute_objective(cfg.objective, one, labels[i:i + 1]).loss / len(depths)).backward()
+    # every sample's tokens count alike in the batch's mean CE; the batch runs each matmul at
+    # another shape (other BLAS blocking): fp32 rounding, ~1e-6 relative
+    torch.testing.assert_close(out.logits[-1], torch.cat(alone, dim=1), rtol=1e-5, atol=1e-5)
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(got[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_the_depth_per_sequence_is_the_same_under_any_data_parallel_split():
+    from pretrain.model.recurrence import expected_loops, loop_plan
+
+    m = _config("model.loops_per_sequence=true").model
+    one = loop_plan(m, 4, 1234, 3, 0, 2, 4)
+    two = [loop_plan(m, 4, 1234, 3, r, 2, 2, dp_size=2) for r in range(2)]
+    assert {p.loops for p in two} == {one.loops}
+    assert [d for p in two for mb in p.depths for d in mb] == [d for mb in one.depths for d in mb]
+    # E[R] of a step is E[max of its samples' draws]: against the draws of 2000 steps of 8
+    steps = [loop_plan(m, 4, 7, s, 0, 1, 8).loops for s in range(2000)]
+    mean_r, mean_k = expected_loops(m, 4, batch=8)
+    spread = (sum((r - mean_r) ** 2 for r in steps) / len(steps)) ** 0.5
+    assert abs(sum(steps) / len(steps) - mean_r) < 4 * spread / len(steps) ** 0.5
+    assert mean_r > expected_loops(m, 4)[0] + 2 and mean_k == pytest.approx(4.0, abs=1e-3)
+
+
+def test_a_depth_per_sequence_is_refused_where_it_cannot_hold():
+    from pretrain.config import ConfigError
+
+    with pytest.raises(ConfigError, match="^objective.kind: all: with model.loops_per_sequence"):
+        _config("model.loops_per_sequence=true", "objective.kind=all")
+    with pytest.raises(ConfigError, match="^model.loops_per_sequence: draws each sequence"):
+        _config("model.loops_per_sequence=true", "model.loops_sampler=fixed")
+    from tests.conftest import tiny_config
+
+    with pytest.raises(ConfigError, match="^model.loops_per_sequence: the ouro family's loop steps differ"):
+        tiny_config("model.loops_per_sequence=true", "model.loops_sampler=poisson",
+                    "objective.kind=last")
+
+
 # the tiny shape the multi-process checks share, as Parcae: two block layers so every segment
 # has a value embedding (prelude 1, block 1, coda 1), the block's on pipeline stage 1; untied (the
 # pipeline does not split tied embeddings yet)
@@ -273,7 +335,9 @@ def test_the_tiny_parallel_shape_has_a_value_embedding_in_every_segment():
 def test_parcae_trains_under_tp2_sp_pp2_and_zero1(tmp_path):
     """PP = 2 x TP = 2 with sequence parallelism: gradients of every shard equal the single
     process's (a fixed R, and R = 3 with backprop through 2), and three trainer steps with R
-    drawn per step and k = 2 give its losses; PP = 2 x DP = 2 with ZeRO-1, likewise."""
+    drawn per step and k = 2 give its losses -- and with a depth drawn per sequence (the
+    ring's laps keeping each micro-batch's phase start on stage 0); PP = 2 x DP = 2 with
+    ZeRO-1, likewise."""
     from tests.distributed import torchrun
     from tests.multiproc.compare import assert_family_run
 
@@ -315,14 +379,17 @@ def _worker() -> None:
            "optim.warmup_steps=0", "train.grad_accum_steps=2", "train.micro_batch_size=4",
            f"train.out_dir={tempfile.mkdtemp(prefix='parcae-train-')}"]
     dp = 2 if args.layout == "zero" else 1
-    par = Trainer(tiny_config(*run, "parallel.pipeline=2", "parallel.pipeline_split=[1,1]", *layout,
-                              f"train.micro_batch_size={4 // dp}"),
-                  topology=topo, log=lambda _: None, tensorboard=False).fit(save=False)
-    ref = Trainer(tiny_config(*run), topology=Topology(), log=lambda _: None,
-                  tensorboard=False).fit(save=False)
-    results["train"] = {"par": [s["train/loss"] for s in par.history],
-                        "ref": [s["train/loss"] for s in ref.history],
-                        "loops": [s["train/loops"] for s in ref.history]}
+    for case, extra in (("train", []), ("train_per_sequence", ["model.loops_per_sequence=true",
+                                                              "model.loops=5"])):
+        par = Trainer(tiny_config(*run, *extra, "parallel.pipeline=2",
+                                  "parallel.pipeline_split=[1,1]", *layout,
+                                  f"train.micro_batch_size={4 // dp}"),
+                      topology=topo, log=lambda _: None, tensorboard=False).fit(save=False)
+        ref = Trainer(tiny_config(*run, *extra), topology=Topology(), log=lambda _: None,
+                      tensorboard=False).fit(save=False)
+        results[case] = {"par": [s["train/loss"] for s in par.history],
+                         "ref": [s["train/loss"] for s in ref.history],
+                         "loops": [s["train/loops"] for s in ref.history]}
     gathered = [None] * int(os.environ["WORLD_SIZE"])
     dist.all_gather_object(gathered, results)
     finish(topo, gathered, args.out)

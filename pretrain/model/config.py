@@ -37,6 +37,9 @@ class ModelConfig:
     # 1) (model/recurrence.py)
     loops_sampler: Literal["fixed", "poisson_lognormal", "poisson"] = "fixed"
     loops_sigma: float = 0.5  # sigma of the log-normal rate (Huginn: 0.5)
+    # draw the depth per sequence (Parcae's released "per-sequence"): each sample its own, the
+    # step running the largest (model/recurrence.py)
+    loops_per_sequence: bool = False
     # False (an ablation, not a published model): ouro mode carries the raw stream x_t into the
     # next loop and norms only the readout
     norm_between_loops: bool = True
@@ -107,6 +110,13 @@ def validate_model(m: ModelConfig) -> None:
 
 def validate_objective(ob: ObjectiveConfig, m: ModelConfig) -> None:
     require(ob.beta >= 0, "objective.beta", f"must be >= 0, got {ob.beta}")
+    if m.loops_per_sequence:
+        require(m.loops_sampler != "fixed", "model.loops_per_sequence",
+                "draws each sequence's depth: set model.loops_sampler (poisson, "
+                "poisson_lognormal)")
+        require(ob.kind == "last", "objective.kind",
+                f"{ob.kind}: with model.loops_per_sequence only the last step is every "
+                "sequence's own (use last)")
     require(ob.gate_k > 0, "objective.gate_k", "must be > 0")
     if ob.kind == "adaptive_gate":
         require(m.loops >= 2, "objective.kind", "adaptive_gate needs model.loops >= 2")

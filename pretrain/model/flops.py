@@ -27,7 +27,7 @@ from pretrain.model.families import family_class
 from pretrain.model.layers import ValueEmbedding
 from pretrain.model.looped import LoopedLM
 from pretrain.model.objective import readout_steps, trains_gate
-from pretrain.model.recurrence import expected_loops
+from pretrain.model.recurrence import expected_loops, step_samples
 
 
 def count_parameters(cfg: ModelConfig) -> dict[str, int]:
@@ -111,7 +111,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, loops: float | None = None,
 def read_count(cfg) -> float:
     """Loop steps whose LM head a training step runs (model/objective.py `readout_steps`; at
     E[R] when R is drawn per step)."""
-    mean_r, _ = expected_loops(cfg.model, cfg.train.backprop_loops)
+    mean_r, _ = expected_loops(cfg.model, cfg.train.backprop_loops, step_samples(cfg))
     if trains_gate(cfg.objective.kind):
         return mean_r
     return len(readout_steps(cfg.objective.kind, max(round(mean_r), 1)))
@@ -120,7 +120,7 @@ def read_count(cfg) -> float:
 def run_flops_per_token(cfg) -> float:
     """Training FLOPs per token of a run: its context, the readouts its objective needs and
     the expected loop steps with and without a backward."""
-    mean_r, mean_k = expected_loops(cfg.model, cfg.train.backprop_loops)
+    mean_r, mean_k = expected_loops(cfg.model, cfg.train.backprop_loops, step_samples(cfg))
     return flops_per_token(cfg.model, cfg.train.seq_len, loops=mean_r, read_count=read_count(cfg),
                            train_gate=trains_gate(cfg.objective.kind), backprop=mean_k)
 
@@ -131,7 +131,7 @@ def stage_cost_model(cfg) -> StageCosts:
     with a backward, and so does the last stage's readout -- once per lap read out -- so a
     split that only counted layers would overload the last stage by R x (head + gate + coda)."""
     m, s = cfg.model, cfg.train.seq_len
-    r, k = expected_loops(m, cfg.train.backprop_loops)
+    r, k = expected_loops(m, cfg.train.backprop_loops, step_samples(cfg))
     reads = read_count(cfg)
     laps, read_laps = r + 2 * k, reads + 2 * min(reads, k)
     unshared = layer_matmul_flops(m) + attention_flops(m, s)

@@ -47,7 +47,7 @@ for the whole sequence is cut to it.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -57,6 +57,7 @@ from pretrain.model.config import ModelConfig
 from pretrain.model.families import family_class
 from pretrain.model.layers import Attention, DecoderLayer, RMSNorm, rope_tables, trunc_orthogonal_
 from pretrain.model.memory import DeferredLogits, MemoryPolicy, plain, recomputed
+from pretrain.model.recurrence import active_steps
 
 
 @dataclass
@@ -73,6 +74,12 @@ class LoopPass:
     # seeds the draw of x_0: one for the batch, or one per sample (None: torch's default generator)
     state_seed: int | tuple[int, ...] | None = None
     grad_from: int = 0  # loop steps before this one build no graph (truncated backprop)
+    # [R, B]: which samples update their state on each loop step (None: all; a depth drawn
+    # per sequence, model/recurrence.py `active_steps`)
+    active: Tensor | None = None
+    # what the loop steps of one micro-batch keep between them (the start state of the current
+    # phase); the pipeline passes one per micro-batch, as its pieces each begin anew
+    carry: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -205,19 +212,26 @@ class LoopedLM(nn.Module):
 
     def begin(self, ids: Tensor, store: KVStore | None = None, loops: int | None = None,
               read_steps: range | None = None, start: int = 0, backprop: int = 0,
-              state: Tensor | None = None,
-              state_seed: int | tuple[int, ...] | None = None) -> LoopPass:
+              state: Tensor | None = None, state_seed: int | tuple[int, ...] | None = None,
+              depths: tuple[tuple[int, int], ...] | None = None,
+              carry: dict | None = None) -> LoopPass:
         """What every loop step of one forward over ids [B, S] shares: positions start.., the KV
         store, the loop count (default model.loops), the steps read out (default all), how many
         last steps build a graph (0: all) and an initial state x_0 where the family starts from
-        one (`state`, else drawn from `state_seed`, or from torch's default generator)."""
+        one (`state`, else drawn from `state_seed`, or from torch's default generator); with
+        `depths` (each sample's steps without and with a graph) each sample updates its state
+        on its own steps only (`carry`: the pipeline's per-micro-batch store)."""
         loops = loops or self.cfg.loops
         positions = torch.arange(start, start + ids.shape[1], device=ids.device)
+        grad_from = max(loops - backprop, 0) if backprop else 0
+        active = None
+        if depths is not None:
+            active = active_steps(depths, loops, loops - grad_from).to(ids.device)
         return LoopPass(rope=(self.rope_cos[positions], self.rope_sin[positions]), ids=ids,
                         store=store if store is not None else NoKV(), loops=loops,
                         read_steps=range(loops) if read_steps is None else read_steps,
                         tokens=(ids.shape[1], ids.shape[0]), state=state, state_seed=state_seed,
-                        grad_from=max(loops - backprop, 0) if backprop else 0)
+                        grad_from=grad_from, active=active, carry={} if carry is None else carry)
 
     def embed_stream(self, ids: Tensor, run: LoopPass) -> Tensor:
         """e = Prelude(Embed(ids) * embed_scale), ids [B, S] -> [S, B, H], as the family reads
@@ -230,7 +244,16 @@ class LoopedLM(nn.Module):
     def loop_input(self, t: int, e: Tensor | None, h: Tensor | None,
                    run: LoopPass) -> tuple[Tensor, Tensor | None]:
         """The start of loop step t: (x_t, the h_{t-1} the layers read) from e and what step
-        t - 1 handed over (`LoopStep.handover`; None on step 0)."""
+        t - 1 handed over (`LoopStep.handover`; None on step 0). With a depth per sequence, a
+        sample idle on step t - 1 keeps its state: the start state of the phase (its idle
+        steps come first in each), s_t = active[t-1] ? handed over : start."""
+        if run.active is not None:
+            if t == 0:
+                h = run.carry["start"] = self.family.start_state(self, e, run)
+            else:
+                h = torch.where(run.active[t - 1][None, :, None], h, run.carry["start"])
+                if t == run.grad_from:  # the second phase starts from here
+                    run.carry["start"] = h
         return self.family.loop_input(self, t, e, h, run)
 
     def run_block(self, t: int, x: Tensor, h: Tensor | None, run: LoopPass) -> Tensor:
@@ -292,13 +315,13 @@ class LoopedLM(nn.Module):
 
     def forward(self, input_ids: Tensor, loops: int | None = None,
                 read_steps: range | None = None, backprop: int = 0,
-                state: Tensor | None = None,
-                state_seed: int | tuple[int, ...] | None = None) -> LoopedOutput:
+                state: Tensor | None = None, state_seed: int | tuple[int, ...] | None = None,
+                depths: tuple[tuple[int, int], ...] | None = None) -> LoopedOutput:
         """Every loop step of ids [B, S]. `read_steps`: the loop steps read out (default all);
         training objectives that score some steps only skip the others' readout, as the FLT
         code does. `backprop` k > 0: only the last k steps build a graph."""
         run = self.begin(input_ids, loops=loops, read_steps=read_steps, backprop=backprop,
-                         state=state, state_seed=state_seed)
+                         state=state, state_seed=state_seed, depths=depths)
         e = self.embed_stream(input_ids, run)
         handover, steps = None, []
         for t in range(run.loops):

@@ -59,12 +59,12 @@ def finish(topo, results, out: str) -> None:
 
 def assert_family_run(res: list[dict], steps: int) -> None:
     """A family's multi-process check (tests/test_family_plugin.py, tests/test_parcae.py):
-    every rank's gradient cases close to one process's, and rank 0's `train` case -- the losses
-    of `steps` trainer steps -- equal to one process's (means over every token: stage, TP and
+    every rank's gradient cases close to one process's, and rank 0's `train*` cases -- the
+    losses of `steps` trainer steps -- equal to one process's (means over every token: stage, TP and
     DP rounding stays ~1e-7)."""
     for rank, cases in enumerate(res):
         for case, r in cases.items():
-            if case == "train":
+            if case.startswith("train"):
                 if rank == 0:
                     assert len(r["par"]) == steps, r
                     for a, b in zip(r["par"], r["ref"], strict=True):

@@ -43,7 +43,11 @@ def check_family(m: ModelConfig) -> None:
     """model.loop_mode names a registered family, and that family accepts the model's fields."""
     require(m.loop_mode in _FAMILIES, "model.loop_mode",
             f"expected one of {', '.join(map(repr, sorted(_FAMILIES)))}, got {m.loop_mode!r}")
-    _FAMILIES[m.loop_mode].check(m)
+    family = _FAMILIES[m.loop_mode]
+    require(family.steps_alike or not m.loops_per_sequence, "model.loops_per_sequence",
+            f"the {m.loop_mode} family's loop steps differ (the first starts from e): a "
+            "sequence cannot idle through some of them")
+    family.check(m)
 
 
 def _matmul_flops(modules) -> int:
@@ -74,6 +78,9 @@ class LoopFamily:
     hands_over_raw: ClassVar[bool] = False  # step t + 1 receives x_t, not h_t = N(x_t)
     reads_state: ClassVar[bool] = True  # the readout reads h_t (else x_t alone: readout_input)
     coda_every_loop: ClassVar[bool] = True  # the unrolled depth counts the coda per loop (init)
+    # every loop step is the same map of (x_{t-1}, e) from a start state x_0 (`start_state`):
+    # a sequence may idle through its first steps (model.loops_per_sequence)
+    steps_alike: ClassVar[bool] = False
 
     def __init__(self, cfg: ModelConfig):
         self.cfg = cfg
@@ -135,10 +142,10 @@ class LoopFamily:
         std, seeds = self.cfg.state_std, run.state_seed
         if std > 0:
             cut = (0.0, std, -3 * std, 3 * std)
-            if isinstance(seeds, tuple):
+            if isinstance(seeds, tuple):  # each sample drawn whole (a contiguous [S, H])
                 for i, seed in enumerate(seeds):
                     gen = torch.Generator(device=device).manual_seed(seed)
-                    nn.init.trunc_normal_(x[:, i], *cut, generator=gen)
+                    x[:, i] = nn.init.trunc_normal_(torch.empty_like(x[:, 0]), *cut, generator=gen)
             else:
                 gen = None if seeds is None else torch.Generator(device=device).manual_seed(seeds)
                 nn.init.trunc_normal_(x, *cut, generator=gen)
@@ -155,7 +162,8 @@ class LoopFamily:
     def loop_input(self, model: nn.Module, t: int, e: Tensor | None, h: Tensor | None,
                    run) -> tuple[Tensor, Tensor | None]:
         """(x_t, the h_{t-1} the block's layers read or None) at the start of loop step t
-        (0-based) from e and what step t - 1 handed over (None on step 0)."""
+        (0-based) from e and what step t - 1 handed over (on step 0: None, or a family with
+        `steps_alike` its start state)."""
         raise NotImplementedError
 
     def layer_input(self, index: int, x: Tensor, h: Tensor) -> tuple[Tensor, Tensor | None]:

@@ -25,6 +25,7 @@ class Huginn(LoopFamily):
     name = "huginn"
     reads_embedding = True
     hands_over_raw = True
+    steps_alike = True
     coda_every_loop = False  # their effective depth: the coda once, after the last loop
 
     def modules(self):
@@ -32,7 +33,7 @@ class Huginn(LoopFamily):
         return {"adapter": nn.Linear(2 * h, h, bias=False)}
 
     def loop_input(self, model, t, e, h, run):
-        if t == 0:
+        if h is None:
             h = self.start_state(model, e, run)
         return model.adapter(torch.cat((h, e), dim=-1)), None
 

@@ -24,7 +24,10 @@ embeddings reads n_layer = recurrent layers x mean_backprop_depth, even in every
 takes F.rms_norm's default epsilon of the input's dtype (bf16's 2^-7 under autocast), ours
 `model.qk_norm_eps` in fp32; the recurrent block has the model's width (their
 recurrent_embedding_dimension equals n_embd in every release); only the diagonal injection
-(their default) is offered.
+(their default) is offered. Their "per-sequence" depth (`model.loops_per_sequence`,
+model/recurrence.py) runs the step at the global batch's largest depth (theirs: the rank's) and
+idles a sequence through the first steps of a phase, not the last (the same function: every
+step is the same map, `steps_alike`).
 """
 
 from __future__ import annotations
@@ -77,6 +80,7 @@ class Parcae(LoopFamily):
     name = "parcae"
     reads_embedding = True
     hands_over_raw = True
+    steps_alike = True
     reads_state = False  # the readout reads C x_t
     coda_every_loop = False  # their expected depth counts the coda once
 
@@ -101,7 +105,7 @@ class Parcae(LoopFamily):
         return model.prelude_norm(e)
 
     def loop_input(self, model, t, e, h, run):
-        if t == 0:
+        if h is None:
             h = self.start_state(model, e, run)
         return model.injection(h, e), None
 
