@@ -38,7 +38,7 @@ def _loss_and_grads(cfg, model, policy, ids, labels):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("variant", MODES)
+@pytest.mark.parametrize("variant", [*MODES, "parcae"])
 @pytest.mark.parametrize("policy", POLICIES)
 def test_recompute_gradients_bit_equal(variant, policy, device):
     """Every recompute mode, every loop mode, with dropout: the same loss and gradients, bit
@@ -88,7 +88,7 @@ def test_chunked_readout_keeps_no_logits():
     assert counts[0] - counts[16] >= logits  # all R steps' fp32 log-softmax are gone
 
 
-@pytest.mark.parametrize("variant", [*MODES, "huginn", "flt_recipe_qk", "relu2_plain"])
+@pytest.mark.parametrize("variant", [*MODES, "huginn", "parcae", "flt_recipe_qk", "relu2_plain"])
 @pytest.mark.parametrize("policy", ["none", "selective", "full", "loops-k1", "chunked"])
 def test_planner_predicts_saved_bytes(variant, policy):
     """model/activations.py against the exact count, within 10%, for every loop family, norm
