@@ -258,7 +258,7 @@ def forward_chunk(model: LoopedLM, ids: Tensor, cache: LoopKVCache, loops: int,
         step = model.end_loop(t, model.run_block(t, x, h_read, run), run)
         handover = step.handover
         logits, gate = step.logits.transpose(0, 1), step.gate_logits.t()  # batch-first, like ids
-        h_batch = (step.h if step.h is not None else model.norm(step.x)).transpose(0, 1)
+        h_batch = model.loop_state(step).transpose(0, 1)
         change = hidden_change(h_batch, h_prev) if watch_change else None
         h_prev = h_batch
         if observe is not None:

@@ -283,6 +283,11 @@ class LoopedLM(nn.Module):
         return LoopStep(x=x, h=h, logits=logits, gate_logits=gate,
                         handover=self.family.handover(x, h))
 
+    def loop_state(self, step: LoopStep) -> Tensor:
+        """h_t = N(x_t) of a loop step (computed here where `end_loop` had no use for it):
+        what decoding's delta exit compares between steps."""
+        return step.h if step.h is not None else self.norm(step.x)
+
     def _readout(self, h: Tensor, t: int, run: LoopPass) -> tuple[Tensor | DeferredLogits, Tensor]:
         """Logits and exit-gate logit of loop step t from what its readout reads: h_t = N(x_t),
         or the family's (`LoopFamily.readout_input`), through the coda and N."""
