@@ -231,7 +231,7 @@ def test_parcae_decodes_under_every_exit_rule_and_kv_policy(rule, policy):
     assert torch.equal(runs[0].loops_used, runs[1].loops_used)
     # cached keys and SDPA's causal mask against an explicit one: fp32 rounding (~1e-6)
     torch.testing.assert_close(runs[0].logits, runs[1].logits, rtol=1e-5, atol=1e-5)
-    if rule in ("gate:0.55", "kl:0.01"):  # these spread exits over steps: frozen keys in use
+    if rule == "gate:0.55":  # the spread gate exits tokens at several steps: frozen keys
         assert len(set(runs[0].loops_used.flatten().tolist())) > 1
 
 
