@@ -81,14 +81,17 @@ def _peak(cfg: OptimConfig, value: float) -> float:
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig, exclude: set[int] = frozenset()) -> list[dict]:
-    """AdamW groups: decay on matrices only (norms, biases, the gate bias are not decayed);
-    the embedding and the head in their own groups when their peak lr differs."""
+    """AdamW groups: decay on matrices only (norms, biases, the gate bias are not decayed, nor
+    the matrices the loop family keeps from it: `LoopFamily.undecayed`); the embedding and the
+    head in their own groups when their peak lr differs."""
     special = {"embed.weight": _peak(cfg, cfg.embedding_lr), "lm_head.weight": _peak(cfg, cfg.head_lr)}
+    family = getattr(model, "family", None)
+    undecayed = family.undecayed() if family is not None else frozenset()
     groups: dict[tuple[float, float], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in exclude:
             continue
-        decay = cfg.weight_decay if p.dim() >= 2 else 0.0
+        decay = cfg.weight_decay if p.dim() >= 2 and name not in undecayed else 0.0
         groups.setdefault((special.get(name, 1.0), decay), []).append(p)
     return [{"params": ps, "weight_decay": wd, "lr_scale": scale}
             for (scale, wd), ps in groups.items()]

@@ -119,6 +119,19 @@ def test_export_writes_their_names_and_config_and_imports_back_exactly(tmp_path)
             model_overrides({**c, field: value})
 
 
+def test_weight_decay_leaves_the_injection_and_c_alone_as_theirs():
+    """Their _no_weight_decay: A_log, dt_bias, B and C; the layers' matrices are decayed."""
+    from pretrain.optim import param_groups
+
+    cfg, model = _model()
+    decayed = {id(p) for g in param_groups(model, cfg.optim) if g["weight_decay"] > 0
+               for p in g["params"]}
+    names = {n for n, p in model.named_parameters() if id(p) in decayed}
+    assert not names & {"injection.A_log", "injection.dt_bias", "injection.B",
+                        "readout_proj.weight"}
+    assert "block.0.attn.qkv_proj.weight" in names and cfg.optim.weight_decay > 0
+
+
 @pytest.mark.parametrize("config, expected", [
     # their rule written out: a table where the layer's index among prelude + block + coda
     # has the last layer's parity, applied where their gate sits (layer ids: prelude i, block

@@ -122,6 +122,10 @@ class LoopFamily:
         returns the same names)."""
         return {}
 
+    def undecayed(self) -> frozenset[str]:
+        """Names of the family's matrices that weight decay leaves alone (the optimizer)."""
+        return frozenset()
+
     def init_parameters(self, model: nn.Module) -> None:
         """Initialise the family's own modules on `model`, after the model's init (which
         drew them as any other weight of its scheme)."""

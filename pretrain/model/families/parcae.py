@@ -24,7 +24,8 @@ embeddings reads n_layer = recurrent layers x mean_backprop_depth, even in every
 takes F.rms_norm's default epsilon of the input's dtype (bf16's 2^-7 under autocast), ours
 `model.qk_norm_eps` in fp32; the recurrent block has the model's width (their
 recurrent_embedding_dimension equals n_embd in every release); only the diagonal injection
-(their default) is offered. Their "per-sequence" depth (`model.loops_per_sequence`,
+(their default) is offered; as theirs, weight decay leaves B and C alone (`undecayed`; A_log
+and dt_bias are vectors, undecayed anyway). Their "per-sequence" depth (`model.loops_per_sequence`,
 model/recurrence.py) runs the step at the global batch's largest depth (theirs: the rank's) and
 idles a sequence through the first steps of a phase, not the last (the same function: every
 step is the same map, `steps_alike`).
@@ -118,6 +119,9 @@ class Parcae(LoopFamily):
         unique = {"prelude": index, "block": p + index, "coda": p + b + index}[segment]
         layer_id = {"prelude": index, "block": p + index, "coda": p + b * m.loops + index}[segment]
         return _has_value_embedding(unique, p + b + m.coda_layers) and layer_id % 2 == 1
+
+    def undecayed(self):
+        return frozenset({"injection.B", "readout_proj.weight"})  # theirs: _no_weight_decay
 
     def init_parameters(self, model):
         model.injection.reset_parameters()
