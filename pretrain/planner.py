@@ -71,8 +71,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from core.config_schema import build, set_dotted
 from parallelism.pipeline_schedule import peak_live, schedule
-from pretrain.config import Config, ConfigError, validate
+from pretrain.config import REMOVED, Config, ConfigError, validate
 from pretrain.fake_step import eager_ops
 from pretrain.hardware import Accelerator
 from pretrain.model.activations import Shard, layer_elements, saved_bytes
@@ -160,13 +161,11 @@ def check(cfg: Config, lay: Layout, gpu: Accelerator, global_batch: int) -> str:
 
 
 def realised(cfg: Config, lay: Layout) -> Config:
-    """The config that runs `lay` (the fields `realising_config` writes as overrides)."""
-    par = dataclasses.replace(cfg.parallel, tensor=lay.tp, pipeline=lay.pp, data=lay.dp,
-                              sequence_parallel=lay.tp > 1, pipeline_split=[],
-                              zero_stage=1 if lay.zero and lay.dp > 1 else 0)
-    train = dataclasses.replace(cfg.train, micro_batch_size=lay.micro_batch,
-                                grad_accum_steps=lay.microbatches)
-    return dataclasses.replace(cfg, parallel=par, train=train)
+    """The config that runs `lay`: `cfg` with the overrides `realising_config` prints."""
+    tree = cfg.to_dict()
+    for override in realising_config(cfg, lay):
+        set_dotted(tree, override)
+    return build(Config, tree, "", REMOVED)
 
 
 def _recomputed_share(cfg: Config) -> float:
