@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -164,16 +166,12 @@ def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
     partial = out.with_name(f".{out.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    if cfg.model.loop_mode == "huginn":  # their files are not ours to ship: README says how
-        tensors, config, files = to_huginn(cfg.model, model.state_dict()), huginn_config(cfg), ()
-    elif cfg.model.loop_mode == "parcae":  # read by parcae_lm's model classes (README)
-        tensors, config, files = to_parcae(cfg.model, model.state_dict()), parcae_config(cfg), ()
-    else:
-        tensors, config, files = to_hf(cfg.model, model.state_dict()), hf_config(cfg), MODELING_FILES
+    fmt = _FORMATS[cfg.model.loop_mode if cfg.model.loop_mode in _FORMATS else "ouro"]
+    tensors, config = fmt.to_theirs(cfg.model, model.state_dict()), fmt.config(cfg)
     with timed(f"writing {out / 'model.safetensors'}", tensor_bytes(tensors)):
         save_file(tensors, str(partial / "model.safetensors"), metadata={"format": "pt"})
     (partial / "config.json").write_text(json.dumps(config, indent=2))
-    for name in files:
+    for name in fmt.files:
         shutil.copy(Path(__file__).parent / "hf_files" / name, partial / name)
     tokenizer.save(str(partial / "tokenizer.json"))
     # model_input_names: the model reads no token_type_ids, so `model(**tok(text))` works
@@ -208,11 +206,8 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, base_config: str | Path |
         raise ConfigError(f"{src / 'config.json'}: not JSON ({e})") from None
     if not isinstance(hf, dict):
         raise ConfigError(f"{src / 'config.json'}: expected a JSON object")
-    fmt = ("huginn" if hf.get("model_type") == "huginn_raven" else
-           "parcae" if hf.get("_class_name") == "ParcaeConfig" else "ouro")
-    model_fields = {"huginn": huginn_overrides, "parcae": parcae_overrides,
-                    "ouro": model_config}[fmt](hf)
-    overrides = [*model_fields, ("train.out_dir", str(Path(out_dir).resolve()))]
+    fmt = next(f for f in _FORMATS.values() if f.reads(hf))  # Ouro's last: it reads any
+    overrides = [*fmt.overrides(hf), ("train.out_dir", str(Path(out_dir).resolve()))]
     if (src / "tokenizer.json").is_file():
         overrides.append(("data.tokenizer", str((src / "tokenizer.json").resolve())))
     try:
@@ -221,7 +216,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, base_config: str | Path |
         raise ConfigError(f"{src / 'config.json'}: {e}") from None
     tensors = _Reads(_read_safetensors(files))
     try:
-        state = {"huginn": from_huginn, "parcae": from_parcae, "ouro": from_hf}[fmt](cfg.model, tensors)
+        state = fmt.to_ours(cfg.model, tensors)
     except KeyError as e:
         raise ConfigError(f"{src}: weight {e.args[0]} missing for config.json's shapes") from None
     except (RuntimeError, IndexError) as e:  # pieces that do not fit together (torch.cat)
@@ -242,6 +237,31 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, base_config: str | Path |
     (Path(out_dir)).mkdir(parents=True, exist_ok=True)
     (Path(out_dir) / "config.yaml").write_text(dump_config(cfg))
     return save_full_model(cfg, model, Path(out_dir) / "checkpoints")
+
+
+@dataclass(frozen=True)
+class _Format:
+    """One release's format: our state -> their tensors, their config.json, their tensors ->
+    our state, their config.json -> our overrides, whether a config.json is theirs, and the
+    modeling files written beside an export (Huginn's and Parcae's are not ours to ship:
+    README says how to load them)."""
+
+    to_theirs: Callable
+    config: Callable
+    to_ours: Callable
+    overrides: Callable
+    reads: Callable[[dict], bool]
+    files: tuple[str, ...] = ()
+
+
+# by loop mode; any other mode is written in Ouro's names (or refused, naming the field)
+_FORMATS = {
+    "huginn": _Format(to_huginn, huginn_config, from_huginn, huginn_overrides,
+                      lambda hf: hf.get("model_type") == "huginn_raven"),
+    "parcae": _Format(to_parcae, parcae_config, from_parcae, parcae_overrides,
+                      lambda hf: hf.get("_class_name") == "ParcaeConfig"),
+    "ouro": _Format(to_hf, hf_config, from_hf, model_config, lambda hf: True, MODELING_FILES),
+}
 
 
 class _Reads(dict):
