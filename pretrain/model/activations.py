@@ -116,11 +116,7 @@ def saved_bytes(cfg, micro_batch: int, policy: MemoryPolicy, shard: Shard = Shar
     outside = h_bytes if policy.recompute == "full" else full_layer
     family = family_class(m.loop_mode)(m)
     ve = value_embedding_elements(m, shard.tp) * big
-
-    def with_ve(segment: str, indices) -> int:
-        return sum(family.value_embedding(segment, i) for i in indices)
-
-    block_ve = with_ve("block", range(shard.offset, shard.offset + layers)) * ve
+    block_ve = family.value_embeddings("block", range(shard.offset, shard.offset + layers)) * ve
     ve_outside = 0.0 if policy.recompute == "full" else ve
     total = 0.0
     for t in range(loops):
@@ -132,7 +128,7 @@ def saved_bytes(cfg, micro_batch: int, policy: MemoryPolicy, shard: Shard = Shar
                                            shard.first, shard.last) * big
     if shard.first:
         total += 2 * 4 + m.prelude_layers * outside  # the ids (int64)
-        total += with_ve("prelude", range(m.prelude_layers)) * ve_outside
+        total += family.value_embeddings("prelude", range(m.prelude_layers)) * ve_outside
         total += family.saved_first(widths(m, shard.tp, shard.sp, False)) * big
         total += m.kv_channels * big / micro_batch  # rope cos/sin rows of the sequence
     if shard.last:
@@ -144,7 +140,7 @@ def saved_bytes(cfg, micro_batch: int, policy: MemoryPolicy, shard: Shard = Shar
         total += normed * hidden_r * big + steps * other_r * 4  # the loss path is fp32
         total += (7 * loops + 1) * 4  # gate, exit distribution and ELBO terms of the objective
         total += steps * m.coda_layers * outside  # the coda runs on each step read out
-        total += steps * with_ve("coda", range(m.coda_layers)) * ve_outside
+        total += steps * family.value_embeddings("coda", range(m.coda_layers)) * ve_outside
         if not shard.first:
             total += m.kv_channels * big / micro_batch
     return total * tokens

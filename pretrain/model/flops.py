@@ -79,7 +79,7 @@ def value_embedding_gates(cfg: ModelConfig) -> tuple[int, int, int]:
     coda (model/layers.py `ValueEmbedding`: where the loop family puts them)."""
     family = family_class(cfg.loop_mode)(cfg)
     gate = 2 * ValueEmbedding.GATE_CHANNELS * cfg.num_kv_heads
-    return tuple(gate * sum(family.value_embedding(segment, i) for i in range(n))
+    return tuple(gate * family.value_embeddings(segment, range(n))
                  for segment, n in (("prelude", cfg.prelude_layers), ("block", cfg.num_layers),
                                     ("coda", cfg.coda_layers)))
 

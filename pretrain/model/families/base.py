@@ -135,6 +135,10 @@ class LoopFamily:
         (model/layers.py `ValueEmbedding`)."""
         return False
 
+    def value_embeddings(self, segment: str, indices: range) -> int:
+        """How many of those layers of `segment` have one (FLOPs and activation bytes)."""
+        return sum(self.value_embedding(segment, i) for i in indices)
+
     def initial_state(self, run, device: torch.device) -> Tensor:
         """x_0 for a family that starts the loop from a random state: [S, B, H] truncated
         normal(0, model.state_std, +-3 state_std) times model.embed_scale (zeros when state_std
