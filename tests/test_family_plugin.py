@@ -138,11 +138,10 @@ def _worker() -> None:
 
     import torch.distributed as dist
 
-    from parallelism.topology import Topology, init_topology
-    from pretrain.train import Trainer
+    from parallelism.topology import init_topology
     from tests.conftest import tiny_config
     from tests.multiproc import pp_equivalence as pp
-    from tests.multiproc.compare import finish
+    from tests.multiproc.compare import finish, trainer_losses
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -155,13 +154,8 @@ def _worker() -> None:
     base = [*pp.SHAPES, *GATED, "model.loops=3", "train.max_steps=3", "train.log_every=1",
             "optim.warmup_steps=0", "train.grad_accum_steps=2", "train.micro_batch_size=4",
             f"train.out_dir={tempfile.mkdtemp(prefix='family-train-')}"]
-    par = Trainer(tiny_config(*base, "parallel.pipeline=2", "parallel.tensor=2",
-                              "parallel.sequence_parallel=true"),
-                  topology=topo, log=lambda _: None, tensorboard=False).fit(save=False)
-    ref = Trainer(tiny_config(*base), topology=Topology(), log=lambda _: None,
-                  tensorboard=False).fit(save=False)
-    results["train"] = {"par": [s["train/loss"] for s in par.history],
-                        "ref": [s["train/loss"] for s in ref.history]}
+    results["train"] = trainer_losses(topo, base, ["parallel.pipeline=2", "parallel.tensor=2",
+                                                   "parallel.sequence_parallel=true"])
     gathered = [None] * int(os.environ["WORLD_SIZE"])
     dist.all_gather_object(gathered, results)
     finish(topo, gathered, args.out)

@@ -368,11 +368,10 @@ def _worker() -> None:
 
     import torch.distributed as dist
 
-    from parallelism.topology import Topology, init_topology
-    from pretrain.train import Trainer
+    from parallelism.topology import init_topology
     from tests.conftest import tiny_config
     from tests.multiproc import pp_equivalence as pp
-    from tests.multiproc.compare import finish
+    from tests.multiproc.compare import finish, trainer_losses
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -394,15 +393,9 @@ def _worker() -> None:
     dp = 2 if args.layout == "zero" else 1
     for case, extra in (("train", []), ("train_per_sequence", ["model.loops_per_sequence=true",
                                                               "model.loops=5"])):
-        par = Trainer(tiny_config(*run, *extra, "parallel.pipeline=2",
-                                  "parallel.pipeline_split=[1,1]", *layout,
-                                  f"train.micro_batch_size={4 // dp}"),
-                      topology=topo, log=lambda _: None, tensorboard=False).fit(save=False)
-        ref = Trainer(tiny_config(*run, *extra), topology=Topology(), log=lambda _: None,
-                      tensorboard=False).fit(save=False)
-        results[case] = {"par": [s["train/loss"] for s in par.history],
-                         "ref": [s["train/loss"] for s in ref.history],
-                         "loops": [s["train/loops"] for s in ref.history]}
+        results[case] = trainer_losses(topo, [*run, *extra], [
+            "parallel.pipeline=2", "parallel.pipeline_split=[1,1]", *layout,
+            f"train.micro_batch_size={4 // dp}"])
     gathered = [None] * int(os.environ["WORLD_SIZE"])
     dist.all_gather_object(gathered, results)
     finish(topo, gathered, args.out)

@@ -74,3 +74,19 @@ def assert_family_run(res: list[dict], steps: int) -> None:
             assert r["grad_close"], f"rank {rank} {case}: {r['grad_param']} {r['grad']}"
             if "loss" in r:
                 assert r["loss"] < 1e-5, (rank, case)
+
+
+def trainer_losses(topo, run: list[str], parallel: list[str]) -> dict:
+    """A few trainer steps of the tiny config with `run` overrides, under this process's layout
+    (`parallel`) and in one process: each step's loss, and the R each step ran (drawn R)."""
+    from parallelism.topology import Topology
+    from pretrain.train import Trainer
+    from tests.conftest import tiny_config
+
+    par = Trainer(tiny_config(*run, *parallel), topology=topo, log=lambda _: None,
+                  tensorboard=False).fit(save=False)
+    ref = Trainer(tiny_config(*run), topology=Topology(), log=lambda _: None,
+                  tensorboard=False).fit(save=False)
+    return {"par": [s["train/loss"] for s in par.history],
+            "ref": [s["train/loss"] for s in ref.history],
+            "loops": [s.get("train/loops") for s in ref.history]}
