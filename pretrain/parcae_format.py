@@ -25,7 +25,7 @@ one fixed permutation of each query and key head's rows.
 config.json: their `save_pretrained`'s (parcae_lm/__init__.py): the fields of their
 `ParcaeConfig` dataclass and `_class_name: ParcaeConfig`. Their loader reads the weights from a
 pickled `model.pt`; ours are `model.safetensors` in the same names (no pickle is read or written
-here: a `model.pt` of theirs converts with `safetensors.torch.save_model`, README).
+here: a `model.pt` of theirs converts with `safetensors.torch.save_file`, README).
 What their config can say and ours cannot (GQA in the core, a recurrent width other than the
 model's, another injection, norm, MLP or init) is refused naming the field.
 """
@@ -145,7 +145,8 @@ def parcae_config(cfg: Config) -> dict:
             "n_layers_in_coda": m.coda_layers, "mean_recurrence": m.loops,
             "mean_backprop_depth": cfg.train.backprop_loops or m.loops,
             "sampling_scheme": "poisson-truncated-full" if m.loops_sampler == "poisson" else "fixed",
-            "recurrent_iteration_method": "per-batch", **_FIXED}
+            "recurrent_iteration_method": "per-sequence" if m.loops_per_sequence else "per-batch",
+            **_FIXED}
 
 
 def _int(hf: dict, name: str, default=None) -> int:
@@ -174,6 +175,10 @@ def model_overrides(hf: dict) -> list[Override]:
     rope = hf.get("rope_settings") or {}
     if not isinstance(rope, dict):
         raise ConfigError("config.json: rope_settings: expected an object")
+    method = hf.get("recurrent_iteration_method", "per-batch")
+    if method not in ("per-batch", "per-sequence"):
+        raise ConfigError(f"config.json: recurrent_iteration_method: {reprlib.repr(method)}: "
+                          "per-batch or per-sequence only (a depth per token is not offered)")
     softcap = hf.get("logit_softcap")
     depth = _int(hf, "mean_backprop_depth", 0)
     std = math.sqrt(2 / (5 * max(h, 1)))  # scaled-zero's std: the layers' and the state's
@@ -188,6 +193,7 @@ def model_overrides(hf: dict) -> list[Override]:
              "tie_embeddings": bool(hf.get("tie_embeddings", False)),
              "logit_softcap": 0.0 if softcap is None else softcap, "init": "parcae",
              "init_std": std, "state_std": std,
-             "loops_sampler": "poisson" if "poisson" in str(hf.get("sampling_scheme")) else "fixed"}
+             "loops_sampler": "poisson" if "poisson" in str(hf.get("sampling_scheme")) else "fixed",
+             "loops_per_sequence": method == "per-sequence"}
     return [(f"model.{k}", v) for k, v in pairs.items()] + [
         ("objective.kind", "last"), ("train.backprop_loops", depth)]

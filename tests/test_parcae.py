@@ -112,7 +112,10 @@ def test_export_writes_their_names_and_config_and_imports_back_exactly(tmp_path)
     for name, value in model.state_dict().items():
         want = torch.zeros_like(value) if name.startswith("gate.") else value
         assert torch.equal(back[name], want), name
-    for field, value, message in (("num_key_value_heads", 2, "only 4"),
+    assert c["recurrent_iteration_method"] == "per-sequence"  # configs/parcae-cpu.yaml's
+    assert ("model.loops_per_sequence", True) in model_overrides(c)
+    for field, value, message in (("recurrent_iteration_method", "per-token", "per-batch or"),
+                                  ("num_key_value_heads", 2, "only 4"),
                                   ("injection_type", "linear", "has 'diagonal' only"),
                                   ("n_embd", "64", "expected an integer")):
         with pytest.raises(ConfigError, match=f"^config.json: {field}: .*{message}"):
