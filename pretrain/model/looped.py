@@ -77,8 +77,8 @@ class LoopPass:
     # [R, B]: which samples update their state on each loop step (None: all; a depth drawn
     # per sequence, model/recurrence.py `active_steps`)
     active: Tensor | None = None
-    # what the loop steps of one micro-batch keep between them (the start state of the current
-    # phase); the pipeline passes one per micro-batch, as its pieces each begin anew
+    # what the loop steps of one micro-batch keep between them (`active`, the start state of
+    # the current phase); the pipeline passes one per micro-batch, as its pieces each begin anew
     carry: dict = field(default_factory=dict)
 
 
@@ -224,14 +224,15 @@ class LoopedLM(nn.Module):
         loops = loops or self.cfg.loops
         positions = torch.arange(start, start + ids.shape[1], device=ids.device)
         grad_from = max(loops - backprop, 0) if backprop else 0
-        active = None
-        if depths is not None:
-            active = active_steps(depths, loops, loops - grad_from).to(ids.device)
+        carry = {} if carry is None else carry
+        if depths is not None and "active" not in carry:  # once per micro-batch; no host sync
+            carry["active"] = active_steps(depths, loops, loops - grad_from).to(
+                ids.device, non_blocking=True)
         return LoopPass(rope=(self.rope_cos[positions], self.rope_sin[positions]), ids=ids,
                         store=store if store is not None else NoKV(), loops=loops,
                         read_steps=range(loops) if read_steps is None else read_steps,
                         tokens=(ids.shape[1], ids.shape[0]), state=state, state_seed=state_seed,
-                        grad_from=grad_from, active=active, carry={} if carry is None else carry)
+                        grad_from=grad_from, active=carry.get("active"), carry=carry)
 
     def embed_stream(self, ids: Tensor, run: LoopPass) -> Tensor:
         """e = Prelude(Embed(ids) * embed_scale), ids [B, S] -> [S, B, H], as the family reads
