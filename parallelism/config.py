@@ -61,8 +61,6 @@ def validate_layout(p: ParallelConfig, model, seq_len: int, grad_accum_steps: in
         return
     require(m.num_layers >= p.pipeline, "parallel.pipeline",
             f"{p.pipeline} stages need at least as many shared layers, got {m.num_layers}")
-    require(not m.tie_embeddings, "model.tie_embeddings",
-            "tied embeddings live on the first and last stage; not supported with pipeline > 1")
     if p.pipeline_split:
         require(len(p.pipeline_split) == p.pipeline and min(p.pipeline_split) >= 1
                 and sum(p.pipeline_split) == m.num_layers, "parallel.pipeline_split",

@@ -4,7 +4,8 @@
 - data parallelism: gradients averaged over the DP group during backward (grad_overlap.py);
 - the global gradient norm counts every parameter once: TP-sharded parameters (those with a
   `tp_split`) on every TP rank, replicated ones on TP rank 0 only, summed over the model-parallel
-  (TP x PP) group, since each pipeline stage holds its own parameters.
+  (TP x PP) group, since each pipeline stage holds its own parameters (a tied embedding's copy
+  on the last stage is counted on the first only).
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from parallelism.topology import Topology
 
 
 def global_grad_norm(params: list[nn.Parameter], topo: Topology) -> Tensor:
-    """The gradient norm of the whole model; every pipeline stage holds distinct parameters."""
+    """The gradient norm of the whole model; pipeline stages hold distinct parameters but for
+    the last stage's copy of a tied embedding (DeepSpeed's `ds_pipe_replicated` mark), left out."""
+    params = [p for p in params if not getattr(p, "ds_pipe_replicated", False)]
     grads = [p.grad for p in params if p.grad is not None]
     if topo.tp == 1 and topo.pp == 1:
         return torch.nn.utils.get_total_norm(grads)

@@ -2,9 +2,10 @@
 
 Stage k owns a contiguous slice of the block's layers (and nothing else of it); stage 0 also
 owns the embedding, prelude and the loop family's modules (it builds every lap's input), the last
-stage the coda, final norm, LM head and exit gate. A *lap* is one pass of a microbatch around
-the ring: lap t (0-based) runs loop step t through every stage's slice in order, and a
-microbatch makes R laps. The last stage ends the loop step (`end_loop`: norm, readout,
+stage the coda, final norm, LM head and exit gate (a head tied to the embedding: both stages
+hold the weight, their gradients summed each step, `sum_tied_grads`). A *lap* is one pass of a
+microbatch around the ring: lap t (0-based) runs loop step t through every stage's slice in
+order, and a microbatch makes R laps. The last stage ends the loop step (`end_loop`: norm, readout,
 handover) and sends what it hands over back to stage 0 for lap
 t + 1; after the last lap the objective combines every step's readout into the loss.
 
@@ -71,14 +72,35 @@ def keep_stage(model: LoopedModel, split: list[int], stage: int) -> None:
     start = sum(split[:stage])
     model.block = nn.ModuleList(list(model.block)[start:start + split[stage]])
     model.layer_offset = start
+    tied = getattr(model.cfg, "tie_embeddings", False)
+    if last and not first and tied:
+        # the head's weight is the embedding's: the last stage keeps the embedding module as
+        # its holder (so it is named embed.weight as in one process), a copy of stage 0's
+        # that `sum_tied_grads` keeps equal; DeepSpeed's mark keeps it out of the norm twice
+        model.embed.weight.ds_pipe_replicated = True
     if not first:
-        model.embed, model.prelude = None, nn.ModuleList()
+        model.prelude = nn.ModuleList()
+        if not (last and tied):
+            model.embed = None
         for name in (*model.loop_modules, *model.embedding_modules):
             setattr(model, name, None)
     if not last:
         model.coda, model.norm, model.lm_head, model.gate = nn.ModuleList(), None, None, None
         for name in model.readout_modules:
             setattr(model, name, None)
+
+
+def sum_tied_grads(model: LoopedModel, topo: Topology) -> None:
+    """The tied embedding's gradient summed over the first and last stage (its use as the
+    embedding on one, as the head on the other), so both copies take the same update --
+    Megatron's embedding-group all-reduce. Call once the step's backward (and its data-
+    parallel average, which commutes with the sum) is done."""
+    if topo.tied_group is None or not getattr(model.cfg, "tie_embeddings", False):
+        return
+    grad = model.embed.weight.grad
+    if grad is None:  # (a frozen embedding: every stage agrees on that)
+        return
+    dist.all_reduce(grad, group=topo.tied_group)
 
 
 def global_name(model: LoopedModel, name: str) -> str:

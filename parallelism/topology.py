@@ -36,6 +36,9 @@ class Topology:
     dp_group: dist.ProcessGroup | None = None
     mp_group: dist.ProcessGroup | None = None  # tensor x pipeline (one model replica)
     pp_group: dist.ProcessGroup | None = None
+    # the first and last stage of this rank's pipeline (megatron's embedding group): they
+    # both hold a tied embedding; None on the stages between and without the pipeline
+    tied_group: dist.ProcessGroup | None = None
     pp_next: int = 0  # global rank of the next pipeline stage (the ring wraps around)
     pp_prev: int = 0
     watchdog: Watchdog | None = None  # names a rank that died; see watchdog.py
@@ -163,6 +166,8 @@ def _with_groups(p, world: int, local_rank: int, device: torch.device,
         device=device, tp_group=ps.get_tensor_model_parallel_group(),
         dp_group=ps.get_data_parallel_group(), mp_group=ps.get_model_parallel_group(),
         pp_group=ps.get_pipeline_model_parallel_group(),
+        tied_group=(ps.get_embedding_group() if p.pipeline > 1 and ps.is_rank_in_embedding_group()
+                    else None),
         pp_next=ps.get_pipeline_model_parallel_next_rank(),
         pp_prev=ps.get_pipeline_model_parallel_prev_rank(), watchdog=watchdog)
 

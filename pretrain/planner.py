@@ -153,7 +153,7 @@ def check(cfg: Config, lay: Layout, gpu: Accelerator, global_batch: int) -> str:
         return f"global batch {global_batch} != DP x micro-batch x microbatches"
     if lay.pp > 1 and m.loops > 1 and lay.microbatches % lay.pp:
         return f"{lay.microbatches} microbatches not a multiple of PP {lay.pp} (interleaved 1F1B)"
-    try:  # what the run itself would refuse (tied embeddings across stages, Muon under TP, ...)
+    try:  # what the run itself would refuse (Muon under TP or ZeRO, ...)
         validate(realised(cfg, lay))
     except ConfigError as e:
         return str(e)
@@ -196,12 +196,19 @@ def activation_bytes(cfg: Config, lay: Layout) -> float:
     return per_mb / m.loops * live
 
 
+def gpu_params(m, params: dict[str, int], tp: int, pp: int) -> float:
+    """Parameters one GPU holds (a stage's mean): the model over TP x PP, plus, under the
+    pipeline, the last stage's copy of a tied embedding (parallelism/pipeline.py)."""
+    copy = params["embedding"] if m.tie_embeddings and pp > 1 else 0
+    return (params["total"] + copy) / (tp * pp)
+
+
 def memory_bytes(cfg: Config, lay: Layout, overlapped: bool,
                  params: dict[str, int]) -> dict[str, float]:
     """Per-GPU bytes at the step's peak, term by term (module docstring); `params`: the
     model's `count_parameters`."""
     m, tr, t, p, d = cfg.model, cfg.train, lay.tp, lay.pp, lay.dp
-    per_gpu_params = params["total"] / (t * p)
+    per_gpu_params = gpu_params(m, params, t, p)
     # every weight but the input embedding's is read by a matmul (a tied one by the head)
     matmul_params = params["total"] - (0 if m.tie_embeddings else params["embedding"] / 2)
     bf16 = tr.precision == "bf16"
@@ -259,7 +266,7 @@ def estimate(cfg: Config, lay: Layout, gpu: Accelerator, global_batch: int) -> E
     r, k = expected_loops(m, tr.backprop_loops, global_batch)  # loop steps, with a backward
     t, p, d = lay.tp, lay.pp, lay.dp
     params = count_parameters(m)
-    per_gpu_params = params["total"] / (t * p)
+    per_gpu_params = gpu_params(m, params, t, p)
     tokens = lay.micro_batch * lay.microbatches * s  # per DP rank per step
     # -- compute (one model replica of t x p GPUs processes `tokens`) --
     q = m.num_heads * m.kv_channels

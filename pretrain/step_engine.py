@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from core.model_interface import LoopPlan
 from parallelism.grad_overlap import OverlappedGradReducer
 from parallelism.grads import all_ranks_agree, global_grad_norm, layer_grad_norms
-from parallelism.pipeline import PipelineStage, keep_stage
+from parallelism.pipeline import PipelineStage, keep_stage, sum_tied_grads
 from parallelism.pipeline_balance import describe
 from parallelism.topology import Topology
 from parallelism.zero import build_zero_engine
@@ -102,6 +102,7 @@ class PlainUpdate:
     def step(self, loss: Tensor, diagnostics: bool) -> tuple[Tensor, bool, list[float] | None]:
         if self.reducer is not None:
             self.reducer.finish()
+        sum_tied_grads(self.model, self.topo)
         grad_norm = global_grad_norm(self.params, self.topo)
         layers = (layer_grad_norms(self.model, self.topo, self.model.cfg.num_layers)
                   if diagnostics else None)
@@ -121,8 +122,9 @@ class ZeroUpdate:
     it sees every micro-batch (engine.backward + engine.step each); after the pipeline, which
     ran the backward, one reduction and step."""
 
-    def __init__(self, engine, pipelined: bool):
+    def __init__(self, engine, pipelined: bool, topo: Topology):
         self.engine, self.optimizer, self.pipelined = engine, engine.optimizer, pipelined
+        self.topo = topo
 
     def backward(self, loss: Tensor, micro_batches: int) -> None:
         self.engine.backward(loss)  # scales by 1 / grad_accum_steps itself
@@ -130,6 +132,7 @@ class ZeroUpdate:
 
     def step(self, loss: Tensor, diagnostics: bool) -> tuple[Tensor, bool, list[float] | None]:
         if self.pipelined:
+            sum_tied_grads(self.engine.module, self.topo)  # before DeepSpeed reads .grad
             self.engine.allreduce_gradients()
             self.engine.step()
         ok = self.engine.was_step_applied()
@@ -238,7 +241,7 @@ def build_engine(cfg: Config, model: nn.Module, topo: Topology,
     if cfg.parallel.zero_stage:
         zero = build_zero_engine(model, param_groups(model, cfg.optim), cfg, topo,
                                  pipeline=pipeline is not None)
-        update = ZeroUpdate(zero, pipelined=pipeline is not None)
+        update = ZeroUpdate(zero, pipelined=pipeline is not None, topo=topo)
     else:
         p = cfg.parallel
         # overlap launches a bucket at its count of backward contributions, which the same

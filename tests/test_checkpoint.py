@@ -299,6 +299,9 @@ LAYOUTS = {  # name: (processes, overrides); each keeps the global batch at 16 s
     "dp2": (2, ["parallel.data=2", "train.micro_batch_size=8"]),
     "tp2": (2, ["parallel.tensor=2", "train.micro_batch_size=16"]),
     "pp2": (2, ["parallel.pipeline=2", "train.micro_batch_size=8", "train.grad_accum_steps=2"]),
+    # the head tied to the embedding: both ends of the ring hold it, the checkpoint one copy
+    "pp2_tied": (2, ["parallel.pipeline=2", "train.micro_batch_size=8", "train.grad_accum_steps=2",
+                     "model.tie_embeddings=true"]),
     "zero1_dp2": (2, ["parallel.data=2", "parallel.zero_stage=1", "train.micro_batch_size=8"]),
     "dp4": (4, ["parallel.data=4", "train.micro_batch_size=4"]),
 }
@@ -320,13 +323,15 @@ def full_run(tmp_path_factory):
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize("layout", ["dp2", "tp2", "pp2", "zero1_dp2"])
+@pytest.mark.parametrize("layout", ["dp2", "tp2", "pp2", "pp2_tied", "zero1_dp2"])
 def test_resume_under_one_process_reshards_exactly(tmp_path, layout, full_run):
     nproc, overrides = LAYOUTS[layout]
     full, run_dir = full_run(layout)
     ckpt = run_dir / "checkpoints/step_0000004"
     same = _layout_run(tmp_path, "same", nproc, *overrides, "--resume", str(ckpt))
-    one = _layout_run(tmp_path, "one", 1, "train.micro_batch_size=16", "--resume", str(ckpt))
+    model = [o for o in overrides if o.startswith("model.")]
+    one = _layout_run(tmp_path, "one", 1, "train.micro_batch_size=16", *model,
+                      "--resume", str(ckpt))
     assert same["losses"] == {k: v for k, v in full["losses"].items() if int(k) > 4}
     for step, loss in same["losses"].items():
         # another layout after the resume: fp32 rounding of the reductions, carried by AdamW

@@ -335,12 +335,12 @@ def test_a_depth_per_sequence_is_refused_where_it_cannot_hold():
 
 
 # the tiny shape the multi-process checks share, as Parcae: two block layers so every segment
-# has a value embedding (prelude 1, block 1, coda 1), the block's on pipeline stage 1; untied (the
-# pipeline does not split tied embeddings yet)
+# has a value embedding (prelude 1, block 1, coda 1), the block's on pipeline stage 1; the head
+# tied to the embedding as every release (both ends of the ring hold it)
 PARCAE = ["model.loop_mode=parcae", "model.prelude_layers=2", "model.coda_layers=2",
           "model.num_layers=2", "model.sandwich_norm=false", "model.qk_norm=true",
           "model.mlp=relu2_half", "model.init=parcae", "model.init_std=0.08",
-          "model.state_std=0.08", "objective.kind=last", "model.tie_embeddings=false"]
+          "model.state_std=0.08", "objective.kind=last", "model.tie_embeddings=true"]
 
 
 def test_the_tiny_parallel_shape_has_a_value_embedding_in_every_segment():

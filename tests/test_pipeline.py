@@ -156,9 +156,6 @@ BAD = [
     (["parallel.pipeline=2", "train.grad_accum_steps=3"],
      "train.grad_accum_steps: 3 microbatches do not fit the interleaved 1F1B schedule over 3 "
      "laps: need a multiple of parallel.pipeline 2 (or parallel.pipeline_schedule=gpipe)"),
-    (["parallel.pipeline=2", "train.grad_accum_steps=2", "model.tie_embeddings=true"],
-     "model.tie_embeddings: tied embeddings live on the first and last stage; not supported "
-     "with pipeline > 1"),
     (["parallel.pipeline_split=[1,1]"], "parallel.pipeline_split: needs parallel.pipeline > 1"),
 ]
 

@@ -149,8 +149,8 @@ def test_plan_names_the_trainer_options_and_the_config_that_runs_it(capsys):
 
 @pytest.mark.parametrize("name", ["parcae-1.3b", "flt-flt-k12", "ouro-1.4b"])
 def test_every_feasible_row_runs_as_the_planner_prints_it(name):
-    """A row is feasible only if the run accepts its overrides: Parcae's tied embeddings keep
-    it off the pipeline, Muon (Parcae's and FLT's optimizer) off ZeRO and TP."""
+    """A row is feasible only if the run accepts its overrides: Muon (Parcae's and FLT's
+    optimizer) keeps it off ZeRO and TP; Parcae's tied embeddings pipeline."""
     from pretrain.hardware import lookup
     from pretrain.planner import plan, realising_config
 
@@ -161,5 +161,4 @@ def test_every_feasible_row_runs_as_the_planner_prints_it(name):
     for e in feasible:
         load_config(path, realising_config(load_config(path), e.layout))  # raises if refused
     if name == "parcae-1.3b":
-        assert {e.layout.pp for e in feasible} == {1}
-        assert any("tie_embeddings" in e.why for e in estimates if e.layout.pp > 1)
+        assert max(e.layout.pp for e in feasible) > 1
