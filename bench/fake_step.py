@@ -43,7 +43,7 @@ ROWS = {
     "huginn-3.5b (sampled R, k 8) DP 8": ("configs/huginn-3.5b.yaml", _layout(dp=8)),
     # the same at R fixed to the sampler's mean (32): both sides at one R
     "huginn-3.5b (R 32, k 8) DP 8": ("configs/huginn-3.5b.yaml",
-                                     [*_layout(dp=8), "model.loops_sampler=fixed"]),
+                                     [*_layout(dp=8), "recurrence.sampler=fixed"]),
 }
 
 

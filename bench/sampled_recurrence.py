@@ -18,6 +18,7 @@ processes, one thread each).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import statistics
 import sys
@@ -67,14 +68,14 @@ def activations() -> None:
 def worker() -> None:
     from parallelism.topology import init_topology
     from pretrain.config import load_config
-    from pretrain.model.recurrence import draw_loops, window_loops
+    from pretrain.model.recurrence import Recurrence
     from pretrain.train import Trainer
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(ROOT / "configs/huginn-cpu.yaml", [
             f"data.paths=[{ROOT / 'data/sample.txt'}]", f"train.out_dir={tmp}",
             f"parallel.pipeline={P}", f"train.grad_accum_steps={M}", "train.micro_batch_size=4",
-            "model.tie_embeddings=false", "train.backprop_loops=4", "optim.warmup_steps=0"])
+            "model.tie_embeddings=false", "recurrence.backprop=4", "optim.warmup_steps=0"])
         topo = init_topology(cfg)
         trainer = Trainer(cfg, topology=topo, log=lambda _: None, tensorboard=False)
         trainer.train_step()  # warm-up
@@ -86,8 +87,9 @@ def worker() -> None:
             dist.all_reduce(busy, group=topo.pp_group)
             dist.all_reduce(wall, op=dist.ReduceOp.MAX, group=topo.pp_group)
             rows.append((stage.loops, 1 - busy.item() / topo.pp / wall.item()))
-        r_max = window_loops(cfg.model, 0)
-        draws = [draw_loops(cfg.model, cfg.train.seed, s) for s in range(2000)]
+        rec = Recurrence.of(cfg)
+        r_max = Recurrence(cfg.model.loops, dataclasses.replace(cfg.recurrence, backprop=0)).window()
+        draws = [rec.draw(cfg.train.seed, s) for s in range(2000)]
     if topo.rank == 0:
         circ = statistics.mean((P - 1) / (r * M + P - 1) for r in draws)
         unrolled = 1 - statistics.mean(r / r_max * M / (M + P - 1) for r in draws)

@@ -154,6 +154,31 @@ def set_dotted(tree: dict[str, Any], override: Override) -> None:
     node[parts[-1]] = value
 
 
+def move_keys(tree: dict[str, Any], moved: dict[str, str]) -> list[tuple[str, str]]:
+    """Move each dotted key of `moved` found in `tree` to its new dotted place, in place;
+    the (old, new) pairs moved. Both given with different values is one line naming both."""
+    done = []
+    for old, new in moved.items():
+        *path, leaf = old.split(".")
+        node = tree
+        for p in path:
+            node = node.get(p) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node:
+            continue
+        value = node.pop(leaf)
+        *to, key = new.split(".")
+        target = tree
+        for p in to:
+            target = target.setdefault(p, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"{new}: '{p}' is not a section")
+        if key in target and target[key] != value:
+            raise ConfigError(f"{old}: is now {new}, which is also given (a different value)")
+        target[key] = value
+        done.append((old, new))
+    return done
+
+
 def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     """`over` on top of `base`, section by section (a list or a value replaces the base's)."""
     out = dict(base)

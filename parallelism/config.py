@@ -32,8 +32,10 @@ class ParallelConfig:
         return self.tensor * self.pipeline * self.data
 
 
-def validate_layout(p: ParallelConfig, model, seq_len: int, grad_accum_steps: int) -> None:
-    """`model`: the model section (hidden_size, num_heads, num_layers, loops, ...)."""
+def validate_layout(p: ParallelConfig, model, seq_len: int, grad_accum_steps: int,
+                    depth_varies: bool = False) -> None:
+    """`model`: the model section (hidden_size, num_heads, num_layers, loops, ...);
+    `depth_varies`: whether a step's R may differ from model.loops (drawn or grown)."""
     m = model
     for name in ("tensor", "pipeline", "data"):
         require(getattr(p, name) >= 1, f"parallel.{name}", f"must be >= 1, got {getattr(p, name)}")
@@ -66,7 +68,7 @@ def validate_layout(p: ParallelConfig, model, seq_len: int, grad_accum_steps: in
                 and sum(p.pipeline_split) == m.num_layers, "parallel.pipeline_split",
                 f"{p.pipeline_split} must be {p.pipeline} positive layer counts summing to "
                 f"model.num_layers {m.num_layers}")
-    if p.pipeline_schedule == "1f1b" and (m.loops > 1 or m.loops_sampler != "fixed"):
+    if p.pipeline_schedule == "1f1b" and (m.loops > 1 or depth_varies):
         require(grad_accum_steps % p.pipeline == 0, "train.grad_accum_steps",
                 f"{grad_accum_steps} microbatches do not fit the interleaved 1F1B schedule over "
                 f"{m.loops} laps: need a multiple of parallel.pipeline {p.pipeline} "

@@ -10,6 +10,7 @@ print it and exit 2 without a traceback (a typo in a sweep must not cost a queue
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
-from core.config_schema import ConfigError, Override, build, load_tree, require
+from core.config_schema import ConfigError, Override, build, load_tree, move_keys, require
 from data_pipeline.config import DataConfig, SourceConfig, validate_data
 from parallelism.config import ParallelConfig, validate_layout
 from pretrain.downstream.config import DownstreamConfig, validate_downstream
@@ -29,10 +30,12 @@ from pretrain.model.config import (
 )
 from pretrain.model.families import check_family
 from pretrain.model.generate import ExitRule
+from pretrain.model.recurrence import MOVED, Recurrence, RecurrenceConfig, validate_recurrence
 from pretrain.optim import OptimConfig, validate_optim
 
 __all__ = ["Config", "ConfigError", "DataConfig", "ModelConfig", "ObjectiveConfig",
-           "OptimConfig", "ParallelConfig", "SourceConfig", "TrainConfig", "load_config"]
+           "OptimConfig", "ParallelConfig", "RecurrenceConfig", "SourceConfig", "TrainConfig",
+           "load_config"]
 
 
 @dataclass
@@ -62,9 +65,6 @@ class TrainConfig:
     recompute: Literal["none", "selective", "full", "loops"] = "none"
     recompute_keep_last_loops: int = 1
     loss_chunk_tokens: int = 0  # readout + CE per chunk of this many tokens; 0: whole logits
-    # truncated backprop (pretrain/model/recurrence.py): gradients flow through the last k loop
-    # steps only, the earlier ones run without a graph (Huginn: 8); 0: through every step
-    backprop_loops: int = 0
     # bf16: autocast (fp32 master weights, optimizer state and loss); fp32: no autocast
     precision: Literal["bf16", "fp32"] = "fp32"
     compile: bool = False  # torch.compile each decoder layer (one graph for every loop)
@@ -79,6 +79,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    recurrence: RecurrenceConfig = field(default_factory=RecurrenceConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -94,11 +95,21 @@ REMOVED = {
 }
 
 
+def config_from_tree(tree: dict[str, Any], where: str = "config") -> Config:
+    """The sections built from a mapping, keys of the earlier form moved to their place
+    (`MOVED`) with a one-line notice on stderr naming the new keys; not yet validated."""
+    moved = move_keys(tree, MOVED)
+    if moved:
+        print(f"notice: {where}: {', '.join(f'{a} is now {b}' for a, b in moved)} (loaded as "
+              "such; write the new keys)", file=sys.stderr)
+    return build(Config, tree, "", REMOVED)
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[Override] = (),
                 bases: bool = True) -> Config:
     """Read YAML at `path` (optional), apply `a.b=value` overrides, build and validate;
     `bases=False` for a file from elsewhere (a checkpoint's): a `base:` in it is refused."""
-    cfg = build(Config, load_tree(path, overrides, bases), "", REMOVED)
+    cfg = config_from_tree(load_tree(path, overrides, bases), str(path or "config"))
     validate(cfg)
     return cfg
 
@@ -122,7 +133,6 @@ def validate_train(t: TrainConfig, max_seq_len: int) -> None:
         require(rule.kind not in ("delta", "kl"), f"train.eval_exits[{i}]",
                 f"{rule.kind} needs every step's hidden states or logits: use `pretrain eval "
                 f"--exit {rule}`")
-    require(t.backprop_loops >= 0, "train.backprop_loops", f"must be >= 0, got {t.backprop_loops}")
 
 
 def validate_memory(t: TrainConfig, loops: int, tensor: int) -> None:
@@ -142,8 +152,9 @@ def validate_memory(t: TrainConfig, loops: int, tensor: int) -> None:
 def validate(cfg: Config) -> None:
     """Semantic checks that types alone cannot express, section by section."""
     validate_model(cfg.model)
-    check_family(cfg.model)
-    validate_objective(cfg.objective, cfg.model)
+    validate_recurrence(cfg.recurrence, cfg.model)
+    check_family(cfg.model, cfg.recurrence.per_sequence)
+    validate_objective(cfg.objective, cfg.model, cfg.recurrence.per_sequence)
     validate_train(cfg.train, cfg.model.max_seq_len)
     validate_optim(cfg.optim, cfg.parallel.zero_stage, cfg.parallel.tensor)
     validate_memory(cfg.train, cfg.model.loops, cfg.parallel.tensor)
@@ -153,7 +164,8 @@ def validate(cfg: Config) -> None:
         require(bool(cfg.data.validation), "train.eval_every",
                 "needs data.validation (held-out data: `pretrain data tokenize "
                 "--validation-fraction` writes it)")
-    validate_layout(cfg.parallel, cfg.model, cfg.train.seq_len, cfg.train.grad_accum_steps)
+    validate_layout(cfg.parallel, cfg.model, cfg.train.seq_len, cfg.train.grad_accum_steps,
+                    Recurrence.of(cfg).varies)
 
 
 def absolute_paths(cfg: Config) -> None:

@@ -154,7 +154,7 @@ def huginn_config(cfg: Config) -> dict:
             "intermediate_size": m.ffn_hidden_size, "bias": False, "norm_eps": m.norm_eps,
             "qk_bias": m.qk_bias, "n_layers_in_prelude": m.prelude_layers,
             "n_layers_in_recurrent_block": m.num_layers, "n_layers_in_coda": m.coda_layers,
-            "mean_recurrence": m.loops, "mean_backprop_depth": cfg.train.backprop_loops or m.loops,
+            "mean_recurrence": m.loops, "mean_backprop_depth": cfg.recurrence.backprop or m.loops,
             "rope_base": m.rope_theta, "block_class_name": "SandwichBlock",
             "mlp_class_name": "GatedMLP", "nonlin_name": "SiLU", "injection_type": "linear",
             "torch_dtype": "float32",
@@ -163,7 +163,7 @@ def huginn_config(cfg: Config) -> dict:
 
 
 def model_overrides(hf: dict) -> list[Override]:
-    """Their config.json as our `model.*` / `objective.*` / `train.*` overrides."""
+    """Their config.json as our `model.*` / `objective.*` / `recurrence.*` overrides."""
     h = hf.get("n_embd")
     if type(h) is not int or h < 1:
         raise ConfigError(f"config.json: n_embd: expected a positive integer, got {reprlib.repr(h)}")
@@ -182,11 +182,11 @@ def model_overrides(hf: dict) -> list[Override]:
                  "tie_embeddings": hf["tie_embeddings"], "loop_mode": "huginn",
                  "sandwich_norm": True, "sandwich_style": "huginn",
                  "embed_scale": math.sqrt(h), "state_std": math.sqrt(2 / (5 * h)),
-                 "init_std": math.sqrt(2 / (5 * h)), "init": "huginn",
-                 "loops_sampler": "poisson_lognormal"}
+                 "init_std": math.sqrt(2 / (5 * h)), "init": "huginn"}
     except KeyError as e:
         raise ConfigError(f"config.json: missing field {e.args[0]!r}") from None
     if hf.get("bias", False):
         raise ConfigError("config.json: bias true: Huginn's biased adapter has no counterpart")
     return [(f"model.{k}", v) for k, v in pairs.items()] + [
-        ("objective.kind", "last"), ("train.backprop_loops", depth)]
+        ("objective.kind", "last"), ("recurrence.sampler", "poisson_lognormal"),
+        ("recurrence.backprop", depth)]

@@ -125,7 +125,7 @@ FP32_EPS = float(torch.finfo(torch.float32).eps)  # F.rms_norm's epsilon on fp32
 
 def parcae_config(cfg: Config) -> dict:
     """Their config.json for our parcae-mode model."""
-    m = cfg.model
+    m, r = cfg.model, cfg.recurrence
     if m.num_kv_heads != m.num_heads:
         raise ConfigError(f"model.num_kv_heads: {m.num_kv_heads}: Parcae's recurrent block has "
                           f"one KV head per query head ({m.num_heads})")
@@ -143,9 +143,9 @@ def parcae_config(cfg: Config) -> dict:
             "recurrent_num_attention_heads": m.num_heads,
             "n_layers_in_prelude": m.prelude_layers, "n_layers_in_recurrent_block": m.num_layers,
             "n_layers_in_coda": m.coda_layers, "mean_recurrence": m.loops,
-            "mean_backprop_depth": cfg.train.backprop_loops or m.loops,
-            "sampling_scheme": "poisson-truncated-full" if m.loops_sampler == "poisson" else "fixed",
-            "recurrent_iteration_method": "per-sequence" if m.loops_per_sequence else "per-batch",
+            "mean_backprop_depth": r.backprop or m.loops,
+            "sampling_scheme": "poisson-truncated-full" if r.sampler == "poisson" else "fixed",
+            "recurrent_iteration_method": "per-sequence" if r.per_sequence else "per-batch",
             **_FIXED}
 
 
@@ -157,7 +157,7 @@ def _int(hf: dict, name: str, default=None) -> int:
 
 
 def model_overrides(hf: dict) -> list[Override]:
-    """Their config.json as our `model.*` / `objective.*` / `train.*` overrides."""
+    """Their config.json as our `model.*` / `objective.*` / `recurrence.*` overrides."""
     for name, value in _FIXED.items():
         if name in hf and hf[name] != value:
             raise ConfigError(f"config.json: {name}: {reprlib.repr(hf[name])}: the parcae family "
@@ -192,8 +192,8 @@ def model_overrides(hf: dict) -> list[Override]:
              "qk_norm_eps": FP32_EPS, "mlp": "relu2_half", "sandwich_norm": False,
              "tie_embeddings": bool(hf.get("tie_embeddings", False)),
              "logit_softcap": 0.0 if softcap is None else softcap, "init": "parcae",
-             "init_std": std, "state_std": std,
-             "loops_sampler": "poisson" if "poisson" in str(hf.get("sampling_scheme")) else "fixed",
-             "loops_per_sequence": method == "per-sequence"}
+             "init_std": std, "state_std": std}
+    sampler = "poisson" if "poisson" in str(hf.get("sampling_scheme")) else "fixed"
     return [(f"model.{k}", v) for k, v in pairs.items()] + [
-        ("objective.kind", "last"), ("train.backprop_loops", depth)]
+        ("objective.kind", "last"), ("recurrence.sampler", sampler),
+        ("recurrence.per_sequence", method == "per-sequence"), ("recurrence.backprop", depth)]

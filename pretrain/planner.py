@@ -71,9 +71,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from core.config_schema import build, set_dotted
+from core.config_schema import set_dotted
 from parallelism.pipeline_schedule import peak_live, schedule
-from pretrain.config import REMOVED, Config, ConfigError, validate
+from pretrain.config import Config, ConfigError, config_from_tree, validate
 from pretrain.fake_step import eager_ops
 from pretrain.hardware import Accelerator
 from pretrain.model.activations import Shard, layer_elements, saved_bytes
@@ -85,7 +85,7 @@ from pretrain.model.flops import (
     run_flops_per_token,
 )
 from pretrain.model.memory import MemoryPolicy
-from pretrain.model.recurrence import expected_loops, step_samples, window_loops
+from pretrain.model.recurrence import Recurrence, step_samples
 
 GEMM_EFFICIENCY = 0.80  # large bf16 GEMMs reach ~80% of the dense peak (cuBLAS, Hopper)
 NARROW_GEMM = 512  # efficiency halves at a GEMM width this small (tile quantisation, waves)
@@ -165,12 +165,12 @@ def realised(cfg: Config, lay: Layout) -> Config:
     tree = cfg.to_dict()
     for override in realising_config(cfg, lay):
         set_dotted(tree, override)
-    return build(Config, tree, "", REMOVED)
+    return config_from_tree(tree)
 
 
 def _recomputed_share(cfg: Config) -> float:
     """Fraction of the backpropagated layers' forward that backward runs again."""
-    loops = window_loops(cfg.model, cfg.train.backprop_loops, batch=step_samples(cfg))
+    loops = Recurrence.of(cfg).window(step_samples(cfg))
     policy = MemoryPolicy.of(cfg.train)
     return sum(policy.recomputes_layer(i, loops) for i in range(loops)) / loops
 
@@ -179,9 +179,10 @@ def activation_bytes(cfg: Config, lay: Layout) -> float:
     """Bytes kept for backward on the fullest pipeline stage: one microbatch's (the backprop
     window's laps; steps without a graph keep nothing) per lap, times the pieces the circular
     schedule keeps alive at once."""
-    window = window_loops(cfg.model, cfg.train.backprop_loops, batch=step_samples(cfg))
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, loops=window,
-                                                             loops_sampler="fixed"))
+    window = Recurrence.of(cfg).window(step_samples(cfg))
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, loops=window),
+                              recurrence=dataclasses.replace(cfg.recurrence, sampler="fixed",
+                                                             grow=[]))
     m, tp, pp = cfg.model, lay.tp, lay.pp
     shards = tp if tp > 1 else 1
     policy = MemoryPolicy.of(cfg.train, shards)
@@ -213,7 +214,7 @@ def memory_bytes(cfg: Config, lay: Layout, overlapped: bool,
     matmul_params = params["total"] - (0 if m.tie_embeddings else params["embedding"] / 2)
     bf16 = tr.precision == "bf16"
     loop_sum = 0.0
-    if expected_loops(m, tr.backprop_loops, step_samples(cfg))[1] > 1 and p == 1 \
+    if Recurrence.of(cfg).expected(step_samples(cfg))[1] > 1 and p == 1 \
             and lay.microbatches > 1:
         # made weight by weight as the last lap's backward frees that lap's activations
         loop_sum = max(0.0, params["looped_block"] / (t * p) * (2 if bf16 and t == 1 else 4)
@@ -263,7 +264,7 @@ def _last_lap_bytes(cfg: Config, lay: Layout) -> float:
 def estimate(cfg: Config, lay: Layout, gpu: Accelerator, global_batch: int) -> Estimate:
     m, s, tr = cfg.model, cfg.train.seq_len, cfg.train
     h, f = m.hidden_size, m.ffn_hidden_size
-    r, k = expected_loops(m, tr.backprop_loops, global_batch)  # loop steps, with a backward
+    r, k = Recurrence.of(cfg).expected(global_batch)  # loop steps, with a backward
     t, p, d = lay.tp, lay.pp, lay.dp
     params = count_parameters(m)
     per_gpu_params = gpu_params(m, params, t, p)
@@ -308,7 +309,7 @@ def estimate(cfg: Config, lay: Layout, gpu: Accelerator, global_batch: int) -> E
     else:
         reduce, gather = _ring(per_gpu_params * 4, d, dp_bw), 0.0  # all-reduce
     microbatch = compute / lay.microbatches  # forward 1/3, backward 2/3
-    overlapped = cfg.parallel.overlap_grad_reduce and m.loops_sampler == "fixed"  # step_engine.py
+    overlapped = cfg.parallel.overlap_grad_reduce and not Recurrence.of(cfg).varies  # step_engine
     if overlapped:
         t_dp = max(0.0, reduce - microbatch * 2 / 3) + max(0.0, gather - microbatch / 3)
     else:

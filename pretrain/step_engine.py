@@ -38,7 +38,7 @@ from pretrain.model.objective import (
     token_cross_entropy,
     trains_gate,
 )
-from pretrain.model.recurrence import loop_plan, mixed_seed
+from pretrain.model.recurrence import Recurrence, mixed_seed
 from pretrain.optim import build_optimizer, param_groups
 
 Batches = list[tuple[Tensor, Tensor]]
@@ -170,8 +170,8 @@ class StepEngine:
     def loop_plan(self, step: int, micro_batches: int) -> LoopPlan:
         """Step `step`'s R, backprop window and state seeds (model/recurrence.py)."""
         t = self.cfg.train
-        return loop_plan(self.cfg.model, t.backprop_loops, t.seed, step, self.dp_rank,
-                         micro_batches, t.micro_batch_size, self.cfg.parallel.data)
+        return Recurrence.of(self.cfg).plan(t.seed, step, self.dp_rank, micro_batches,
+                                            t.micro_batch_size, self.cfg.parallel.data)
 
     def train_step(self, batches: Batches, step: int, diagnostics: bool = False) -> StepResult:
         """Optimizer step `step` over `batches`; `diagnostics`: also the per-layer grad norms."""
@@ -245,8 +245,8 @@ def build_engine(cfg: Config, model: nn.Module, topo: Topology,
     else:
         p = cfg.parallel
         # overlap launches a bucket at its count of backward contributions, which the same
-        # schedule repeats every step; a sampled R changes the count, so reduce after backward
-        overlap = p.overlap_grad_reduce and cfg.model.loops_sampler == "fixed"
+        # schedule repeats every step; a drawn or grown R changes the count, so reduce after backward
+        overlap = p.overlap_grad_reduce and not Recurrence.of(cfg).varies
         reducer = (OverlappedGradReducer(model, topo.dp_group, topo.dp, p.grad_bucket_mb,
                                          overlap) if topo.dp > 1 else None)
         update = PlainUpdate(model, build_optimizer(model, cfg.optim), topo, cfg.optim.grad_clip,

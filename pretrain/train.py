@@ -38,6 +38,7 @@ from pretrain.data import default_data
 from pretrain.hardware import memory_gb, peak_flops
 from pretrain.model.flops import run_flops_per_token
 from pretrain.model.looped import LoopedLM
+from pretrain.model.recurrence import Recurrence
 from pretrain.optim import lr_at, set_lr, warmup_notice
 from pretrain.run_dir import RunLock
 from pretrain.step_engine import build_engine
@@ -55,6 +56,11 @@ class RunSummary:
     checkpoint: Path | None
     tensorboard_dir: Path
     history: list[dict[str, float]] = field(default_factory=list)  # "step" + the logged names
+
+
+def step_lr(cfg: Config, step: int) -> float:
+    """The learning rate of training step `step`: the schedule's, times a loop-growth re-warm."""
+    return lr_at(cfg.optim, step, cfg.train.max_steps) * Recurrence.of(cfg).lr_factor(step)
 
 
 def summary_table(history: list[dict[str, float]], tokens_per_step: int, loops: int) -> str:
@@ -106,7 +112,8 @@ class Trainer:
                                          cfg.train.keep_last, cfg.train.async_checkpoint, self.log)
         self.saved_step = -1
         self.run_lock: RunLock | None = None  # the CLI's, else taken by fit() while it saves
-        self.flops_per_token = run_flops_per_token(cfg)
+        self.recurrence = Recurrence.of(cfg)
+        self._flops: dict[int, float] = {}  # FLOPs per token by growth phase (its R)
         peak, why = peak_flops(self.device, cfg.train.peak_flops)
         self.peak_flops = None if peak is None else peak * self.topo.world  # None: MFU unknown
         if peak is None:
@@ -119,6 +126,13 @@ class Trainer:
         if notice:
             self.log(notice)
 
+    def flops_per_token(self, step: int) -> float:
+        """Training FLOPs per token of step `step` (of its growth phase)."""
+        phase = self.recurrence.loops_at(step)
+        if phase not in self._flops:
+            self._flops[phase] = run_flops_per_token(self.cfg, step)
+        return self._flops[phase]
+
     @property
     def tokens_per_step(self) -> int:
         """Tokens of one global batch (all data-parallel ranks)."""
@@ -129,7 +143,7 @@ class Trainer:
         """One optimizer step over grad_accum_steps micro-batches (step_engine.py); returns
         the step's result (objective output, loss, grad norm, applied or skipped)."""
         t = self.cfg.train
-        set_lr(self.optimizer, lr_at(self.cfg.optim, self.step, t.max_steps))
+        set_lr(self.optimizer, step_lr(self.cfg, self.step))
         if self._batches is None:
             self._batches = self.data.batches()
         batches = [tuple(x.to(self.device) for x in next(self._batches))
@@ -157,11 +171,11 @@ class Trainer:
         m.record("train/loss", None if out is None else result.loss)
         m.record("train/expected_loops", None if out is None else out.expected_loops)
         m.record("train/gate_entropy", None if out is None else out.entropy)
-        if self.cfg.model.loops_sampler == "fixed":
+        if not self.recurrence.varies:
             for name in ("ce", "exit_prob", "gate", "hidden_norm"):  # ObjectiveOutput's [R] fields
                 m.record(f"loop/{name}_step", None if out is None else getattr(out, name),
                          shape=(r,), steps=True)
-        else:  # R changes every step: its value, the window and the last step's CE
+        else:  # R drawn or grown: its value, the window and the last step's CE
             m.record("loop/ce_last", None if out is None else out.ce[-1])
             m.record("train/loops", result.plan.loops, "max")
             m.record("train/backprop_loops", result.plan.backprop, "max")
@@ -171,11 +185,12 @@ class Trainer:
         for name, gib in memory_gb(self.device).items():
             m.record(f"train/{name}", gib, "min" if name.startswith("free") else "max")
         # the same on every rank (the norm is global, ranks skip together): max keeps it
-        m.record("train/lr", lr_at(self.cfg.optim, self.step - 1, self.cfg.train.max_steps), "max")
+        m.record("train/lr", step_lr(self.cfg, self.step - 1), "max")
         m.record("train/grad_norm", result.grad_norm, "max")
         m.record("train/tokens_per_s", tokens_per_s, "max")
         if self.peak_flops is not None:
-            m.record("train/mfu", self.flops_per_token * tokens_per_s / self.peak_flops, "max")
+            m.record("train/mfu", self.flops_per_token(self.step - 1) * tokens_per_s
+                     / self.peak_flops, "max")
         m.record("train/skipped_steps", self.skipped, "max")
         for name, value in self.model.family.metrics(self.model).items():
             m.record(name, value, "max")
@@ -234,7 +249,7 @@ class Trainer:
                   "zero_stage": c.parallel.zero_stage, "pipeline_split": self.engine.split}
         return make_record(state, state["data"].get("samples_consumed", 0) * c.train.seq_len,
                            layout, seed=c.train.seed,
-                           lr=lr_at(c.optim, self.step, c.train.max_steps),
+                           lr=step_lr(c, self.step),
                            code_version=__version__, torch=torch.__version__, time=time.time(),
                            slurm_restart_count=int(os.environ.get("SLURM_RESTART_COUNT", 0)))
 
@@ -297,8 +312,7 @@ class Trainer:
         changed = config_changes(saved, self.cfg)
         if changed:
             self.log(f"resume: this run's config differs from the checkpoint's: {'; '.join(changed)}")
-        before = lr_at(saved.optim, self.step, saved.train.max_steps)
-        now = lr_at(self.cfg.optim, self.step, self.cfg.train.max_steps)
+        before, now = step_lr(saved, self.step), step_lr(self.cfg, self.step)
         if not math.isclose(before, now, rel_tol=1e-6, abs_tol=1e-12):
             self.log(f"resume: the learning rate schedule is recomputed: lr at step {self.step} "
                      f"is {now:.3g} (the checkpoint's schedule: {before:.3g})")

@@ -46,7 +46,7 @@ MODE_RESUMES["flt-recipe-muon-few"] = [*VARIANTS["flt_recipe"], "optim.name=muon
 MODE_RESUMES["flt-recipe-zero1"] = [*VARIANTS["flt_recipe"], "parallel.zero_stage=1"]
 # Huginn's recipe: R drawn per step from (seed, step), backprop through 2, random states
 HUGINN_RECIPE = [*VARIANTS["huginn"], "model.state_std=0.08",
-                 "model.loops_sampler=poisson_lognormal", "train.backprop_loops=2"]
+                 "recurrence.sampler=poisson_lognormal", "recurrence.backprop=2"]
 MODE_RESUMES["huginn-sampled"] = HUGINN_RECIPE
 MODE_RESUMES["huginn-sampled-zero1"] = [*HUGINN_RECIPE, "parallel.zero_stage=1"]
 RESUMES = {"sync": [], "async": ["train.async_checkpoint=true"], "zero1": ["parallel.zero_stage=1"],

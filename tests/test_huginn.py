@@ -14,7 +14,7 @@ from pretrain.huginn_format import from_huginn, huginn_config, to_huginn
 from pretrain.model.generate import ExitRule, generate, readout_exit_steps
 from pretrain.model.looped import LoopedLM
 from pretrain.model.objective import compute_objective
-from pretrain.model.recurrence import backprop_count, draw_loops, expected_loops, loop_plan
+from pretrain.model.recurrence import Recurrence, backprop_count
 from pretrain.train import Trainer
 from tests.conftest import VARIANTS, tiny_config
 from tests.reference import reference_huginn
@@ -92,22 +92,24 @@ def test_the_state_is_drawn_from_its_seed_truncated_and_scaled():
 
 
 def test_sampler_is_a_function_of_seed_and_step_with_huginns_mean():
-    cfg = tiny_config("model.loops_sampler=poisson_lognormal", "model.loops=32").model
-    draws = [draw_loops(cfg, 1234, s) for s in range(4000)]
-    assert draws == [draw_loops(cfg, 1234, s) for s in range(4000)]  # every rank, every resume
-    assert draws != [draw_loops(cfg, 1235, s) for s in range(4000)]
+    rec = Recurrence.of(tiny_config("recurrence.sampler=poisson_lognormal", "model.loops=32",
+                                    "recurrence.backprop=8"))
+    draws = [rec.draw(1234, s) for s in range(4000)]
+    assert draws == [rec.draw(1234, s) for s in range(4000)]  # every rank, every resume
+    assert draws != [rec.draw(1235, s) for s in range(4000)]
     assert min(draws) >= 1
-    mean_r, mean_k = expected_loops(cfg, 8)
+    mean_r, mean_k = rec.expected()
     # E[R] = E[rate] + 1 = 33: the sample mean of 4000 draws within 4 standard errors
     assert mean_r == pytest.approx(33.0, abs=1e-4)
     assert abs(statistics.mean(draws) - mean_r) < 4 * statistics.stdev(draws) / math.sqrt(4000)
     ks = [backprop_count(r, 8) for r in draws]
     assert abs(statistics.mean(ks) - mean_k) < 4 * statistics.stdev(ks) / math.sqrt(4000)
     assert 7.5 < mean_k < 8  # R < 8 is rare at mean 33
-    fixed = tiny_config("model.loops=4").model
-    assert {draw_loops(fixed, 0, s) for s in range(10)} == {4}
-    assert expected_loops(fixed, 0) == (4.0, 4.0) and expected_loops(fixed, 3) == (4.0, 3.0)
-    plan = loop_plan(cfg, 8, 1234, 7, dp_rank=0, micro_batches=3)
+    fixed = Recurrence.of(tiny_config("model.loops=4"))
+    assert {fixed.draw(0, s) for s in range(10)} == {4}
+    assert fixed.expected() == (4.0, 4.0)
+    assert Recurrence.of(tiny_config("model.loops=4", "recurrence.backprop=3")).expected() == (4.0, 3.0)
+    plan = rec.plan(1234, 7, dp_rank=0, micro_batches=3)
     assert plan.loops == draws[7] and plan.backprop == min(8, draws[7])
     assert len(set(plan.state_seeds)) == 3
 
@@ -115,11 +117,11 @@ def test_sampler_is_a_function_of_seed_and_step_with_huginns_mean():
 def test_a_samples_initial_state_seed_does_not_depend_on_the_layout():
     """The step's 8 samples in global order: one rank with 2 micro-batches of 4, or 2
     data-parallel ranks with 2 micro-batches of 2 each (data_pipeline/loader.py's order)."""
-    cfg = tiny_config(*RELEASED).model
+    rec = Recurrence.of(tiny_config(*RELEASED, "recurrence.backprop=2"))
 
     def seeds(dp, micro_batches, size):
         return [s for r in range(dp) for mb in
-                loop_plan(cfg, 2, 1234, 3, r, micro_batches, size).state_seeds for s in mb]
+                rec.plan(1234, 3, r, micro_batches, size).state_seeds for s in mb]
 
     one = seeds(1, 2, 4)
     assert len(set(one)) == 8 and seeds(2, 2, 2) == one == seeds(4, 1, 2) == seeds(1, 8, 1)
@@ -167,8 +169,8 @@ def test_truncated_backprop_equals_detaching_before_the_window(variant, kind):
 
 
 def test_resume_draws_the_same_recurrence_sequence(tmp_path):
-    recipe = [*VARIANTS["huginn"], "model.state_std=0.08", "model.loops_sampler=poisson_lognormal",
-              "model.loops=3", "train.backprop_loops=2", "train.max_steps=6", "train.log_every=1",
+    recipe = [*VARIANTS["huginn"], "model.state_std=0.08", "recurrence.sampler=poisson_lognormal",
+              "model.loops=3", "recurrence.backprop=2", "train.max_steps=6", "train.log_every=1",
               "train.checkpoint_every=3", "model.vocab_size=260", "train.seq_len=32"]
 
     def trainer(out):
@@ -181,7 +183,7 @@ def test_resume_draws_the_same_recurrence_sequence(tmp_path):
     for key in ("train/loss", "train/loops", "train/backprop_loops", "loop/ce_last"):
         assert [h[key] for h in again] == [h[key] for h in full[3:]], key
     loops = [h["train/loops"] for h in full]
-    assert len(set(loops)) > 1 and loops == [draw_loops(resumed.cfg.model, 1234, s)
+    assert len(set(loops)) > 1 and loops == [resumed.recurrence.draw(1234, s)
                                               for s in range(6)]
 
 
@@ -221,7 +223,7 @@ def test_flops_count_a_no_graph_recurrence_as_one_forward():
     huginn model (prelude 1, coda 1, the last step read out, gate untrained)."""
     from pretrain.model.flops import flops_per_token, run_flops_per_token
 
-    cfg = tiny_config(*VARIANTS["huginn"], "model.loops=5", "train.backprop_loops=2")
+    cfg = tiny_config(*VARIANTS["huginn"], "model.loops=5", "recurrence.backprop=2")
     m, s = cfg.model, cfg.train.seq_len
     h, f, v, d = m.hidden_size, m.ffn_hidden_size, m.vocab_size, m.kv_channels
     layer = 2 * (h * d * (2 * m.num_heads + 2 * m.num_kv_heads) + 3 * h * f) + 4 * s * m.num_heads * d
@@ -230,9 +232,9 @@ def test_flops_count_a_no_graph_recurrence_as_one_forward():
     want = 3 * layer + 5 * rec + 2 * 2 * rec + 3 * head + 2 * h  # gate: forward only
     assert flops_per_token(m, s, loops=5, read_count=1, train_gate=False, backprop=2) == want
     assert run_flops_per_token(cfg) == want
-    sampled = tiny_config(*VARIANTS["huginn"], "model.loops=5", "train.backprop_loops=2",
-                          "model.loops_sampler=poisson_lognormal")
-    mean_r, mean_k = expected_loops(sampled.model, 2)
+    sampled = tiny_config(*VARIANTS["huginn"], "model.loops=5", "recurrence.backprop=2",
+                          "recurrence.sampler=poisson_lognormal")
+    mean_r, mean_k = Recurrence.of(sampled).expected()
     assert run_flops_per_token(sampled) == pytest.approx(
         3 * layer + mean_r * rec + 2 * mean_k * rec + 3 * head + 2 * h, rel=1e-12)
 

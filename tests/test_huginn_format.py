@@ -19,8 +19,8 @@ from pretrain.train import Trainer
 from tests.conftest import ROOT, VARIANTS, tiny_config
 
 RELEASED = [*VARIANTS["huginn"], "model.num_kv_heads=4", "model.embed_scale=8.0",
-            "model.state_std=0.07905694150420949", "model.loops_sampler=poisson_lognormal",
-            "train.backprop_loops=2"]
+            "model.state_std=0.07905694150420949", "recurrence.sampler=poisson_lognormal",
+            "recurrence.backprop=2"]
 
 
 def test_export_then_import_is_exact_through_the_cli(tmp_path, capsys):
@@ -37,7 +37,7 @@ def test_export_then_import_is_exact_through_the_cli(tmp_path, capsys):
     assert main(["import", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 0
     a_cfg, a = load_model(ckpt)
     b_cfg, b = load_model(tmp_path / "back")
-    assert b_cfg.model.loops_sampler == "poisson_lognormal" and b_cfg.train.backprop_loops == 2
+    assert b_cfg.recurrence.sampler == "poisson_lognormal" and b_cfg.recurrence.backprop == 2
     sa, sb = a.state_dict(), b.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa if not k.startswith("gate."))
     ids = torch.randint(0, 257, (1, 12), generator=torch.Generator().manual_seed(0))

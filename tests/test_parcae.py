@@ -12,7 +12,7 @@ import torch
 from pretrain.config import load_config
 from pretrain.model.families.parcae import DECAY, injection_spectral_norm
 from pretrain.model.looped import LoopedLM
-from pretrain.model.recurrence import draw_loops, expected_loops
+from pretrain.model.recurrence import Recurrence
 from pretrain.parcae_format import from_parcae, to_parcae
 from tests.conftest import ROOT
 from tests.reference import reference_parcae
@@ -113,7 +113,7 @@ def test_export_writes_their_names_and_config_and_imports_back_exactly(tmp_path)
         want = torch.zeros_like(value) if name.startswith("gate.") else value
         assert torch.equal(back[name], want), name
     assert c["recurrent_iteration_method"] == "per-sequence"  # configs/parcae-cpu.yaml's
-    assert ("model.loops_per_sequence", True) in model_overrides(c)
+    assert ("recurrence.per_sequence", True) in model_overrides(c)
     for field, value, message in (("recurrent_iteration_method", "per-token", "per-batch or"),
                                   ("num_key_value_heads", 2, "only 4"),
                                   ("injection_type", "linear", "has 'diagonal' only"),
@@ -187,11 +187,11 @@ def test_the_initialisation_is_theirs():
 
 def test_the_recurrence_draw_is_theirs_and_its_expectation_exact():
     """R = max(Poisson(r), 1) per step, a function of (seed, step); E[R] from the exact pmf."""
-    m = _config().model
-    draws = [draw_loops(m, 1234, step) for step in range(4000)]
-    assert draws[:50] == [draw_loops(m, 1234, step) for step in range(50)]
+    rec = Recurrence.of(_config("recurrence.backprop=4"))
+    draws = [rec.draw(1234, step) for step in range(4000)]
+    assert draws[:50] == [rec.draw(1234, step) for step in range(50)]
     assert min(draws) >= 1
-    mean_r, mean_k = expected_loops(m, 4)
+    mean_r, mean_k = rec.expected()
     p0 = math.exp(-8)
     assert mean_r == pytest.approx(8 + p0, rel=1e-9)  # the zero draws moved to 1
     assert abs(sum(draws) / len(draws) - mean_r) < 4 * math.sqrt(8 / len(draws))
@@ -209,8 +209,8 @@ def test_parcae_plans_its_flops_and_memory(objective, loops):
     from pretrain.model.memory import MemoryPolicy, SavedForBackward
     from pretrain.model.objective import compute_objective, readout_steps
 
-    fixed = ["model.loops_sampler=fixed", "model.loops_per_sequence=false",
-             "train.backprop_loops=0", "train.seq_len=32", f"model.loops={loops}"]
+    fixed = ["recurrence.sampler=fixed", "recurrence.per_sequence=false",
+             "recurrence.backprop=0", "train.seq_len=32", f"model.loops={loops}"]
     cfg = _config(*fixed, f"objective.kind={objective}")
     huginn = _config(*fixed, "model.loop_mode=huginn", "model.init=huginn")
     h, reads = cfg.model.hidden_size, readout_steps(objective, loops)
@@ -270,15 +270,15 @@ def test_the_cpu_config_trains_and_logs_the_injections_spectral_norm(tmp_path):
 
 
 def test_a_depth_per_sequence_is_each_sequence_run_alone_at_its_depth():
-    """model.loops_per_sequence (their released "per-sequence"): a batch whose samples draw
+    """recurrence.per_sequence (their released "per-sequence"): a batch whose samples draw
     their own depths T_i (n_i without a graph, k_i with one) gives each sample the logits and
     the loss gradient of that sample run alone for T_i steps, backpropagating through k_i --
     the batch runs max T_i steps, a sample idling through the first steps of each phase."""
     from pretrain.model.objective import compute_objective
-    from pretrain.model.recurrence import loop_plan
 
-    cfg, model = _model("model.loops_per_sequence=true", "model.state_std=0.3")
-    plan = loop_plan(cfg.model, 4, 1234, 5, 0, 1, 6)
+    cfg, model = _model("recurrence.per_sequence=true", "model.state_std=0.3",
+                        "recurrence.backprop=4")
+    plan = Recurrence.of(cfg).plan(1234, 5, 0, 1, 6)
     (depths,), (seeds,) = plan.depths, plan.state_seeds
     totals = [n + k for n, k in depths]
     assert plan.loops == max(totals) and len(set(totals)) > 2 and min(totals) < plan.loops
@@ -305,32 +305,30 @@ def test_a_depth_per_sequence_is_each_sequence_run_alone_at_its_depth():
 
 
 def test_the_depth_per_sequence_is_the_same_under_any_data_parallel_split():
-    from pretrain.model.recurrence import expected_loops, loop_plan
-
-    m = _config("model.loops_per_sequence=true").model
-    one = loop_plan(m, 4, 1234, 3, 0, 2, 4)
-    two = [loop_plan(m, 4, 1234, 3, r, 2, 2, dp_size=2) for r in range(2)]
+    rec = Recurrence.of(_config("recurrence.per_sequence=true", "recurrence.backprop=4"))
+    one = rec.plan(1234, 3, 0, 2, 4)
+    two = [rec.plan(1234, 3, r, 2, 2, dp_size=2) for r in range(2)]
     assert {p.loops for p in two} == {one.loops}
     assert [d for p in two for mb in p.depths for d in mb] == [d for mb in one.depths for d in mb]
     # E[R] of a step is E[max of its samples' draws]: against the draws of 2000 steps of 8
-    steps = [loop_plan(m, 4, 7, s, 0, 1, 8).loops for s in range(2000)]
-    mean_r, mean_k = expected_loops(m, 4, batch=8)
+    steps = [rec.plan(7, s, 0, 1, 8).loops for s in range(2000)]
+    mean_r, mean_k = rec.expected(batch=8)
     spread = (sum((r - mean_r) ** 2 for r in steps) / len(steps)) ** 0.5
     assert abs(sum(steps) / len(steps) - mean_r) < 4 * spread / len(steps) ** 0.5
-    assert mean_r > expected_loops(m, 4)[0] + 2 and mean_k == pytest.approx(4.0, abs=1e-3)
+    assert mean_r > rec.expected()[0] + 2 and mean_k == pytest.approx(4.0, abs=1e-3)
 
 
 def test_a_depth_per_sequence_is_refused_where_it_cannot_hold():
     from pretrain.config import ConfigError
 
-    with pytest.raises(ConfigError, match="^objective.kind: all: with model.loops_per_sequence"):
-        _config("model.loops_per_sequence=true", "objective.kind=all")
-    with pytest.raises(ConfigError, match="^model.loops_per_sequence: draws each sequence"):
-        _config("model.loops_per_sequence=true", "model.loops_sampler=fixed")
+    with pytest.raises(ConfigError, match="^objective.kind: all: with recurrence.per_sequence"):
+        _config("recurrence.per_sequence=true", "objective.kind=all")
+    with pytest.raises(ConfigError, match="^recurrence.per_sequence: draws each sequence"):
+        _config("recurrence.per_sequence=true", "recurrence.sampler=fixed")
     from tests.conftest import tiny_config
 
-    with pytest.raises(ConfigError, match="^model.loops_per_sequence: the ouro family's loop steps differ"):
-        tiny_config("model.loops_per_sequence=true", "model.loops_sampler=poisson",
+    with pytest.raises(ConfigError, match="^recurrence.per_sequence: the ouro family's loop steps differ"):
+        tiny_config("recurrence.per_sequence=true", "recurrence.sampler=poisson",
                     "objective.kind=last")
 
 
@@ -394,12 +392,12 @@ def _worker() -> None:
         pp.VARIANTS["parcae"] = pp.WINDOW_VARIANTS["parcae"] = PARCAE
         results = {"R3": pp.one_case(topo, 3, 2, "1f1b", "parcae", [1, 1], sp=True),
                    "R3k2": pp.one_case(topo, 3, 2, "1f1b", "parcae", [1, 1], sp=True, backprop=2)}
-    run = [*pp.SHAPES, *PARCAE, "model.loops=3", "model.loops_sampler=poisson",
-           "train.backprop_loops=2", "train.max_steps=3", "train.log_every=1",
+    run = [*pp.SHAPES, *PARCAE, "model.loops=3", "recurrence.sampler=poisson",
+           "recurrence.backprop=2", "train.max_steps=3", "train.log_every=1",
            "optim.warmup_steps=0", "train.grad_accum_steps=2", "train.micro_batch_size=4",
            f"train.out_dir={tempfile.mkdtemp(prefix='parcae-train-')}"]
     dp = 2 if args.layout == "zero" else 1
-    for case, extra in (("train", []), ("train_per_sequence", ["model.loops_per_sequence=true",
+    for case, extra in (("train", []), ("train_per_sequence", ["recurrence.per_sequence=true",
                                                               "model.loops=5"])):
         results[case] = trainer_losses(topo, [*run, *extra], [
             "parallel.pipeline=2", "parallel.pipeline_split=[1,1]", *layout,

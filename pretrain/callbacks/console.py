@@ -62,8 +62,8 @@ def _memory(m: dict[str, float]) -> str:
 
 
 def _loops(m: dict[str, float], trainer) -> str:
-    """CE per loop step; with R drawn per step, R, its backprop window and the last CE."""
-    if trainer.cfg.model.loops_sampler == "fixed":
+    """CE per loop step; with R drawn or grown, R, its backprop window and the last CE."""
+    if not trainer.recurrence.varies:
         return f"ce/loop {_per_step(m, 'loop/ce_step', trainer)}"
     return (f"R {m['train/loops']:.0f} (grad {m['train/backprop_loops']:.0f}) | ce last "
             f"{m['loop/ce_last']:.3f}")

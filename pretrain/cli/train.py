@@ -142,15 +142,15 @@ def _run(cfg, args: argparse.Namespace, signals) -> int:
 def _params(args: argparse.Namespace) -> int:
     from pretrain.config import load_config
     from pretrain.model.flops import count_parameters, run_flops_per_token
-    from pretrain.model.recurrence import expected_loops, step_samples
+    from pretrain.model.recurrence import Recurrence, step_samples
 
     cfg = load_config(args.config, args.overrides)
     report = count_parameters(cfg.model)
     report["flops_per_token"] = run_flops_per_token(cfg)
     report["loops"] = cfg.model.loops
     # a training step's expected loop steps, and those with a backward (model/recurrence.py)
-    report["expected_loops"], report["expected_backprop_loops"] = expected_loops(
-        cfg.model, cfg.train.backprop_loops, step_samples(cfg))
+    report["expected_loops"], report["expected_backprop_loops"] = Recurrence.of(cfg).expected(
+        step_samples(cfg))
     report["seq_len"] = cfg.train.seq_len
     print(json.dumps(report, indent=2))
     return 0

@@ -17,7 +17,9 @@ class ModelConfig:
     num_kv_heads: int = 4
     head_dim: int = 0  # 0: hidden_size // num_heads
     ffn_hidden_size: int = 256
-    loops: int = 4  # R: how many times the shared block is applied
+    # R: how many times the shared block is applied (evaluation, decoding, export; the mean
+    # a sampled training depth draws around: model/recurrence.py)
+    loops: int = 4
     max_seq_len: int = 256
     rope_theta: float = 10000.0
     rope_reverse: bool = False  # rotate by -angle: nanochat's (the FLT code's) RoPE sense
@@ -32,14 +34,6 @@ class ModelConfig:
     # the loop family: how one loop hands over to the next (model/families/: ouro, the FLT
     # paper's lt, lt_i, lt_ia, flt, flt_res, huginn, or any family registered by name)
     loop_mode: str = "ouro"
-    # how many loops a training step runs: `loops` every step, Huginn's draw per step,
-    # R = Poisson(LogNormal(ln(loops) - sigma^2/2, sigma)) + 1, or Parcae's R = max(Poisson(loops),
-    # 1) (model/recurrence.py)
-    loops_sampler: Literal["fixed", "poisson_lognormal", "poisson"] = "fixed"
-    loops_sigma: float = 0.5  # sigma of the log-normal rate (Huginn: 0.5)
-    # draw the depth per sequence (Parcae's released "per-sequence"): each sample its own, the
-    # step running the largest (model/recurrence.py)
-    loops_per_sequence: bool = False
     # False (an ablation, not a published model): ouro mode carries the raw stream x_t into the
     # next loop and norms only the readout
     norm_between_loops: bool = True
@@ -103,20 +97,16 @@ def validate_model(m: ModelConfig) -> None:
             "huginn places the second norm of a sandwich: it needs model.sandwich_norm: true")
     require(m.embed_scale > 0, "model.embed_scale", f"must be > 0, got {m.embed_scale}")
     require(m.state_std >= 0, "model.state_std", f"must be >= 0, got {m.state_std}")
-    require(m.loops_sigma > 0, "model.loops_sigma", f"must be > 0, got {m.loops_sigma}")
     require(m.residual_scale >= 0, "model.residual_scale", f"must be >= 0, got {m.residual_scale}")
     require(m.logit_softcap >= 0, "model.logit_softcap", f"must be >= 0, got {m.logit_softcap}")
 
 
-def validate_objective(ob: ObjectiveConfig, m: ModelConfig) -> None:
+def validate_objective(ob: ObjectiveConfig, m: ModelConfig, per_sequence: bool) -> None:
+    """`per_sequence`: whether each sequence draws its own depth (recurrence.per_sequence)."""
     require(ob.beta >= 0, "objective.beta", f"must be >= 0, got {ob.beta}")
-    if m.loops_per_sequence:
-        require(m.loops_sampler != "fixed", "model.loops_per_sequence",
-                "draws each sequence's depth: set model.loops_sampler (poisson, "
-                "poisson_lognormal)")
-        require(ob.kind == "last", "objective.kind",
-                f"{ob.kind}: with model.loops_per_sequence only the last step is every "
-                "sequence's own (use last)")
+    require(not per_sequence or ob.kind == "last", "objective.kind",
+            f"{ob.kind}: with recurrence.per_sequence only the last step is every sequence's "
+            "own (use last)")
     require(ob.gate_k > 0, "objective.gate_k", "must be > 0")
     if ob.kind == "adaptive_gate":
         require(m.loops >= 2, "objective.kind", "adaptive_gate needs model.loops >= 2")

@@ -27,7 +27,7 @@ from pretrain.model.families import family_class
 from pretrain.model.layers import ValueEmbedding
 from pretrain.model.looped import LoopedLM
 from pretrain.model.objective import readout_steps, trains_gate
-from pretrain.model.recurrence import expected_loops, step_samples
+from pretrain.model.recurrence import Recurrence, step_samples
 
 
 def count_parameters(cfg: ModelConfig) -> dict[str, int]:
@@ -108,20 +108,22 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, loops: float | None = None,
     return forward + backward + gate
 
 
-def read_count(cfg) -> float:
+def read_count(cfg, step: int | None = None) -> float:
     """Loop steps whose LM head a training step runs (model/objective.py `readout_steps`; at
-    E[R] when R is drawn per step)."""
-    mean_r, _ = expected_loops(cfg.model, cfg.train.backprop_loops, step_samples(cfg))
+    E[R] when R is drawn per step), at `step`'s growth phase (the last without one)."""
+    mean_r, _ = Recurrence.of(cfg).expected(step_samples(cfg), step)
     if trains_gate(cfg.objective.kind):
         return mean_r
     return len(readout_steps(cfg.objective.kind, max(round(mean_r), 1)))
 
 
-def run_flops_per_token(cfg) -> float:
+def run_flops_per_token(cfg, step: int | None = None) -> float:
     """Training FLOPs per token of a run: its context, the readouts its objective needs and
-    the expected loop steps with and without a backward."""
-    mean_r, mean_k = expected_loops(cfg.model, cfg.train.backprop_loops, step_samples(cfg))
-    return flops_per_token(cfg.model, cfg.train.seq_len, loops=mean_r, read_count=read_count(cfg),
+    the expected loop steps with and without a backward (at `step`'s growth phase: the last
+    without one)."""
+    mean_r, mean_k = Recurrence.of(cfg).expected(step_samples(cfg), step)
+    return flops_per_token(cfg.model, cfg.train.seq_len, loops=mean_r,
+                           read_count=read_count(cfg, step),
                            train_gate=trains_gate(cfg.objective.kind), backprop=mean_k)
 
 
@@ -131,7 +133,7 @@ def stage_cost_model(cfg) -> StageCosts:
     with a backward, and so does the last stage's readout -- once per lap read out -- so a
     split that only counted layers would overload the last stage by R x (head + gate + coda)."""
     m, s = cfg.model, cfg.train.seq_len
-    r, k = expected_loops(m, cfg.train.backprop_loops, step_samples(cfg))
+    r, k = Recurrence.of(cfg).expected(step_samples(cfg))
     reads = read_count(cfg)
     laps, read_laps = r + 2 * k, reads + 2 * min(reads, k)
     unshared = layer_matmul_flops(m) + attention_flops(m, s)

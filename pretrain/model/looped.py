@@ -33,7 +33,7 @@ the circular pipeline, decoding): `loop_input` (x_t from e and what step t - 1 h
 The equations count steps from 1 as the papers do; code counts them from 0 (metric names
 from 1: `loop/ce_step1` is t = 0).
 
-Truncated backprop (`train.backprop_loops` k, model/recurrence.py): loop steps before the
+Truncated backprop (`recurrence.backprop` k, model/recurrence.py): loop steps before the
 last k run without building a graph (`LoopPass.grad_from`); their readouts still enter the loss
 value, as constants.
 

@@ -18,7 +18,7 @@ The FLT paper's objectives (arXiv 2605.18797; the authors' `loss_type` END / STE
 no gate: `last` is the CE of step R, `all` the mean CE over every step, `few` the mean over
 steps floor(2R/3)+1..R (1-based; their 0-based range(2K//3, K)).
 
-Truncated backprop (`train.backprop_loops` k): the loss is the same function of the same
+Truncated backprop (`recurrence.backprop` k): the loss is the same function of the same
 steps; the terms of steps before the last k -- their CE, gates and exit masses -- enter it as
 constants (they were computed without a graph), so gradients flow through the last k only.
 

@@ -16,7 +16,7 @@ replacement, each refit from the full fit), seeded, so a rerun prints the same i
 N_once / N_rec come from the model's own parameter split (`pretrain params`: N_rec is the
 looped block plus huginn's adapter, N_once the rest of the non-embedding parameters -- our
 reading of the split; embeddings are left out as in our L(N, D)). A sweep whose points differ in
-`train.backprop_loops` or `model.loops_sampler` is fitted per group, so Delta phi is read off.
+`recurrence.backprop` or `recurrence.sampler` is fitted per group, so Delta phi is read off.
 """
 
 from __future__ import annotations

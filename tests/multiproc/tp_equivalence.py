@@ -124,8 +124,8 @@ def main() -> None:
         results[f"train-sp{int(sp)}"] = training_case(topo, sp)
         # Huginn's recipe: R drawn per step (mean 3), gradients through the last 2
         results[f"train-sp{int(sp)}-sampled"] = training_case(topo, sp, [
-            *VARIANTS["huginn"], "model.loops_sampler=poisson_lognormal",
-            "train.backprop_loops=2"])
+            *VARIANTS["huginn"], "recurrence.sampler=poisson_lognormal",
+            "recurrence.backprop=2"])
     finish(topo, results, args.out)
 
 

@@ -39,12 +39,13 @@ def family_class(name: str) -> type[LoopFamily]:
     return _FAMILIES[name]
 
 
-def check_family(m: ModelConfig) -> None:
-    """model.loop_mode names a registered family, and that family accepts the model's fields."""
+def check_family(m: ModelConfig, per_sequence: bool = False) -> None:
+    """model.loop_mode names a registered family, and that family accepts the model's fields
+    (and a depth drawn per sequence, `per_sequence`)."""
     require(m.loop_mode in _FAMILIES, "model.loop_mode",
             f"expected one of {', '.join(map(repr, sorted(_FAMILIES)))}, got {m.loop_mode!r}")
     family = _FAMILIES[m.loop_mode]
-    require(family.steps_alike or not m.loops_per_sequence, "model.loops_per_sequence",
+    require(family.steps_alike or not per_sequence, "recurrence.per_sequence",
             f"the {m.loop_mode} family's loop steps differ (the first starts from e): a "
             "sequence cannot idle through some of them")
     family.check(m)
@@ -79,7 +80,7 @@ class LoopFamily:
     reads_state: ClassVar[bool] = True  # the readout reads h_t (else x_t alone: readout_input)
     coda_every_loop: ClassVar[bool] = True  # the unrolled depth counts the coda per loop (init)
     # every loop step is the same map of (x_{t-1}, e) from a start state x_0 (`start_state`):
-    # a sequence may idle through its first steps (model.loops_per_sequence)
+    # a sequence may idle through its first steps (recurrence.per_sequence)
     steps_alike: ClassVar[bool] = False
 
     def __init__(self, cfg: ModelConfig):

@@ -20,12 +20,12 @@ the model is theirs run for t steps (their `partial_depth_eval`).
 Departures, by name: their RoPE rotates adjacent pairs (2i, 2i+1), ours (i, i + D/2) -- the same
 function after one fixed permutation of each head's query/key rows; their gate rule for value
 embeddings reads n_layer = recurrent layers x mean_backprop_depth, even in every released config
-(4), so the gates sit on odd layer ids here whatever `train.backprop_loops` is; their QK-norm
+(4), so the gates sit on odd layer ids here whatever `recurrence.backprop` is; their QK-norm
 takes F.rms_norm's default epsilon of the input's dtype (bf16's 2^-7 under autocast), ours
 `model.qk_norm_eps` in fp32; the recurrent block has the model's width (their
 recurrent_embedding_dimension equals n_embd in every release); only the diagonal injection
 (their default) is offered; as theirs, weight decay leaves B and C alone (`undecayed`; A_log
-and dt_bias are vectors, undecayed anyway). Their "per-sequence" depth (`model.loops_per_sequence`,
+and dt_bias are vectors, undecayed anyway). Their "per-sequence" depth (`recurrence.per_sequence`,
 model/recurrence.py) runs the step at the global batch's largest depth (theirs: the rank's) and
 idles a sequence through the first steps of a phase, not the last (the same function: every
 step is the same map, `steps_alike`).
