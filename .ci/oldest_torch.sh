@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The fast tier on the oldest torch of the supported range (pretrain/doctor.py TORCH_RANGE), as
+# The fast tier on the oldest torch of the supported range (pretrain/planning/doctor.py TORCH_RANGE), as
 # CI's second pass: a venv holding only that torch (PyPI's x86_64 build is CUDA's, ~5 GB with its
 # libraries; it runs on the CPU), which reaches every other package through .venv's
 # site-packages (`make install` first).   bash .ci/oldest_torch.sh [pytest args]

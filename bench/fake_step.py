@@ -1,5 +1,5 @@
 """`pretrain plan --fake` over the large shipped configs at their planned layouts: the real
-step under fake tensors (pretrain/fake_step.py) beside the planner (pretrain/planner.py).
+step under fake tensors (pretrain/planning/fake_step.py) beside the planner (pretrain/planning/planner.py).
 
 Run: `python bench/fake_step.py [--only NAME]` (minutes on a CPU: each layout builds the model
 at full size under fake tensors and runs two steps per pipeline stage). Each row: the fullest
@@ -20,8 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pretrain.config import load_config  # noqa: E402
-from pretrain.hardware import GPUS  # noqa: E402
-from pretrain.plan_check import check_layout  # noqa: E402
+from pretrain.planning.hardware import GPUS  # noqa: E402
+from pretrain.planning.plan_check import check_layout  # noqa: E402
 
 
 def _layout(tp=1, pp=1, dp=1, zero=0, mb=1, m=2) -> list[str]:

@@ -34,9 +34,9 @@ from pathlib import Path
 import torch
 
 from pretrain.config import load_config
-from pretrain.hardware import GPUS, lookup, memory_gb
 from pretrain.model.generate import ExitRule, generate
-from pretrain.planner import Layout, estimate, plan, realising_config
+from pretrain.planning.hardware import GPUS, lookup, memory_gb
+from pretrain.planning.planner import Layout, estimate, plan, realising_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = {"ouro-1.4b R=4 4k": ("configs/ouro-1.4b-stage1a.yaml", ["model.loops=4"]),
@@ -163,7 +163,7 @@ def cuda_tier(budget_s: float) -> dict:
 
 
 def doctor(budget_s: float) -> dict:
-    code = ("import json; from pretrain.doctor import diagnose, report; t, s = report(diagnose());"
+    code = ("import json; from pretrain.planning.doctor import diagnose, report; t, s = report(diagnose());"
             " print(json.dumps({'text': t, 'status': s}))")
     return child([sys.executable, "-c", code], budget_s)
 
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"CUDA tier: {' '.join(tier.get('summary', [tier.get('error', '')]))}", flush=True)
     if gpu is None:
         print(f"gpu_acceptance: {torch.cuda.get_device_name()} is not in the planner's table "
-              "(pretrain/hardware.py): no throughput cases", file=sys.stderr)
+              "(pretrain/planning/hardware.py): no throughput cases", file=sys.stderr)
         return 2
     print(f"{'case':<20} | {'tokens/s (pred, ratio)':>30} | {'MFU (pred, ratio)':>24} | "
           f"{'GiB alloc / reserved (pred, ratio)':>34} | decode tok/s full / last / average")

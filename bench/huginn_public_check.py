@@ -47,7 +47,7 @@ def check(modeling: Path, checkpoint: Path | None) -> float:
     from transformers import AutoModelForCausalLM
 
     from pretrain.checkpoint.offline import load_model
-    from pretrain.hf import export
+    from pretrain.formats.hf import export
 
     work = Path(tempfile.mkdtemp(prefix="huginn-check-"))
     ckpt = checkpoint or _tiny_checkpoint(work / "run")

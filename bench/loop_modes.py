@@ -4,8 +4,10 @@ Real text that a package ships: the CPython standard library's sources (the inte
 `Lib/`, tests excluded), split by file into training and held-out documents (sha1 of the path:
 1 in 20 held out), byte-level BPE 4096 trained on the training files. Every configuration
 trains the same number of tokens from the seed (windows drawn from (seed, step)) and is scored
-on the same held-out windows: CE at every loop step (all loops run) and the mean L2 norm of the
-block output x_t per loop (the FLT paper's residual-explosion diagnostic).
+on the same held-out windows: CE at every loop step (all loops run, `--eval-loops` of them
+where more) and the mean L2 norm of the block output x_t per loop (the FLT paper's
+residual-explosion diagnostic). A step's R, backprop window, initial states and lr follow the
+run's `recurrence` section (a drawn R, loop growth and its lr re-warm), as the trainer's do.
 
     python bench/loop_modes.py prepare                       # corpus + tokenizer (CPU, ~1 min)
     python bench/loop_modes.py run [--only NAME ...] [--tokens N] [--device cuda]
@@ -35,7 +37,9 @@ sys.path.insert(0, str(ROOT))
 from pretrain.config import load_config  # noqa: E402
 from pretrain.model.looped import LoopedLM  # noqa: E402
 from pretrain.model.objective import compute_objective, per_step_ce, readout_steps  # noqa: E402
-from pretrain.optim import build_optimizer, lr_at, set_lr  # noqa: E402
+from pretrain.model.recurrence import Recurrence  # noqa: E402
+from pretrain.optim import build_optimizer, set_lr  # noqa: E402
+from pretrain.train import step_lr  # noqa: E402
 
 DATA = ROOT / "runs/bench-loop-modes"
 # the issue's scale: hidden 192 x 3 shared layers, BPE 4096, ~2.9M parameters
@@ -52,6 +56,19 @@ FLT = ["model.sandwich_norm=false", "model.norm_weights=false", "model.qk_norm=t
        "optim.lr=0.004", "optim.min_lr=0.0", "optim.weight_decay=0.0", "optim.beta1=0.8",
        "optim.eps=1e-10", "optim.schedule=wsd", "optim.warmup_steps=0",
        "optim.decay_fraction=0.2", "objective.kind=last"]
+# the two sandwich families with one prelude, two shared and one coda layer
+HUGINN = ["model.loop_mode=huginn", "model.prelude_layers=1", "model.coda_layers=1",
+          "model.num_layers=2", "model.ffn_hidden_size=1024", "model.tie_embeddings=true",
+          "model.sandwich_style=huginn", "model.qk_bias=true", "model.embed_scale=13.856",
+          "model.state_std=0.0456", "model.init=huginn", "model.init_std=0.0456",
+          "objective.kind=last", "model.loops=3", "recurrence.sampler=poisson_lognormal",
+          "recurrence.backprop=4"]
+PARCAE = ["model.loop_mode=parcae", "model.prelude_layers=1", "model.coda_layers=1",
+          "model.num_layers=2", "model.tie_embeddings=true", "model.sandwich_norm=false",
+          "model.qk_norm=true", "model.mlp=relu2_half", "model.init=parcae",
+          "model.state_std=0.0456", "model.init_std=0.0456", "objective.kind=last",
+          "model.loops=4", "recurrence.sampler=poisson", "recurrence.per_sequence=true",
+          "recurrence.backprop=4"]
 # the FLT authors' optimizer alone (Muon for the layers' matrices), Ouro's layers kept
 MUON = ["optim.name=muon", "optim.muon_lr=0.02", "optim.weight_decay=0.0"]
 EXPERIMENTS = {
@@ -84,6 +101,15 @@ EXPERIMENTS = {
     "flt-K4-all": ["model.loops=4", "model.loop_mode=flt", *FLT, "objective.kind=all"],
     "lt_i-K4-all": ["model.loops=4", "model.loop_mode=lt_i", *FLT, "objective.kind=all"],
     "lt_ia-K4-all": ["model.loops=4", "model.loop_mode=lt_ia", *FLT, "objective.kind=all"],
+    # loop growth (arXiv 2609.19107's Loop-Grow) against fixed R = 4 (ouro-R4-last), sized for
+    # `--tokens 500000` (61 steps): R = 2 for the first 30 steps, then 4, the lr re-warmed over 5
+    "ouro-grow2to4-last": ["model.loops=4", "objective.kind=last",
+                           "recurrence.grow=[{until: 30, loops: 2}]", "recurrence.rewarm_steps=5"],
+    # Huginn vs Parcae at equal parameters (3.81M: Parcae's value embeddings against a wider
+    # Huginn MLP) and equal expected depth E[R] = 4 (Huginn's draw has E[R] = loops + 1), each
+    # with its own released recipe (sampler, the last 4 steps backpropagated, their init)
+    "huginn-ER4": HUGINN,
+    "parcae-ER4": PARCAE,
 }
 HELD_OUT_WINDOWS = 256
 
@@ -123,26 +149,31 @@ def _windows(tokens: Tensor, starts: Tensor, seq: int) -> tuple[Tensor, Tensor]:
 
 
 def train_and_score(overrides: list[str], data: Path, tokens: int, device: str,
-                    seed: int = 1234) -> dict:
+                    seed: int = 1234, eval_loops: int = 0) -> dict:
     cfg = load_config(None, [*SHAPE, *overrides, f"train.seed={seed}"])
-    t, r = cfg.train, cfg.model.loops
+    t, r = cfg.train, max(cfg.model.loops, eval_loops)
     steps = max(tokens // (t.micro_batch_size * t.seq_len), 1)
     cfg.train.max_steps = steps
+    rec = Recurrence.of(cfg)
     train = torch.from_numpy(np.load(data / "train.npy").astype(np.int64))
     held = torch.from_numpy(np.load(data / "heldout.npy").astype(np.int64))
     torch.manual_seed(cfg.train.seed)
     model = LoopedLM(cfg.model).to(device)
     opt = build_optimizer(model, cfg.optim)
-    read_steps = readout_steps(cfg.objective.kind, r)
     gen = torch.Generator().manual_seed(cfg.train.seed)
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
     start = time.perf_counter()
     for step in range(steps):
-        set_lr(opt, lr_at(cfg.optim, step, steps))
+        set_lr(opt, step_lr(cfg, step))
         starts = torch.randint(0, len(train) - t.seq_len - 1, (t.micro_batch_size,), generator=gen)
         x, y = (v.to(device) for v in _windows(train, starts, t.seq_len))
+        plan = rec.plan(t.seed, step, 0, 1, t.micro_batch_size)
         with amp:
-            loss = compute_objective(cfg.objective, model(x, read_steps=read_steps), y).loss
+            out = model(x, loops=plan.loops, backprop=plan.backprop,
+                        read_steps=readout_steps(cfg.objective.kind, plan.loops),
+                        state_seed=plan.state_seeds[0],
+                        depths=plan.depths[0] if plan.depths else None)
+            loss = compute_objective(cfg.objective, out, y).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         opt.step()
@@ -154,7 +185,7 @@ def train_and_score(overrides: list[str], data: Path, tokens: int, device: str,
     with torch.no_grad(), amp:
         for chunk in starts.split(32):
             x, y = (v.to(device) for v in _windows(held, chunk, t.seq_len))
-            out = model(x)
+            out = model(x, loops=r, state_seed=tuple(range(len(chunk))))
             ce += per_step_ce(out.logits, y.t()).double().mean((1, 2)).cpu() * len(chunk)
             norms += out.hidden_norm.double().cpu() * len(chunk)
             n += len(chunk)
@@ -175,6 +206,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=3_000_000, help="training tokens per run")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path, default=None, help="results JSON")
+    ap.add_argument("--eval-loops", type=int, default=0,
+                    help="score this many loop steps where the model's own R is fewer")
     ap.add_argument("--seeds", type=int, nargs="+", default=[1234],
                     help="train.seed of each repetition (initialisation and data order)")
     args = ap.parse_args()
@@ -186,7 +219,8 @@ def main() -> None:
     for name in (f"{n}@{s}" if len(args.seeds) > 1 else n for s in args.seeds for n in args.only):
         base, _, seed = name.partition("@")
         res = results[name] = train_and_score(EXPERIMENTS[base], args.data, args.tokens,
-                                              args.device, int(seed or args.seeds[0]))
+                                              args.device, int(seed or args.seeds[0]),
+                                              args.eval_loops)
         ce = " ".join(f"{c:.3f}" for c in res["ce_per_step"])
         hn = " ".join(f"{h:.1f}" for h in res["hidden_norm"])
         print(f"{name:22} params {res['params']:,} tokens {res['tokens']:,} "

@@ -106,7 +106,7 @@ class PlainUpdate:
         grad_norm = global_grad_norm(self.params, self.topo)
         layers = (layer_grad_norms(self.model, self.topo, self.model.cfg.num_layers)
                   if diagnostics else None)
-        # asked as "is anything wrong", as DeepSpeed asks (pretrain/fake_step.py reads False)
+        # asked as "is anything wrong", as DeepSpeed asks (pretrain/planning/fake_step.py reads False)
         bad = bool(~(torch.isfinite(loss) & torch.isfinite(grad_norm)))
         ok = all_ranks_agree(not bad, self.topo, self.topo.device)
         if ok:

@@ -35,12 +35,12 @@ from pretrain.checkpoint.offline import saved_tensors
 from pretrain.checkpoint.record import make_record, trainer_state
 from pretrain.config import Config, dump_config
 from pretrain.data import default_data
-from pretrain.hardware import memory_gb, peak_flops
 from pretrain.model.flops import run_flops_per_token
 from pretrain.model.looped import LoopedLM
 from pretrain.model.recurrence import Recurrence
 from pretrain.optim import lr_at, set_lr, warmup_notice
-from pretrain.run_dir import RunLock
+from pretrain.planning.hardware import memory_gb, peak_flops
+from pretrain.run.run_dir import RunLock
 from pretrain.step_engine import build_engine
 
 
@@ -319,7 +319,7 @@ class Trainer:
 
     def fit(self, save: bool = True) -> RunSummary:
         """Train to train.max_steps; `save=False` runs without the checkpointing callback.
-        A run that saves holds train.out_dir's lock (pretrain/run_dir.py) while it trains: the
+        A run that saves holds train.out_dir's lock (pretrain/run/run_dir.py) while it trains: the
         caller's (`run_lock`, the CLI's), else its own."""
         t = self.cfg.train
         if not save:

@@ -21,7 +21,7 @@ from core.exit_codes import EXIT_PREEMPTED
 from pretrain.checkpoint import CheckpointError, store
 from pretrain.checkpoint.offline import load_model
 from pretrain.cli import main
-from pretrain.status import losses_by_step
+from pretrain.run.status import losses_by_step
 from pretrain.train import Trainer
 from tests.conftest import ROOT, VARIANTS, tiny_config
 from tests.distributed import child_env, free_port, torchrun
@@ -238,7 +238,7 @@ def test_a_term_after_the_agreed_preemption_leaves_exit_75():
     """srun --kill-on-bad-exit sends TERM to the other ranks as soon as one exits 75; one that
     is still leaving must exit 75 too, not die of the TERM (143: the job would not requeue)."""
     script = ("import os, signal, sys, torch\n"
-              "from pretrain.preemption import PreemptionSignal\n"
+              "from pretrain.run.preemption import PreemptionSignal\n"
               "p = PreemptionSignal(); p.install()\n"
               f"os.kill(os.getpid(), {int(signal.SIGUSR1)})\n"
               "assert p.agreed(torch.device('cpu'))[0]\n"

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pretrain import doctor
 from pretrain.cli import main
+from pretrain.planning import doctor
 from tests.conftest import ROOT
 
 TINY = str(ROOT / "configs/tiny.yaml")

@@ -231,7 +231,7 @@ def test_exported_model_through_lm_evals_hf_type_scores_as_our_wrapper(run, monk
         monkeypatch.delenv(var, raising=False)
     from pretrain.downstream.harness_lm import LoopedHarnessLM
     from pretrain.downstream.tasks import load_tasks
-    from pretrain.hf import export
+    from pretrain.formats.hf import export
 
     hf_dir = export(run["ckpt"], run["root"] / "hf")
     tasks = load_tasks([str(run["root"] / "mc.yaml"), str(run["root"] / "ppl.yaml")])

@@ -15,11 +15,11 @@ from torch.nn import functional as F
 from parallelism.topology import Topology
 from pretrain.cli import main
 from pretrain.config import ConfigError
-from pretrain.fake_step import OpCount, StepProfile, _batches, eager_ops, profile_layout
-from pretrain.hardware import GPUS
 from pretrain.model.looped import LoopedLM
-from pretrain.plan_check import check_layout
-from pretrain.planner import Layout, estimate
+from pretrain.planning.fake_step import OpCount, StepProfile, _batches, eager_ops, profile_layout
+from pretrain.planning.hardware import GPUS
+from pretrain.planning.plan_check import check_layout
+from pretrain.planning.planner import Layout, estimate
 from pretrain.step_engine import build_engine
 from tests.conftest import tiny_config
 
@@ -148,7 +148,7 @@ def test_plan_without_gpus_is_one_line(capsys):
 
 
 def test_toy_config_keeps_the_structure():
-    from pretrain.fake_step import _toy
+    from pretrain.planning.fake_step import _toy
 
     cfg = tiny_config("train.loss_chunk_tokens=16")
     toy = _toy(cfg, 2)

@@ -92,12 +92,12 @@ def test_family_decodes_through_the_kv_cache():
 
 
 def test_family_plans_its_flops_parameters_and_memory():
-    from pretrain.hardware import lookup
     from pretrain.model.activations import saved_bytes
     from pretrain.model.flops import count_parameters, flops_per_token
     from pretrain.model.memory import MemoryPolicy, SavedForBackward
     from pretrain.model.objective import compute_objective
-    from pretrain.planner import plan
+    from pretrain.planning.hardware import lookup
+    from pretrain.planning.planner import plan
     from tests.conftest import tiny_config
 
     cfg, model = _model("model.loops=4", "train.seq_len=32")

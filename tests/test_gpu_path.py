@@ -11,7 +11,7 @@ import torch
 from core.config_schema import ConfigError
 from parallelism import timing
 from parallelism.topology import pick_device
-from pretrain import hardware
+from pretrain.planning import hardware
 from tests.conftest import pin_fp32
 
 

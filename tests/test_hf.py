@@ -13,7 +13,7 @@ from core.durable import new_file_mode
 from pretrain.checkpoint.offline import load_model
 from pretrain.cli import main
 from pretrain.config import ConfigError
-from pretrain.hf import export
+from pretrain.formats.hf import export
 from pretrain.train import Trainer
 from tests.conftest import ROOT, tiny_config
 from tests.distributed import torchrun

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pretrain.config import ConfigError
-from pretrain.huginn_format import from_huginn, huginn_config, to_huginn
+from pretrain.formats.huginn import from_huginn, huginn_config, to_huginn
 from pretrain.model.generate import ExitRule, generate, readout_exit_steps
 from pretrain.model.looped import LoopedLM
 from pretrain.model.objective import compute_objective
@@ -269,7 +269,7 @@ def test_init_is_theirs():
 
 
 def test_import_keeps_their_init():
-    from pretrain.huginn_format import model_overrides
+    from pretrain.formats.huginn import model_overrides
 
     c = huginn_config(tiny_config(*RELEASED))
     got = dict(model_overrides(c))

@@ -10,8 +10,8 @@ import sys
 import pytest
 from packaging.specifiers import SpecifierSet
 
-from pretrain import doctor
-from pretrain.doctor import TORCH_RANGE
+from pretrain.planning import doctor
+from pretrain.planning.doctor import TORCH_RANGE
 from tests.conftest import ROOT
 
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from pretrain.config import load_config
+from pretrain.formats.parcae import from_parcae, to_parcae
 from pretrain.model.families.parcae import DECAY, injection_spectral_norm
 from pretrain.model.looped import LoopedLM
 from pretrain.model.recurrence import Recurrence
-from pretrain.parcae_format import from_parcae, to_parcae
 from tests.conftest import ROOT
 from tests.reference import reference_parcae
 
@@ -87,7 +87,7 @@ def test_export_writes_their_names_and_config_and_imports_back_exactly(tmp_path)
     from pretrain.checkpoint.offline import load_model
     from pretrain.cli import main
     from pretrain.config import ConfigError
-    from pretrain.parcae_format import model_overrides
+    from pretrain.formats.parcae import model_overrides
 
     run = tmp_path / "run"
     assert main(["train", "--config", str(CPU), "train.max_steps=2", "train.log_every=1",

@@ -11,12 +11,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from pretrain.cli import main
 from pretrain.config import load_config
-from pretrain.hardware import GPUS
 from pretrain.model.flops import run_flops_per_token
 from pretrain.model.looped import LoopedLM
 from pretrain.model.objective import compute_objective, readout_steps, token_cross_entropy
-from pretrain.planner import Layout, check, estimate, megatron_gpt_1p7b, plan
-from pretrain.rehearse import reference_shapes, rehearse
+from pretrain.planning.hardware import GPUS
+from pretrain.planning.planner import Layout, check, estimate, megatron_gpt_1p7b, plan
+from pretrain.planning.rehearse import reference_shapes, rehearse
 from tests.conftest import ROOT, VARIANTS, tiny_config
 
 
@@ -151,8 +151,8 @@ def test_plan_names_the_trainer_options_and_the_config_that_runs_it(capsys):
 def test_every_feasible_row_runs_as_the_planner_prints_it(name):
     """A row is feasible only if the run accepts its overrides: Muon (Parcae's and FLT's
     optimizer) keeps it off ZeRO and TP; Parcae's tied embeddings pipeline."""
-    from pretrain.hardware import lookup
-    from pretrain.planner import plan, realising_config
+    from pretrain.planning.hardware import lookup
+    from pretrain.planning.planner import plan, realising_config
 
     path = ROOT / "configs" / f"{name}.yaml"
     estimates = plan(load_config(path), 16, lookup("h100"), 256)

@@ -21,8 +21,8 @@ from core.exit_codes import EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_PREEMPTED, PREEM
 from pretrain.checkpoint import store
 from pretrain.cli import main
 from pretrain.config import ConfigError
-from pretrain.run_dir import RunLock
-from pretrain.status import losses_by_step
+from pretrain.run.run_dir import RunLock
+from pretrain.run.status import losses_by_step
 from tests.conftest import ROOT
 from tests.distributed import child_env
 
@@ -95,7 +95,7 @@ def test_a_live_job_holds_the_run_directory_and_a_dead_ones_lock_is_taken_over(t
                                                                               capsys):
     run = tmp_path / "run"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom pretrain.run_dir import RunLock\n"
+        [sys.executable, "-c", "import sys, time\nfrom pretrain.run.run_dir import RunLock\n"
          f"RunLock({str(run)!r}).acquire()\nprint('held', flush=True)\ntime.sleep(600)\n"],
         cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, text=True)
     try:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.status import losses_by_step
+from pretrain.run.status import losses_by_step
 from slurm.submit import job_state
 from tests.conftest import ROOT
 from tests.distributed import torchrun

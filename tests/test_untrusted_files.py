@@ -237,7 +237,7 @@ def test_import_of_an_ouro_config_of_the_wrong_types_is_one_line(hf_export, tmp_
 ])
 def test_import_of_a_huginn_config_of_the_wrong_types_is_one_line(tmp_path, field, value, needle,
                                                                   capsys):
-    from pretrain.huginn_format import huginn_config
+    from pretrain.formats.huginn import huginn_config
     from tests.conftest import VARIANTS, tiny_config
 
     src = tmp_path / "hf"

@@ -15,7 +15,7 @@ import signal
 import time
 
 from pretrain.callbacks import Callback
-from pretrain.preemption import Preempted, PreemptionSignal
+from pretrain.run.preemption import Preempted, PreemptionSignal
 
 
 class Checkpointing(Callback):

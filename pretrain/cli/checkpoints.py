@@ -11,7 +11,7 @@ from pretrain.cli.flags import at_least
 
 def _claim(args: argparse.Namespace, what: str) -> None:
     """The output directory is new or empty, or --overwrite moves the old one aside."""
-    from pretrain.run_dir import claim_output
+    from pretrain.run.run_dir import claim_output
 
     note = claim_output(args.out, args.overwrite, what)
     if note:
@@ -19,7 +19,7 @@ def _claim(args: argparse.Namespace, what: str) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from pretrain.hf import export
+    from pretrain.formats.hf import export
 
     _claim(args, "an export")
     out = export(args.checkpoint, args.out)
@@ -30,7 +30,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
-    from pretrain.hf import import_hf
+    from pretrain.formats.hf import import_hf
 
     _claim(args, "a run directory")
     ckpt = import_hf(args.hf, args.out, args.config, args.allow_nonfinite)

@@ -1,4 +1,4 @@
-"""`pretrain doctor`: whether this node is set up for a run (pretrain/doctor.py)."""
+"""`pretrain doctor`: whether this node is set up for a run (pretrain/planning/doctor.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import argparse
 
 def _doctor(args: argparse.Namespace) -> int:
     from pretrain.config import load_config
-    from pretrain.doctor import diagnose, report
+    from pretrain.planning.doctor import diagnose, report
 
     cfg = load_config(args.config, args.overrides) if args.config else None
     text, status = report(diagnose(cfg))

@@ -10,9 +10,9 @@ from pretrain.cli.flags import at_least
 
 def _plan(args: argparse.Namespace) -> int:
     from pretrain.config import load_config
-    from pretrain.hardware import GPUS
-    from pretrain.kernels import train_options
-    from pretrain.planner import plan, realising_config
+    from pretrain.planning.hardware import GPUS
+    from pretrain.planning.kernels import train_options
+    from pretrain.planning.planner import plan, realising_config
 
     cfg = load_config(args.config, args.overrides)
     gpu = _gpu(args.gpu, GPUS)
@@ -43,8 +43,8 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _rehearse(args: argparse.Namespace) -> int:
-    """Every TP x PP x DP x ZeRO layout of --gpus, set up on meta (pretrain/rehearse.py)."""
-    from pretrain.rehearse import layouts, reference_shapes, rehearse
+    """Every TP x PP x DP x ZeRO layout of --gpus, set up on meta (pretrain/planning/rehearse.py)."""
+    from pretrain.planning.rehearse import layouts, reference_shapes, rehearse
 
     reference = reference_shapes(args.config, args.overrides)
     results = [rehearse(args.config, args.overrides, *lay, reference) for lay in layouts(args.gpus)]
@@ -60,8 +60,8 @@ def _rehearse(args: argparse.Namespace) -> int:
 def _fake(args: argparse.Namespace) -> int:
     """The config's own layout, one rank per stage under fake tensors, beside the planner."""
     from pretrain.config import load_config
-    from pretrain.hardware import GPUS
-    from pretrain.plan_check import check_layout, report
+    from pretrain.planning.hardware import GPUS
+    from pretrain.planning.plan_check import check_layout, report
 
     cfg = load_config(args.config, args.overrides)
     print("\n".join(report(check_layout(cfg, _gpu(args.gpu, GPUS)))))
@@ -87,7 +87,7 @@ def add_commands(sub) -> None:
     pl.add_argument("--config", required=True, help="YAML config file")
     pl.add_argument("overrides", nargs="*")
     pl.add_argument("--gpus", type=at_least(1), help="GPUs to lay the run out on")
-    pl.add_argument("--gpu", default="h100", help="a key of pretrain/hardware.py's table")
+    pl.add_argument("--gpu", default="h100", help="a key of pretrain/planning/hardware.py's table")
     pl.add_argument("--global-batch", type=at_least(0), default=0, help="sequences per step")
     pl.add_argument("--top", type=at_least(1), default=10, help="layouts to print")
     pl.add_argument("--rehearse", action="store_true",

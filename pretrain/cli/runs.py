@@ -53,7 +53,7 @@ def _submit(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from pretrain.status import is_tokenisation, run_status, tokenisation_status
+    from pretrain.run.status import is_tokenisation, run_status, tokenisation_status
     from pretrain.sweep.collect import POINTS_INDEX
     from pretrain.sweep.status import sweep_status
 

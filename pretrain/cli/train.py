@@ -20,7 +20,7 @@ from core.exit_codes import (
 
 def _train(args: argparse.Namespace) -> int:
     from pretrain.config import dump_config, load_config
-    from pretrain.preemption import PreemptionSignal
+    from pretrain.run.preemption import PreemptionSignal
 
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
@@ -56,10 +56,10 @@ def _resume_command(args: argparse.Namespace) -> str:
 
 def _own_run_dir(trainer, resume: str, overwrite: bool):
     """Lock train.out_dir for this job (rank 0) and check a fresh start holds no other run's
-    checkpoints (pretrain/run_dir.py); every rank gets the verdict. The lock, or None."""
+    checkpoints (pretrain/run/run_dir.py); every rank gets the verdict. The lock, or None."""
     from parallelism.topology import on_main
     from pretrain.checkpoint import store
-    from pretrain.run_dir import own_run
+    from pretrain.run.run_dir import own_run
 
     out = trainer.out_dir
     fresh = resume == "none" or (resume != "auto" and store.resolve(resume).parent.resolve()
@@ -79,9 +79,9 @@ def _own_run_dir(trainer, resume: str, overwrite: bool):
 
 def _run(cfg, args: argparse.Namespace, signals) -> int:
     from parallelism.topology import shutdown
-    from pretrain.kernels import describe
     from pretrain.model.flops import count_parameters
-    from pretrain.preemption import Preempted
+    from pretrain.planning.kernels import describe
+    from pretrain.run.preemption import Preempted
     from pretrain.train import Trainer, TrainingDiverged
 
     trainer = Trainer(cfg, preemption=signals)

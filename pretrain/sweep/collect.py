@@ -27,7 +27,7 @@ def collect(sweep_dir: Path, log=print, allow_commands: bool = False) -> Path:
     from pretrain.checkpoint.offline import load_model, refuse_shell_commands
     from pretrain.evaluate import evaluate
     from pretrain.model.flops import count_parameters, run_flops_per_token
-    from pretrain.status import last_metrics
+    from pretrain.run.status import last_metrics
 
     indices, eval_batches = read_index(sweep_dir)
     rows, missing = [], []

@@ -27,7 +27,7 @@ def run_local(points: list[Point], log=print) -> None:
     """Each point in turn (torchrun when its layout has several processes); a point that
     already finished is skipped, an interrupted one resumes. Says [k/N], each point's settings,
     log file, final loss and time, and the time left at the mean pace so far."""
-    from pretrain.status import last_metrics
+    from pretrain.run.status import last_metrics
 
     start = time.monotonic()
     for k, pt in enumerate(points, start=1):

@@ -142,7 +142,7 @@ def write_points(spec: SweepSpec, points: list[Point], overwrite: bool = False) 
     if they were its own: refused before anything is written, or with `overwrite` that run is
     moved aside."""
     from pretrain.checkpoint import store
-    from pretrain.run_dir import move_aside
+    from pretrain.run.run_dir import move_aside
 
     changed = [pt for pt in points if store.newest(pt.run_dir / "checkpoints") is not None
                and (pt.run_dir / "config.yaml").is_file()

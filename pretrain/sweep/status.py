@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pretrain.checkpoint import store
-from pretrain.status import last_metrics, reached_step, run_state
+from pretrain.run.status import last_metrics, reached_step, run_state
 from pretrain.sweep.collect import read_index
 
 

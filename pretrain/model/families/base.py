@@ -82,6 +82,10 @@ class LoopFamily:
     # every loop step is the same map of (x_{t-1}, e) from a start state x_0 (`start_state`):
     # a sequence may idle through its first steps (recurrence.per_sequence)
     steps_alike: ClassVar[bool] = False
+    # the module (dotted name) whose `FORMAT` (pretrain/formats: ReleaseFormat) writes and reads
+    # this family's released checkpoints; the Ouro release's layout, which refuses what it
+    # cannot hold (another loop mode among them)
+    release_format: ClassVar[str] = "pretrain.formats.ouro"
 
     def __init__(self, cfg: ModelConfig):
         self.cfg = cfg

@@ -9,7 +9,7 @@ objective reads the last step only (`objective.kind: last`; configs/huginn-*.yam
 their sandwich_style, qk_bias, embed_scale, tied embeddings). Their RoPE rotates adjacent
 pairs (2i, 2i+1); ours rotates (i, i + D/2): the same function after one fixed permutation of
 each head's query/key rows, which their format's export/import applies
-(pretrain/huginn_format.py).
+(pretrain/formats/huginn.py).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ class Huginn(LoopFamily):
     hands_over_raw = True
     steps_alike = True
     coda_every_loop = False  # their effective depth: the coda once, after the last loop
+    release_format = "pretrain.formats.huginn"  # Huginn-0125's tensor names and config.json
 
     def modules(self):
         h = self.cfg.hidden_size

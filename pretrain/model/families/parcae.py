@@ -84,6 +84,7 @@ class Parcae(LoopFamily):
     steps_alike = True
     reads_state = False  # the readout reads C x_t
     coda_every_loop = False  # their expected depth counts the coda once
+    release_format = "pretrain.formats.parcae"  # their module's tensor names and config.json
 
     @classmethod
     def check(cls, m):

@@ -37,6 +37,7 @@ from torch import Tensor
 
 from core.config_schema import Override
 from pretrain.config import Config, ConfigError, ModelConfig
+from pretrain.formats import ReleaseFormat
 
 MODELING_FILES = ("raven_config_minimal.py", "raven_modeling_minimal.py")
 _NORMS = {"attn_norm.weight": "norm_1.weight", "attn_post_norm.weight": "norm_2.weight",
@@ -190,3 +191,7 @@ def model_overrides(hf: dict) -> list[Override]:
     return [(f"model.{k}", v) for k, v in pairs.items()] + [
         ("objective.kind", "last"), ("recurrence.sampler", "poisson_lognormal"),
         ("recurrence.backprop", depth)]
+
+
+FORMAT = ReleaseFormat(to_huginn, huginn_config, from_huginn, model_overrides,
+                       lambda hf: hf.get("model_type") == "huginn_raven")

@@ -54,7 +54,7 @@ def _max_steps(run_dir: Path) -> int | None:
 
 
 def live_holder(run_dir: Path) -> str | None:
-    """Who holds the run directory's lock (pretrain/run_dir.py) now: its record, or None
+    """Who holds the run directory's lock (pretrain/run/run_dir.py) now: its record, or None
     when no live process does. Probes with a shared lock; creates nothing."""
     import fcntl
     import os

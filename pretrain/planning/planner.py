@@ -25,7 +25,7 @@ run. Per token (per GPU: divided by TP; per step: times the GPU's tokens):
   optimizer   Adam over this rank's shard: ~32 bytes per parameter through HBM
   launches    eager PyTorch pays LAUNCH_S of host time per ATen op (dispatch + kernel launch);
               the host runs ahead of the GPU, so a stage's step takes the longer of its GPU work
-              and its ops x LAUNCH_S (pretrain/fake_step.py `eager_ops` counts the step's ops:
+              and its ops x LAUNCH_S (pretrain/planning/fake_step.py `eager_ops` counts the step's ops:
               per micro-batch, and per step). Many small micro-batches lose to launch overhead
 Truncated backprop and a sampled R (pretrain/model/recurrence.py): the loop steps count at E[R]
 with E[k] of them running a backward (a step without a graph costs its forward only); memory
@@ -74,8 +74,6 @@ from dataclasses import dataclass
 from core.config_schema import set_dotted
 from parallelism.pipeline_schedule import peak_live, schedule
 from pretrain.config import Config, ConfigError, config_from_tree, validate
-from pretrain.fake_step import eager_ops
-from pretrain.hardware import Accelerator
 from pretrain.model.activations import Shard, layer_elements, saved_bytes
 from pretrain.model.flops import (
     count_parameters,
@@ -86,6 +84,8 @@ from pretrain.model.flops import (
 )
 from pretrain.model.memory import MemoryPolicy
 from pretrain.model.recurrence import Recurrence, step_samples
+from pretrain.planning.fake_step import eager_ops
+from pretrain.planning.hardware import Accelerator
 
 GEMM_EFFICIENCY = 0.80  # large bf16 GEMMs reach ~80% of the dense peak (cuBLAS, Hopper)
 NARROW_GEMM = 512  # efficiency halves at a GEMM width this small (tile quantisation, waves)

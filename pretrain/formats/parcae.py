@@ -19,7 +19,7 @@ coda, which keys their value embeddings):
   norm.weight                        transformer.ln_f.weight
   (gate.*: Parcae has no exit gate; not written, zero on the way in)
 
-RoPE: as Huginn's (pretrain/huginn_format.py `pair_order`): their adjacent pairs, our halves,
+RoPE: as Huginn's (pretrain/formats/huginn.py `pair_order`): their adjacent pairs, our halves,
 one fixed permutation of each query and key head's rows.
 
 config.json: their `save_pretrained`'s (parcae_lm/__init__.py): the fields of their
@@ -40,7 +40,8 @@ from torch import Tensor
 
 from core.config_schema import Override
 from pretrain.config import Config, ConfigError, ModelConfig
-from pretrain.huginn_format import layer_weights, pair_order
+from pretrain.formats import ReleaseFormat
+from pretrain.formats.huginn import layer_weights, pair_order
 from pretrain.model.families import family_class
 
 _SEGMENTS = {"prelude": "prelude", "block": "core_block", "coda": "coda"}
@@ -197,3 +198,7 @@ def model_overrides(hf: dict) -> list[Override]:
     return [(f"model.{k}", v) for k, v in pairs.items()] + [
         ("objective.kind", "last"), ("recurrence.sampler", sampler),
         ("recurrence.per_sequence", method == "per-sequence"), ("recurrence.backprop", depth)]
+
+
+FORMAT = ReleaseFormat(to_parcae, parcae_config, from_parcae, model_overrides,
+                       lambda hf: hf.get("_class_name") == "ParcaeConfig")

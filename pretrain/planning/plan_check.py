@@ -1,6 +1,6 @@
 """`pretrain plan --fake`: every pipeline stage's real step under fake tensors
-(pretrain/fake_step.py) beside the throughput model's figures for the same layout
-(pretrain/planner.py), so a planner term that misses shows as a ratio before a job is queued.
+(pretrain/planning/fake_step.py) beside the throughput model's figures for the same layout
+(pretrain/planning/planner.py), so a planner term that misses shows as a ratio before a job is queued.
 
 Compared per layout: the fullest stage's peak bytes with the planner's memory total, the
 stages' executed FLOPs summed with the planner's per-GPU FLOPs times PP, and the collectives'
@@ -13,9 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pretrain.config import Config
-from pretrain.fake_step import StageProfile, profile_layout
-from pretrain.hardware import Accelerator
-from pretrain.planner import Estimate, Layout, estimate
+from pretrain.planning.fake_step import StageProfile, profile_layout
+from pretrain.planning.hardware import Accelerator
+from pretrain.planning.planner import Estimate, Layout, estimate
 
 P2P = ("send", "recv")
 

@@ -109,7 +109,7 @@ def peak_flops(device: torch.device, configured: float = 0.0) -> tuple[float | N
         name = torch.cuda.get_device_name(device)
         gpu = lookup(name)
         if gpu is None:
-            return None, (f"MFU unknown: {name!r} is not in pretrain/hardware.py's table; set "
+            return None, (f"MFU unknown: {name!r} is not in pretrain/planning/hardware.py's table; set "
                           f"train.peak_flops to its dense bf16 FLOP/s")
         return gpu.peak_flops, f"{gpu.name} dense bf16 ({gpu.source})"
     return measured_cpu_peak(), "fp32 matmul measured on this CPU"

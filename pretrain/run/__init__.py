@@ -1,0 +1,2 @@
+"""A run's directory and life: who owns it (the run lock), preemption to an agreed checkpoint,
+and `pretrain status`."""
