@@ -85,15 +85,15 @@ test-oldest-torch: install
 	bash .ci/oldest_torch.sh
 
 bench: install
-	$(PY) bench/overhead.py
-	$(PY) bench/data_throughput.py
-	$(PY) bench/data_throughput.py --array
-	$(PY) bench/comm_volume.py
-	$(PY) bench/pipeline_bubble.py
-	$(PY) bench/zero_memory.py
-	$(PY) bench/checkpoint_io.py
-	$(PY) bench/loop_modes.py prepare
-	$(PY) bench/loop_modes.py run --only ouro-R1 ouro-R4 flt-K1 lt_ia-K4-all --tokens 500000
+	$(PY) -m bench.overhead
+	$(PY) -m bench.data_throughput
+	$(PY) -m bench.data_throughput --array
+	$(PY) -m bench.comm_volume
+	$(PY) -m bench.pipeline_bubble
+	$(PY) -m bench.zero_memory
+	$(PY) -m bench.checkpoint_io
+	$(PY) -m bench.loop_modes prepare
+	$(PY) -m bench.loop_modes run --only ouro-R1 ouro-R4 flt-K1 lt_ia-K4-all --tokens 500000
 
 clean:
 	rm -rf $(VENV) .venv-torch* runs $(WHEELHOUSE)

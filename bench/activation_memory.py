@@ -10,37 +10,35 @@ no peer to be counted). Each row prints the count, the planner's prediction
 `loops` with k = 1 at R = 8 keeps <= 1/4 of `none`; the chunked readout saves >= (R-1)/R of the
 logits bytes.
 
-    python bench/activation_memory.py
+    python -m bench.activation_memory
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from parallelism.pipeline import keep_stage  # noqa: E402
-from parallelism.tensor_parallel import parallelize_tensor, vocab_parallel_token_ce  # noqa: E402
-from parallelism.topology import init_topology  # noqa: E402
-from pretrain.config import load_config  # noqa: E402
-from pretrain.model.activations import Shard, saved_bytes  # noqa: E402
-from pretrain.model.flops import count_parameters  # noqa: E402
-from pretrain.model.looped import LoopedLM, LoopedOutput  # noqa: E402
-from pretrain.model.memory import MemoryPolicy, SavedForBackward  # noqa: E402
-from pretrain.model.objective import (  # noqa: E402
+from parallelism.pipeline import keep_stage
+from parallelism.tensor_parallel import parallelize_tensor, vocab_parallel_token_ce
+from parallelism.topology import init_topology
+from pretrain.config import load_config
+from pretrain.model.activations import Shard, saved_bytes
+from pretrain.model.flops import count_parameters
+from pretrain.model.looped import LoopedLM, LoopedOutput
+from pretrain.model.memory import MemoryPolicy, SavedForBackward
+from pretrain.model.objective import (
     compute_objective,
     readout_steps,
     token_cross_entropy,
 )
-from tests.conftest import VARIANTS  # noqa: E402
+from tests.conftest import VARIANTS
+
+ROOT = Path(__file__).resolve().parents[1]
 
 MODEL = ["model.vocab_size=8192", "model.hidden_size=512", "model.num_layers=6",
          "model.num_heads=8", "model.num_kv_heads=4", "model.ffn_hidden_size=1408",

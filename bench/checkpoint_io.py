@@ -1,7 +1,7 @@
 """Checkpoint I/O: sharded save/load throughput against raw disk bandwidth, and the step-time
 stall of async saves.
 
-Run: `python bench/checkpoint_io.py [--params 500e6]`.
+Run: `python -m bench.checkpoint_io [--params 500e6]`.
 1. Under torchrun with 2 ranks, each rank holds half of a random fp32 state of `--params`
    parameters. Measured side by side on the same disk, in the same run:
      raw write: every rank writes its bytes to one file (64 MiB writes, fsync) -- `dd`-style;
@@ -23,17 +23,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.torchrun_self import torchrun_self
 
-from bench.torchrun_self import torchrun_self  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 CHUNK = 1 << 26  # bytes per raw write
 ROUNDS = 5
@@ -172,7 +170,7 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         os.environ.update(CKPT_BENCH_DIR=tmp, CKPT_BENCH_PARAMS=str(args.params))
-        res = torchrun_self(__file__, 2, 29655, capture=True)
+        res = torchrun_self(__spec__.name, 2, 29655, capture=True)
         if res.returncode:
             raise SystemExit(res.stderr[-3000:])
         io = json.loads((Path(tmp) / "io.json").read_text())

@@ -1,6 +1,6 @@
 """Tensor-parallel communication per training step and rank, measured vs the analytic minimum.
 
-Run: `python bench/comm_volume.py` (re-launches itself under torchrun with 2 gloo processes).
+Run: `python -m bench.comm_volume` (re-launches itself under torchrun with 2 gloo processes).
 Every collective of one training step is counted by wrapping torch.distributed.all_reduce and
 megatron-core's all-gather / reduce-scatter entry points; bytes are payloads (the all-reduced
 tensor, the all-gather output, the reduce-scatter input; ring traffic on the wire is a fixed
@@ -29,10 +29,9 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.torchrun_self import torchrun_self
 
-from bench.torchrun_self import torchrun_self  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 SHAPE = ["model.hidden_size=256", "model.num_layers=2", "model.num_heads=4",
          "model.num_kv_heads=4", "model.ffn_hidden_size=704", "model.vocab_size=1024",
@@ -122,4 +121,4 @@ if __name__ == "__main__":
     if "RANK" in os.environ:
         worker()
     else:
-        sys.exit(torchrun_self(__file__, 2, 29731))
+        sys.exit(torchrun_self(__spec__.name, 2, 29731))

@@ -5,26 +5,24 @@ CPU inductor, one graph for every layer and loop), alternate rounds of steps in 
 process after a warm-up (the compile) so machine noise hits both alike; the ratio of the
 median step times is printed with the largest loss difference.
 
-    python bench/compile_speed.py [--rounds K] [--steps N]
+    python -m bench.compile_speed [--rounds K] [--steps N]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.overhead import CONFIGS
+from pretrain.config import load_config
+from pretrain.train import Trainer
 
-from bench.overhead import CONFIGS  # noqa: E402
-from pretrain.config import load_config  # noqa: E402
-from pretrain.train import Trainer  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def trainer(compiled: bool, steps: int, out: str) -> Trainer:

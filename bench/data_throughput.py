@@ -11,7 +11,7 @@ bundled sample repeated up to the size), one process against job arrays of 1 and
 task killed and the same command submitted again. Every merged manifest must equal the
 single-process one, token for token.
 
-    python bench/data_throughput.py [--mb 4] [--seconds 5] [--array]
+    python -m bench.data_throughput [--mb 4] [--seconds 5] [--array]
 """
 
 from __future__ import annotations
@@ -27,13 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from data_pipeline.loader import StreamingData
+from data_pipeline.shards import tokenize_to_shards
+from data_pipeline.tokenizer import train_bpe
+from pretrain.config import load_config
 
-from data_pipeline.loader import StreamingData  # noqa: E402
-from data_pipeline.shards import tokenize_to_shards  # noqa: E402
-from data_pipeline.tokenizer import train_bpe  # noqa: E402
-from pretrain.config import load_config  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_corpus(path: Path, megabytes: float) -> list[str]:

@@ -1,7 +1,7 @@
 """`pretrain plan --fake` over the large shipped configs at their planned layouts: the real
 step under fake tensors (pretrain/planning/fake_step.py) beside the planner (pretrain/planning/planner.py).
 
-Run: `python bench/fake_step.py [--only NAME]` (minutes on a CPU: each layout builds the model
+Run: `python -m bench.fake_step [--only NAME]` (minutes on a CPU: each layout builds the model
 at full size under fake tensors and runs two steps per pipeline stage). Each row: the fullest
 stage's peak GiB against the planner's total, executed FLOPs against the planner's, collective
 bytes against the planner's communication model. Micro-batches per step are cut to the fewest
@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import argparse
 import gc
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from pretrain.config import load_config
+from pretrain.planning.hardware import GPUS
+from pretrain.planning.plan_check import check_layout
 
-from pretrain.config import load_config  # noqa: E402
-from pretrain.planning.hardware import GPUS  # noqa: E402
-from pretrain.planning.plan_check import check_layout  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _layout(tp=1, pp=1, dp=1, zero=0, mb=1, m=2) -> list[str]:

@@ -12,8 +12,8 @@ Every part runs in a child process under its own time budget (BUDGETS, 7 minutes
 the whole run fits 8): a timeout or a crash becomes that part's row, one line, and the run
 goes on. The JSON file is rewritten after every part, so a run cut short keeps what finished.
 
-  python bench/gpu_acceptance.py --out results.json [--steps 20]
-  python bench/gpu_acceptance.py --dry-run --out x.json   # the same path on CPU, tiny shapes
+  python -m bench.gpu_acceptance --out results.json [--steps 20]
+  python -m bench.gpu_acceptance --dry-run --out x.json   # the same path on CPU, tiny shapes
 The dry run (tests/test_gpu_acceptance.py) predicts for an H100 while it measures a CPU: its
 ratios mean nothing, its purpose is that the script cannot rot between GPU leases.
 bench/gpu_acceptance.sh wraps it for the lease (packages the image lacks, no index).

@@ -37,5 +37,5 @@ PY
         PIP_CONFIG_FILE=/dev/null "$py" -m pip install -q --no-deps --no-index $missing
     fi
 fi
-timeout 480 "$py" bench/gpu_acceptance.py --out "$out/gpu_acceptance.json" "$@" \
+timeout 480 "$py" -m bench.gpu_acceptance --out "$out/gpu_acceptance.json" "$@" \
     | tee "$out/gpu_acceptance.txt"

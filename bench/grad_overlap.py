@@ -7,7 +7,7 @@ gradients after backward (`parallel.overlap_grad_reduce=false`) and bucket by bu
 contributions and reduces after backward either way) is compared. Goal: overlapped <= 30% of
 not overlapped, and the final weights equal bit for bit.
 
-    python -m torch.distributed.run --nproc_per_node=2 bench/grad_overlap.py
+    python -m torch.distributed.run --nproc_per_node=2 -m bench.grad_overlap
 """
 
 from __future__ import annotations
@@ -21,14 +21,13 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.activation_memory import MODEL
+from parallelism.topology import init_topology, shutdown
+from pretrain.config import load_config
+from pretrain.model.flops import count_parameters
+from pretrain.train import Trainer
 
-from bench.activation_memory import MODEL  # noqa: E402
-from parallelism.topology import init_topology, shutdown  # noqa: E402
-from pretrain.config import load_config  # noqa: E402
-from pretrain.model.flops import count_parameters  # noqa: E402
-from pretrain.train import Trainer  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 STEPS = 9
 

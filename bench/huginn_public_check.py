@@ -4,7 +4,7 @@ The public files (seal-rg/recurrent-pretraining, recpre/raven_modeling_minimal.p
 raven_config_minimal.py; also shipped with tomg-group-umd/huginn-0125) are not ours to vendor,
 so this script fetches nothing: give it the directory holding them.
 
-    python bench/huginn_public_check.py --modeling DIR [--checkpoint CKPT]
+    python -m bench.huginn_public_check --modeling DIR [--checkpoint CKPT]
 
 It exports CKPT (default: a tiny huginn model built from configs/huginn-cpu.yaml's shape with
 random weights), copies the two files beside the export, loads it with

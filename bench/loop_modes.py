@@ -9,8 +9,8 @@ where more) and the mean L2 norm of the block output x_t per loop (the FLT paper
 residual-explosion diagnostic). A step's R, backprop window, initial states and lr follow the
 run's `recurrence` section (a drawn R, loop growth and its lr re-warm), as the trainer's do.
 
-    python bench/loop_modes.py prepare                       # corpus + tokenizer (CPU, ~1 min)
-    python bench/loop_modes.py run [--only NAME ...] [--tokens N] [--device cuda]
+    python -m bench.loop_modes prepare                       # corpus + tokenizer (CPU, ~1 min)
+    python -m bench.loop_modes run [--only NAME ...] [--tokens N] [--device cuda]
 
 `run` needs only torch and this repository's model code (no megatron, DeepSpeed, webdataset),
 so it also runs on a GPU machine with the prepared arrays carried over. Results: JSON (--out)
@@ -31,15 +31,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from pretrain.config import load_config
+from pretrain.model.looped import LoopedLM
+from pretrain.model.objective import compute_objective, per_step_ce, readout_steps
+from pretrain.model.recurrence import Recurrence
+from pretrain.optim import build_optimizer, set_lr
+from pretrain.train import step_lr
 
-from pretrain.config import load_config  # noqa: E402
-from pretrain.model.looped import LoopedLM  # noqa: E402
-from pretrain.model.objective import compute_objective, per_step_ce, readout_steps  # noqa: E402
-from pretrain.model.recurrence import Recurrence  # noqa: E402
-from pretrain.optim import build_optimizer, set_lr  # noqa: E402
-from pretrain.train import step_lr  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 DATA = ROOT / "runs/bench-loop-modes"
 # the scale: hidden 192 x 3 shared layers, BPE 4096, ~2.9M parameters

@@ -4,29 +4,27 @@ Both run in this one process over the same model object and the same batches, al
 (trainer, bare, trainer, bare, ...) so machine noise hits both alike; the ratio of the medians
 is printed. Goal: trainer / bare >= 0.95.
 
-    python bench/overhead.py [--steps N] [--reps K] [--only tiny|50m]
+    python -m bench.overhead [--steps N] [--reps K] [--only tiny|50m]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from pretrain.config import load_config
+from pretrain.data import default_data
+from pretrain.model.flops import count_parameters
+from pretrain.model.looped import LoopedLM
+from pretrain.model.objective import compute_objective
+from pretrain.train import Trainer
 
-from pretrain.config import load_config  # noqa: E402
-from pretrain.data import default_data  # noqa: E402
-from pretrain.model.flops import count_parameters  # noqa: E402
-from pretrain.model.looped import LoopedLM  # noqa: E402
-from pretrain.model.objective import compute_objective  # noqa: E402
-from pretrain.train import Trainer  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 CONFIGS = {
     "tiny": [],

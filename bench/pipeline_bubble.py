@@ -1,6 +1,6 @@
 """Pipeline bubble of the circular schedule vs a non-circular unrolled baseline, measured.
 
-Run: `python bench/pipeline_bubble.py` (re-launches itself under torchrun: P = 2 gloo
+Run: `python -m bench.pipeline_bubble` (re-launches itself under torchrun: P = 2 gloo
 processes, one thread each). Each rank times its busy time (running its pieces, including
 sending) per step; bubble = 1 - mean busy / step time (the idle share of device time), median
 over steps; step times compare the same work in both layouts.
@@ -25,10 +25,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.torchrun_self import torchrun_self
 
-from bench.torchrun_self import torchrun_self  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 LAYERS, P = 4, 2
 SHAPE = ["model.hidden_size=256", "model.num_heads=4", "model.num_kv_heads=4",
@@ -99,4 +98,4 @@ if __name__ == "__main__":
     if "RANK" in os.environ:
         worker()
     else:
-        sys.exit(torchrun_self(__file__, P, 29741))
+        sys.exit(torchrun_self(__spec__.name, P, 29741))

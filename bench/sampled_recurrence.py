@@ -1,7 +1,7 @@
 """Huginn's recipe in the framework: (a) what truncated backprop keeps, (b) the circular
 pipeline's bubble with R drawn per step against an unrolled pipeline sized for the largest R.
 
-Run: `python bench/sampled_recurrence.py` ((b) re-launches itself under torchrun, P = 2 gloo
+Run: `python -m bench.sampled_recurrence` ((b) re-launches itself under torchrun, P = 2 gloo
 processes, one thread each).
 
 (a) Bytes saved for backward (model/memory.py `SavedForBackward`, one count per storage,
@@ -28,10 +28,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.torchrun_self import torchrun_self
 
-from bench.torchrun_self import torchrun_self  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 P, M, STEPS = 2, 4, 10
 
@@ -107,4 +106,4 @@ if __name__ == "__main__":
         worker()
     else:
         activations()
-        sys.exit(torchrun_self(__file__, P, 29743))
+        sys.exit(torchrun_self(__spec__.name, P, 29743))

@@ -1,6 +1,6 @@
 """Optimizer-state and gradient bytes per rank under ZeRO stages 0/1/2 and DP in {1, 2, 4}.
 
-Run: `python bench/zero_memory.py` (re-launches itself under torchrun for each DP size; gloo on
+Run: `python -m bench.zero_memory` (re-launches itself under torchrun for each DP size; gloo on
 CPU). Measured at the moment the optimizer steps (gradients reduced, states allocated):
   state bytes:    Adam's exp_avg + exp_avg_sq held by the rank; ideal 8 N / DP for ZeRO-1/2
                   (8 N unsharded, stage 0);
@@ -19,10 +19,9 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.torchrun_self import torchrun_self
 
-from bench.torchrun_self import torchrun_self  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 SHAPE = ["model.hidden_size=256", "model.num_layers=4", "model.num_heads=4",
          "model.num_kv_heads=4", "model.ffn_hidden_size=704", "model.vocab_size=512",
@@ -81,7 +80,7 @@ def worker() -> None:
 def main() -> None:
     results = []
     for dp in (1, 2, 4):
-        out = torchrun_self(__file__, dp, 29760 + dp, capture=True)
+        out = torchrun_self(__spec__.name, dp, 29760 + dp, capture=True)
         line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
         if out.returncode or not line:
             sys.exit(f"dp={dp} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")

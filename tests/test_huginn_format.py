@@ -50,7 +50,7 @@ def test_export_then_import_is_exact_through_the_cli(tmp_path, capsys):
                     reason="HUGINN_MODELING_DIR unset: the public raven_modeling_minimal.py is not "
                            "vendored (README: Huginn's format)")
 def test_public_huginn_code_gives_our_logits():
-    res = subprocess.run([sys.executable, str(ROOT / "bench/huginn_public_check.py"), "--modeling",
+    res = subprocess.run([sys.executable, "-m", "bench.huginn_public_check", "--modeling",
                           str(Path(os.environ["HUGINN_MODELING_DIR"]))],
                          capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 0, res.stdout + res.stderr
