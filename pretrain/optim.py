@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from core.config_schema import require
-from pretrain.planning.kernels import adamw
+from pretrain.kernels import adamw
 
 
 @dataclass

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pretrain.kernels import adamw, apex_fused_adam
 from pretrain.model.looped import LoopedLM
-from pretrain.planning.kernels import adamw, apex_fused_adam
 from pretrain.train import Trainer
 from tests.conftest import VARIANTS, needs_cuda, tiny_config
 

@@ -10,8 +10,8 @@ from pretrain.cli.flags import at_least
 
 def _plan(args: argparse.Namespace) -> int:
     from pretrain.config import load_config
+    from pretrain.kernels import train_options
     from pretrain.planning.hardware import GPUS
-    from pretrain.planning.kernels import train_options
     from pretrain.planning.planner import plan, realising_config
 
     cfg = load_config(args.config, args.overrides)

@@ -79,8 +79,8 @@ def _own_run_dir(trainer, resume: str, overwrite: bool):
 
 def _run(cfg, args: argparse.Namespace, signals) -> int:
     from parallelism.topology import shutdown
+    from pretrain.kernels import describe
     from pretrain.model.flops import count_parameters
-    from pretrain.planning.kernels import describe
     from pretrain.run.preemption import Preempted
     from pretrain.train import Trainer, TrainingDiverged
 

@@ -38,7 +38,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from torch import Tensor
 
-from pretrain.config import ConfigError
+from core.config_schema import ConfigError
 from pretrain.model.generate import ExitRule, LoopKVCache, forward_chunk, generate, readout_exit_steps
 from pretrain.model.looped import LoopedLM
 from pretrain.text import TextCodec

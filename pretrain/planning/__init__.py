@@ -1,3 +1,3 @@
 """Planning a run before it costs GPU hours: the throughput and memory model (`pretrain plan`),
-the rehearsal and the fake-tensor step it is checked against, the accelerator table, the kernels
-in use and `pretrain doctor`."""
+the rehearsal and the fake-tensor step it is checked against, the accelerator table and
+`pretrain doctor`."""

@@ -87,7 +87,7 @@ def _cuda(device: torch.device) -> list[Finding]:
 
 
 def _packages(device: torch.device) -> list[Finding]:
-    from pretrain.planning.kernels import apex_fused_adam
+    from pretrain.kernels import apex_fused_adam
 
     out = []
     for dist, use in (("megatron-core", "tensor/sequence parallel"), ("deepspeed", "ZeRO"),
@@ -103,8 +103,8 @@ def _packages(device: torch.device) -> list[Finding]:
 
 
 def _kernels(device: torch.device) -> list[Finding]:
+    from pretrain.kernels import adamw, attention_backend, optimizer_kernel
     from pretrain.planning.hardware import measured_cpu_peak
-    from pretrain.planning.kernels import adamw, attention_backend, optimizer_kernel
 
     probe = torch.nn.Parameter(torch.zeros(8, device=device))
     out = [Finding("attention", attention_backend(device)),

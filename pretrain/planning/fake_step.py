@@ -22,7 +22,7 @@ a fake loss has no value). Step 0 creates the optimizer state; step 1 runs under
                full tensor's size (an all-gather's output, a reduce-scatter's input)
 
 The fake device is the CPU (a fake CUDA device needs a CUDA build); torch AdamW is set fused,
-as it runs on CUDA (pretrain/planning/kernels.py).
+as it runs on CUDA (pretrain/kernels.py).
 """
 
 from __future__ import annotations
