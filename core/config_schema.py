@@ -21,6 +21,15 @@ class ConfigError(ValueError):
     """A bad configuration; the message names the offending field (the CLI prints it, exit 2)."""
 
 
+# a JSON / YAML value's kind, as a one-line error names it
+KIND_NAMES = {dict: "a mapping", int: "an integer", list: "a list", str: "a string"}
+
+
+def is_kind(value: Any, kind: type) -> bool:
+    """isinstance(value, kind), a bool being no int (a file's `true` is not 1)."""
+    return isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+
+
 def require(cond: bool, field_name: str, message: str) -> None:
     if not cond:
         raise ConfigError(f"{field_name}: {message}")

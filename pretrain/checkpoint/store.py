@@ -18,6 +18,7 @@ import shutil
 import zlib
 from pathlib import Path
 
+from core.config_schema import KIND_NAMES, is_kind
 from core.durable import fsync_path
 
 META = "meta.json"
@@ -151,7 +152,6 @@ def read_meta(d: Path) -> dict:
     return meta
 
 
-_KINDS = {dict: "an object", int: "an integer", list: "a list", str: "a string"}
 
 
 def field(obj: dict, key: str, kind: type, where, default=None):
@@ -161,8 +161,8 @@ def field(obj: dict, key: str, kind: type, where, default=None):
             raise CheckpointError(f"{where}: no {key}")
         return default
     value = obj[key]
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise CheckpointError(f"{where}: {key} is {reprlib.repr(value)}, not {_KINDS[kind]}")
+    if not is_kind(value, kind):
+        raise CheckpointError(f"{where}: {key} is {reprlib.repr(value)}, not {KIND_NAMES[kind]}")
     return value
 
 

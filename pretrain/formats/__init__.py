@@ -4,9 +4,12 @@
 
 from __future__ import annotations
 
+import reprlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import import_module
+
+from core.config_schema import ConfigError, is_kind
 
 
 @dataclass(frozen=True)
@@ -28,3 +31,13 @@ def family_format(family) -> ReleaseFormat:
     """The format a loop family class names (`LoopFamily.release_format`: a module holding
     `FORMAT`)."""
     return import_module(family.release_format).FORMAT
+
+
+def config_int(hf: dict, name: str, least: int = 0, default: int | None = None) -> int:
+    """A release config.json's integer field of at least `least` (`default` when absent, if
+    given), or one line naming it."""
+    value = hf.get(name, default)
+    if not is_kind(value, int) or value < least:
+        want = "a positive integer" if least == 1 else f"an integer >= {least}"
+        raise ConfigError(f"config.json: {name}: expected {want}, got {reprlib.repr(value)}")
+    return value

@@ -29,7 +29,6 @@ and anything else their format cannot say.
 from __future__ import annotations
 
 import math
-import reprlib
 from collections.abc import Iterator
 
 import torch
@@ -37,7 +36,7 @@ from torch import Tensor
 
 from core.config_schema import Override
 from pretrain.config import Config, ConfigError, ModelConfig
-from pretrain.formats import ReleaseFormat
+from pretrain.formats import ReleaseFormat, config_int
 
 MODELING_FILES = ("raven_config_minimal.py", "raven_modeling_minimal.py")
 _NORMS = {"attn_norm.weight": "norm_1.weight", "attn_post_norm.weight": "norm_2.weight",
@@ -165,13 +164,8 @@ def huginn_config(cfg: Config) -> dict:
 
 def model_overrides(hf: dict) -> list[Override]:
     """Their config.json as our `model.*` / `objective.*` / `recurrence.*` overrides."""
-    h = hf.get("n_embd")
-    if type(h) is not int or h < 1:
-        raise ConfigError(f"config.json: n_embd: expected a positive integer, got {reprlib.repr(h)}")
-    depth = hf.get("mean_backprop_depth", 0)
-    if type(depth) is not int or depth < 0:
-        raise ConfigError("config.json: mean_backprop_depth: expected an integer >= 0, got "
-                          f"{reprlib.repr(depth)}")
+    h = config_int(hf, "n_embd", least=1)
+    depth = config_int(hf, "mean_backprop_depth", default=0)
     try:
         pairs = {"vocab_size": hf["vocab_size"], "hidden_size": h, "num_heads": hf["n_heads"],
                  "num_kv_heads": hf["n_heads"], "ffn_hidden_size": hf["intermediate_size"],

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from core.config_schema import Override
 from pretrain.config import Config, ConfigError, ModelConfig
-from pretrain.formats import ReleaseFormat
+from pretrain.formats import ReleaseFormat, config_int
 from pretrain.formats.huginn import layer_weights, pair_order
 from pretrain.model.families import family_class
 
@@ -150,28 +150,21 @@ def parcae_config(cfg: Config) -> dict:
             **_FIXED}
 
 
-def _int(hf: dict, name: str, default=None) -> int:
-    value = hf.get(name, default)
-    if type(value) is not int or value < 0:
-        raise ConfigError(f"config.json: {name}: expected an integer >= 0, got {reprlib.repr(value)}")
-    return value
-
-
 def model_overrides(hf: dict) -> list[Override]:
     """Their config.json as our `model.*` / `objective.*` / `recurrence.*` overrides."""
     for name, value in _FIXED.items():
         if name in hf and hf[name] != value:
             raise ConfigError(f"config.json: {name}: {reprlib.repr(hf[name])}: the parcae family "
                               f"has {value!r} only")
-    h, heads = _int(hf, "n_embd"), _int(hf, "num_attention_heads")
-    ffn = _int(hf, "intermediate_size")
+    h, heads = config_int(hf, "n_embd"), config_int(hf, "num_attention_heads")
+    ffn = config_int(hf, "intermediate_size")
     for name, want in (("num_key_value_heads", heads), ("recurrent_num_attention_heads", heads),
                        ("recurrent_embedding_dimension", h),
                        ("recurrent_intermediation_embedding_dimension", ffn)):
         if hf.get(name) not in (None, want):
             raise ConfigError(f"config.json: {name}: {reprlib.repr(hf[name])}: only {want} (the "
                               "recurrent block has the model's widths and heads here)")
-    vocab, multiple = _int(hf, "vocab_size"), _int(hf, "padding_multiple", 512)
+    vocab, multiple = config_int(hf, "vocab_size"), config_int(hf, "padding_multiple", default=512)
     padded = hf.get("padded_vocab_size") or -(-vocab // max(multiple, 1)) * max(multiple, 1)
     rope = hf.get("rope_settings") or {}
     if not isinstance(rope, dict):
@@ -181,14 +174,14 @@ def model_overrides(hf: dict) -> list[Override]:
         raise ConfigError(f"config.json: recurrent_iteration_method: {reprlib.repr(method)}: "
                           "per-batch or per-sequence only (a depth per token is not offered)")
     softcap = hf.get("logit_softcap")
-    depth = _int(hf, "mean_backprop_depth", 0)
+    depth = config_int(hf, "mean_backprop_depth", default=0)
     std = math.sqrt(2 / (5 * max(h, 1)))  # scaled-zero's std: the layers' and the state's
     pairs = {"loop_mode": "parcae", "vocab_size": padded, "hidden_size": h, "num_heads": heads,
              "num_kv_heads": heads, "ffn_hidden_size": ffn,
-             "prelude_layers": _int(hf, "n_layers_in_prelude"),
-             "num_layers": _int(hf, "n_layers_in_recurrent_block"),
-             "coda_layers": _int(hf, "n_layers_in_coda"), "loops": _int(hf, "mean_recurrence"),
-             "max_seq_len": _int(hf, "block_size"), "rope_theta": rope.get("rope_base", 50000.0),
+             "prelude_layers": config_int(hf, "n_layers_in_prelude"),
+             "num_layers": config_int(hf, "n_layers_in_recurrent_block"),
+             "coda_layers": config_int(hf, "n_layers_in_coda"), "loops": config_int(hf, "mean_recurrence"),
+             "max_seq_len": config_int(hf, "block_size"), "rope_theta": rope.get("rope_base", 50000.0),
              "norm_eps": hf.get("norm_eps", 1e-5), "qk_norm": bool(hf.get("qk_norm", False)),
              "qk_norm_eps": FP32_EPS, "mlp": "relu2_half", "sandwich_norm": False,
              "tie_embeddings": bool(hf.get("tie_embeddings", False)),

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from core.config_schema import build
+from core.config_schema import build, is_kind
 from pretrain.config import ConfigError
 from pretrain.sweep.spec import Point, SweepSpec
 
@@ -63,7 +63,7 @@ def submit_array(spec: SweepSpec, points: list[Point]) -> str:
         raise ConfigError(f"{spec.path}: slurm.time: {s['time']} is a number (YAML reads an "
                           "unquoted 4:00:00 as seconds); quote it: time: \"04:00:00\"")
     concurrent = s.pop("concurrent", 0)
-    if not isinstance(concurrent, int) or isinstance(concurrent, bool) or concurrent < 0:
+    if not is_kind(concurrent, int) or concurrent < 0:
         raise ConfigError(f"{spec.path}: slurm.concurrent: expected an integer >= 0, got "
                           f"{reprlib.repr(concurrent)}")
     for key in ("array", "tasks_per_node"):

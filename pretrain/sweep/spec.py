@@ -25,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from core.config_schema import load_yaml
+from core.config_schema import KIND_NAMES, is_kind, load_yaml
 from pretrain.config import Config, ConfigError, absolute_paths, dump_config, load_config
 
 
@@ -51,9 +51,6 @@ class Point:
     cfg: Config
 
 
-_KINDS = {str: "a string", list: "a list", dict: "a mapping", int: "an integer"}
-
-
 def load_spec(path: str | Path) -> SweepSpec:
     p = Path(path)
     if not p.is_file():
@@ -73,9 +70,8 @@ def load_spec(path: str | Path) -> SweepSpec:
     for key, kind in (("base", str), ("out_dir", str), ("overrides", list), ("grid", dict),
                       ("list", list), ("eval_batches", int), ("slurm", dict), ("law", str)):
         value = tree.get(key)
-        if (value is not None or key in ("base", "out_dir")) and (
-                not isinstance(value, kind) or isinstance(value, bool)):
-            raise ConfigError(f"{p}: {key}: expected {_KINDS[kind]}, got {reprlib.repr(value)}")
+        if (value is not None or key in ("base", "out_dir")) and not is_kind(value, kind):
+            raise ConfigError(f"{p}: {key}: expected {KIND_NAMES[kind]}, got {reprlib.repr(value)}")
     if not all(isinstance(o, str) for o in tree.get("overrides") or ()):
         raise ConfigError(f"{p}: overrides: expected a list of `section.key=value` strings")
     eval_batches = 8 if tree.get("eval_batches") is None else tree["eval_batches"]
