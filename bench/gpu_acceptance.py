@@ -101,7 +101,7 @@ def throughput(name: str, dry: bool, steps: int, warmup: int, budget_s: float) -
         seconds = time.perf_counter() - tick
     tokens_per_s = done * trainer.tokens_per_step / seconds
     mfu = None if trainer.peak_flops is None else \
-        trainer.flops_per_token * tokens_per_s / trainer.peak_flops
+        trainer.flops_per_token(trainer.step - 1) * tokens_per_s / trainer.peak_flops
     memory = memory_gb(trainer.device) if trainer.device.type == "cuda" else {}
     row = {"config": path, "overrides": overrides, "layout": realising_config(cfg, est.layout),
            "timed_steps": done, "tokens_per_s": tokens_per_s,
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'case':<20} | {'tokens/s (pred, ratio)':>30} | {'MFU (pred, ratio)':>24} | "
           f"{'GiB alloc / reserved (pred, ratio)':>34} | decode tok/s full / last / average")
     for name in DRY_CASES if args.dry_run else CASES:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--case", name,
+        cmd = [sys.executable, "-m", "bench.gpu_acceptance", "--case", name,
                f"--steps={args.steps}", f"--warmup={args.warmup}", f"--budget=case={budgets['case']}",
                *(["--dry-run"] if args.dry_run else [])]
         row = child(cmd, budgets["case"])
